@@ -1,0 +1,63 @@
+"""Load HF GLM-4.5 checkpoints and check them against a preset.
+
+GLM-4.5 checkpoints store the MTP layer as `model.layers.{num_hidden_layers}.*`. HF's `Glm4MoeForCausalLM`
+does not build it (only its 355B / Air indices are on HF's ignore list), so `load_hf_model` silences exactly
+that layer's keys, and `load_mtp` builds HF's own `MtpModel` from them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, Glm4MoeForCausalLM
+from transformers.modeling_layers import MtpModel
+
+from glm_rl.models.presets import ModelSpec, get_preset
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or contradicts the chosen preset."""
+
+
+def read_spec(path: str | Path) -> ModelSpec:
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{path}: no config.json (expected an HF checkpoint directory)")
+    config = json.loads(config_path.read_text())
+    if config.get("model_type") != "glm4_moe":
+        raise CheckpointError(f"{config_path}: model_type is {config.get('model_type')!r}, expected 'glm4_moe'")
+    return ModelSpec.from_hf_config(config, name=Path(path).name)
+
+
+def check_matches_preset(path: str | Path, preset: str) -> ModelSpec:
+    """The checkpoint's spec; raises naming every field where it contradicts `preset` (both values)."""
+    expected, found = get_preset(preset), read_spec(path)
+    differences = expected.diff(found)
+    if differences:
+        lines = ", ".join(f"{k}: preset {a!r} vs checkpoint {b!r}" for k, (a, b) in differences.items())
+        raise CheckpointError(f"{path}/config.json contradicts preset {preset!r}: {lines}")
+    return found
+
+
+def _model_class(num_hidden_layers: int) -> type[Glm4MoeForCausalLM]:
+    """Glm4MoeForCausalLM that expects (and ignores) the MTP layer's keys at this checkpoint's layer index."""
+    pattern = rf"model\.layers\.{num_hidden_layers}\..*"
+    return type("Glm4MoeForCausalLM", (Glm4MoeForCausalLM,), {"_keys_to_ignore_on_load_unexpected": [pattern]})
+
+
+def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32, preset: str | None = None):
+    """(model, tokenizer) from an HF checkpoint dir, in eval mode; optionally checked against a preset first."""
+    spec = check_matches_preset(path, preset) if preset else read_spec(path)
+    model = _model_class(spec.num_hidden_layers).from_pretrained(str(path), dtype=dtype)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model, tokenizer
+
+
+def load_mtp(model) -> MtpModel:
+    """HF's MTP module for `model`, loaded from the checkpoint it came from (raises if weights are missing)."""
+    mtp = MtpModel.from_pretrained(model)
+    mtp.eval()
+    return mtp

@@ -1,0 +1,1 @@
+"""Rollout: prompt data, rewards, engines and the rollout manager."""

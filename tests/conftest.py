@@ -1,0 +1,26 @@
+"""Shared fixtures. GPU tests are marked `@pytest.mark.gpu` and skipped where CUDA is missing."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is on disk; never reach for a hub
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run on the GPU box)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_path():
+    from glm_rl.models.presets import TINY_CHECKPOINT
+
+    return TINY_CHECKPOINT
