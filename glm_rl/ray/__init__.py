@@ -1,0 +1,1 @@
+"""Ray helpers: cluster start-up and placement groups."""

@@ -1,0 +1,35 @@
+"""A rollout sample: what the engine produced for one prompt, plus what the driver adds (reward, advantage)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Sample:
+    index: int                       # position in the rollout batch (groups are contiguous)
+    group: int                       # prompt index within the rollout batch
+    prompt_ids: list[int]
+    response_ids: list[int]          # includes the stop token when the engine stopped on one
+    rollout_logprobs: list[float]    # engine's logprob of each response token
+    reward: float = 0.0
+    advantage: float = 0.0
+    finish_reason: str = "stop"
+    weight_version: int = 0
+    routed_experts: np.ndarray | None = None  # (len(tokens) - 1, n_moe_layers, top_k), engine's choice (R3)
+    # set by the driver between the old-logprob pass and training (one value per response token)
+    old_logprobs: np.ndarray | None = None
+    ref_logprobs: np.ndarray | None = None
+    token_weights: np.ndarray | None = None  # TIS / MIS weights
+    token_mask: np.ndarray | None = None     # MIS may drop tokens from the loss
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.response_ids
+
+    @property
+    def num_positions(self) -> int:
+        """Positions the trainer runs (inputs are tokens[:-1]; targets tokens[1:])."""
+        return len(self.prompt_ids) + len(self.response_ids) - 1

@@ -1,0 +1,103 @@
+"""Runtime: the live parts of a run (Ray placement, engines, router, rollout manager, trainer group, weight
+sync, checkpoints), built once from the config and passed to the loop. Start-up order matters: placement
+first (so trainer ranks and engines land where the layout says), engines before the router (it health-checks
+them), trainers before the sync group (rank 0 is the broadcast source).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from glm_rl.config import RunConfig
+from glm_rl.ray.placement import Placement, create_placement, init_ray
+from glm_rl.rollout.engines.embedded import EmbeddedEngineActor, EngineConfig
+from glm_rl.rollout.router import RouterProcess
+from glm_rl.rollout.manager import RolloutManager
+from glm_rl.rollout.samples import Sample
+from glm_rl.trainer.group import TrainerGroup
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    cfg: RunConfig
+    placement: Placement
+    engines: list
+    engine_urls: list[str]
+    router: RouterProcess
+    rollout_manager: object
+    trainers: TrainerGroup
+    weight_version: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, cfg: RunConfig) -> "Runtime":
+        n_t, n_e = cfg.train.num_trainer_ranks, cfg.rollout.num_engines
+        init_ray(cfg.ray_address, num_cpus=n_t + n_e + 2)
+        import torch
+
+        placement = create_placement(n_t, n_e, cfg.colocate, use_gpu=torch.cuda.is_available())
+        share = 0.5 if cfg.colocate else 1.0
+        engine_cfg = EngineConfig(hf_checkpoint=cfg.model.hf_checkpoint, dtype=cfg.model.dtype,
+                                  api_key=cfg.rollout.engine_api_key, seed=cfg.seed,
+                                  record_routed_experts=cfg.algo.use_rollout_routing_replay)
+        engines = [EmbeddedEngineActor.options(**placement.actor_options(b, share)).remote(engine_cfg)
+                   for b in placement.engine_bundles]
+        trainers = TrainerGroup(cfg, placement, share)
+        urls = ray.get([e.start.remote() for e in engines])
+        router = RouterProcess(urls, api_key=cfg.rollout.engine_api_key)
+        router.start()
+        manager = ray.remote(RolloutManager).options(num_cpus=0).remote(
+            cfg.rollout, cfg.model.hf_checkpoint, router.generate_fn(), seed=cfg.seed,
+            return_routed_experts=cfg.algo.use_rollout_routing_replay)
+        ray.get(trainers.rank0.setup_sync.remote(cfg.sync.update_weight_transfer_mode, urls,
+                                                 cfg.rollout.engine_api_key, cfg.sync.update_weight_buffer_size))
+        return cls(cfg, placement, engines, urls, router, manager, trainers)
+
+    # -- stages ----------------------------------------------------------------------------------------------
+    def rollout(self, step: int) -> tuple[list[Sample], dict]:
+        return ray.get(self.rollout_manager.generate.remote(step))
+
+    def sync_weights(self, version: int) -> dict:
+        t0 = time.time()
+        result = ray.get(self.trainers.rank0.push_weights.remote(version, self.cfg.sync.check_weight_update_equal))
+        self.weight_version = version
+        return {"sync/verified": float(result["verified"]), "sync/bytes": float(result["bytes"]),
+                "sync/tensors": float(result["tensors"]), "perf/sync_push_s": time.time() - t0}
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def save(self, step: int) -> None:
+        path = self.cfg.save_dir / f"step_{step:06d}"
+        self.trainers.save(path)
+        state = {"step": step, "weight_version": self.weight_version,
+                 "data": ray.get(self.rollout_manager.data_state.remote())}
+        (path / "state.json").write_text(json.dumps(state))
+        (self.cfg.save_dir / "latest").write_text(path.name)
+        log.info("saved %s", path)
+
+    def resume(self) -> int:
+        """Step to start from: 0, or the step of the latest checkpoint under --load (then weights are pushed)."""
+        load = self.cfg.load or self.cfg.ref_load
+        if not load or not (Path(load) / "latest").is_file():
+            return 0
+        path = Path(load) / (Path(load) / "latest").read_text().strip()
+        state = json.loads((path / "state.json").read_text())
+        self.trainers.load(path)
+        ray.get(self.rollout_manager.load_data_state.remote(state["data"]))
+        self.sync_weights(state["weight_version"])
+        return int(state["step"])
+
+    def shutdown(self) -> None:
+        for stop in (self.trainers.shutdown, self.router.stop,
+                     lambda: ray.get([e.shutdown.remote() for e in self.engines])):
+            try:
+                stop()
+            except Exception as e:  # keep tearing down the rest
+                log.warning("shutdown step failed: %s", e)

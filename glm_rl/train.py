@@ -1,0 +1,66 @@
+"""The RL loop, top-down: generate → advantages → old logprobs → corrections → train → sync → log → save.
+
+Every stage is one call on an object built in `setup`; the loop itself holds no algorithm details.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from glm_rl.config import RunConfig
+from glm_rl.metrics import MetricsWriter, console_line, write_report
+from glm_rl.runtime import Runtime
+from glm_rl.trainer import steps
+
+
+def train(cfg: RunConfig) -> Path:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(cfg.to_json())
+    rt = Runtime.start(cfg)
+    try:
+        start = rt.resume()
+        writer = MetricsWriter(out, cfg.use_tensorboard, append=start > 0)
+        for step in tqdm(range(start, cfg.num_rollout), desc="RL steps", initial=start, total=cfg.num_rollout,
+                         dynamic_ncols=True):
+            metrics = run_step(cfg, rt, step)
+            writer.write(metrics)
+            tqdm.write(console_line(metrics))
+            if cfg.save_interval and (step + 1) % cfg.save_interval == 0 and step + 1 < cfg.num_rollout:
+                rt.save(step + 1)
+        rt.save(cfg.num_rollout)
+        writer.close()
+    finally:
+        rt.shutdown()
+    if cfg.report:
+        write_report(out / "metrics.jsonl", out / "report.png")
+    return out
+
+
+def run_step(cfg: RunConfig, rt: "Runtime", step: int) -> dict:
+    t0 = time.time()
+    samples, metrics = rt.rollout(step)                          # engines, through the router
+    steps.assign_advantages(samples, cfg)                        # GRPO / GSPO / Dr.GRPO
+    t1 = time.time()
+    metrics |= steps.old_logprobs(samples, cfg, rt.trainers)     # recompute (R2 record / R3 replay)
+    metrics |= steps.corrections(samples, cfg)                   # TIS / MIS, mismatch metrics
+    t2 = time.time()
+    metrics |= steps.train(samples, cfg, rt.trainers)            # one optimizer step per global batch
+    t3 = time.time()
+    metrics |= rt.sync_weights(version=step + 1)                 # trainer → engines, verified
+    t4 = time.time()
+    metrics |= {"step": step + 1, "perf/logprob_s": t2 - t1, "perf/train_s": t3 - t2, "perf/sync_s": t4 - t3,
+                "perf/step_s": time.time() - t0, "perf/prep_s": t1 - t0 - metrics["perf/rollout_s"]}
+    return metrics
+
+
+def summarize(output_dir: Path, window: int = 5) -> dict:
+    """First / last `window` steps' mean reward of a finished run (for the README and tests)."""
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["rollout/reward_mean"] for r in rows]
+    first, last = rewards[:window], rewards[-window:]
+    return {"steps": len(rows), "reward_first": sum(first) / len(first), "reward_last": sum(last) / len(last)}

@@ -1,0 +1,1 @@
+"""Trainer: Ray actor group, batching / DP split, backends (torch; megatron later), routing replay."""

@@ -1,0 +1,1 @@
+"""Trainer backends. `torch`: HF Glm4MoeForCausalLM, data parallel (the numerical reference)."""

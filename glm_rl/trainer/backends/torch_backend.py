@@ -1,0 +1,153 @@
+"""Torch trainer backend: HF `Glm4MoeForCausalLM`, data parallel over torch.distributed (gloo / NCCL).
+
+It shares the HF model code path with the embedded engine, so in fp32 on CPU the trainer's logprobs equal the
+engine's (the end-to-end test checks <= 1e-5). Gradients are summed over ranks with one flat all-reduce; each
+rank's loss is pre-scaled by 1 / (response tokens in the global batch), see `trainer/batching.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from glm_rl.algo import PolicyLossConfig, entropy_from_logits, policy_loss
+from glm_rl.config import AlgoConfig, ModelConfig, TrainConfig
+from glm_rl.models.checkpoint import load_hf_model
+from glm_rl.rollout.samples import Sample
+from glm_rl.trainer.batching import MicroBatch, collate, pack_micro_batches
+from glm_rl.trainer.routing_replay import RoutingReplay
+
+
+def loss_config(algo: AlgoConfig) -> PolicyLossConfig:
+    return PolicyLossConfig(eps_clip=algo.eps_clip, eps_clip_high=algo.eps_clip_high, eps_clip_c=algo.eps_clip_c,
+                            level="sequence" if algo.advantage_estimator == "gspo" else "token",
+                            kl_coef=algo.kl_loss_coef, kl_type=algo.kl_loss_type, entropy_coef=algo.entropy_coef)
+
+
+class TorchBackend:
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, algo: AlgoConfig, *,
+                 temperature: float, device: str = "cpu") -> None:
+        dtype = getattr(torch, model_cfg.dtype)
+        self.model, tokenizer = load_hf_model(model_cfg.hf_checkpoint, dtype=dtype, preset=model_cfg.model_preset)
+        self.model.to(device).train()
+        self.pad_id = tokenizer.pad_token_id
+        self.cfg, self.algo, self.device = train_cfg, algo, device
+        self.temperature = temperature if temperature > 0 else 1.0
+        self.loss_cfg = loss_config(algo)
+        self.replay = RoutingReplay(self.model)
+        self.ref_model = None
+        if algo.kl_loss_coef > 0:
+            self.ref_model, _ = load_hf_model(model_cfg.hf_checkpoint, dtype=dtype)
+            self.ref_model.to(device).requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+                                     betas=(train_cfg.adam_beta1, train_cfg.adam_beta2))
+        self._recorded: dict[int, torch.Tensor] = {}  # R2: sample index -> (T, n_moe, k)
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    def _forward(self, model, mb: MicroBatch, with_entropy: bool = False):
+        logits = model(input_ids=mb.input_ids.to(self.device), use_cache=False).logits.float()  # (B, T, V)
+        logits = logits / self.temperature
+        logp = torch.gather(F.log_softmax(logits, -1), -1, mb.targets.to(self.device)[..., None]).squeeze(-1)
+        return logp, (entropy_from_logits(logits) if with_entropy else None)  # (B, T)
+
+    def _set_replay(self, mb: MicroBatch, phase: str) -> None:
+        a = self.algo
+        if a.use_rollout_routing_replay:
+            self.replay.replay(mb.routed_experts, mb.valid)
+        elif a.use_routing_replay and phase == "logprob":
+            self.replay.record(mb.valid)
+        elif a.use_routing_replay:
+            forced = torch.stack([self._recorded[s.index] for s in mb.samples])
+            self.replay.replay(forced[:, :mb.valid.shape[1]], mb.valid)
+        else:
+            self.replay.off()
+
+    @torch.no_grad()
+    def logprobs(self, samples: list[Sample]) -> dict:
+        """Old (and reference) logprobs per sample; R2 records the routing; R3 reports replay agreement."""
+        self.model.eval()
+        self._recorded.clear()
+        old, ref = {}, {}
+        for mb in self._micro_batches(samples):
+            self._set_replay(mb, "logprob")
+            logp, _ = self._forward(self.model, mb)
+            if self.replay.mode == "record":
+                recorded = self.replay.recorded()
+                for i, s in enumerate(mb.samples):
+                    self._recorded[s.index] = recorded[i]
+            for s, lp in zip(mb.samples, mb.per_sample(logp)):
+                old[s.index] = lp
+            if self.ref_model is not None:
+                for s, lp in zip(mb.samples, mb.per_sample(self._forward(self.ref_model, mb)[0])):
+                    ref[s.index] = lp
+        self.replay.off()
+        agree, total = self.replay.take_agreement()
+        self.model.train()
+        return {"old": old, "ref": ref, "replay_agree": agree, "replay_total": total}
+
+    # -- training ----------------------------------------------------------------------------------------------
+    def train_step(self, samples: list[Sample], global_tokens: int) -> dict[str, float]:
+        """One optimizer step over this rank's share of the global batch."""
+        self.opt.zero_grad(set_to_none=False)
+        sums: dict[str, float] = {}
+        for mb in self._micro_batches(samples):
+            self._set_replay(mb, "train")
+            logp, entropy = self._forward(self.model, mb, with_entropy=self.algo.entropy_coef > 0)
+            n_tokens = float(mb.loss_mask.sum())
+            if n_tokens == 0:
+                continue
+            loss, metrics = policy_loss(
+                logp, mb.extra["old_logprobs"].to(self.device), mb.advantages.to(self.device),
+                mb.loss_mask.to(self.device), self.loss_cfg, ref_logp=_opt(mb.extra.get("ref_logprobs"), self.device),
+                token_weights=_opt(mb.extra.get("token_weights"), self.device), entropy=entropy)
+            (loss * (n_tokens / global_tokens)).backward()
+            metrics["train/loss"] = float(loss.detach())
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * n_tokens
+            sums["n_tokens"] = sums.get("n_tokens", 0.0) + n_tokens
+        self.replay.off()
+        grad_norm = self._all_reduce_and_clip()
+        self.opt.step()
+        n = max(sums.pop("n_tokens", 0.0), 1.0)
+        return {**{k: v / n for k, v in sums.items()}, "n_tokens": n, "train/grad_norm": grad_norm}
+
+    def _all_reduce_and_clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat)
+            for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                g.copy_(synced)
+        for p, g in zip(params, grads):
+            p.grad = g
+        return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad))
+
+    def _micro_batches(self, samples: list[Sample]) -> list[MicroBatch]:
+        with_routing = self.algo.use_rollout_routing_replay
+        return [collate(group, self.pad_id, with_routing)
+                for group in pack_micro_batches(samples, self.cfg.max_tokens_per_gpu)]
+
+    # -- weights / checkpoints -----------------------------------------------------------------------------------
+    def named_tensors(self):
+        """(HF module name, tensor) for every weight and buffer the engine loads."""
+        return list(self.model.state_dict().items())
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}, path / "trainer.pt")
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path / "trainer.pt", map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+
+
+def _opt(x: torch.Tensor | None, device: str) -> torch.Tensor | None:
+    return None if x is None else x.to(device)

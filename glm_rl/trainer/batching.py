@@ -1,0 +1,99 @@
+"""Split samples over data-parallel ranks and pack them into micro-batches by a token budget.
+
+Loss normalisation is global: every rank scales its per-token loss by 1 / (response tokens in the whole
+optimizer step), so summing gradients over ranks and micro-batches gives exactly the token-mean gradient of the
+full batch, whatever the split (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from glm_rl.rollout.samples import Sample
+
+
+def split_for_dp(samples: list[Sample], world_size: int) -> list[list[Sample]]:
+    """Greedy balance by token count (longest first onto the lightest rank); order kept within a rank."""
+    shards: list[list[Sample]] = [[] for _ in range(world_size)]
+    loads = [0] * world_size
+    for s in sorted(samples, key=lambda s: -s.num_positions):
+        rank = loads.index(min(loads))
+        shards[rank].append(s)
+        loads[rank] += s.num_positions
+    return [sorted(shard, key=lambda s: s.index) for shard in shards]
+
+
+def pack_micro_batches(samples: list[Sample], max_tokens: int) -> list[list[Sample]]:
+    """Micro-batches whose padded size (rows x longest row) stays within max_tokens."""
+    batches: list[list[Sample]] = []
+    current: list[Sample] = []
+    longest = 0
+    for s in sorted(samples, key=lambda s: s.num_positions):
+        n = s.num_positions
+        if n > max_tokens:
+            raise ValueError(f"sample {s.index} has {n} positions, over --max-tokens-per-gpu {max_tokens}")
+        if current and (len(current) + 1) * max(longest, n) > max_tokens:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(s)
+        longest = max(longest, n)
+    if current:
+        batches.append(current)
+    return batches
+
+
+@dataclass
+class MicroBatch:
+    samples: list[Sample]
+    input_ids: torch.Tensor        # (B, T) tokens[:-1], right-padded
+    targets: torch.Tensor          # (B, T) tokens[1:]
+    valid: torch.Tensor            # (B, T) bool, real positions
+    loss_mask: torch.Tensor        # (B, T) float, positions whose target is a response token
+    rollout_logp: torch.Tensor     # (B, T) engine's logprobs on response targets, 0 elsewhere
+    advantages: torch.Tensor       # (B, T) sample advantage on response targets
+    routed_experts: torch.Tensor | None  # (B, T, n_moe, k) engine's routing (R3), or None
+    extra: dict[str, torch.Tensor]       # (B, T) old_logprobs / ref_logprobs / token_weights when set
+
+    def per_sample(self, x: torch.Tensor) -> list[np.ndarray]:
+        """Split a (B, T) tensor back into each sample's response-target values."""
+        return [x[i][self.loss_mask[i].bool()].detach().cpu().numpy() for i in range(len(self.samples))]
+
+
+def collate(samples: list[Sample], pad_id: int, with_routing: bool) -> MicroBatch:
+    T = max(s.num_positions for s in samples)
+    B = len(samples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    targets = torch.full((B, T), pad_id, dtype=torch.long)
+    valid = torch.zeros((B, T), dtype=torch.bool)
+    loss_mask = torch.zeros((B, T))
+    rollout_logp = torch.zeros((B, T))
+    advantages = torch.zeros((B, T))
+    routed = None
+    for i, s in enumerate(samples):
+        tokens = torch.tensor(s.tokens)
+        n, p = s.num_positions, len(s.prompt_ids)
+        input_ids[i, :n], targets[i, :n], valid[i, :n] = tokens[:-1], tokens[1:], True
+        loss_mask[i, p - 1:n] = 1.0
+        rollout_logp[i, p - 1:n] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
+        advantages[i, p - 1:n] = s.advantage
+        if with_routing:
+            if s.routed_experts is None or s.routed_experts.shape[0] != n:
+                got = None if s.routed_experts is None else s.routed_experts.shape
+                raise ValueError(f"sample {s.index}: routed experts {got}, expected {n} positions")
+            if routed is None:
+                routed = torch.zeros((B, T, *s.routed_experts.shape[1:]), dtype=torch.long)
+                routed[:] = torch.arange(routed.shape[-1])  # pad rows: any valid distinct experts
+            routed[i, :n] = torch.from_numpy(s.routed_experts.astype(np.int64))
+    extra = {}
+    for name in ("old_logprobs", "ref_logprobs", "token_weights", "token_mask"):
+        if getattr(samples[0], name) is not None:
+            extra[name] = torch.zeros((B, T))
+            for i, s in enumerate(samples):
+                p = len(s.prompt_ids)
+                extra[name][i, p - 1:s.num_positions] = torch.as_tensor(getattr(s, name), dtype=torch.float32)
+    if "token_mask" in extra:
+        loss_mask = loss_mask * extra.pop("token_mask")
+    return MicroBatch(samples, input_ids, targets, valid, loss_mask, rollout_logp, advantages, routed, extra)

@@ -1,0 +1,108 @@
+"""The driver-side stages of one RL step that touch samples: advantages, old logprobs, corrections, train.
+
+They run in the driver on whole batches (so MIS normalises over the batch and metrics are global) and hand
+per-rank shards to the trainer group.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from glm_rl.algo import compute_advantages, mis_weights, mismatch_metrics, tis_weights
+from glm_rl.config import RunConfig
+from glm_rl.rollout.samples import Sample
+from glm_rl.trainer.batching import split_for_dp
+
+
+def assign_advantages(samples: list[Sample], cfg: RunConfig) -> None:
+    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+    kw = {}
+    if cfg.algo.advantage_estimator in ("grpo", "gspo"):
+        kw["normalize_std"] = cfg.algo.normalize_advantage_std
+    adv = compute_advantages(cfg.algo.advantage_estimator, rewards, cfg.rollout.n_samples_per_prompt, **kw)
+    for s, a in zip(samples, adv.tolist()):
+        s.advantage = a
+
+
+def old_logprobs(samples: list[Sample], cfg: RunConfig, trainers) -> dict[str, float]:
+    """Old logprobs per sample: recomputed by the trainer (default) or the engine's (--use-rollout-logprobs)."""
+    metrics: dict[str, float] = {}
+    if cfg.algo.use_rollout_logprobs and cfg.algo.kl_loss_coef == 0:
+        for s in samples:
+            s.old_logprobs = np.asarray(s.rollout_logprobs, dtype=np.float32)
+        return metrics
+    results = trainers.logprobs(split_for_dp(samples, len(trainers.actors)))
+    by_index = {s.index: s for s in samples}
+    for res in results:
+        for i, lp in res["old"].items():
+            by_index[i].old_logprobs = lp
+        for i, lp in res["ref"].items():
+            by_index[i].ref_logprobs = lp
+    total = sum(r["replay_total"] for r in results)
+    if cfg.algo.use_rollout_logprobs:
+        for s in samples:
+            s.old_logprobs = np.asarray(s.rollout_logprobs, dtype=np.float32)
+    if total:
+        metrics["routing/replay_agreement"] = sum(r["replay_agree"] for r in results) / total
+    return metrics
+
+
+def _padded(samples: list[Sample], name: str) -> torch.Tensor:
+    width = max(len(s.response_ids) for s in samples)
+    out = torch.zeros((len(samples), width))
+    for i, s in enumerate(samples):
+        values = getattr(s, name)
+        out[i, :len(values)] = torch.as_tensor(np.asarray(values, dtype=np.float32))
+    return out
+
+
+def corrections(samples: list[Sample], cfg: RunConfig) -> dict[str, float]:
+    """Train/rollout mismatch metrics, then TIS or MIS weights per response token (batch-level)."""
+    a = cfg.algo
+    old, rollout = _padded(samples, "old_logprobs"), _padded(samples, "rollout_logprobs")  # (B, T)
+    mask = torch.zeros_like(old)
+    for i, s in enumerate(samples):
+        mask[i, :len(s.response_ids)] = 1.0
+    metrics = mismatch_metrics(old, rollout, mask)
+    weights = None
+    if a.enable_mis:
+        weights, mask, m = mis_weights(old, rollout, mask, truncate=a.mis_truncate, mask_low=a.mis_mask_low,
+                                       mask_high=a.mis_mask_high, veto_threshold=a.mis_veto_threshold)
+        metrics |= m
+    elif a.use_tis:
+        weights, m = tis_weights(old, rollout, mask, clip=a.tis_clip, clip_low=a.tis_clip_low)
+        metrics |= m
+    for i, s in enumerate(samples):
+        n = len(s.response_ids)
+        s.token_mask = mask[i, :n].numpy()
+        s.token_weights = None if weights is None else weights[i, :n].numpy()
+    return metrics
+
+
+def train(samples: list[Sample], cfg: RunConfig, trainers) -> dict[str, float]:
+    """One optimizer step per global batch; loss normalised by the global batch's response-token count."""
+    gbs = cfg.train.global_batch_size or len(samples)
+    sums: dict[str, float] = {}
+    tokens_total = 0.0
+    grad_norms = []
+    for start in range(0, len(samples), gbs):
+        batch = samples[start:start + gbs]
+        global_tokens = float(sum(s.token_mask.sum() for s in batch))
+        if global_tokens == 0:  # e.g. MIS vetoed every sequence: skip the optimizer step
+            continue
+        results = trainers.train_step(split_for_dp(batch, len(trainers.actors)), global_tokens)
+        grad_norms.append(results[0]["train/grad_norm"])  # identical on every rank after the all-reduce
+        for res in results:
+            n = res["n_tokens"]
+            for k, v in res.items():
+                if k not in ("n_tokens", "train/grad_norm"):
+                    sums[k] = sums.get(k, 0.0) + v * n
+            tokens_total += n
+    metrics = {k: v / max(tokens_total, 1.0) for k, v in sums.items()}
+    metrics["train/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
+    metrics["train/optimizer_steps"] = float(len(grad_norms))
+    metrics.setdefault("train/loss", metrics.get("train/pg_loss", 0.0))
+    metrics["train/num_samples"] = float(len(samples))
+    metrics["train/num_tokens"] = tokens_total
+    return metrics

@@ -1,0 +1,1 @@
+"""Weight transfer from trainer to engines: bucketing and transports (tensor, broadcast)."""
