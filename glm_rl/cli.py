@@ -36,6 +36,20 @@ def models(as_json: bool = typer.Option(False, "--json", help="print a JSON list
     console.print(table)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
+def train(ctx: typer.Context) -> None:
+    """Run RL post-training (no flags: the tiny CPU demo). `glm-rl train --help` lists every flag."""
+    from glm_rl.config import parse_args
+
+    cfg = parse_args(list(ctx.args))  # validated before anything starts
+    from glm_rl.train import summarize, train as run_train
+
+    out = run_train(cfg)
+    s = summarize(out)
+    console.print(f"done: {s['steps']} steps, mean reward first 5 {s['reward_first']:.3f} -> last 5 "
+                  f"{s['reward_last']:.3f}; metrics {out / 'metrics.jsonl'}, report {out / 'report.png'}")
+
+
 @app.command("eval")
 def eval_cmd(
     hf_checkpoint: Path = typer.Option(TINY_CHECKPOINT, help="HF checkpoint directory"),

@@ -140,9 +140,34 @@ class RunConfig:
         if t.max_tokens_per_gpu < r.rollout_max_prompt_len + r.rollout_max_response_len:
             errors.append(f"--max-tokens-per-gpu {t.max_tokens_per_gpu} is below one sample's maximum length "
                           f"({r.rollout_max_prompt_len} + {r.rollout_max_response_len})")
+        errors += self._check_inputs()
         if errors:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
         return self
+
+    def _check_inputs(self) -> list[str]:
+        """Read the checkpoint's config and the prompt file now, so bad input fails before Ray starts."""
+        from glm_rl.models.checkpoint import CheckpointError, check_matches_preset, read_spec
+        from glm_rl.rollout.data import DataError, load_prompts
+        from glm_rl.rollout.rewards import REWARDS
+
+        errors = []
+        try:
+            m = self.model
+            spec = check_matches_preset(m.hf_checkpoint, m.model_preset) if m.model_preset else read_spec(m.hf_checkpoint)
+            replay = self.algo.use_rollout_routing_replay or self.algo.use_routing_replay
+            if replay and spec.num_moe_layers == 0:
+                errors.append(f"routing replay (R2/R3) needs MoE layers, but {m.hf_checkpoint} has none "
+                              f"(first_k_dense_replace={spec.first_k_dense_replace} = num_hidden_layers)")
+        except (CheckpointError, ValueError) as e:
+            errors.append(str(e))
+        try:
+            load_prompts(self.rollout.prompt_data)
+        except DataError as e:
+            errors.append(str(e))
+        if self.rollout.rm_type not in REWARDS:
+            errors.append(f"--rm-type {self.rollout.rm_type!r} unknown; valid: {', '.join(sorted(REWARDS))}")
+        return errors
 
     @property
     def samples_per_rollout(self) -> int:

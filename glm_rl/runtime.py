@@ -16,8 +16,8 @@ import ray
 
 from glm_rl.config import RunConfig
 from glm_rl.ray.placement import Placement, create_placement, init_ray
-from glm_rl.rollout.engines.embedded import EmbeddedEngineActor, EngineConfig
-from glm_rl.rollout.router import RouterProcess
+from glm_rl.rollout.engines.embedded import EngineConfig, engine_actor_class
+from glm_rl.rollout.router import RolloutEndpoints, RouterProcess
 from glm_rl.rollout.manager import RolloutManager
 from glm_rl.rollout.samples import Sample
 from glm_rl.trainer.group import TrainerGroup
@@ -47,15 +47,19 @@ class Runtime:
         share = 0.5 if cfg.colocate else 1.0
         engine_cfg = EngineConfig(hf_checkpoint=cfg.model.hf_checkpoint, dtype=cfg.model.dtype,
                                   api_key=cfg.rollout.engine_api_key, seed=cfg.seed,
-                                  record_routed_experts=cfg.algo.use_rollout_routing_replay)
-        engines = [EmbeddedEngineActor.options(**placement.actor_options(b, share)).remote(engine_cfg)
+                                  record_routed_experts=cfg.algo.use_rollout_routing_replay,
+                                  return_routed_experts_by_default=cfg.algo.use_rollout_routing_replay)
+        engine_cls = engine_actor_class()
+        engines = [engine_cls.options(**placement.actor_options(b, share)).remote(engine_cfg)
                    for b in placement.engine_bundles]
         trainers = TrainerGroup(cfg, placement, share)
         urls = ray.get([e.start.remote() for e in engines])
         router = RouterProcess(urls, api_key=cfg.rollout.engine_api_key)
         router.start()
+        endpoints = RolloutEndpoints(router.url, api_key=cfg.rollout.engine_api_key,
+                                     engines_return_routing=cfg.algo.use_rollout_routing_replay)
         manager = ray.remote(RolloutManager).options(num_cpus=0).remote(
-            cfg.rollout, cfg.model.hf_checkpoint, router.generate_fn(), seed=cfg.seed,
+            cfg.rollout, cfg.model.hf_checkpoint, endpoints.generate, seed=cfg.seed,
             return_routed_experts=cfg.algo.use_rollout_routing_replay)
         ray.get(trainers.rank0.setup_sync.remote(cfg.sync.update_weight_transfer_mode, urls,
                                                  cfg.rollout.engine_api_key, cfg.sync.update_weight_buffer_size))

@@ -86,10 +86,11 @@ class RolloutManager:
     def load_data_state(self, state: dict[str, int]) -> None:
         self.stream.load_state_dict(state)
 
-    def generate(self, step: int) -> tuple[list[Sample], dict[str, float]]:
+    async def generate(self, step: int) -> tuple[list[Sample], dict[str, float]]:
+        """One rollout batch (an async method: as a Ray actor it runs on the actor's event loop)."""
         t0 = time.time()
         prompts, skipped = self._prompt_ids(self.stream.take(self.cfg.rollout_batch_size))
-        samples = asyncio.run(self._generate_all(prompts, step))
+        samples = await self._generate_all(prompts, step)
         rewards = np.array([s.reward for s in samples])
         lengths = np.array([len(s.response_ids) for s in samples])
         metrics = {"rollout/reward_mean": float(rewards.mean()), "rollout/response_len_mean": float(lengths.mean()),

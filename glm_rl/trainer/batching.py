@@ -93,7 +93,7 @@ def collate(samples: list[Sample], pad_id: int, with_routing: bool) -> MicroBatc
             extra[name] = torch.zeros((B, T))
             for i, s in enumerate(samples):
                 p = len(s.prompt_ids)
-                extra[name][i, p - 1:s.num_positions] = torch.as_tensor(getattr(s, name), dtype=torch.float32)
+                extra[name][i, p - 1:s.num_positions] = torch.tensor(np.asarray(getattr(s, name), dtype=np.float32))
     if "token_mask" in extra:
         loss_mask = loss_mask * extra.pop("token_mask")
     return MicroBatch(samples, input_ids, targets, valid, loss_mask, rollout_logp, advantages, routed, extra)

@@ -53,7 +53,7 @@ def _padded(samples: list[Sample], name: str) -> torch.Tensor:
     out = torch.zeros((len(samples), width))
     for i, s in enumerate(samples):
         values = getattr(s, name)
-        out[i, :len(values)] = torch.as_tensor(np.asarray(values, dtype=np.float32))
+        out[i, :len(values)] = torch.tensor(np.asarray(values, dtype=np.float32))
     return out
 
 

@@ -1,0 +1,271 @@
+"""Client side of the engine HTTP API, plus the helpers a trainer shares with the engine.
+
+Why one module: everything a caller of an engine needs (SGLang's native API, our embedded engine speaks the same
+subset) sits here, so the rollout manager and the weight transports import one place:
+- `EngineClient`: sync calls (urllib, no extra dependency) mirroring the endpoints, and `agenerate` (aiohttp)
+  for many concurrent /generate requests from a rollout manager.
+- `serialize_named_tensors`: the `update_weights_from_tensor` payload (colocated CPU path: shared-memory
+  tensors travel by name, not by value).
+- `create_weight_group` / `WeightGroup`: the torch.distributed group for `update_weights_from_distributed`.
+  The trainer (rank 0, the source) and every engine (rank = rank_offset) build it with this same function:
+  a TCPStore + `ProcessGroupGloo`, never touching the default process group.
+- `tensor_checksum`: the digest `/weights_checksum` returns, so the trainer can compare bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import hashlib
+import io
+import json
+import threading
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing  # noqa: F401 - registers the tensor reductions on ForkingPickler
+from multiprocessing.reduction import ForkingPickler
+
+
+class EngineError(RuntimeError):
+    """An engine answered with an HTTP error (status and the engine's message) or could not be reached."""
+
+    def __init__(self, url: str, status: int | None, message: str) -> None:
+        super().__init__(f"{url}: HTTP {status}: {message}" if status else f"{url}: {message}")
+        self.url, self.status, self.message = url, status, message
+
+
+# -- weights helpers shared by trainer and engine -----------------------------------------------------------
+def tensor_checksum(t: torch.Tensor) -> str:
+    """sha256 hex digest of the tensor's raw bytes (cast to the engine's dtype first to compare)."""
+    data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(memoryview(data)).hexdigest()
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """'float32' / 'torch.float32' / 'bf16'-style names → torch dtype (ValueError naming it otherwise)."""
+    key = str(name).removeprefix("torch.")
+    key = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(key, key)
+    dtype = getattr(torch, key, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+# torch's sharing strategy is process-global: this lock keeps concurrent serialisations (one thread per engine)
+# from restoring it under each other's feet.
+_SHARING_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _file_system_sharing() -> Iterator[None]:
+    """Use torch's "file_system" sharing strategy while pickling (shared-memory files are named, not fds)."""
+    with _SHARING_LOCK:
+        before = torch.multiprocessing.get_sharing_strategy()
+        torch.multiprocessing.set_sharing_strategy("file_system")
+        try:
+            yield
+        finally:
+            torch.multiprocessing.set_sharing_strategy(before)
+
+
+def serialize_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """base64 of a ForkingPickler pickle of [(name, tensor)]: CPU tensors move to shared memory (as in
+    torch.multiprocessing) and travel by name; keep them alive until the engine has answered."""
+    buf = io.BytesIO()
+    with _file_system_sharing():
+        ForkingPickler(buf).dump([(str(n), t) for n, t in named_tensors])
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@dataclass
+class WeightGroup:
+    """One rank's handle on a weights-update group (rank 0 is the source)."""
+
+    name: str
+    rank: int
+    world_size: int
+    store: Any
+    pg: Any
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Broadcast `tensor` from `src` in place (contiguous CPU tensors); returns it."""
+        if not tensor.is_contiguous():
+            raise ValueError(f"group {self.name!r}: broadcast needs a contiguous tensor")
+        opts = dist.BroadcastOptions()
+        opts.rootRank, opts.rootTensor = src, 0
+        self.pg.broadcast([tensor], opts).wait()
+        return tensor
+
+
+def create_weight_group(master_address: str, master_port: int, *, rank: int, world_size: int, group_name: str,
+                        backend: str = "gloo", timeout_s: float = 600.0) -> WeightGroup:
+    """Join (rank 0: host) the group `group_name`; blocks until all `world_size` ranks have joined.
+
+    Rank 0 hosts the TCPStore at master_address:master_port. The default process group is never used, so a
+    trainer that already runs torch.distributed can build this beside it.
+    """
+    if backend != "gloo":
+        raise ValueError(f"create_weight_group: backend {backend!r} unsupported (gloo only)")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"create_weight_group: rank {rank} outside world_size {world_size}")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(master_address, int(master_port), world_size, is_master=(rank == 0), timeout=timeout,
+                          wait_for_workers=False)
+    prefixed = dist.PrefixStore(f"glm_rl_weights/{group_name}", store)
+    pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+    return WeightGroup(group_name, rank, world_size, store, pg)
+
+
+# -- the client -------------------------------------------------------------------------------------------
+def generate_payload(input_ids: list[int] | list[list[int]], sampling_params: dict[str, Any] | None = None, *,
+                     return_logprob: bool = False, return_routed_experts: bool = False,
+                     rid: str | list[str] | None = None) -> dict[str, Any]:
+    payload: dict[str, Any] = {"input_ids": input_ids, "sampling_params": dict(sampling_params or {}),
+                               "return_logprob": return_logprob}
+    if return_routed_experts:
+        payload["return_routed_experts"] = True
+    if rid is not None:
+        payload["rid"] = rid
+    return payload
+
+
+class EngineClient:
+    """Talks to one engine (or a router) at `url`."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 300.0) -> None:
+        self.url, self.api_key, self.timeout = url.rstrip("/"), api_key, timeout
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One HTTP call; JSON answer (or text), EngineError on HTTP errors / unreachable engine."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=self._headers())
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            raise EngineError(self.url + path, e.code, _error_message(e.read())) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            raise EngineError(self.url + path, None, f"unreachable: {e}") from None
+        return _decode(raw)
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        return self.request("POST", path, body or {})
+
+    # endpoints
+    def generate(self, input_ids, sampling_params=None, return_logprob: bool = False,
+                 return_routed_experts: bool = False, rid=None) -> Any:
+        return self.post("/generate", generate_payload(input_ids, sampling_params, return_logprob=return_logprob,
+                                                       return_routed_experts=return_routed_experts, rid=rid))
+
+    async def agenerate(self, input_ids, sampling_params=None, return_logprob: bool = False,
+                        return_routed_experts: bool = False, rid=None, *, session=None) -> Any:
+        payload = generate_payload(input_ids, sampling_params, return_logprob=return_logprob,
+                                   return_routed_experts=return_routed_experts, rid=rid)
+        return await self.apost("/generate", payload, session=session)
+
+    async def apost(self, path: str, body: dict[str, Any], *, session=None) -> Any:
+        """POST with aiohttp; pass a shared `aiohttp.ClientSession` when issuing many requests."""
+        import aiohttp
+
+        if session is None:
+            async with aiohttp.ClientSession() as own:
+                return await self.apost(path, body, session=own)
+        timeout = aiohttp.ClientTimeout(total=self.timeout)
+        async with session.post(self.url + path, json=body, headers=self._headers(), timeout=timeout) as resp:
+            raw = await resp.read()
+            if resp.status >= 400:
+                raise EngineError(self.url + path, resp.status, _error_message(raw))
+            return _decode(raw)
+
+    def health(self) -> bool:
+        try:
+            self.get("/health")
+            return True
+        except EngineError:
+            return False
+
+    def health_generate(self) -> bool:
+        try:
+            self.get("/health_generate")
+            return True
+        except EngineError:
+            return False
+
+    def server_info(self) -> dict[str, Any]:
+        return self.get("/server_info")
+
+    def model_info(self) -> dict[str, Any]:
+        return self.get("/model_info")
+
+    def get_load(self) -> Any:
+        return self.get("/get_load")
+
+    def pause(self, mode: str = "abort") -> Any:
+        return self.post("/pause_generation", {"mode": mode})
+
+    def resume(self) -> Any:
+        return self.post("/continue_generation")
+
+    def flush_cache(self) -> Any:
+        return self.post("/flush_cache")
+
+    def release_memory_occupation(self) -> Any:
+        return self.post("/release_memory_occupation")
+
+    def resume_memory_occupation(self) -> Any:
+        return self.post("/resume_memory_occupation")
+
+    def update_weights_from_tensor(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                                   weight_version: int | None = None, flush_cache: bool = True) -> Any:
+        return self.post("/update_weights_from_tensor", {
+            "serialized_named_tensors": [serialize_named_tensors(named_tensors)], "load_format": None,
+            "flush_cache": flush_cache, "weight_version": weight_version})
+
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str, backend: str = "gloo") -> Any:
+        """Blocks until every rank (the trainer's rank 0 too) has joined: call it from a thread."""
+        return self.post("/init_weights_update_group", {
+            "master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
+            "world_size": world_size, "group_name": group_name, "backend": backend})
+
+    def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                                        group_name: str, weight_version: int | None = None,
+                                        flush_cache: bool = True) -> Any:
+        """Blocks until the trainer has broadcast every tensor, in order: call it from a thread."""
+        return self.post("/update_weights_from_distributed", {
+            "names": names, "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
+            "shapes": [list(s) for s in shapes], "group_name": group_name, "flush_cache": flush_cache,
+            "weight_version": weight_version})
+
+    def destroy_weights_update_group(self, group_name: str) -> Any:
+        return self.post("/destroy_weights_update_group", {"group_name": group_name})
+
+    def weights_checksum(self, names: list[str] | None = None) -> dict[str, Any]:
+        return self.post("/weights_checksum", {} if names is None else {"names": names})
+
+
+def _decode(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode(errors="replace")
+
+
+def _error_message(raw: bytes) -> str:
+    body = _decode(raw)
+    return str(body.get("message", body)) if isinstance(body, dict) else str(body)

@@ -1,0 +1,363 @@
+"""EmbeddedEngine: a torch rollout engine over the HF GLM-4.5 model, behind SGLang's native HTTP API.
+
+Why: the RL loop talks to rollout engines only through SGLang's HTTP API (directly or via the real
+sglang-router). SGLang cannot run on CPU machines, so this engine implements the subset we use on the same
+HF `Glm4MoeForCausalLM` code path the torch trainer backend runs — fp32 CPU logprobs then agree exactly.
+
+Pieces (batched generation math in `generation.py`, HTTP routes in `http_server.py`):
+- `EngineConfig`: the engine's typed, frozen configuration.
+- `EmbeddedEngine`: a request queue and a scheduler thread that runs BATCHES (every request waiting when a
+  batch starts, up to `max_batch_size`), pause/continue, weight updates, checksums, and the HTTP server
+  thread. Usable in-process (`start()` → url, `shutdown()`), as a Ray actor (`engine_actor_class()`), or as a
+  process (`python -m glm_rl.rollout.engines.embedded --hf-checkpoint DIR --port P`).
+
+Routed experts (R3): `meta_info["routed_experts"]` is a list with one entry per position that went through the
+model — prompt_len + completion_len - 1 positions (the last generated token is never fed back) — and each entry
+is a list over MoE layers (layer index >= first_k_dense_replace, in order) of the top-k expert ids the router
+chose there, sorted ascending: shape [L - 1][n_moe_layers][top_k], ints. Captured by forward hooks on
+`model.model.layers[i].mlp.gate`, mapping batch rows and excluding left-pad positions.
+
+Pause semantics: `pause(mode="abort")` (SGLang's default mode) stops taking batches, aborts the running batch at
+its next decode step (its requests return what they generated so far with finish_reason "abort") and answers
+every queued request with an empty "abort"; `pause(mode="in_place")` stops taking batches and lets the running
+batch finish. Both return once no batch is running; requests that arrive while paused wait for `resume()`.
+
+Memory occupation (`release_memory_occupation` / `resume_memory_occupation`): on CPU nothing is freed; the state
+is only recorded (`server_info()["memory_released"]`) so colocated drivers can run unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import logging
+import pickle
+import signal
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from glm_rl.rollout.engines.client import WeightGroup, create_weight_group, parse_dtype, tensor_checksum
+from glm_rl.rollout.engines.generation import GenerationRequest, Row, run_batch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class WeightError(ValueError):
+    """A weight update or checksum request the engine refuses (unknown name, wrong shape, bad group)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    hf_checkpoint: str
+    host: str = "127.0.0.1"
+    port: int = 0                      # 0: pick a free port
+    api_key: str | None = None         # when set, requests (but /health*) need `Authorization: Bearer <key>`
+    dtype: str = "float32"
+    max_batch_size: int = 64           # rows per scheduler batch, and the largest batch /generate accepts
+    max_total_len: int | None = None   # prompt + max_new_tokens limit; None: the model's max_position_embeddings
+    seed: int = 0
+    max_request_bytes: int = 64 << 20  # larger bodies get 413
+    record_routed_experts: bool = True  # SGLang's --enable-return-routed-experts: off → such requests get 400
+    # R3 behind sglang-router: the router drops `return_routed_experts` from the request body but passes the
+    # answer through, so an engine started for R3 returns the routing unless a request says false.
+    return_routed_experts_by_default: bool = False
+    weight_group_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"EngineConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"EngineConfig.max_batch_size must be >= 1, got {self.max_batch_size}")
+
+
+def deserialize_named_tensors(payload: str) -> list[tuple[str, torch.Tensor]]:
+    """Inverse of `client.serialize_named_tensors` (unpickles: only for trusted callers, like SGLang)."""
+    try:
+        items = pickle.loads(base64.b64decode(payload))
+    except Exception as e:  # noqa: BLE001 - any decoding failure is the caller's bad input
+        raise WeightError(f"serialized_named_tensors: cannot decode ({type(e).__name__}: {e})") from e
+    if not isinstance(items, list) or not all(
+            isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], torch.Tensor)
+            for x in items):
+        raise WeightError("serialized_named_tensors: expected a pickled list of (name, tensor) pairs")
+    return items
+
+
+class EmbeddedEngine:
+    """The engine: model + request queue + batch scheduler thread + HTTP server thread."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._cond = threading.Condition()
+        self._model_lock = threading.Lock()
+        self._waiting: deque[tuple[GenerationRequest, Future]] = deque()
+        self._running, self._running_tokens = 0, 0
+        self._paused = self._abort_running = self._stopping = False
+        self._memory_released = False
+        self._auto_seed = 0
+        self._groups: dict[str, WeightGroup] = {}
+        self.weight_version = 0
+        self.stats = {"requests_total": 0, "batches_total": 0, "max_batch_rows": 0, "tokens_generated": 0}
+        self._server = None
+        self._thread: threading.Thread | None = None
+        self.model = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> str:
+        """Load the model, start the scheduler and the HTTP server; returns the base url."""
+        from glm_rl.models.checkpoint import load_hf_model
+        from glm_rl.rollout.engines.http_server import HttpServer
+
+        self.model, self.tokenizer = load_hf_model(self.config.hf_checkpoint, DTYPES[self.config.dtype])
+        cfg = self.model.config
+        self.vocab_size = cfg.vocab_size
+        self.max_total_len = self.config.max_total_len or cfg.max_position_embeddings
+        self.gates = [layer.mlp.gate for i, layer in enumerate(self.model.model.layers)
+                      if i >= cfg.first_k_dense_replace]
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        pad = self.model.generation_config.pad_token_id
+        self.pad_id = pad if pad is not None else (self.tokenizer.pad_token_id or 0)
+        self._state = self.model.state_dict()  # detached views sharing the parameters' storage
+        self._thread = threading.Thread(target=self._scheduler_loop, name="engine-scheduler", daemon=True)
+        self._thread.start()
+        self._server = HttpServer(self, self.config)
+        host, port = self._server.start()
+        self.url = f"http://{host}:{port}"
+        return self.url
+
+    def get_url(self) -> str:
+        return self.url
+
+    def shutdown(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+        with self._cond:
+            self._stopping = self._abort_running = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._groups.clear()
+
+    # -- generation --------------------------------------------------------------------------------------
+    def next_auto_key(self) -> str:
+        with self._cond:
+            self._auto_seed += 1
+            return f"auto-{self._auto_seed}"
+
+    def submit(self, requests: list[GenerationRequest]) -> list[Future]:
+        futures = [Future() for _ in requests]
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("engine is shutting down")
+            self._waiting.extend(zip(requests, futures))
+            self._cond.notify_all()
+        return futures
+
+    def _take_batch(self) -> list[tuple[GenerationRequest, Future]] | None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._stopping or (self._waiting and not self._paused))
+            if self._stopping:
+                return None
+            n = min(len(self._waiting), self.config.max_batch_size)
+            batch = [self._waiting.popleft() for _ in range(n)]
+            self._running, self._abort_running = n, False
+            self._running_tokens = sum(len(r.input_ids) + r.sampling.max_new_tokens for r, _ in batch)
+            return batch
+
+    def _scheduler_loop(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            try:
+                with self._model_lock:
+                    version = self.weight_version
+                    rows = run_batch(self.model, [r for r, _ in batch], eos_ids=self.eos_ids, pad_id=self.pad_id,
+                                     gates=self.gates, should_abort=lambda: self._abort_running)
+                for (_, fut), row in zip(batch, rows):
+                    fut.set_result(self._response(row, version))
+                with self._cond:
+                    self.stats["tokens_generated"] += sum(len(row.output_ids) for row in rows)
+            except Exception as e:  # noqa: BLE001 - answered as 500 to each request; the engine stays up
+                logging.getLogger(__name__).exception("batch of %d requests failed", len(batch))
+                for _, fut in batch:
+                    fut.set_exception(e)
+            finally:
+                with self._cond:
+                    self.stats["requests_total"] += len(batch)
+                    self.stats["batches_total"] += 1
+                    self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(batch))
+                    self._running = self._running_tokens = 0
+                    self._cond.notify_all()
+        with self._cond:
+            leftover, self._waiting = list(self._waiting), deque()
+        for _, fut in leftover:
+            fut.set_exception(RuntimeError("engine shut down"))
+
+    def _response(self, row: Row, version: int) -> dict[str, Any]:
+        req = row.req
+        meta: dict[str, Any] = {"id": req.rid, "finish_reason": row.finish, "prompt_tokens": len(req.input_ids),
+                                "completion_tokens": len(row.output_ids), "cached_tokens": 0,
+                                "weight_version": version}
+        if req.return_logprob:
+            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(row.logprobs, row.output_ids)]
+        if req.return_routed_experts:
+            meta["routed_experts"] = torch.cat(row.routed).sort(dim=-1).values.tolist() if row.routed else []
+        text = self.tokenizer.decode(row.output_ids, skip_special_tokens=req.sampling.skip_special_tokens)
+        return {"text": text, "output_ids": list(row.output_ids), "meta_info": meta}
+
+    def _aborted_response(self, req: GenerationRequest) -> dict[str, Any]:
+        row = Row(req, frozenset(), torch.Generator(), finish={"type": "abort", "message": "aborted while queued"})
+        return self._response(row, self.weight_version)
+
+    # -- pause / load ------------------------------------------------------------------------------------
+    def pause(self, mode: str = "abort") -> dict[str, Any]:
+        """Stop taking batches; see the module docstring for the modes. Returns once no batch runs."""
+        if mode not in ("abort", "in_place"):
+            raise ValueError(f"mode must be 'abort' or 'in_place', got {mode!r}")
+        aborted: list[tuple[GenerationRequest, Future]] = []
+        with self._cond:
+            self._paused = True
+            if mode == "abort":
+                self._abort_running = self._running > 0
+                aborted, self._waiting = list(self._waiting), deque()
+            self._cond.wait_for(lambda: self._running == 0)
+        for req, fut in aborted:
+            fut.set_result(self._aborted_response(req))
+        return {"success": True, "message": f"paused ({mode})", "num_aborted_queued": len(aborted)}
+
+    def resume(self) -> dict[str, Any]:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+        return {"success": True, "message": "generation continues"}
+
+    def load(self) -> list[dict[str, int]]:
+        with self._cond:
+            waiting = len(self._waiting)
+            tokens = self._running_tokens + sum(len(r.input_ids) for r, _ in self._waiting)
+            return [{"dp_rank": 0, "num_reqs": self._running + waiting, "num_waiting_reqs": waiting,
+                     "num_tokens": tokens}]
+
+    def set_memory_released(self, released: bool) -> dict[str, Any]:
+        self._memory_released = released
+        state = "released" if released else "resumed"
+        return {"success": True, "message": f"memory occupation {state} (recorded only: CPU engine)"}
+
+    def server_info(self) -> dict[str, Any]:
+        with self._cond:
+            stats, paused = dict(self.stats), self._paused
+        return {"model_path": str(self.config.hf_checkpoint), "tokenizer_path": str(self.config.hf_checkpoint),
+                "engine": "glm_rl.embedded", "weight_version": self.weight_version, "dtype": self.config.dtype,
+                "tp_size": 1, "dp_size": 1, "max_batch_size": self.config.max_batch_size,
+                "max_running_requests": self.config.max_batch_size, "max_total_len": self.max_total_len,
+                "context_length": self.max_total_len, "vocab_size": self.vocab_size,
+                "num_moe_layers": len(self.gates), "top_k": self.model.config.num_experts_per_tok,
+                "paused": paused, "memory_released": self._memory_released,
+                "weight_groups": sorted(self._groups), "stats": stats, "load": self.load()}
+
+    # -- weights -----------------------------------------------------------------------------------------
+    def load_weights(self, named: list[tuple[str, torch.Tensor]], weight_version: int | None) -> dict[str, Any]:
+        """Copy tensors into the model (all validated first); the version becomes `weight_version` when given,
+        else the current one + 1 (a bucketed update that gives the version on its last bucket ends right)."""
+        for name, tensor in named:
+            if name not in self._state:
+                raise WeightError(f"unknown weight name {name!r}")
+            if tuple(tensor.shape) != tuple(self._state[name].shape):
+                raise WeightError(f"weight {name!r}: shape {tuple(tensor.shape)} does not match the engine's "
+                                  f"{tuple(self._state[name].shape)}")
+        with self._model_lock:
+            for name, tensor in named:
+                self._state[name].copy_(tensor)
+            self.weight_version = int(weight_version) if weight_version is not None else self.weight_version + 1
+        return {"success": True, "message": f"loaded {len(named)} tensors", "weight_version": self.weight_version}
+
+    def checksums(self, names: list[str] | None) -> dict[str, Any]:
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise WeightError(f"names: expected a list of weight names, got {names!r}")
+        names = list(self._state) if names is None else names
+        unknown = [n for n in names if n not in self._state]
+        if unknown:
+            raise WeightError(f"unknown weight name(s) {unknown}")
+        with self._model_lock:
+            return {"weight_version": self.weight_version,
+                    "checksums": {n: tensor_checksum(self._state[n]) for n in names}}
+
+    def init_weight_group(self, *, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                          group_name: str, backend: str = "gloo") -> dict[str, Any]:
+        if group_name in self._groups:
+            raise WeightError(f"group_name {group_name!r} already exists")
+        if backend != "gloo":
+            raise WeightError(f"backend {backend!r} is not supported by the CPU engine (use 'gloo')")
+        self._groups[group_name] = create_weight_group(
+            master_address, master_port, rank=rank_offset, world_size=world_size, group_name=group_name,
+            timeout_s=self.config.weight_group_timeout_s)
+        return {"success": True, "message": f"joined {group_name!r} as rank {rank_offset} of {world_size}"}
+
+    def update_from_distributed(self, *, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                                group_name: str, weight_version: int | None) -> dict[str, Any]:
+        """Receive each tensor by broadcast from rank 0 (in order), then load them all."""
+        group = self._groups.get(group_name)
+        if group is None:
+            raise WeightError(f"group_name {group_name!r}: no such weights update group")
+        if not len(names) == len(dtypes) == len(shapes):
+            raise WeightError(f"names, dtypes, shapes differ in length "
+                              f"({len(names)}, {len(dtypes)}, {len(shapes)})")
+        for i, shape in enumerate(shapes):
+            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise WeightError(f"shapes[{i}]: expected a list of non-negative ints, got {shape!r}")
+        try:
+            parsed = [parse_dtype(d) for d in dtypes]
+        except ValueError as e:
+            raise WeightError(f"dtypes: {e}") from e
+        tensors = [group.broadcast(torch.empty(tuple(s), dtype=d)) for s, d in zip(shapes, parsed)]
+        return self.load_weights(list(zip(names, tensors)), weight_version)
+
+    def destroy_weight_group(self, group_name: str) -> dict[str, Any]:
+        if self._groups.pop(group_name, None) is None:
+            raise WeightError(f"group_name {group_name!r}: no such weights update group")
+        return {"success": True, "message": f"destroyed {group_name!r}"}
+
+
+def engine_actor_class(num_cpus: float = 1, **options: Any):
+    """`ray.remote(...)(EmbeddedEngine)`: `a = cls.remote(config); url = ray.get(a.start.remote())`."""
+    import ray
+
+    return ray.remote(num_cpus=num_cpus, **options)(EmbeddedEngine)
+
+
+def __getattr__(name: str) -> Any:
+    """`EmbeddedEngineActor`: `engine_actor_class()`, built on first use so importing this module needs no Ray."""
+    if name == "EmbeddedEngineActor":
+        return engine_actor_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one engine as a process; prints `READY <url>` and serves until SIGTERM / SIGINT."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hf-checkpoint", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    engine = EmbeddedEngine(EngineConfig(hf_checkpoint=a.hf_checkpoint, host=a.host, port=a.port,
+                                         api_key=a.api_key, dtype=a.dtype, max_batch_size=a.max_batch_size,
+                                         seed=a.seed))
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    print(f"READY {engine.start()}", flush=True)
+    done.wait()
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()
