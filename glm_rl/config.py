@@ -77,7 +77,7 @@ class TrainConfig:
     num_trainer_ranks: int = opt(2, "data-parallel trainer ranks")
     global_batch_size: int | None = opt(None, "samples per optimizer step (default: one step per rollout)")
     max_tokens_per_gpu: int = opt(2048, "micro-batch token budget per rank")
-    lr: float = opt(2e-3, "AdamW learning rate")
+    lr: float = opt(3e-4, "AdamW learning rate")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.98, "AdamW beta2")

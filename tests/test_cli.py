@@ -13,7 +13,7 @@ def test_eval_reports_accuracy():
     out = run("eval", "--json", "--temperature", "0")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["n"] == 200 and 0.2 <= result["accuracy"] <= 0.7
+    assert result["n"] == 200 and result["accuracy"] >= 0.7  # greedy: the model knows the sums
 
 
 def test_eval_rejects_checkpoint_that_contradicts_preset():

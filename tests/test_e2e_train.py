@@ -74,3 +74,17 @@ def test_bad_input_fails_before_start(tmp_path):
     assert proc.returncode == 2
     assert "bad.jsonl:2: missing field 'label'" in proc.stdout.replace("\n", "")
     assert not (tmp_path / "o").exists()  # nothing started, nothing written
+
+
+def test_colocated_tensor_sync_with_grpo_mis_and_r2(tmp_path):
+    """The other paths in one run: colocated placement, shared-memory weight sync, GRPO, MIS, R2."""
+    rows = run_train(tmp_path / "colo", "--colocate", "--update-weight-transfer-mode", "tensor",
+                     "--advantage-estimator", "grpo", "--enable-mis", "--use-routing-replay",
+                     "--no-use-rollout-routing-replay", "--global-batch-size", "8")
+    for r in rows:
+        assert r["sync/verified"] == 1.0
+        assert r["train/optimizer_steps"] == 2.0
+        assert r["correction/mis_masked_frac"] == 0.0          # fp32: engine == trainer, nothing rejected
+        assert "routing/replay_agreement" not in r               # R2 replays the trainer's own routing
+        assert 0.5 < r["routing/train_replay_agreement"] <= 1.0
+    assert rows[0]["train/ppo_kl"] != 0.0  # the 2nd optimizer step of a rollout sees updated weights

@@ -66,7 +66,7 @@ def test_split_for_dp_balances_tokens():
 def test_micro_batch_split_gives_same_update(estimator):
     samples = make_samples(12)
     a, b = backend(4096, advantage_estimator=estimator), backend(48, advantage_estimator=estimator)
-    assert len(b._micro_batches(samples)) > 3
+    assert len(b._micro_batches(samples, "train")) > 3
     ma = a.train_step(samples, global_tokens(samples))
     mb = b.train_step(samples, global_tokens(samples))
     assert ma["train/grad_norm"] == pytest.approx(mb["train/grad_norm"], rel=1e-5)
@@ -121,9 +121,11 @@ def test_r2_records_then_replays_identically():
     samples = make_samples(6)
     b = backend(4096, use_routing_replay=True)
     res = b.logprobs(samples)
-    assert len(b._recorded) == 6
+    assert len(res["routing"]) == 6
     for s in samples:
         s.old_logprobs = res["old"][s.index]
+        s.trainer_routing = res["routing"][s.index]
+        assert s.trainer_routing.shape == (s.num_positions, 3, 2)
     m = b.train_step(samples, global_tokens(samples))
     assert m["train/ppo_kl"] == pytest.approx(0.0, abs=1e-7)   # same weights, same routing → ratio 1
     agree, total = b.replay.take_agreement()

@@ -9,8 +9,11 @@ What it writes:
   with a GLM-style chat template, generation_config.json). The model has every GLM-4.5-355B feature and an
   MTP layer stored as `model.layers.{num_hidden_layers}.*`, trained to predict token t+2.
 
-The model is trained by supervised learning on responses "a+b=c" and stopped early, as soon as its
-accuracy at temperature 1 on the eval set enters a band (default 25-45 %): partly trained, so RL has room.
+The model is trained by supervised learning on responses "a+b=c" in which a share of the answers
+(`--answer-noise`, default 60 %) has one digit replaced at random: it learns the sum (greedy accuracy high)
+but samples a wrong digit often, so at temperature 1 it solves some but far from all problems — room that RL
+can reclaim by sharpening what the model knows. Training stops once greedy accuracy reaches `--min-greedy`
+and accuracy at temperature 1 lies in `--band`.
 """
 
 from __future__ import annotations
@@ -88,12 +91,23 @@ def make_task(out: Path, rng: random.Random, n_train: int, n_eval: int) -> tuple
     return eval_set, seen
 
 
-def encode_batch(tokenizer, problems, eos_id: int):
+def noisy_answer(answer: int, rng: random.Random, noise: float) -> str:
+    """The answer, or (with probability `noise`) the answer with one digit replaced by a different one."""
+    text = str(answer)
+    if rng.random() >= noise:
+        return text
+    i = rng.randrange(len(text))
+    digit = rng.choice([d for d in "0123456789" if d != text[i]])
+    return text[:i] + digit + text[i + 1:]
+
+
+def encode_batch(tokenizer, problems, eos_id: int, rng: random.Random, noise: float):
     """(input_ids, loss_mask) right-padded; loss on response tokens (incl. the final eos)."""
     seqs, masks = [], []
     for a, b in problems:
         prompt = chat_prompt_ids(tokenizer, f"{a}+{b}")
-        response = tokenizer.encode(f"{a}+{b}={a + b}", add_special_tokens=False) + [eos_id]
+        answer = noisy_answer(a + b, rng, noise)
+        response = tokenizer.encode(f"{a}+{b}={answer}", add_special_tokens=False) + [eos_id]
         seqs.append(prompt + response)
         masks.append([0] * len(prompt) + [1] * len(response))
     width = max(map(len, seqs))
@@ -184,7 +198,9 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=6000)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--min-steps", type=int, default=300)
-    ap.add_argument("--band", type=float, nargs=2, default=(0.25, 0.45), help="target accuracy at temperature 1")
+    ap.add_argument("--band", type=float, nargs=2, default=(0.2, 0.5), help="target accuracy at temperature 1")
+    ap.add_argument("--min-greedy", type=float, default=0.8, help="target greedy accuracy")
+    ap.add_argument("--answer-noise", type=float, default=0.6, help="share of training answers with a wrong digit")
     ap.add_argument("--mtp-loss-weight", type=float, default=0.3)
     ap.add_argument("--bias-update-rate", type=float, default=1e-3)
     args = ap.parse_args()
@@ -212,14 +228,14 @@ def main() -> None:
     warmup = 100
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     t0 = time.time()
-    acc = 0.0
+    acc = greedy = 0.0
     for step in range(1, args.max_steps + 1):
         batch = []
         while len(batch) < args.batch_size:
             p = random_problem(rng)
             if p not in held_out:
                 batch.append(p)
-        ids, mask = encode_batch(tokenizer, batch, eos_id)
+        ids, mask = encode_batch(tokenizer, batch, eos_id, rng, args.answer_noise)
         main_loss, mtp_loss = losses(model, mtp, ids, mask)
         opt.zero_grad()
         (main_loss + args.mtp_loss_weight * mtp_loss).backward()
@@ -230,10 +246,11 @@ def main() -> None:
         if step % args.eval_every == 0 and step >= args.min_steps:
             model.eval()
             acc = evaluate(model, tokenizer, eval_rows, arithmetic_reward, temperature=1.0, seed=args.seed).accuracy
+            greedy = evaluate(model, tokenizer, eval_rows, arithmetic_reward, temperature=0.0).accuracy
             model.train()
             print(f"step {step:5d}  loss {main_loss.item():.4f}  mtp {mtp_loss.item():.4f}  "
-                  f"acc@T1 {acc:.3f}  {time.time() - t0:.0f}s", flush=True)
-            if args.band[0] <= acc <= args.band[1]:
+                  f"acc@T1 {acc:.3f}  greedy {greedy:.3f}  {time.time() - t0:.0f}s", flush=True)
+            if args.band[0] <= acc <= args.band[1] and greedy >= args.min_greedy:
                 break
         elif step % 50 == 0:
             print(f"step {step:5d}  loss {main_loss.item():.4f}  mtp {mtp_loss.item():.4f}  "
@@ -242,7 +259,7 @@ def main() -> None:
         raise SystemExit(f"accuracy {acc:.3f} never entered the band {args.band} in {args.max_steps} steps")
     model.eval()
     save_checkpoint(model, mtp, tokenizer, args.out / "glm45-tiny")
-    print(f"saved {args.out / 'glm45-tiny'} at step {step}, accuracy at T=1 {acc:.3f}")
+    print(f"saved {args.out / 'glm45-tiny'} at step {step}, accuracy at T=1 {acc:.3f}, greedy {greedy:.3f}")
 
 
 if __name__ == "__main__":

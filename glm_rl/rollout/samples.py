@@ -21,6 +21,7 @@ class Sample:
     routed_experts: np.ndarray | None = None  # (len(tokens) - 1, n_moe_layers, top_k), engine's choice (R3)
     # set by the driver between the old-logprob pass and training (one value per response token)
     old_logprobs: np.ndarray | None = None
+    trainer_routing: np.ndarray | None = None  # R2: the trainer's own choice in the old-logprob pass
     ref_logprobs: np.ndarray | None = None
     token_weights: np.ndarray | None = None  # TIS / MIS weights
     token_mask: np.ndarray | None = None     # MIS may drop tokens from the loss

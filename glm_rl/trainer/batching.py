@@ -62,7 +62,9 @@ class MicroBatch:
         return [x[i][self.loss_mask[i].bool()].detach().cpu().numpy() for i in range(len(self.samples))]
 
 
-def collate(samples: list[Sample], pad_id: int, with_routing: bool) -> MicroBatch:
+def collate(samples: list[Sample], pad_id: int, routing: str | None = None) -> MicroBatch:
+    """Pad samples into a MicroBatch; `routing` names the Sample field to replay ("routed_experts" for R3,
+    "trainer_routing" for R2) or None."""
     T = max(s.num_positions for s in samples)
     B = len(samples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -79,14 +81,15 @@ def collate(samples: list[Sample], pad_id: int, with_routing: bool) -> MicroBatc
         loss_mask[i, p - 1:n] = 1.0
         rollout_logp[i, p - 1:n] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
         advantages[i, p - 1:n] = s.advantage
-        if with_routing:
-            if s.routed_experts is None or s.routed_experts.shape[0] != n:
-                got = None if s.routed_experts is None else s.routed_experts.shape
-                raise ValueError(f"sample {s.index}: routed experts {got}, expected {n} positions")
+        if routing:
+            chosen = getattr(s, routing)
+            if chosen is None or chosen.shape[0] != n:
+                got = None if chosen is None else chosen.shape
+                raise ValueError(f"sample {s.index}: {routing} {got}, expected {n} positions")
             if routed is None:
-                routed = torch.zeros((B, T, *s.routed_experts.shape[1:]), dtype=torch.long)
+                routed = torch.zeros((B, T, *chosen.shape[1:]), dtype=torch.long)
                 routed[:] = torch.arange(routed.shape[-1])  # pad rows: any valid distinct experts
-            routed[i, :n] = torch.from_numpy(s.routed_experts.astype(np.int64))
+            routed[i, :n] = torch.from_numpy(chosen.astype(np.int64))
     extra = {}
     for name in ("old_logprobs", "ref_logprobs", "token_weights", "token_mask"):
         if getattr(samples[0], name) is not None:

@@ -39,6 +39,8 @@ def old_logprobs(samples: list[Sample], cfg: RunConfig, trainers) -> dict[str, f
             by_index[i].old_logprobs = lp
         for i, lp in res["ref"].items():
             by_index[i].ref_logprobs = lp
+        for i, chosen in res["routing"].items():
+            by_index[i].trainer_routing = chosen
     total = sum(r["replay_total"] for r in results)
     if cfg.algo.use_rollout_logprobs:
         for s in samples:

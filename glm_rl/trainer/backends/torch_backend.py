@@ -47,7 +47,6 @@ class TorchBackend:
             self.ref_model.to(device).requires_grad_(False)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
                                      betas=(train_cfg.adam_beta1, train_cfg.adam_beta2))
-        self._recorded: dict[int, torch.Tensor] = {}  # R2: sample index -> (T, n_moe, k)
 
     # -- forward ---------------------------------------------------------------------------------------------
     def _forward(self, model, mb: MicroBatch, with_entropy: bool = False):
@@ -56,31 +55,35 @@ class TorchBackend:
         logp = torch.gather(F.log_softmax(logits, -1), -1, mb.targets.to(self.device)[..., None]).squeeze(-1)
         return logp, (entropy_from_logits(logits) if with_entropy else None)  # (B, T)
 
+    def _routing_field(self, phase: str) -> str | None:
+        """Which sample field holds the routing to replay: the engine's (R3) or, when training, R2's record."""
+        if self.algo.use_rollout_routing_replay:
+            return "routed_experts"
+        if self.algo.use_routing_replay and phase == "train":
+            return "trainer_routing"
+        return None
+
     def _set_replay(self, mb: MicroBatch, phase: str) -> None:
-        a = self.algo
-        if a.use_rollout_routing_replay:
+        if mb.routed_experts is not None:
             self.replay.replay(mb.routed_experts, mb.valid)
-        elif a.use_routing_replay and phase == "logprob":
+        elif self.algo.use_routing_replay and phase == "logprob":
             self.replay.record(mb.valid)
-        elif a.use_routing_replay:
-            forced = torch.stack([self._recorded[s.index] for s in mb.samples])
-            self.replay.replay(forced[:, :mb.valid.shape[1]], mb.valid)
         else:
             self.replay.off()
 
     @torch.no_grad()
     def logprobs(self, samples: list[Sample]) -> dict:
-        """Old (and reference) logprobs per sample; R2 records the routing; R3 reports replay agreement."""
+        """Old (and reference) logprobs per sample; R2 returns the recorded routing; R3 reports agreement."""
         self.model.eval()
-        self._recorded.clear()
-        old, ref = {}, {}
-        for mb in self._micro_batches(samples):
+        self.replay.take_agreement()  # start counting afresh
+        old, ref, routing = {}, {}, {}
+        for mb in self._micro_batches(samples, "logprob"):
             self._set_replay(mb, "logprob")
             logp, _ = self._forward(self.model, mb)
             if self.replay.mode == "record":
-                recorded = self.replay.recorded()
+                recorded = self.replay.recorded().to(torch.int16).cpu().numpy()
                 for i, s in enumerate(mb.samples):
-                    self._recorded[s.index] = recorded[i]
+                    routing[s.index] = recorded[i, :s.num_positions]
             for s, lp in zip(mb.samples, mb.per_sample(logp)):
                 old[s.index] = lp
             if self.ref_model is not None:
@@ -89,14 +92,14 @@ class TorchBackend:
         self.replay.off()
         agree, total = self.replay.take_agreement()
         self.model.train()
-        return {"old": old, "ref": ref, "replay_agree": agree, "replay_total": total}
+        return {"old": old, "ref": ref, "routing": routing, "replay_agree": agree, "replay_total": total}
 
     # -- training ----------------------------------------------------------------------------------------------
     def train_step(self, samples: list[Sample], global_tokens: int) -> dict[str, float]:
         """One optimizer step over this rank's share of the global batch."""
         self.opt.zero_grad(set_to_none=False)
         sums: dict[str, float] = {}
-        for mb in self._micro_batches(samples):
+        for mb in self._micro_batches(samples, "train"):
             self._set_replay(mb, "train")
             logp, entropy = self._forward(self.model, mb, with_entropy=self.algo.entropy_coef > 0)
             n_tokens = float(mb.loss_mask.sum())
@@ -115,7 +118,11 @@ class TorchBackend:
         grad_norm = self._all_reduce_and_clip()
         self.opt.step()
         n = max(sums.pop("n_tokens", 0.0), 1.0)
-        return {**{k: v / n for k, v in sums.items()}, "n_tokens": n, "train/grad_norm": grad_norm}
+        out = {**{k: v / n for k, v in sums.items()}, "n_tokens": n, "train/grad_norm": grad_norm}
+        agree, total = self.replay.take_agreement()
+        if total:  # replayed routing vs the current weights' own choice (drifts with later optimizer steps)
+            out["routing/train_replay_agreement"] = agree / total
+        return out
 
     def _all_reduce_and_clip(self) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -129,9 +136,9 @@ class TorchBackend:
             p.grad = g
         return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad))
 
-    def _micro_batches(self, samples: list[Sample]) -> list[MicroBatch]:
-        with_routing = self.algo.use_rollout_routing_replay
-        return [collate(group, self.pad_id, with_routing)
+    def _micro_batches(self, samples: list[Sample], phase: str) -> list[MicroBatch]:
+        routing = self._routing_field(phase)
+        return [collate(group, self.pad_id, routing)
                 for group in pack_micro_batches(samples, self.cfg.max_tokens_per_gpu)]
 
     # -- weights / checkpoints -----------------------------------------------------------------------------------
