@@ -16,6 +16,7 @@ import ray
 
 from glm_rl.config import RunConfig
 from glm_rl.ray.placement import Placement, create_placement, init_ray
+from glm_rl.rollout.engines.client import EngineClient
 from glm_rl.rollout.engines.embedded import EngineConfig, engine_actor_class
 from glm_rl.rollout.router import RolloutEndpoints, RouterProcess
 from glm_rl.rollout.manager import RolloutManager
@@ -49,9 +50,7 @@ class Runtime:
                                   api_key=cfg.rollout.engine_api_key, seed=cfg.seed,
                                   record_routed_experts=cfg.algo.use_rollout_routing_replay,
                                   return_routed_experts_by_default=cfg.algo.use_rollout_routing_replay)
-        engine_cls = engine_actor_class()
-        engines = [engine_cls.options(**placement.actor_options(b, share)).remote(engine_cfg)
-                   for b in placement.engine_bundles]
+        engines = [_launch_engine(placement, b, share, engine_cfg) for b in placement.engine_bundles]
         trainers = TrainerGroup(cfg, placement, share)
         urls = ray.get([e.start.remote() for e in engines])
         router = RouterProcess(urls, api_key=cfg.rollout.engine_api_key)
@@ -63,7 +62,8 @@ class Runtime:
             return_routed_experts=cfg.algo.use_rollout_routing_replay)
         ray.get(trainers.rank0.setup_sync.remote(cfg.sync.update_weight_transfer_mode, urls,
                                                  cfg.rollout.engine_api_key, cfg.sync.update_weight_buffer_size))
-        return cls(cfg, placement, engines, urls, router, manager, trainers)
+        return cls(cfg, placement, engines, urls, router, manager, trainers,
+                   extra={"engine_cfg": engine_cfg, "share": share})
 
     # -- stages ----------------------------------------------------------------------------------------------
     def rollout(self, step: int) -> tuple[list[Sample], dict]:
@@ -75,6 +75,29 @@ class Runtime:
         self.weight_version = version
         return {"sync/verified": float(result["verified"]), "sync/bytes": float(result["bytes"]),
                 "sync/tensors": float(result["tensors"]), "perf/sync_push_s": time.time() - t0}
+
+    def ensure_engines(self) -> dict:
+        """Restart every engine that fails its health check: a new actor on the same bundle, re-registered
+        with the router, the weight-sync group rebuilt, and the current weights pushed to it."""
+        dead = [i for i, url in enumerate(self.engine_urls) if not EngineClient(url, timeout=5).health()]
+        if not dead:
+            return {"engines/restarted": 0.0}
+        for i in dead:
+            log.warning("engine %d at %s failed its health check: restarting it", i, self.engine_urls[i])
+            try:
+                ray.kill(self.engines[i])
+            except Exception:  # already gone
+                pass
+            self.router.remove_worker(self.engine_urls[i])
+            bundle = self.placement.engine_bundles[i]
+            self.engines[i] = _launch_engine(self.placement, bundle, self.extra["share"], self.extra["engine_cfg"])
+            self.engine_urls[i] = ray.get(self.engines[i].start.remote())
+            self.router.add_worker(self.engine_urls[i])
+        s = self.cfg.sync
+        ray.get(self.trainers.rank0.setup_sync.remote(s.update_weight_transfer_mode, self.engine_urls,
+                                                      self.cfg.rollout.engine_api_key, s.update_weight_buffer_size))
+        self.sync_weights(self.weight_version)  # the restarted engine gets the current weights (verified)
+        return {"engines/restarted": float(len(dead))}
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def save(self, step: int) -> None:
@@ -105,3 +128,7 @@ class Runtime:
                 stop()
             except Exception as e:  # keep tearing down the rest
                 log.warning("shutdown step failed: %s", e)
+
+
+def _launch_engine(placement: Placement, bundle: int, share: float, engine_cfg: EngineConfig):
+    return engine_actor_class().options(**placement.actor_options(bundle, share)).remote(engine_cfg)

@@ -43,6 +43,7 @@ def train(cfg: RunConfig) -> Path:
 
 def run_step(cfg: RunConfig, rt: "Runtime", step: int) -> dict:
     t0 = time.time()
+    health = rt.ensure_engines()                                 # restart dead engines, give them weights
     samples, metrics = rt.rollout(step)                          # engines, through the router
     steps.assign_advantages(samples, cfg)                        # GRPO / GSPO / Dr.GRPO
     t1 = time.time()
@@ -53,7 +54,7 @@ def run_step(cfg: RunConfig, rt: "Runtime", step: int) -> dict:
     t3 = time.time()
     metrics |= rt.sync_weights(version=step + 1)                 # trainer → engines, verified
     t4 = time.time()
-    metrics |= {"step": step + 1, "perf/logprob_s": t2 - t1, "perf/train_s": t3 - t2, "perf/sync_s": t4 - t3,
+    metrics |= health | {"step": step + 1, "perf/logprob_s": t2 - t1, "perf/train_s": t3 - t2, "perf/sync_s": t4 - t3,
                 "perf/step_s": time.time() - t0, "perf/prep_s": t1 - t0 - metrics["perf/rollout_s"]}
     return metrics
 

@@ -67,6 +67,7 @@ class RolloutManager:
         self.generate_fn = generate
         self.seed = seed
         self.routed = return_routed_experts
+        self.retried = 0
 
     def _prompt_ids(self, batch: list[PromptRow]) -> tuple[list[tuple[PromptRow, list[int]]], int]:
         kept, skipped = [], 0
@@ -90,12 +91,13 @@ class RolloutManager:
         """One rollout batch (an async method: as a Ray actor it runs on the actor's event loop)."""
         t0 = time.time()
         prompts, skipped = self._prompt_ids(self.stream.take(self.cfg.rollout_batch_size))
+        self.retried = 0
         samples = await self._generate_all(prompts, step)
         rewards = np.array([s.reward for s in samples])
         lengths = np.array([len(s.response_ids) for s in samples])
         metrics = {"rollout/reward_mean": float(rewards.mean()), "rollout/response_len_mean": float(lengths.mean()),
                    "rollout/truncated_frac": float(np.mean([s.finish_reason == "length" for s in samples])),
-                   "rollout/skipped_long_prompts": float(skipped), "rollout/num_samples": float(len(samples)),
+                   "rollout/skipped_long_prompts": float(skipped), "rollout/retried_requests": float(self.retried), "rollout/num_samples": float(len(samples)),
                    "perf/rollout_s": time.time() - t0}
         return samples, metrics
 
@@ -104,6 +106,21 @@ class RolloutManager:
         jobs = [self._one(group, row, ids, group * n + k, step) for group, (row, ids) in enumerate(prompts)
                 for k in range(n)]
         return list(await asyncio.gather(*jobs))
+
+    async def _generate_with_retry(self, payload: dict[str, Any], attempts: int = 6) -> dict[str, Any]:
+        """Re-issue a request whose engine failed (the router usually retries first); the same rid and
+        sampling seed give the same sample, so nothing is lost or duplicated."""
+        for attempt in range(attempts):
+            try:
+                out = await self.generate_fn(payload)
+                if out["meta_info"]["finish_reason"]["type"] != "abort":
+                    return out
+                error: Exception = RuntimeError(f"request {payload['rid']} aborted")
+            except Exception as e:  # connection refused / reset, HTTP 5xx from a dying engine
+                error = e
+            self.retried += 1
+            await asyncio.sleep(min(0.2 * 2 ** attempt, 5.0))
+        raise RuntimeError(f"request {payload['rid']} failed {attempts} times; last error: {error}")
 
     async def _one(self, group: int, row: PromptRow, prompt_ids: list[int], index: int, step: int) -> Sample:
         c = self.cfg
@@ -116,7 +133,7 @@ class RolloutManager:
             "return_routed_experts": self.routed,
             "rid": f"s{step}-{index}",
         }
-        out = await self.generate_fn(payload)
+        out = await self._generate_with_retry(payload)
         meta = out["meta_info"]
         response = list(out["output_ids"])
         logprobs = [float(lp[0]) for lp in meta["output_token_logprobs"]]

@@ -48,6 +48,8 @@ class TrainerActor:
     def setup_sync(self, mode: str, engine_urls: list[str], api_key: str | None, bucket_bytes: int) -> None:
         from glm_rl.weights.transports import make_transport
 
+        if self.sync is not None:  # rebuilt after an engine restart
+            self.sync.close()
         self.sync = make_transport(mode, engine_urls, api_key, bucket_bytes)
         self.sync.prepare()
 

@@ -12,6 +12,7 @@ The transport runs inside trainer rank 0 (a full replica under data parallelism)
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from glm_rl.rollout.engines.client import EngineClient, create_weight_group, ten
 from glm_rl.weights.bucketing import iter_buckets
 
 Named = list[tuple[str, torch.Tensor]]
+log = logging.getLogger(__name__)
 
 
 class WeightTransport(Protocol):
@@ -105,10 +107,13 @@ class BroadcastTransport(_Base):
         return self._finish(named, version, verify, t0)
 
     def close(self) -> None:
-        try:
-            self._each(lambda c: c.destroy_weights_update_group(self.group_name))
-        finally:
-            super().close()
+        """Leave the group on every engine still alive (a dead one is being replaced)."""
+        for c in self.clients:
+            try:
+                c.destroy_weights_update_group(self.group_name)
+            except Exception as e:
+                log.warning("destroying the weight group on %s failed: %s", c.url, e)
+        super().close()
 
 
 def make_transport(mode: str, engine_urls: list[str], api_key: str | None, bucket_bytes: int) -> WeightTransport:
