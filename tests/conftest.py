@@ -24,3 +24,12 @@ def tiny_path():
     from glm_rl.models.presets import TINY_CHECKPOINT
 
     return TINY_CHECKPOINT
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-snapshots", action="store_true", help="rewrite committed command snapshots")
+
+
+@pytest.fixture
+def update_snapshots(request):
+    return request.config.getoption("--update-snapshots")

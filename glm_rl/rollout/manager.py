@@ -122,9 +122,11 @@ class RolloutManager:
             await asyncio.sleep(min(0.2 * 2 ** attempt, 5.0))
         raise RuntimeError(f"request {payload['rid']} failed {attempts} times; last error: {error}")
 
-    async def _one(self, group: int, row: PromptRow, prompt_ids: list[int], index: int, step: int) -> Sample:
+    def payload(self, prompt_ids: list[int], step: int, index: int) -> dict[str, Any]:
+        """The SGLang /generate body of one sample; the seed derives from (seed, step, sample) so a re-issued
+        or resumed request gives the same sample."""
         c = self.cfg
-        payload = {
+        return {
             "input_ids": prompt_ids,
             "sampling_params": {"temperature": c.rollout_temperature, "top_p": c.rollout_top_p,
                                 "top_k": c.rollout_top_k, "max_new_tokens": c.rollout_max_response_len,
@@ -133,6 +135,9 @@ class RolloutManager:
             "return_routed_experts": self.routed,
             "rid": f"s{step}-{index}",
         }
+
+    async def _one(self, group: int, row: PromptRow, prompt_ids: list[int], index: int, step: int) -> Sample:
+        payload = self.payload(prompt_ids, step, index)
         out = await self._generate_with_retry(payload)
         meta = out["meta_info"]
         response = list(out["output_ids"])
