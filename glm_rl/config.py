@@ -46,6 +46,16 @@ class RolloutConfig:
     rollout_shuffle: bool = opt(True, "shuffle prompts each epoch")
     num_engines: int = opt(2, "rollout engines behind the router")
     engine_api_key: str | None = opt(None, "API key engines require (Bearer token)")
+    enable_mtp: bool = opt(False, "MTP speculative decoding: draft with the checkpoint's MTP layer, verify in one "
+                                  "forward (distribution-exact); SGLang: EAGLE flags, topk 1")
+    speculative_num_steps: int = opt(1, "with --enable-mtp: MTP draft tokens per verify forward "
+                                        "(SGLang's --speculative-num-steps; num-draft-tokens = steps + 1)")
+    rollout_engine: Literal["embedded", "sglang"] = opt(
+        "embedded", "embedded: our torch engine (CPU, tests); sglang: SGLang 0.5.23 servers (GPU)")
+    rollout_num_gpus_per_engine: int = opt(1, "GPUs per SGLang engine (its --tp-size)")
+    sglang_args: tuple[tuple[str, str | None], ...] = field(
+        default=(), metadata={"help": "--sglang-<flag> [value]: passed to SGLang's launch_server as --<flag>",
+                              "cli": False})
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,8 @@ class SyncConfig:
         "broadcast", "tensor (colocated: shared memory / CUDA IPC) or broadcast (torch.distributed group)")
     update_weight_buffer_size: int = opt(1 << 20, "bytes per weight-sync bucket")
     check_weight_update_equal: bool = opt(True, "verify every tensor bitwise after each sync")
+    rollout_fp8: bool = opt(False, "send the linear weights block-quantized to FP8 (e4m3, 128x128 blocks + scales) "
+                                   "in each weight sync; engines dequantize on load (BF16 training, FP8 rollout)")
 
 
 @dataclass(frozen=True)
@@ -118,7 +130,8 @@ class RunConfig:
         for name, value in (("--rollout-batch-size", r.rollout_batch_size), ("--num-rollout", self.num_rollout),
                             ("--n-samples-per-prompt", r.n_samples_per_prompt), ("--num-engines", r.num_engines),
                             ("--num-trainer-ranks", t.num_trainer_ranks),
-                            ("--rollout-max-response-len", r.rollout_max_response_len)):
+                            ("--rollout-max-response-len", r.rollout_max_response_len),
+                            ("--speculative-num-steps", r.speculative_num_steps)):
             if value < 1:
                 errors.append(f"{name} must be >= 1 (got {value})")
         samples = r.rollout_batch_size * r.n_samples_per_prompt
@@ -140,6 +153,19 @@ class RunConfig:
         if t.max_tokens_per_gpu < r.rollout_max_prompt_len + r.rollout_max_response_len:
             errors.append(f"--max-tokens-per-gpu {t.max_tokens_per_gpu} is below one sample's maximum length "
                           f"({r.rollout_max_prompt_len} + {r.rollout_max_response_len})")
+        if r.sglang_args:
+            from glm_rl.rollout.engines.sglang_engine import contract
+
+            unknown = [f"--sglang-{n}" for n, _ in r.sglang_args if f"--{n}" not in contract()["server_flags"]]
+            if unknown:
+                errors.append(f"{unknown}: SGLang {contract()['sglang_version']} has no such server flag")
+            if r.rollout_engine != "sglang":
+                errors.append("--sglang-* flags need --rollout-engine sglang")
+        if r.rollout_engine == "sglang":
+            import torch
+
+            if not torch.cuda.is_available():
+                errors.append("--rollout-engine sglang needs CUDA GPUs (use the embedded engine on CPU)")
         errors += self._check_inputs()
         if errors:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
@@ -205,13 +231,17 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glm-rl train", description="Run RL post-training.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="glm-rl train", description="Run RL post-training.",
+        epilog="--sglang-<flag> [value] passes --<flag> [value] to every SGLang server (--rollout-engine "
+               "sglang), checked against the pinned SGLang's flags.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section)
         hints = get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            _add_field(group, f, hints[f.name], f"{section}.{f.name}")
+            if f.metadata.get("cli", True):
+                _add_field(group, f, hints[f.name], f"{section}.{f.name}")
     hints = get_type_hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
         if f.name not in SECTIONS:
@@ -219,9 +249,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def split_sglang_args(argv: list[str]) -> tuple[list[str], tuple[tuple[str, str | None], ...]]:
+    """Take `--sglang-<flag> [value]` pairs out of argv (slime's pass-through to SGLang's server flags)."""
+    rest, passed = [], []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--sglang-"):
+            name, _, inline = token[len("--sglang-"):].partition("=")
+            if inline:
+                passed.append((name, inline))
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                passed.append((name, argv[i + 1]))
+                i += 1
+            else:
+                passed.append((name, None))
+        else:
+            rest.append(token)
+        i += 1
+    return rest, tuple(passed)
+
+
 def parse_args(argv: list[str]) -> RunConfig:
     """argv (without the command name) → a validated RunConfig."""
+    argv, sglang_args = split_sglang_args(argv)
     ns = vars(build_parser().parse_args(argv))
+    ns["rollout.sglang_args"] = sglang_args
     sections = {name: cls(**{k.split(".", 1)[1]: v for k, v in ns.items() if k.startswith(name + ".")})
                 for name, cls in SECTIONS.items()}
     top = {k: v for k, v in ns.items() if "." not in k}

@@ -18,6 +18,7 @@ from glm_rl.config import RunConfig
 from glm_rl.ray.placement import Placement, create_placement, init_ray
 from glm_rl.rollout.engines.client import EngineClient
 from glm_rl.rollout.engines.embedded import EngineConfig, engine_actor_class
+from glm_rl.rollout.engines.sglang_engine import SGLangEngine, SGLangServerConfig
 from glm_rl.rollout.router import RolloutEndpoints, RouterProcess
 from glm_rl.rollout.manager import RolloutManager
 from glm_rl.rollout.samples import Sample
@@ -46,17 +47,15 @@ class Runtime:
 
         placement = create_placement(n_t, n_e, cfg.colocate, use_gpu=torch.cuda.is_available())
         share = 0.5 if cfg.colocate else 1.0
-        engine_cfg = EngineConfig(hf_checkpoint=cfg.model.hf_checkpoint, dtype=cfg.model.dtype,
-                                  api_key=cfg.rollout.engine_api_key, seed=cfg.seed,
-                                  record_routed_experts=cfg.algo.use_rollout_routing_replay,
-                                  return_routed_experts_by_default=cfg.algo.use_rollout_routing_replay)
+        engine_cfg = _engine_config(cfg)
         engines = [_launch_engine(placement, b, share, engine_cfg) for b in placement.engine_bundles]
         trainers = TrainerGroup(cfg, placement, share)
         urls = ray.get([e.start.remote() for e in engines])
         router = RouterProcess(urls, api_key=cfg.rollout.engine_api_key)
         router.start()
+        embedded = isinstance(engine_cfg, EngineConfig)  # SGLang needs R3's flag per request: direct path
         endpoints = RolloutEndpoints(router.url, api_key=cfg.rollout.engine_api_key,
-                                     engines_return_routing=cfg.algo.use_rollout_routing_replay)
+                                     engines_return_routing=embedded and cfg.algo.use_rollout_routing_replay)
         manager = ray.remote(RolloutManager).options(num_cpus=0).remote(
             cfg.rollout, cfg.model.hf_checkpoint, endpoints.generate, seed=cfg.seed,
             return_routed_experts=cfg.algo.use_rollout_routing_replay)
@@ -130,5 +129,21 @@ class Runtime:
                 log.warning("shutdown step failed: %s", e)
 
 
-def _launch_engine(placement: Placement, bundle: int, share: float, engine_cfg: EngineConfig):
+def _engine_config(cfg: RunConfig) -> EngineConfig | SGLangServerConfig:
+    r3 = cfg.algo.use_rollout_routing_replay
+    if cfg.rollout.rollout_engine == "sglang":
+        return SGLangServerConfig(model_path=cfg.model.hf_checkpoint, port=0, api_key=cfg.rollout.engine_api_key,
+                                  tp_size=cfg.rollout.rollout_num_gpus_per_engine, random_seed=cfg.seed,
+                                  enable_return_routed_experts=r3, enable_memory_saver=cfg.colocate,
+                                  extra_args=cfg.rollout.sglang_args)
+    return EngineConfig(hf_checkpoint=cfg.model.hf_checkpoint, dtype=cfg.model.dtype,
+                        api_key=cfg.rollout.engine_api_key, seed=cfg.seed, record_routed_experts=r3,
+                        return_routed_experts_by_default=r3, enable_mtp=cfg.rollout.enable_mtp,
+                        speculative_num_steps=cfg.rollout.speculative_num_steps)
+
+
+def _launch_engine(placement: Placement, bundle: int, share: float, engine_cfg):
+    if isinstance(engine_cfg, SGLangServerConfig):
+        options = placement.actor_options(bundle, share) | {"num_gpus": share * engine_cfg.tp_size}
+        return ray.remote(SGLangEngine).options(**options).remote(engine_cfg)
     return engine_actor_class().options(**placement.actor_options(bundle, share)).remote(engine_cfg)

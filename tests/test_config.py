@@ -67,3 +67,14 @@ def test_unknown_flag_and_bad_choice_exit():
         parse_args(["--advantage-estimator", "ppo"])
     with pytest.raises(SystemExit):
         parse_args(["--no-such-flag"])
+
+
+def test_sglang_pass_through_flags():
+    from glm_rl.config import split_sglang_args
+
+    rest, passed = split_sglang_args(["--lr", "1e-4", "--sglang-mem-fraction-static", "0.7",
+                                      "--sglang-enable-dp-attention", "--sglang-dp-size=8", "--colocate"])
+    assert rest == ["--lr", "1e-4", "--colocate"]
+    assert passed == (("mem-fraction-static", "0.7"), ("enable-dp-attention", None), ("dp-size", "8"))
+    with pytest.raises(ValueError, match=r"\['--sglang-no-such'\]: SGLang 0.5.23 has no such server flag"):
+        parse_args(["--sglang-no-such", "1"])

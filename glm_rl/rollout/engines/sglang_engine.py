@@ -12,9 +12,11 @@ wheel by `tools/extract_sglang_contract.py`: a name SGLang does not define is an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,7 +47,7 @@ def check_server_flags(cmd: list[str]) -> None:
 class SGLangServerConfig:
     model_path: str
     host: str = "127.0.0.1"
-    port: int = 30000
+    port: int = 30000                            # 0: a free port, chosen when the engine starts
     tp_size: int = 1
     ep_size: int = 1
     dp_size: int = 1
@@ -108,6 +110,10 @@ class SGLangEngine:
         return f"http://{self.cfg.host}:{self.cfg.port}"
 
     def start(self) -> str:
+        if self.cfg.port == 0:  # pick a free port on the node this actor landed on
+            with socket.socket() as sock:
+                sock.bind((self.cfg.host, 0))
+                self.cfg = dataclasses.replace(self.cfg, port=sock.getsockname()[1])
         cmd = build_command(self.cfg)
         self.proc = subprocess.Popen(cmd, start_new_session=True)  # own process group: killed as one
         client = EngineClient(self.url, self.cfg.api_key, timeout=5)
