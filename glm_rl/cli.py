@@ -77,6 +77,90 @@ def eval_cmd(
                f"accuracy {result.accuracy:.3f} on {result.n} prompts at temperature {temperature}")
 
 
+@app.command()
+def generate(
+    prompt_file: Path = typer.Option(..., help="JSONL with `prompt` per line, or plain text lines"),
+    hf_checkpoint: Path = typer.Option(TINY_CHECKPOINT, help="HF checkpoint directory"),
+    enable_mtp: bool = typer.Option(False, "--enable-mtp", help="MTP speculative decoding"),
+    speculative_num_steps: int = typer.Option(1, help="MTP drafts per verify forward (with --enable-mtp)"),
+    temperature: float = typer.Option(1.0, help="sampling temperature (0 = greedy)"),
+    top_p: float = typer.Option(1.0),
+    top_k: int = typer.Option(-1),
+    max_new_tokens: int = typer.Option(32, help="clipped to the model's context"),
+    chat_template: bool = typer.Option(True, help="wrap each prompt as a user turn (as the rollout does)"),
+    dtype: str = typer.Option("float32"),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Generate with the embedded engine in-process (no Ray): tokens, text, logprobs, speculation stats."""
+    import time
+
+    from glm_rl.evaluate import chat_prompt_ids
+    from glm_rl.rollout.engines.embedded import EmbeddedEngine, EngineConfig
+    from glm_rl.rollout.engines.generation import GenerationRequest, SamplingParams, request_seed
+
+    lines = [line for line in prompt_file.read_text().splitlines() if line.strip()]
+    texts = [_prompt_text(line) for line in lines]
+    engine = EmbeddedEngine(EngineConfig(hf_checkpoint=str(hf_checkpoint), dtype=dtype, seed=seed,
+                                         enable_mtp=enable_mtp, speculative_num_steps=speculative_num_steps))
+    engine.start()
+    try:
+        requests = []
+        for i, text in enumerate(texts):
+            ids = chat_prompt_ids(engine.tokenizer, text) if chat_template else \
+                engine.tokenizer.encode(text, add_special_tokens=False)
+            room = engine.max_total_len - len(ids)
+            if room < 1:
+                raise ValueError(f"{prompt_file}:{i + 1}: prompt of {len(ids)} tokens fills the context")
+            sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
+                                      max_new_tokens=min(max_new_tokens, room))
+            requests.append(GenerationRequest(rid=f"p{i}", input_ids=tuple(ids), sampling=sampling,
+                                              seed=request_seed(seed, ("generate", i)), return_logprob=True))
+        t0 = time.perf_counter()
+        answers = [f.result() for f in engine.submit(requests)]
+        seconds = time.perf_counter() - t0
+    finally:
+        engine.shutdown()
+    _print_generations(texts, answers, seconds, enable_mtp, temperature, as_json)
+
+
+def _print_generations(texts: list[str], answers: list[dict], seconds: float, enable_mtp: bool,
+                       temperature: float, as_json: bool) -> None:
+    results = [{"prompt": text, "output_ids": a["output_ids"], "text": a["text"],
+                "logprobs": [lp for lp, _, _ in a["meta_info"]["output_token_logprobs"]],
+                "finish_reason": a["meta_info"]["finish_reason"]["type"],
+                **{k: v for k, v in a["meta_info"].items() if k.startswith("spec_")}}
+               for text, a in zip(texts, answers)]
+    tokens = sum(len(r["output_ids"]) for r in results)
+    verify = sum(r.get("spec_verify_ct", 0) for r in results)
+    summary = {"prompts": len(results), "completion_tokens": tokens, "seconds": round(seconds, 4),
+               "tokens_per_s": round(tokens / seconds, 2) if seconds else None, "enable_mtp": enable_mtp,
+               "temperature": temperature, "spec_verify_ct": verify if enable_mtp else None,
+               "spec_accept_length": round(tokens / verify, 4) if verify else None}
+    if as_json:
+        typer.echo(json.dumps({"results": results, "summary": summary}))
+        return
+    for i, r in enumerate(results):
+        spec = f", accept length {r['spec_accept_length']:.2f}" if "spec_accept_length" in r else ""
+        typer.echo(f"[{i}] {r['prompt']!r} -> {r['text']!r}  ({len(r['output_ids'])} tokens, "
+                   f"{r['finish_reason']}{spec})\n    tokens {r['output_ids']}\n"
+                   f"    logprobs {[round(x, 4) for x in r['logprobs']]}")
+    typer.echo(json.dumps(summary))
+
+
+def _prompt_text(line: str) -> str:
+    """A prompt-file line: a JSON object's `prompt`, or the line itself."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return line
+    if isinstance(row, dict):
+        if not isinstance(row.get("prompt"), str):
+            raise ValueError(f"prompt file: JSON line without a string `prompt`: {line[:80]!r}")
+        return row["prompt"]
+    return line
+
+
 def _human(n: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:

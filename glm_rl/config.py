@@ -96,8 +96,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SyncConfig:
-    update_weight_transfer_mode: Literal["tensor", "broadcast"] = opt(
-        "broadcast", "tensor (colocated: shared memory / CUDA IPC) or broadcast (torch.distributed group)")
+    update_weight_transfer_mode: Literal["tensor", "broadcast", "p2p"] = opt(
+        "broadcast", "tensor (colocated: shared memory / CUDA IPC), broadcast (torch.distributed group) or p2p "
+                     "(Mooncake one-sided writes from every trainer rank, following a transfer plan)")
     update_weight_buffer_size: int = opt(1 << 20, "bytes per weight-sync bucket")
     check_weight_update_equal: bool = opt(True, "verify every tensor bitwise after each sync")
     rollout_fp8: bool = opt(False, "send the linear weights block-quantized to FP8 (e4m3, 128x128 blocks + scales) "
@@ -166,6 +167,9 @@ class RunConfig:
 
             if not torch.cuda.is_available():
                 errors.append("--rollout-engine sglang needs CUDA GPUs (use the embedded engine on CPU)")
+            if self.sync.rollout_fp8:
+                errors.append("--rollout-fp8 with --rollout-engine sglang is not supported yet: start SGLang from a "
+                              "checkpoint converted by tools/convert_hf_to_fp8.py instead")
         errors += self._check_inputs()
         if errors:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))

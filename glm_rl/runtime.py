@@ -59,8 +59,8 @@ class Runtime:
         manager = ray.remote(RolloutManager).options(num_cpus=0).remote(
             cfg.rollout, cfg.model.hf_checkpoint, endpoints.generate, seed=cfg.seed,
             return_routed_experts=cfg.algo.use_rollout_routing_replay)
-        ray.get(trainers.rank0.setup_sync.remote(cfg.sync.update_weight_transfer_mode, urls,
-                                                 cfg.rollout.engine_api_key, cfg.sync.update_weight_buffer_size))
+        trainers.setup_sync(cfg.sync.update_weight_transfer_mode, urls, cfg.rollout.engine_api_key,
+                            cfg.sync.update_weight_buffer_size)
         return cls(cfg, placement, engines, urls, router, manager, trainers,
                    extra={"engine_cfg": engine_cfg, "share": share})
 
@@ -70,7 +70,7 @@ class Runtime:
 
     def sync_weights(self, version: int) -> dict:
         t0 = time.time()
-        result = ray.get(self.trainers.rank0.push_weights.remote(version, self.cfg.sync.check_weight_update_equal))
+        result = self.trainers.push_weights(version, self.cfg.sync.check_weight_update_equal)
         self.weight_version = version
         return {"sync/verified": float(result["verified"]), "sync/bytes": float(result["bytes"]),
                 "sync/tensors": float(result["tensors"]), "perf/sync_push_s": time.time() - t0}
@@ -93,8 +93,8 @@ class Runtime:
             self.engine_urls[i] = ray.get(self.engines[i].start.remote())
             self.router.add_worker(self.engine_urls[i])
         s = self.cfg.sync
-        ray.get(self.trainers.rank0.setup_sync.remote(s.update_weight_transfer_mode, self.engine_urls,
-                                                      self.cfg.rollout.engine_api_key, s.update_weight_buffer_size))
+        self.trainers.setup_sync(s.update_weight_transfer_mode, self.engine_urls, self.cfg.rollout.engine_api_key,
+                                 s.update_weight_buffer_size)
         self.sync_weights(self.weight_version)  # the restarted engine gets the current weights (verified)
         return {"engines/restarted": float(len(dead))}
 
@@ -135,6 +135,8 @@ def _engine_config(cfg: RunConfig) -> EngineConfig | SGLangServerConfig:
         return SGLangServerConfig(model_path=cfg.model.hf_checkpoint, port=0, api_key=cfg.rollout.engine_api_key,
                                   tp_size=cfg.rollout.rollout_num_gpus_per_engine, random_seed=cfg.seed,
                                   enable_return_routed_experts=r3, enable_memory_saver=cfg.colocate,
+                                  speculative_num_steps=cfg.rollout.speculative_num_steps if cfg.rollout.enable_mtp else 0,
+                                  speculative_num_draft_tokens=cfg.rollout.speculative_num_steps + 1,
                                   extra_args=cfg.rollout.sglang_args)
     return EngineConfig(hf_checkpoint=cfg.model.hf_checkpoint, dtype=cfg.model.dtype,
                         api_key=cfg.rollout.engine_api_key, seed=cfg.seed, record_routed_experts=r3,

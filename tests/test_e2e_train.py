@@ -88,3 +88,12 @@ def test_colocated_tensor_sync_with_grpo_mis_and_r2(tmp_path):
         assert "routing/replay_agreement" not in r               # R2 replays the trainer's own routing
         assert 0.5 < r["routing/train_replay_agreement"] <= 1.0
     assert rows[0]["train/ppo_kl"] != 0.0  # the 2nd optimizer step of a rollout sees updated weights
+
+
+def test_p2p_weight_sync_verifies_every_step(tmp_path):
+    """--update-weight-transfer-mode p2p: both trainer ranks write their planned share into both engines through
+    Mooncake (TCP, loopback); every tensor is verified bitwise after each sync."""
+    rows = run_train(tmp_path / "p2p", "--update-weight-transfer-mode", "p2p")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["sync/verified"] == 1.0

@@ -61,3 +61,16 @@ def test_data_position_resumes(engine):
     after_b, _ = asyncio.run(b.generate(1))
     assert [s.prompt_ids for s in after_a] == [s.prompt_ids for s in after_b]
     assert [s.response_ids for s in after_a] == [s.response_ids for s in after_b]  # seeded per (step, sample)
+
+
+def test_mtp_acceptance_length_reaches_rollout_metrics():
+    from glm_rl.rollout.engines.embedded import EmbeddedEngine, EngineConfig
+
+    eng = EmbeddedEngine(EngineConfig(hf_checkpoint=str(TINY_CHECKPOINT), enable_mtp=True,
+                                      return_routed_experts_by_default=True))
+    url = eng.start()
+    try:
+        _, metrics = asyncio.run(manager(url, rollout_temperature=0.0).generate(0))
+    finally:
+        eng.shutdown()
+    assert metrics["rollout/spec_accept_length"] >= 1.7

@@ -3,17 +3,26 @@
 GLM-4.5 checkpoints store the MTP layer as `model.layers.{num_hidden_layers}.*`. HF's `Glm4MoeForCausalLM`
 does not build it (only its 355B / Air indices are on HF's ignore list), so `load_hf_model` silences exactly
 that layer's keys, and `load_mtp` builds HF's own `MtpModel` from them.
+
+FP8 checkpoints (config.json `quantization_config`, block-wise e4m3 as written by tools/convert_hf_to_fp8.py)
+load on this CPU reference path by dequantizing into the requested dtype (`models/fp8.py`); SGLang runs them
+natively. The dequantized weights go to a temporary unquantized copy of the checkpoint that HF then loads like
+any other (per-expert weights fused, MTP keys skipped), and that `load_mtp` re-reads; it is removed with the model.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+import weakref
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, Glm4MoeForCausalLM
 from transformers.modeling_layers import MtpModel
 
+from glm_rl.models.fp8 import Fp8Error, checkpoint_block_size, dequantize_checkpoint
 from glm_rl.models.presets import ModelSpec, get_preset
 
 
@@ -50,10 +59,29 @@ def _model_class(num_hidden_layers: int) -> type[Glm4MoeForCausalLM]:
 def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32, preset: str | None = None):
     """(model, tokenizer) from an HF checkpoint dir, in eval mode; optionally checked against a preset first."""
     spec = check_matches_preset(path, preset) if preset else read_spec(path)
-    model = _model_class(spec.num_hidden_layers).from_pretrained(str(path), dtype=dtype)
+    source = _dequantized_copy(path, dtype)  # None unless the checkpoint is FP8
+    model = _model_class(spec.num_hidden_layers).from_pretrained(str(source or path), dtype=dtype)
+    if source is not None:
+        weakref.finalize(model, shutil.rmtree, source, ignore_errors=True)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return model, tokenizer
+
+
+def _dequantized_copy(path: str | Path, dtype: torch.dtype) -> Path | None:
+    """For an FP8 checkpoint, a temporary unquantized copy in `dtype`; None for any other checkpoint."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    try:
+        if checkpoint_block_size(config, f"{path}/config.json") is None:
+            return None
+    except Fp8Error as e:
+        raise CheckpointError(str(e)) from None
+    tmp = Path(tempfile.mkdtemp(prefix="glm_rl_fp8_"))
+    try:
+        return dequantize_checkpoint(path, tmp, dtype)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{path}: cannot dequantize the FP8 checkpoint: {e}") from e
 
 
 def load_mtp(model) -> MtpModel:

@@ -68,6 +68,7 @@ class RolloutManager:
         self.seed = seed
         self.routed = return_routed_experts
         self.retried = 0
+        self.spec_counts = [0, 0]  # completion tokens, verify forwards (this step)
 
     def _prompt_ids(self, batch: list[PromptRow]) -> tuple[list[tuple[PromptRow, list[int]]], int]:
         kept, skipped = [], 0
@@ -91,7 +92,7 @@ class RolloutManager:
         """One rollout batch (an async method: as a Ray actor it runs on the actor's event loop)."""
         t0 = time.time()
         prompts, skipped = self._prompt_ids(self.stream.take(self.cfg.rollout_batch_size))
-        self.retried = 0
+        self.retried, self.spec_counts = 0, [0, 0]
         samples = await self._generate_all(prompts, step)
         rewards = np.array([s.reward for s in samples])
         lengths = np.array([len(s.response_ids) for s in samples])
@@ -99,6 +100,8 @@ class RolloutManager:
                    "rollout/truncated_frac": float(np.mean([s.finish_reason == "length" for s in samples])),
                    "rollout/skipped_long_prompts": float(skipped), "rollout/retried_requests": float(self.retried), "rollout/num_samples": float(len(samples)),
                    "perf/rollout_s": time.time() - t0}
+        if self.spec_counts[1]:
+            metrics["rollout/spec_accept_length"] = self.spec_counts[0] / self.spec_counts[1]
         return samples, metrics
 
     async def _generate_all(self, prompts, step: int) -> list[Sample]:
@@ -142,6 +145,9 @@ class RolloutManager:
         meta = out["meta_info"]
         response = list(out["output_ids"])
         logprobs = [float(lp[0]) for lp in meta["output_token_logprobs"]]
+        if "spec_verify_ct" in meta:  # MTP speculative decoding: tokens per verify forward
+            self.spec_counts[0] += int(meta["completion_tokens"])
+            self.spec_counts[1] += int(meta["spec_verify_ct"])
         routed = np.asarray(meta["routed_experts"], dtype=np.int16) if self.routed else None
         text = self.tokenizer.decode(response, skip_special_tokens=True)
         return Sample(index=index, group=group, prompt_ids=prompt_ids, response_ids=response,

@@ -28,6 +28,7 @@ class TrainerActor:
         self.backend = TorchBackend(cfg.model, cfg.train, cfg.algo, temperature=cfg.rollout.rollout_temperature,
                                     device=device)
         self.sync = None
+        self.rollout_fp8 = cfg.sync.rollout_fp8  # setup_sync's callers pass only the transport's endpoints
 
     def logprobs(self, samples: list[Sample]) -> dict:
         return self.backend.logprobs(samples)
@@ -44,13 +45,13 @@ class TrainerActor:
     def rng_state(self) -> bytes:
         return torch.get_rng_state().numpy().tobytes()
 
-    # weight sync runs on rank 0, which holds a full replica (data parallel)
+    # weight sync runs on rank 0, which holds a full replica (data parallel); p2p runs on every rank (a source each)
     def setup_sync(self, mode: str, engine_urls: list[str], api_key: str | None, bucket_bytes: int) -> None:
         from glm_rl.weights.transports import make_transport
 
         if self.sync is not None:  # rebuilt after an engine restart
             self.sync.close()
-        self.sync = make_transport(mode, engine_urls, api_key, bucket_bytes)
+        self.sync = make_transport(mode, engine_urls, api_key, bucket_bytes, fp8=self.rollout_fp8)
         self.sync.prepare()
 
     def push_weights(self, version: int, verify: bool) -> dict:
@@ -74,6 +75,15 @@ class TrainerGroup:
     @property
     def rank0(self):
         return self.actors[0]
+
+    def setup_sync(self, mode: str, engine_urls: list[str], api_key: str | None, bucket_bytes: int) -> None:
+        """Weight-sync sources: every rank for p2p (each sends its share of the plan), else rank 0 alone."""
+        self._sync_actors = self.actors if mode == "p2p" else [self.rank0]
+        ray.get([a.setup_sync.remote(mode, engine_urls, api_key, bucket_bytes) for a in self._sync_actors])
+
+    def push_weights(self, version: int, verify: bool) -> dict:
+        """Push on every source rank at once; rank 0's result (it commits and verifies)."""
+        return ray.get([a.push_weights.remote(version, verify) for a in self._sync_actors])[0]
 
     def logprobs(self, shards: list[list[Sample]]) -> list[dict]:
         return ray.get([a.logprobs.remote(s) for a, s in zip(self.actors, shards)])

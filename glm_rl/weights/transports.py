@@ -8,6 +8,10 @@
 
 Both end the same way: with `verify`, every engine's sha256 of every tensor is compared with the source's.
 The transport runs inside trainer rank 0 (a full replica under data parallelism).
+
+`fp8` (`--rollout-fp8`: BF16 / FP32 training, FP8 rollout): each bucket's linear weights are sent block-quantized
+(float8_e4m3fn + `<name>_scale_inv`, `models/fp8.py`; raw bytes over gloo) and engines dequantize them on load.
+Verification then expects, for those tensors, the dequantization of the very bytes sent, in the source dtype.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Protocol
 
 import torch
 
+from glm_rl.models.fp8 import dequantize_named, gloo_view, quantize_named
 from glm_rl.rollout.engines.client import EngineClient, create_weight_group, tensor_checksum
 from glm_rl.weights.bucketing import iter_buckets
 
@@ -34,9 +39,10 @@ class WeightTransport(Protocol):
 
 
 class _Base:
-    def __init__(self, engine_urls: list[str], api_key: str | None, bucket_bytes: int) -> None:
+    def __init__(self, engine_urls: list[str], api_key: str | None, bucket_bytes: int, fp8: bool = False) -> None:
         self.clients = [EngineClient(u, api_key=api_key, timeout=600) for u in engine_urls]
         self.bucket_bytes = bucket_bytes
+        self.fp8 = fp8
         self.pool = ThreadPoolExecutor(max_workers=max(2, len(self.clients)))
 
     def prepare(self) -> None:
@@ -48,9 +54,9 @@ class _Base:
     def _each(self, fn) -> list:
         return [f.result() for f in [self.pool.submit(fn, c) for c in self.clients]]
 
-    def verify(self, named: Named, version: int) -> bool:
-        """Every engine holds bitwise the source's tensors (sha256 per tensor) at `version`."""
-        expected = {n: tensor_checksum(t) for n, t in named}
+    def verify(self, named: Named, version: int, expected: dict[str, str] | None = None) -> bool:
+        """Every engine holds bitwise the source's tensors (sha256 per tensor; `expected` when given) at `version`."""
+        expected = expected or {n: tensor_checksum(t) for n, t in named}
         for answer in self._each(lambda c: c.weights_checksum(list(expected))):
             if answer["weight_version"] != version or answer["checksums"] != expected:
                 bad = [n for n, h in expected.items() if answer["checksums"].get(n) != h]
@@ -58,23 +64,34 @@ class _Base:
                                    f"(engine version {answer['weight_version']})")
         return True
 
-    def _finish(self, named: Named, version: int, verify: bool, t0: float) -> dict:
+    def _to_wire(self, bucket: Named, held: dict[str, str]) -> Named:
+        """The bucket as sent. With fp8, quantizable weights become (float8, scale) pairs and `held` gets the
+        checksum of what each engine must then hold: those bytes dequantized into the source dtype."""
+        if not self.fp8:
+            return bucket
+        wire = quantize_named((n, t.detach()) for n, t in bucket)  # on the trainer's device
+        dtypes = {n: t.dtype for n, t in bucket}
+        held.update((n, tensor_checksum(t)) for n, t in dequantize_named(wire, dtypes.__getitem__))
+        return wire
+
+    def _finish(self, named: Named, version: int, verify: bool, t0: float, held: dict[str, str] | None = None) -> dict:
         nbytes = sum(t.numel() * t.element_size() for _, t in named)
-        verified = self.verify(named, version) if verify else False
+        verified = self.verify(named, version, held) if verify else False
         return {"verified": verified, "bytes": nbytes, "tensors": len(named), "seconds": time.time() - t0}
 
 
 class TensorTransport(_Base):
     def push(self, named: Named, version: int, verify: bool) -> dict:
-        t0 = time.time()
+        t0, held = time.time(), {}
         buckets = list(iter_buckets(named, self.bucket_bytes))
         for i, bucket in enumerate(buckets):
-            shared = [(n, t.detach().clone().share_memory_()) for n, t in bucket]  # freed after the bucket
+            bucket = self._to_wire(bucket, held)
+            shared = [(n, _shareable(t)) for n, t in bucket]  # CPU copies are freed after the bucket
             last = i == len(buckets) - 1
             self._each(lambda c: c.update_weights_from_tensor(shared, weight_version=version if last else None,
                                                               flush_cache=last))
             del shared
-        return self._finish(named, version, verify, t0)
+        return self._finish(named, version, verify, t0, held)
 
 
 class BroadcastTransport(_Base):
@@ -91,20 +108,21 @@ class BroadcastTransport(_Base):
             j.result()
 
     def push(self, named: Named, version: int, verify: bool) -> dict:
-        t0 = time.time()
+        t0, held = time.time(), {}
         buckets = list(iter_buckets(named, self.bucket_bytes))
         for i, bucket in enumerate(buckets):
             last = i == len(buckets) - 1
+            bucket = self._to_wire(bucket, held)
             names = [n for n, _ in bucket]
             dtypes = [str(t.dtype) for _, t in bucket]
             shapes = [list(t.shape) for _, t in bucket]
             pending = [self.pool.submit(c.update_weights_from_distributed, names, dtypes, shapes, self.group_name,
                                         version if last else None, last) for c in self.clients]
             for _, t in bucket:
-                self.group.broadcast(t.detach().to("cpu").contiguous())
+                self.group.broadcast(gloo_view(t.detach().to("cpu").contiguous()))
             for p in pending:
                 p.result()
-        return self._finish(named, version, verify, t0)
+        return self._finish(named, version, verify, t0, held)
 
     def close(self) -> None:
         """Leave the group on every engine still alive (a dead one is being replaced)."""
@@ -116,14 +134,27 @@ class BroadcastTransport(_Base):
         super().close()
 
 
-def make_transport(mode: str, engine_urls: list[str], api_key: str | None, bucket_bytes: int) -> WeightTransport:
+def _shareable(t: torch.Tensor) -> torch.Tensor:
+    """CUDA: the tensor itself travels as an IPC handle (no copy; the trainer does not write it during the
+    sync). CPU: a shared-memory copy, so the trainer's own storage never moves."""
+    return t.detach() if t.is_cuda else t.detach().clone().share_memory_()
+
+
+def make_transport(mode: str, engine_urls: list[str], api_key: str | None, bucket_bytes: int,
+                   fp8: bool = False) -> WeightTransport:
     match mode:
         case "tensor":
-            return TensorTransport(engine_urls, api_key, bucket_bytes)
+            return TensorTransport(engine_urls, api_key, bucket_bytes, fp8=fp8)
         case "broadcast":
-            return BroadcastTransport(engine_urls, api_key, bucket_bytes)
+            return BroadcastTransport(engine_urls, api_key, bucket_bytes, fp8=fp8)
+        case "p2p":  # every trainer rank is a source: call it on every rank (TrainerGroup does)
+            from glm_rl.weights.p2p import P2PTransport
+
+            if fp8:
+                raise ValueError("--rollout-fp8 is not supported with --update-weight-transfer-mode p2p yet")
+            return P2PTransport.for_this_rank(engine_urls, api_key, bucket_bytes)
         case _:
-            raise ValueError(f"unknown --update-weight-transfer-mode {mode!r}; valid: tensor, broadcast")
+            raise ValueError(f"unknown --update-weight-transfer-mode {mode!r}; valid: tensor, broadcast, p2p")
 
 
 def _free_port() -> int:

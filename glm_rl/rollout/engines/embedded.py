@@ -22,8 +22,17 @@ its next decode step (its requests return what they generated so far with finish
 every queued request with an empty "abort"; `pause(mode="in_place")` stops taking batches and lets the running
 batch finish. Both return once no batch is running; requests that arrive while paused wait for `resume()`.
 
+MTP speculative decoding (`EngineConfig.enable_mtp`, `speculative.py`): batches run through
+`run_batch_speculative`; answers keep their meaning (target-model logprobs, routed experts of kept positions)
+and add SGLang's `spec_verify_ct` / `spec_accept_length` counters; /server_info reports the running
+`avg_spec_accept_length`.
+
 Memory occupation (`release_memory_occupation` / `resume_memory_occupation`): on CPU nothing is freed; the state
 is only recorded (`server_info()["memory_released"]`) so colocated drivers can run unchanged.
+
+FP8: an FP8 checkpoint is dequantized on load (`models/checkpoint.py`); a weight update may carry block-FP8
+weights (float8_e4m3fn, each followed by its `<name>_scale_inv`, as `--rollout-fp8` sends them), which
+`load_weights` dequantizes into the engine's dtype (`models/fp8.py`). Over gloo, float8 travels as raw bytes.
 """
 
 from __future__ import annotations
@@ -41,8 +50,10 @@ from typing import Any
 
 import torch
 
+from glm_rl.models.fp8 import Fp8Error, dequantize_named, gloo_view
 from glm_rl.rollout.engines.client import WeightGroup, create_weight_group, parse_dtype, tensor_checksum
 from glm_rl.rollout.engines.generation import GenerationRequest, Row, run_batch
+from glm_rl.rollout.engines.speculative import SpecRow, accumulate_stats, mtp_named_tensors, run_batch_speculative
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,12 +78,18 @@ class EngineConfig:
     # answer through, so an engine started for R3 returns the routing unless a request says false.
     return_routed_experts_by_default: bool = False
     weight_group_timeout_s: float = 600.0
+    # MTP speculative decoding (speculative.py): draft with the checkpoint's MTP layer, verify in one forward;
+    # the MTP layer's weights join the engine's weight names as `model.layers.{num_hidden_layers}.*`.
+    enable_mtp: bool = False
+    speculative_num_steps: int = 1     # MTP drafts per verify forward (SGLang's --speculative-num-steps)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"EngineConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.max_batch_size < 1:
             raise ValueError(f"EngineConfig.max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.speculative_num_steps < 1:
+            raise ValueError(f"EngineConfig.speculative_num_steps must be >= 1, got {self.speculative_num_steps}")
 
 
 def deserialize_named_tensors(payload: str) -> list[tuple[str, torch.Tensor]]:
@@ -101,6 +118,7 @@ class EmbeddedEngine:
         self._memory_released = False
         self._auto_seed = 0
         self._groups: dict[str, WeightGroup] = {}
+        self._p2p = None  # P2PReceiver, made on the first /p2p/prepare
         self.weight_version = 0
         self.stats = {"requests_total": 0, "batches_total": 0, "max_batch_rows": 0, "tokens_generated": 0}
         self._server = None
@@ -124,6 +142,12 @@ class EmbeddedEngine:
         pad = self.model.generation_config.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.pad_token_id or 0)
         self._state = self.model.state_dict()  # detached views sharing the parameters' storage
+        self.mtp = None
+        if self.config.enable_mtp:
+            from glm_rl.models.checkpoint import load_mtp
+
+            self.mtp = load_mtp(self.model)
+            self._state.update(mtp_named_tensors(self.mtp, cfg.num_hidden_layers))
         self._thread = threading.Thread(target=self._scheduler_loop, name="engine-scheduler", daemon=True)
         self._thread.start()
         self._server = HttpServer(self, self.config)
@@ -144,6 +168,8 @@ class EmbeddedEngine:
         if self._thread is not None:
             self._thread.join(timeout=30)
         self._groups.clear()
+        if self._p2p is not None:
+            self._p2p.close()
 
     # -- generation --------------------------------------------------------------------------------------
     def next_auto_key(self) -> str:
@@ -176,12 +202,12 @@ class EmbeddedEngine:
             try:
                 with self._model_lock:
                     version = self.weight_version
-                    rows = run_batch(self.model, [r for r, _ in batch], eos_ids=self.eos_ids, pad_id=self.pad_id,
-                                     gates=self.gates, should_abort=lambda: self._abort_running)
+                    rows = self._run_batch([r for r, _ in batch])
                 for (_, fut), row in zip(batch, rows):
                     fut.set_result(self._response(row, version))
                 with self._cond:
                     self.stats["tokens_generated"] += sum(len(row.output_ids) for row in rows)
+                    accumulate_stats(self.stats, rows)
             except Exception as e:  # noqa: BLE001 - answered as 500 to each request; the engine stays up
                 logging.getLogger(__name__).exception("batch of %d requests failed", len(batch))
                 for _, fut in batch:
@@ -198,6 +224,14 @@ class EmbeddedEngine:
         for _, fut in leftover:
             fut.set_exception(RuntimeError("engine shut down"))
 
+    def _run_batch(self, requests: list[GenerationRequest]) -> list[Row]:
+        common = dict(eos_ids=self.eos_ids, pad_id=self.pad_id, gates=self.gates,
+                      should_abort=lambda: self._abort_running)
+        if self.mtp is None:
+            return run_batch(self.model, requests, **common)
+        return run_batch_speculative(self.model, self.mtp, requests, num_steps=self.config.speculative_num_steps,
+                                     **common)
+
     def _response(self, row: Row, version: int) -> dict[str, Any]:
         req = row.req
         meta: dict[str, Any] = {"id": req.rid, "finish_reason": row.finish, "prompt_tokens": len(req.input_ids),
@@ -207,6 +241,8 @@ class EmbeddedEngine:
             meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(row.logprobs, row.output_ids)]
         if req.return_routed_experts:
             meta["routed_experts"] = torch.cat(row.routed).sort(dim=-1).values.tolist() if row.routed else []
+        if isinstance(row, SpecRow):
+            meta.update(row.spec_meta())
         text = self.tokenizer.decode(row.output_ids, skip_special_tokens=req.sampling.skip_special_tokens)
         return {"text": text, "output_ids": list(row.output_ids), "meta_info": meta}
 
@@ -258,12 +294,20 @@ class EmbeddedEngine:
                 "context_length": self.max_total_len, "vocab_size": self.vocab_size,
                 "num_moe_layers": len(self.gates), "top_k": self.model.config.num_experts_per_tok,
                 "paused": paused, "memory_released": self._memory_released,
-                "weight_groups": sorted(self._groups), "stats": stats, "load": self.load()}
+                "weight_groups": sorted(self._groups), "stats": stats, "load": self.load(),
+                "speculative_algorithm": "MTP" if self.mtp is not None else None,
+                "speculative_num_steps": self.config.speculative_num_steps if self.mtp is not None else 0,
+                "avg_spec_accept_length": stats.get("avg_spec_accept_length")}
 
     # -- weights -----------------------------------------------------------------------------------------
     def load_weights(self, named: list[tuple[str, torch.Tensor]], weight_version: int | None) -> dict[str, Any]:
         """Copy tensors into the model (all validated first); the version becomes `weight_version` when given,
-        else the current one + 1 (a bucketed update that gives the version on its last bucket ends right)."""
+        else the current one + 1 (a bucketed update that gives the version on its last bucket ends right).
+        float8 weights with their scales are dequantized into the engine's dtype first."""
+        try:
+            named = dequantize_named(named, lambda n: self._state[n].dtype if n in self._state else torch.float32)
+        except Fp8Error as e:
+            raise WeightError(str(e)) from None
         for name, tensor in named:
             if name not in self._state:
                 raise WeightError(f"unknown weight name {name!r}")
@@ -314,13 +358,22 @@ class EmbeddedEngine:
             parsed = [parse_dtype(d) for d in dtypes]
         except ValueError as e:
             raise WeightError(f"dtypes: {e}") from e
-        tensors = [group.broadcast(torch.empty(tuple(s), dtype=d)) for s, d in zip(shapes, parsed)]
+        tensors = [group.broadcast(gloo_view(torch.empty(tuple(s), dtype=d))).view(d) for s, d in zip(shapes, parsed)]
         return self.load_weights(list(zip(names, tensors)), weight_version)
 
     def destroy_weight_group(self, group_name: str) -> dict[str, Any]:
         if self._groups.pop(group_name, None) is None:
             raise WeightError(f"group_name {group_name!r}: no such weights update group")
         return {"success": True, "message": f"destroyed {group_name!r}"}
+
+    @property
+    def p2p(self):
+        """The Mooncake receive side of `--update-weight-transfer-mode p2p` (see `p2p_receiver.py`)."""
+        if self._p2p is None:
+            from glm_rl.rollout.engines.p2p_receiver import P2PReceiver
+
+            self._p2p = P2PReceiver(self, host=self.config.host)
+        return self._p2p
 
 
 def engine_actor_class(num_cpus: float = 1, **options: Any):
@@ -347,10 +400,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--enable-mtp", action="store_true", help="MTP speculative decoding")
+    p.add_argument("--speculative-num-steps", type=int, default=1)
     a = p.parse_args(argv)
     engine = EmbeddedEngine(EngineConfig(hf_checkpoint=a.hf_checkpoint, host=a.host, port=a.port,
                                          api_key=a.api_key, dtype=a.dtype, max_batch_size=a.max_batch_size,
-                                         seed=a.seed))
+                                         seed=a.seed, enable_mtp=a.enable_mtp,
+                                         speculative_num_steps=a.speculative_num_steps))
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

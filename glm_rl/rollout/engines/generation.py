@@ -5,6 +5,7 @@ can be read and tested apart from the engine's scheduling.
 
 - Left padding + attention mask + position ids (cumsum of the mask) for the prefill, then one token per row per
   step with an HF `DynamicCache`; rows that finish are dropped from the cache (`batch_select_indices`).
+  Tensors and the per-request generators live on `model.device` (CPU here; CUDA in benchmarks/).
 - Per-request sampling: temperature (0 = greedy), top-k (<= 0: off), top-p, from a per-request
   `torch.Generator` seeded by `request_seed(engine seed, key)`. The logprob returned for a token is
   log_softmax(logits / T) at it, before top-k / top-p filtering (T = 1 for greedy).
@@ -123,9 +124,9 @@ def _step_rows(rows: list[Row], active: list[int], logits: torch.Tensor) -> None
 
 def _prefill(model, rows: list[Row], pad_id: int, cache: DynamicCache, capture: _RouterCapture | None):
     lengths = [len(r.req.input_ids) for r in rows]
-    width = max(lengths)
-    ids = torch.tensor([[pad_id] * (width - n) + list(r.req.input_ids) for r, n in zip(rows, lengths)])
-    mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
+    width, dev = max(lengths), model.device
+    ids = torch.tensor([[pad_id] * (width - n) + list(r.req.input_ids) for r, n in zip(rows, lengths)], device=dev)
+    mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], device=dev)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                 use_cache=True, logits_to_keep=1)
@@ -138,9 +139,10 @@ def _prefill(model, rows: list[Row], pad_id: int, cache: DynamicCache, capture: 
 
 def _decode(model, rows: list[Row], active: list[int], cache: DynamicCache, mask: torch.Tensor,
             capture: _RouterCapture | None):
-    ids = torch.tensor([[rows[i].output_ids[-1]] for i in active])
-    positions = torch.tensor([[len(rows[i].req.input_ids) + len(rows[i].output_ids) - 1] for i in active])
-    mask = torch.cat([mask, torch.ones(len(active), 1, dtype=mask.dtype)], dim=1)
+    ids = torch.tensor([[rows[i].output_ids[-1]] for i in active], device=mask.device)
+    positions = torch.tensor([[len(rows[i].req.input_ids) + len(rows[i].output_ids) - 1] for i in active],
+                             device=mask.device)
+    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
     if capture is not None:
         routed = capture.pop()
@@ -155,7 +157,7 @@ def run_batch(model, requests: list[GenerationRequest], *, eos_ids: Iterable[int
     """Generate for every request in one batch; rows come back finished (stop / length / abort)."""
     eos = frozenset(eos_ids)
     rows = [Row(r, frozenset(r.sampling.stop_token_ids) | (frozenset() if r.sampling.ignore_eos else eos),
-                 torch.Generator().manual_seed(r.seed)) for r in requests]
+                 torch.Generator(device=model.device).manual_seed(r.seed)) for r in requests]
     capture = _RouterCapture(gates) if any(r.return_routed_experts for r in requests) else None
     cache = DynamicCache(config=model.config)
     try:
@@ -171,7 +173,7 @@ def run_batch(model, requests: list[GenerationRequest], *, eos_ids: Iterable[int
             if not keep:
                 return rows
             if len(keep) < len(active):
-                cache.batch_select_indices(torch.tensor(keep))
+                cache.batch_select_indices(torch.tensor(keep, device=mask.device))
                 mask, active = mask[keep], [active[b] for b in keep]
             logits, mask = _decode(model, rows, active, cache, mask, capture)
     finally:

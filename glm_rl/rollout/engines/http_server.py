@@ -7,7 +7,8 @@ engine calls (weight updates, pause) run in the loop's thread pool, so `/health`
 Routes: GET /health, /health_generate, /server_info (+ /get_server_info), /model_info (+ /get_model_info),
 /get_load; POST /generate, /flush_cache, /pause_generation, /continue_generation, /update_weights_from_tensor,
 /init_weights_update_group, /update_weights_from_distributed, /destroy_weights_update_group, /weights_checksum
-(our extension), /release_memory_occupation, /resume_memory_occupation.
+(our extension), /release_memory_occupation, /resume_memory_occupation, /p2p/prepare + /p2p/commit + /p2p/close
+(our extension: Mooncake P2P weight sync, see `p2p_receiver.py`).
 
 Weight updates accept SGLang's `flush_cache` and ignore it (`/flush_cache` too): the KV cache lives only as long
 as one batch, so there is no prefix cache to flush. `update_weights_from_tensor` loads entry 0 of
@@ -217,6 +218,10 @@ def _weight_routes(engine: "EmbeddedEngine") -> dict[str, Callable[[dict], Any]]
             weight_version=_version(b)),
         "/destroy_weights_update_group": lambda b: engine.destroy_weight_group(_require(b, "group_name", str)),
         "/weights_checksum": lambda b: engine.checksums(b.get("names")),
+        "/p2p/prepare": lambda b: engine.p2p.prepare(_require(b, "tensors", list), _require(b, "buffer_bytes", int),
+                                                     b.get("protocol") or "tcp"),
+        "/p2p/commit": lambda b: engine.p2p.commit(_version(b)),
+        "/p2p/close": lambda b: engine.p2p.close(),
         "/pause_generation": lambda b: engine.pause(b.get("mode") or "abort"),
         "/continue_generation": lambda b: engine.resume(),
         "/release_memory_occupation": lambda b: engine.set_memory_released(True),

@@ -1,0 +1,128 @@
+"""Colocated weight update on one GPU: the `tensor` transport's path vs a plain device copy of the same bytes.
+
+    python benchmarks/colocated_update.py [--hidden 1024 --layers 8 --experts 64 --ffn 512] [--bucket-mb 512]
+
+A sender process holds the trainer's weights of a GLM-4.5-shaped model (default ≈1.06 B parameters, bf16) on
+the GPU and sends each bucket as CUDA IPC handles with `serialize_named_tensors` (what `TensorTransport` posts);
+the receiver process (the engine's side) decodes them with the engine's `deserialize_named_tensors` and copies
+into its own parameters. Baseline: one `copy_` of a flat buffer of the same bytes on the same device.
+Prints a table and writes JSON (benchmarks/results/colocated_update.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from glm_rl.rollout.engines.client import serialize_named_tensors
+from glm_rl.rollout.engines.embedded import deserialize_named_tensors
+
+
+def glm45_shapes(hidden: int, layers: int, experts: int, ffn: int, vocab: int = 151552) -> dict[str, tuple]:
+    """HF names and shapes of a GLM-4.5-shaped model (first layer dense, the rest MoE, 8 q-heads per kv-head)."""
+    head_dim, kv = 128, max(1, hidden // 1024)
+    q = 8 * kv * head_dim
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
+              "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "self_attn.q_proj.weight": (q, hidden), p + "self_attn.k_proj.weight": (kv * head_dim, hidden),
+                   p + "self_attn.v_proj.weight": (kv * head_dim, hidden), p + "self_attn.o_proj.weight": (hidden, q),
+                   p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)}
+        if i == 0:
+            shapes |= {p + "mlp.gate_up_proj.weight": (8 * ffn, hidden), p + "mlp.down_proj.weight": (hidden, 4 * ffn)}
+        else:
+            shapes |= {p + "mlp.experts.gate_up_proj": (experts, 2 * ffn, hidden),
+                       p + "mlp.experts.down_proj": (experts, hidden, ffn), p + "mlp.gate.weight": (experts, hidden),
+                       p + "mlp.shared_experts.gate_up_proj.weight": (2 * ffn, hidden),
+                       p + "mlp.shared_experts.down_proj.weight": (hidden, ffn)}
+    return shapes
+
+
+def buckets(shapes: dict[str, tuple], max_bytes: int) -> list[list[str]]:
+    out, cur, size = [], [], 0
+    for name, shape in shapes.items():
+        n = 2 * int(torch.tensor(shape).prod())
+        if cur and size + n > max_bytes:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(name)
+        size += n
+    return out + [cur]
+
+
+def receiver(shapes, conn) -> None:
+    params = {n: torch.empty(s, dtype=torch.bfloat16, device="cuda") for n, s in shapes.items()}
+    conn.send("ready")
+    while (payload := conn.recv()) is not None:
+        for name, t in deserialize_named_tensors(payload):
+            params[name].copy_(t)
+        torch.cuda.synchronize()
+        conn.send("ok")
+    conn.send({n: float(p.float().sum()) for n, p in list(params.items())[:4]})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--ffn", type=int, default=512)
+    ap.add_argument("--bucket-mb", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/colocated_update.json"))
+    args = ap.parse_args()
+    shapes = glm45_shapes(args.hidden, args.layers, args.experts, args.ffn)
+    weights = {n: torch.randn(s, dtype=torch.bfloat16, device="cuda") for n, s in shapes.items()}
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    plan = buckets(shapes, args.bucket_mb << 20)
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=receiver, args=(shapes, child))
+    proc.start()
+    assert parent.recv() == "ready"
+    times = []
+    for _ in range(args.repeats + 1):  # the first sync opens the IPC handles: reported apart
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for names in plan:
+            parent.send(serialize_named_tensors([(n, weights[n]) for n in names]))
+            assert parent.recv() == "ok"
+        times.append(time.perf_counter() - t0)
+    parent.send(None)
+    sums = parent.recv()
+    proc.join()
+    for n, v in sums.items():  # the receiver really holds the sender's weights
+        assert abs(v - float(weights[n].float().sum())) <= 1e-3 * max(1.0, abs(v)), n
+
+    flat_src = torch.empty(total, dtype=torch.uint8, device="cuda")
+    flat_dst = torch.empty_like(flat_src)
+    copies = []
+    for _ in range(args.repeats + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        flat_dst.copy_(flat_src)
+        torch.cuda.synchronize()
+        copies.append(time.perf_counter() - t0)
+    ours, base = min(times[1:]), min(copies[1:])
+    result = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+              "params": total // 2, "bytes": total, "buckets": len(plan), "first_sync_s": times[0],
+              "update_s": ours, "update_GBps": total / ours / 1e9, "device_copy_s": base,
+              "device_copy_GBps": total / base / 1e9, "ratio": base / ours}
+    print(f"{'path':<28}{'seconds':>10}{'GB/s':>10}")
+    print(f"{'colocated update (IPC)':<28}{ours:>10.4f}{total / ours / 1e9:>10.1f}")
+    print(f"{'device copy, same bytes':<28}{base:>10.4f}{total / base / 1e9:>10.1f}")
+    print(f"ratio {result['ratio']:.2f}  ({total / 1e9:.2f} GB, {result['params'] / 1e9:.2f} B params, "
+          f"{len(plan)} buckets, first sync {times[0]:.3f}s)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

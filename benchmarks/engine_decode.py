@@ -1,0 +1,228 @@
+"""Decode throughput of the embedded engine vs HF `generate`, and the MTP speculative-decoding speedup.
+
+    python benchmarks/engine_decode.py                        # tiny checkpoint, CPU, fp32
+    python benchmarks/engine_decode.py --random-model default --device cuda --dtype bfloat16   # GPU box
+    python benchmarks/engine_decode.py --random-model hidden=1024,layers=8,experts=64,top_k=8,ffn=512
+
+1. Throughput: the same prompts through the engine's generation path (`generation.run_batch`, what
+   EmbeddedEngine runs per batch, without HTTP) and through HF `generate`, at each batch size: sampling at
+   temperature 1 (no top-k / top-p; HF's default top_k=50 turned off), eos ignored, exactly `--new-tokens`
+   tokens per row; tokens/s = batch x new tokens / wall time (prefill included, as a user sees it).
+2. MTP at batch 1: prompts one at a time through `run_batch` and `speculative.run_batch_speculative`
+   (temperature `--mtp-temperature`, default greedy, stopping at eos): tokens/s of each, the speedup, the
+   acceptance length (completion tokens / verify forwards, SGLang's definition), and the cost of one verify
+   step (verify + MTP forward) relative to one plain decode step. Speedup ~= acceptance length / step-cost
+   ratio, so `projected_speedup` gives what a trained MTP layer would bring on this model: a random-init
+   model's MTP layer predicts nothing (acceptance ~1), its measured speedup says only what drafting costs.
+
+`--random-model` builds a GLM-4.5-shaped random-init model (and a random MTP layer); `default` is the 1.06 B
+model FACTS.md's HF baseline used (hidden 1024, 8 layers, 64 experts top-8, FFN 512, vocab 151552).
+Prints a table; writes JSON to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from glm_rl.models.presets import ASSETS, TINY_CHECKPOINT, ModelSpec  # noqa: E402
+from glm_rl.rollout.engines.generation import GenerationRequest, SamplingParams, run_batch  # noqa: E402
+from glm_rl.rollout.engines.speculative import run_batch_speculative  # noqa: E402
+
+RANDOM_DEFAULTS = {"hidden": 1024, "layers": 8, "experts": 64, "top_k": 8, "ffn": 512, "vocab": 151552,
+                   "heads": 8, "kv_heads": 2, "dense_ffn": 4096}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def random_model(desc: str, dtype: torch.dtype, device: str):
+    """GLM-4.5-shaped random-init model + MTP layer from 'default', 'k=v,...' or positional numbers
+    (in the order of RANDOM_DEFAULTS)."""
+    from transformers import Glm4MoeForCausalLM
+    from transformers.modeling_layers import MtpModel
+
+    values = dict(RANDOM_DEFAULTS)
+    if desc != "default":
+        for i, part in enumerate(p for p in desc.split(",") if p):
+            key, _, value = part.rpartition("=")
+            key = key or list(RANDOM_DEFAULTS)[i]
+            if key not in RANDOM_DEFAULTS:
+                raise SystemExit(f"--random-model: unknown field {key!r}; fields: {', '.join(RANDOM_DEFAULTS)}")
+            values[key] = int(value)
+    v = values
+    spec = ModelSpec(name="random", vocab_size=v["vocab"], hidden_size=v["hidden"], intermediate_size=v["dense_ffn"],
+                     num_hidden_layers=v["layers"], first_k_dense_replace=1, num_attention_heads=v["heads"],
+                     num_key_value_heads=v["kv_heads"], head_dim=v["hidden"] // v["heads"],
+                     n_routed_experts=v["experts"], num_experts_per_tok=v["top_k"], routed_scaling_factor=2.5,
+                     moe_intermediate_size=v["ffn"], use_qk_norm=True, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Glm4MoeForCausalLM(spec.to_hf_config(eos_token_id=None, pad_token_id=0, bos_token_id=None))
+        mtp = MtpModel(model, 1)
+    model.generation_config.eos_token_id = None
+    return model.to(dtype).eval(), mtp.to(dtype).eval(), spec.summary()
+
+
+def tiny_model(path: str, dtype: torch.dtype, device: str):
+    from glm_rl.models.checkpoint import load_hf_model, load_mtp
+
+    model, tokenizer = load_hf_model(path, dtype)
+    mtp = load_mtp(model)
+    return model.to(device), mtp.to(device), tokenizer
+
+
+def prompts_for(args, tokenizer, vocab: int, n: int) -> list[list[int]]:
+    if tokenizer is not None:
+        from glm_rl.evaluate import chat_prompt_ids
+
+        rows = [json.loads(line) for line in (ASSETS / "arith" / "eval.jsonl").read_text().splitlines()]
+        return [chat_prompt_ids(tokenizer, rows[i % len(rows)]["prompt"]) for i in range(n)]
+    gen = torch.Generator().manual_seed(1)
+    return torch.randint(1, vocab, (n, args.prompt_len), generator=gen).tolist()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fns: list, device: str, repeats: int) -> list[tuple[float, object]]:
+    """Best (minimum) wall seconds of each `fn()` and its last result, over `repeats` rounds after a warm-up
+    round; the fns alternate within each round, so drift on a shared machine hits them alike, and the
+    minimum is the least disturbed figure."""
+    best, results = [float("inf")] * len(fns), [None] * len(fns)
+    for round_ in range(repeats + 1):
+        for i, fn in enumerate(fns):
+            sync(device)
+            t0 = time.perf_counter()
+            results[i] = fn()
+            sync(device)
+            if round_:
+                best[i] = min(best[i], time.perf_counter() - t0)
+    return list(zip(best, results))
+
+
+def engine_generate(model, prompts, sampling: SamplingParams, eos, mtp=None, num_steps: int = 1):
+    requests = [GenerationRequest(rid=str(i), input_ids=tuple(p), sampling=sampling, seed=i)
+                for i, p in enumerate(prompts)]
+    common = dict(eos_ids=eos, pad_id=0, gates=[], should_abort=lambda: False)
+    if mtp is None:
+        return run_batch(model, requests, **common)
+    return run_batch_speculative(model, mtp, requests, num_steps=num_steps, **common)
+
+
+def hf_generate(model, prompts, new_tokens: int):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                              pad_token_id=0)
+
+
+def throughput(args, model, prompts_of, eos) -> list[dict]:
+    rows = []
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, ignore_eos=True)
+    for b in args.batch_sizes:
+        prompts = prompts_of(b)
+        (t_engine, _), (t_hf, _) = timed([lambda: engine_generate(model, prompts, sampling, eos),
+                                          lambda: hf_generate(model, prompts, args.new_tokens)],
+                                         args.device, args.repeats)
+        tokens = b * args.new_tokens
+        rows.append({"batch": b, "new_tokens": args.new_tokens, "engine_tok_s": tokens / t_engine,
+                     "hf_generate_tok_s": tokens / t_hf, "engine_over_hf": t_hf / t_engine})
+    return rows
+
+
+def mtp_speedup(args, model, mtp, prompts, eos) -> dict:
+    sampling = SamplingParams(temperature=args.mtp_temperature, max_new_tokens=args.mtp_new_tokens)
+
+    def run(use_mtp: bool):
+        out = []
+        for p in prompts:  # batch 1
+            out += engine_generate(model, [p], sampling, eos, mtp if use_mtp else None, args.num_steps)
+        return out
+
+    stats = {}
+    timings = timed([lambda: run(False), lambda: run(True)], args.device, args.repeats)
+    for (name, use_mtp), (seconds, rows) in zip((("plain", False), ("mtp", True)), timings):
+        tokens = sum(len(r.output_ids) for r in rows)
+        stats[name] = {"seconds": seconds, "tokens": tokens, "tok_s": tokens / seconds,
+                       "forwards": sum(r.verify_ct + 1 for r in rows) if use_mtp else tokens}
+    verify = sum(r.verify_ct for r in rows)
+    accept = stats["mtp"]["tokens"] / verify
+    # cost of one spec step (verify + MTP) over one plain step: per-forward times
+    step_ratio = (stats["mtp"]["seconds"] / stats["mtp"]["forwards"]) / (stats["plain"]["seconds"] /
+                                                                        stats["plain"]["forwards"])
+    return {"prompts": len(prompts), "temperature": args.mtp_temperature, "num_steps": args.num_steps,
+            "plain_tok_s": stats["plain"]["tok_s"], "mtp_tok_s": stats["mtp"]["tok_s"],
+            "speedup": stats["mtp"]["tok_s"] / stats["plain"]["tok_s"], "accept_length": accept,
+            "step_cost_ratio": step_ratio,
+            "projected_speedup": {str(a): a / step_ratio for a in (1.7, 2.0, 2.5)}, "detail": stats}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hf-checkpoint", default=str(TINY_CHECKPOINT))
+    ap.add_argument("--random-model", default=None, help="'default' or hidden=...,layers=...,experts=...,...")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on CUDA, else float32")
+    ap.add_argument("--batch-sizes", default="1,16,64", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--new-tokens", type=int, default=None, help="default: 128 (random model), 64 (checkpoint)")
+    ap.add_argument("--prompt-len", type=int, default=32, help="random model: random prompt tokens")
+    ap.add_argument("--mtp-prompts", type=int, default=None, help="default: 4 (random model), 40 (checkpoint)")
+    ap.add_argument("--mtp-new-tokens", type=int, default=None, help="default: --new-tokens")
+    ap.add_argument("--mtp-temperature", type=float, default=0.0)
+    ap.add_argument("--num-steps", type=int, default=1, help="MTP drafts per verify forward")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per figure (best of), after a warm-up")
+    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/engine_decode.json"))
+    args = ap.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    dtype = DTYPES[args.dtype]
+    if args.random_model:
+        model, mtp, info = random_model(args.random_model, dtype, args.device)
+        tokenizer, eos = None, []
+        args.new_tokens = args.new_tokens or 128
+        args.mtp_prompts = args.mtp_prompts or 4
+    else:
+        model, mtp, tokenizer = tiny_model(args.hf_checkpoint, dtype, args.device)
+        info = {"checkpoint": args.hf_checkpoint, "params": sum(p.numel() for p in model.parameters())}
+        eos = model.generation_config.eos_token_id
+        args.new_tokens = args.new_tokens or min(64, model.config.max_position_embeddings - 40)
+        args.mtp_prompts = args.mtp_prompts or 40
+    args.mtp_new_tokens = args.mtp_new_tokens or args.new_tokens
+    prompts_of = lambda n: prompts_for(args, tokenizer, model.config.vocab_size, n)  # noqa: E731
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
+        f"CPU ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})"
+    info["attn_implementation"] = model.config._attn_implementation
+    info["experts_implementation"] = getattr(model.config, "_experts_implementation", None)
+    result = {"date": time.strftime("%Y-%m-%d"), "device": device_name, "dtype": args.dtype, "model": info,
+              "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+              "throughput": [] if args.skip_throughput else throughput(args, model, prompts_of, eos),
+              "mtp_batch1": mtp_speedup(args, model, mtp, prompts_of(args.mtp_prompts), eos)}
+    print(f"device {device_name}, {args.dtype}, model {info}")
+    print(f"{'batch':>6}{'new tok':>9}{'engine tok/s':>14}{'HF generate tok/s':>19}{'engine / HF':>13}")
+    for r in result["throughput"]:
+        print(f"{r['batch']:>6}{r['new_tokens']:>9}{r['engine_tok_s']:>14.1f}{r['hf_generate_tok_s']:>19.1f}"
+              f"{r['engine_over_hf']:>12.2f}x")
+    m = result["mtp_batch1"]
+    print(f"MTP at batch 1 ({m['prompts']} prompts, T={m['temperature']}, {m['num_steps']} draft/verify): "
+          f"plain {m['plain_tok_s']:.1f} tok/s, MTP {m['mtp_tok_s']:.1f} tok/s, speedup {m['speedup']:.2f}x, "
+          f"acceptance length {m['accept_length']:.2f}, step cost ratio {m['step_cost_ratio']:.2f} "
+          f"(projected speedup at acceptance 1.7 / 2.0: {m['projected_speedup']['1.7']:.2f}x / "
+          f"{m['projected_speedup']['2.0']:.2f}x)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""MTP speculative decoding for the embedded engine: draft with GLM-4.5's MTP layer, verify in one forward.
+
+Why: GLM-4.5 ships one MTP (next-n) layer trained to predict token t+2. Drafting with it and verifying the
+drafts with one main-model forward emits several tokens per forward, while the standard speculative-sampling
+rule keeps the output distribution exactly that of the main model — RL sees the same samples and logprobs.
+
+Alignment (HF's `MtpModel`, as `tools/make_tiny_model.py` trains it): MTP at position t takes the main model's
+final-normed hidden state h_t and the embedding of token t+1 (position id t+1) and predicts token t+2. With
+`num_steps` = k > 1 the same layer is chained on its own output hidden state (as SGLang does for one layer).
+
+One decode step for a batch of rows, each with its last emitted token x_n (not yet fed) and drafts d_1..d_k:
+1. verify: main forward over [x_n, d_1..d_k] (positions n..n+k) → p_0..p_k and hidden states h_n..h_{n+k};
+2. per row, `speculative_accept`: accept d_i with probability min(1, p(d_i)/q(d_i)); at the first rejection
+   sample from normalize(max(p - q, 0)); if all k are accepted sample a bonus token from p_k. Greedy rows
+   (temperature 0) accept while the draft equals argmax p and then emit argmax p;
+3. MTP forward over the pairs (h_{n+i}, token n+i+1) for i = 0..a (a = drafts accepted) → next drafts.
+Every row emits a+1 tokens per verify, so rows diverge: instead of cropping the shared `DynamicCache`, the
+KV slots of rejected drafts stay in the cache and are masked out in the 2-D attention mask (explicit position
+ids keep RoPE right). Each verify appends k+1 slots per row, and so does each MTP forward on its own cache.
+
+What the engine returns is unchanged in shape and meaning: logprobs are log_softmax(target logits / T) at the
+emitted token (T = 1 for greedy), as in `generation.py`; routed experts come from the verify forwards, keeping
+only the positions of tokens that stay in the sequence ([L - 1][n_moe][top_k] in the end). Per request the
+rows also carry SGLang's speculation counters (`spec_verify_ct`, ...; acceptance length = completion_tokens /
+spec_verify_ct, SGLang's definition, which counts the prefill's token too).
+
+Weight names (`mtp_named_tensors`): the MTP layer's tensors under the checkpoint's names
+`model.layers.{num_hidden_layers + j}.*` — `enorm`, `hnorm`, `eh_proj`, `shared_head.norm` (HF's
+`post_norm`) and the decoder layer (`mtp_block.*` in HF) with the in-memory names the main model's
+`state_dict()` uses (fused `mlp.experts.gate_up_proj` / `down_proj`), so a trainer that exports
+`state_dict()`-style names syncs the MTP layer too. The embedding and head are the main model's modules
+(`model.embed_tokens.weight`, `lm_head.weight`): the disk copies `model.layers.N.embed_tokens.weight` /
+`shared_head.head.weight` have no name of their own here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask
+
+from glm_rl.rollout.engines.generation import (GenerationRequest, Row, SamplingParams, _filter_logits,
+                                               _RouterCapture, _step_rows)
+
+
+@dataclass
+class SpecRow(Row):
+    """A `Row` with SGLang's speculation counters."""
+
+    verify_ct: int = 0        # verify forwards this request took part in
+    draft_tokens: int = 0     # drafts proposed (k per verify)
+    accepted_tokens: int = 0  # drafts the acceptance rule kept
+
+    def spec_meta(self) -> dict[str, Any]:
+        n = len(self.output_ids)
+        return {"spec_verify_ct": self.verify_ct, "spec_draft_token_num": self.draft_tokens,
+                "spec_accept_token_num": self.accepted_tokens,
+                "spec_accept_length": n / self.verify_ct if self.verify_ct else float(n > 0)}
+
+
+def mtp_named_tensors(mtp, num_hidden_layers: int) -> dict[str, torch.Tensor]:
+    """The MTP module's tensors under checkpoint names (see the module docstring), sharing its storage."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in mtp.state_dict().items():
+        if not name.startswith("layers."):
+            continue  # embed_tokens / shared_head: the main model's own tensors
+        _, j, rest = name.split(".", 2)
+        rest = rest.removeprefix("mtp_block.")
+        rest = "shared_head.norm." + rest.removeprefix("post_norm.") if rest.startswith("post_norm.") else rest
+        out[f"model.layers.{num_hidden_layers + int(j)}.{rest}"] = tensor
+    return out
+
+
+def accumulate_stats(stats: dict[str, Any], rows: Iterable[Row]) -> None:
+    """Add the rows' speculation counters to the engine's stats (and the running acceptance length)."""
+    for row in rows:
+        if isinstance(row, SpecRow):
+            stats["spec_verify_ct"] = stats.get("spec_verify_ct", 0) + row.verify_ct
+            stats["spec_draft_tokens"] = stats.get("spec_draft_tokens", 0) + row.draft_tokens
+            stats["spec_accept_tokens"] = stats.get("spec_accept_tokens", 0) + row.accepted_tokens
+            stats["spec_completion_tokens"] = stats.get("spec_completion_tokens", 0) + len(row.output_ids)
+    if stats.get("spec_verify_ct"):
+        stats["avg_spec_accept_length"] = stats["spec_completion_tokens"] / stats["spec_verify_ct"]
+
+
+# -- the acceptance rule -------------------------------------------------------------------------------------
+def sampling_probs(logits: torch.Tensor, sp: SamplingParams) -> torch.Tensor:
+    """softmax(filter(logits / T)) for each row of [n, V] logits (T > 0): what `generation._sample` draws from."""
+    return torch.stack([torch.softmax(_filter_logits(x / sp.temperature, sp.top_k, sp.top_p), dim=-1)
+                        for x in logits.float()])
+
+
+def speculative_accept(p: torch.Tensor, q: torch.Tensor, drafts: list[int],
+                       generator: torch.Generator) -> tuple[list[int], int]:
+    """Standard speculative sampling (Leviathan et al. 2023, Chen et al. 2023): (emitted tokens, drafts kept).
+
+    p: [k+1, V] target probabilities (p[i] given the prefix and drafts[:i]); q: [k, V] the distributions the
+    drafts were sampled from. Draft i is kept with probability min(1, p_i(d)/q_i(d)); the first rejected one is
+    replaced by a sample of normalize(max(p_i - q_i, 0)); if all k are kept a bonus token is drawn from p_k.
+    Each emitted token is then distributed exactly as p given the tokens before it.
+    """
+    for i, d in enumerate(drafts):
+        u = torch.rand((), generator=generator, device=p.device)
+        if u * q[i, d] < p[i, d]:  # u < p/q without dividing (q[i, d] > 0: d was drawn from q)
+            continue
+        residual = (p[i] - q[i]).clamp(min=0)
+        weights = residual if float(residual.sum()) > 0 else p[i]  # p == q up to rounding: rejection ~never
+        return drafts[:i] + [int(torch.multinomial(weights, 1, generator=generator))], i
+    return drafts + [int(torch.multinomial(p[len(drafts)], 1, generator=generator))], len(drafts)
+
+
+def _verify_row(logits: torch.Tensor, q: torch.Tensor | None, drafts: list[int],
+                row: Row) -> tuple[list[int], int, list[float]]:
+    """(emitted tokens, drafts kept, logprob of each emitted token) for one row; logits: [k+1, V]."""
+    sp = row.req.sampling
+    logits = logits.float()
+    if sp.temperature <= 0.0:
+        best = logits.argmax(dim=-1).tolist()
+        a = 0
+        while a < len(drafts) and drafts[a] == best[a]:
+            a += 1
+        tokens, logp = drafts[:a] + [best[a]], torch.log_softmax(logits, dim=-1)
+    else:
+        tokens, a = speculative_accept(sampling_probs(logits, sp), q, drafts, row.generator)
+        logp = torch.log_softmax(logits / sp.temperature, dim=-1)
+    index = torch.tensor(tokens, device=logits.device)
+    return tokens, a, logp[torch.arange(len(tokens), device=logits.device), index].tolist()
+
+
+def _draft_row(logits: torch.Tensor, row: Row) -> tuple[int, torch.Tensor | None]:
+    """One draft token from MTP logits [V] and the distribution it came from (None for greedy rows)."""
+    sp = row.req.sampling
+    if sp.temperature <= 0.0:
+        return int(torch.argmax(logits)), None
+    q = sampling_probs(logits[None], sp)[0]
+    return int(torch.multinomial(q, 1, generator=row.generator)), q
+
+
+# -- batched forwards ----------------------------------------------------------------------------------------
+def _mtp_forward(mtp, hidden: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                 cache: DynamicCache) -> torch.Tensor:
+    """MTP layer 0 over pairs (hidden[:, s], ids[:, s]) → logits [B, S, V] and output hidden states [B, S, H].
+
+    HF's `MtpModel.forward_layer` builds its masks without a padding mask (batch 1 only); this is the same
+    computation with our 2-D mask (`mask` covers the cached slots and the new ones).
+    """
+    embeds = mtp.embed_tokens(ids)                                         # (B, S, H)
+    attn = create_causal_mask(config=mtp.config, inputs_embeds=embeds, attention_mask=mask,
+                              past_key_values=cache, position_ids=positions)
+    rope = mtp.rotary_emb(embeds, position_ids=positions) if mtp.rotary_emb is not None else None
+    out = mtp.layers[0](embeds, hidden, position_embeddings=rope, attention_mask=attn, position_ids=positions,
+                        past_key_values=cache)
+    if mtp.use_shared_post_norm:
+        out = mtp.shared_post_norm(out)
+    return mtp._project_to_logits(out), out
+
+
+@dataclass
+class _Batch:
+    """Decoding state of the active rows: both caches, their 2-D masks, and each row's pending drafts."""
+
+    rows: list[SpecRow]
+    active: list[int]
+    cache: DynamicCache
+    mtp_cache: DynamicCache
+    mask: torch.Tensor                      # (B, main cache slots)
+    mtp_mask: torch.Tensor                  # (B, MTP cache slots)
+    drafts: list[list[int]]
+    q: list[list[torch.Tensor | None]]
+
+    def select(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mtp_cache.batch_select_indices(index)
+        self.mask, self.mtp_mask = self.mask[index], self.mtp_mask[index]
+        self.active = [self.active[b] for b in keep]
+
+
+def _draft(mtp, batch: _Batch, hidden: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
+           valid: torch.Tensor, last: torch.Tensor, num_steps: int) -> None:
+    """Append the new MTP pairs (valid slots only) to the MTP cache, then draft `num_steps` tokens per row
+    from slot `last` of each row (chaining the layer on its own output hidden state)."""
+    batch.mtp_mask = torch.cat([batch.mtp_mask, valid.to(batch.mtp_mask.dtype)], dim=1)
+    logits, out = _mtp_forward(mtp, hidden, ids, positions, batch.mtp_mask, batch.mtp_cache)
+    rows_b = torch.arange(len(batch.active), device=ids.device)
+    logits, out, pos = logits[rows_b, last], out[rows_b, last][:, None], positions[rows_b, last][:, None]
+    batch.drafts, batch.q = [[] for _ in batch.active], [[] for _ in batch.active]
+    for step in range(num_steps):
+        for b, i in enumerate(batch.active):
+            token, q = _draft_row(logits[b].float(), batch.rows[i])
+            batch.drafts[b].append(token)
+            batch.q[b].append(q)
+        if step + 1 == num_steps:
+            break
+        pos = pos + 1
+        chain_ids = torch.tensor([[d[-1]] for d in batch.drafts], device=ids.device)
+        batch.mtp_mask = torch.cat([batch.mtp_mask, batch.mtp_mask.new_ones(len(batch.active), 1)], dim=1)
+        logits, out = _mtp_forward(mtp, out, chain_ids, pos, batch.mtp_mask, batch.mtp_cache)
+        logits = logits[:, -1]
+    if num_steps > 1:  # the chain's slots held draft states: later queries must not see them
+        batch.mtp_mask[:, -(num_steps - 1):] = 0
+
+
+def _emit(row: SpecRow, tokens: list[int], logprobs: list[float]) -> int:
+    """Append tokens until the row finishes (stop id / max_new_tokens); returns how many were kept."""
+    for n, (token, logprob) in enumerate(zip(tokens, logprobs), start=1):
+        row.output_ids.append(token)
+        row.logprobs.append(logprob)
+        if token in row.stop_ids:
+            row.finish = {"type": "stop", "matched": token}
+        elif len(row.output_ids) >= row.req.sampling.max_new_tokens:
+            row.finish = {"type": "length", "length": len(row.output_ids)}
+        if row.finish is not None:
+            return n
+    return len(tokens)
+
+
+def _verify(model, batch: _Batch, capture: _RouterCapture | None):
+    """One verify forward and the acceptance rule for every active row; returns what the MTP step needs."""
+    rows, k = batch.rows, len(batch.drafts[0])
+    dev = batch.mask.device
+    ids = torch.tensor([[rows[i].output_ids[-1], *d] for i, d in zip(batch.active, batch.drafts)], device=dev)
+    start = torch.tensor([len(rows[i].req.input_ids) + len(rows[i].output_ids) - 1 for i in batch.active],
+                         device=dev)
+    positions = start[:, None] + torch.arange(k + 1, device=dev)           # (B, k+1)
+    batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.active), k + 1)], dim=1)
+    hidden = model.model(input_ids=ids, attention_mask=batch.mask, position_ids=positions,
+                         past_key_values=batch.cache, use_cache=True).last_hidden_state  # (B, k+1, H)
+    logits = model.lm_head(hidden)                                          # (B, k+1, V)
+    routed = capture.pop() if capture is not None else None
+    accepted = []
+    next_ids = torch.zeros_like(ids)
+    for b, i in enumerate(batch.active):
+        row = rows[i]
+        tokens, a, logprobs = _verify_row(logits[b], _stack(batch.q[b]), batch.drafts[b], row)
+        row.verify_ct, row.draft_tokens, row.accepted_tokens = (row.verify_ct + 1, row.draft_tokens + k,
+                                                                row.accepted_tokens + a)
+        kept = _emit(row, tokens, logprobs)
+        if routed is not None:
+            row.routed.append(routed[b, :kept])
+        batch.mask[b, batch.mask.shape[1] - k + a:] = 0                     # slots of rejected drafts
+        next_ids[b, :a + 1] = torch.tensor(tokens, device=dev)
+        accepted.append(a)
+    return hidden, next_ids, positions + 1, torch.tensor(accepted, device=dev)
+
+
+def _stack(q: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if not q or q[0] is None else torch.stack(q)
+
+
+def _prefill(model, mtp, batch: _Batch, pad_id: int, capture: _RouterCapture | None, num_steps: int,
+             should_abort: Callable[[], bool]) -> None:
+    """Prompt forward, the first token (sampled as in the plain path), MTP over the prompt, first drafts."""
+    rows, dev = batch.rows, batch.mask.device
+    lengths = [len(r.req.input_ids) for r in rows]
+    width = max(lengths)
+    ids = torch.tensor([[pad_id] * (width - n) + list(r.req.input_ids) for r, n in zip(rows, lengths)], device=dev)
+    batch.mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], device=dev)
+    positions = (batch.mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = model.model(input_ids=ids, attention_mask=batch.mask, position_ids=positions,
+                         past_key_values=batch.cache, use_cache=True).last_hidden_state  # (B, W, H)
+    if capture is not None:
+        routed = capture.pop()
+        for b, (row, n) in enumerate(zip(rows, lengths)):
+            row.routed.append(routed[b, width - n:])
+    _step_rows(rows, batch.active, model.lm_head(hidden[:, -1]))
+    keep = _keep(batch, should_abort)
+    if not keep:
+        return
+    first = torch.tensor([[rows[i].output_ids[-1]] for i in range(len(rows))], device=dev)
+    mtp_ids, mtp_mask = torch.cat([ids[:, 1:], first], dim=1), batch.mask
+    batch.mtp_mask = mtp_mask[:, :0]
+    sel = torch.tensor(keep, device=dev)
+    if len(keep) < len(rows):
+        batch.select(keep)
+    last = torch.full((len(keep),), width - 1, device=dev)
+    _draft(mtp, batch, hidden[sel], mtp_ids[sel], positions[sel] + 1, mtp_mask[sel], last, num_steps)
+
+
+def _keep(batch: _Batch, should_abort: Callable[[], bool]) -> list[int]:
+    """Indices (into `batch.active`) of rows still running; on abort, every running row finishes."""
+    keep = [b for b, i in enumerate(batch.active) if batch.rows[i].finish is None]
+    if keep and should_abort():
+        for b in keep:
+            batch.rows[batch.active[b]].finish = {"type": "abort", "message": "aborted by pause_generation"}
+        keep = []
+    return keep
+
+
+@torch.no_grad()
+def run_batch_speculative(model, mtp, requests: list[GenerationRequest], *, num_steps: int, eos_ids: Iterable[int],
+                          pad_id: int, gates: list[torch.nn.Module],
+                          should_abort: Callable[[], bool]) -> list[SpecRow]:
+    """`generation.run_batch` with MTP speculative decoding (`num_steps` drafts per verify forward)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    dev = model.device
+    eos = frozenset(eos_ids)
+    rows = [SpecRow(r, frozenset(r.sampling.stop_token_ids) | (frozenset() if r.sampling.ignore_eos else eos),
+                    torch.Generator(device=dev).manual_seed(r.seed)) for r in requests]
+    capture = _RouterCapture(gates) if any(r.return_routed_experts for r in requests) else None
+    empty = torch.zeros(len(rows), 0, dtype=torch.long, device=dev)
+    batch = _Batch(rows, list(range(len(rows))), DynamicCache(config=model.config),
+                   DynamicCache(config=mtp.config), empty, empty, [], [])
+    try:
+        _prefill(model, mtp, batch, pad_id, capture, num_steps, should_abort)
+        while any(rows[i].finish is None for i in batch.active):
+            hidden, next_ids, positions, accepted = _verify(model, batch, capture)
+            keep = _keep(batch, should_abort)
+            if not keep:
+                break
+            if len(keep) < len(batch.active):
+                sel = torch.tensor(keep, device=dev)
+                hidden, next_ids, positions, accepted = hidden[sel], next_ids[sel], positions[sel], accepted[sel]
+                batch.select(keep)
+            valid = torch.arange(num_steps + 1, device=dev)[None] <= accepted[:, None]
+            _draft(mtp, batch, hidden, next_ids, positions, valid, accepted, num_steps)
+        return rows
+    finally:
+        if capture is not None:
+            capture.remove()
