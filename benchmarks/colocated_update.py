@@ -3,9 +3,12 @@
     python benchmarks/colocated_update.py [--hidden 1024 --layers 8 --experts 64 --ffn 512] [--bucket-mb 512]
 
 A sender process holds the trainer's weights of a GLM-4.5-shaped model (default ≈1.06 B parameters, bf16) on
-the GPU and sends each bucket as CUDA IPC handles with `serialize_named_tensors` (what `TensorTransport` posts);
-the receiver process (the engine's side) decodes them with the engine's `deserialize_named_tensors` and copies
-into its own parameters. Baseline: one `copy_` of a flat buffer of the same bytes on the same device.
+the GPU; the receiver process (the engine's side) holds its own copy and loads what arrives. Two paths:
+- flat (what `TensorTransport` does once the trainer's weights are flattened, `glm_rl/weights/flat.py`): the
+  whole model is ONE CUDA IPC handle plus a layout; the receiver decodes it with the engine's
+  `deserialize_flattened` and, its own weights being flattened with the same layout, copies it in one go;
+- per-tensor buckets (the path before flattening): one IPC handle per tensor, `--bucket-mb` per message.
+Baseline: one `copy_` of a flat buffer of the same bytes on the same device.
 Prints a table and writes JSON (benchmarks/results/colocated_update.json).
 """
 
@@ -19,8 +22,9 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from glm_rl.rollout.engines.client import serialize_named_tensors
-from glm_rl.rollout.engines.embedded import deserialize_named_tensors
+from glm_rl.rollout.engines.client import serialize_named_tensors, serialize_object
+from glm_rl.rollout.engines.embedded import deserialize_flattened, deserialize_named_tensors
+from glm_rl.weights.flat import entries_to_json, plan_layout, views
 
 
 def glm45_shapes(hidden: int, layers: int, experts: int, ffn: int, vocab: int = 151552) -> dict[str, tuple]:
@@ -57,11 +61,20 @@ def buckets(shapes: dict[str, tuple], max_bytes: int) -> list[list[str]]:
 
 
 def receiver(shapes, conn) -> None:
-    params = {n: torch.empty(s, dtype=torch.bfloat16, device="cuda") for n, s in shapes.items()}
+    """The engine's side: its weights flattened with the same layout (as `EmbeddedEngine` keeps them)."""
+    entries, nbytes = plan_layout([(n, torch.empty(s, dtype=torch.bfloat16, device="meta")) for n, s in shapes.items()])
+    own = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    params = dict(views(own, entries))
     conn.send("ready")
-    while (payload := conn.recv()) is not None:
-        for name, t in deserialize_named_tensors(payload):
-            params[name].copy_(t)
+    while (msg := conn.recv()) is not None:
+        kind, payload = msg
+        if kind == "flat":
+            flat, layout = deserialize_flattened(payload)
+            assert layout == entries
+            own.copy_(flat)  # EmbeddedEngine.load_flattened: same layout → one copy
+        else:
+            for name, t in deserialize_named_tensors(payload):
+                params[name].copy_(t)
         torch.cuda.synchronize()
         conn.send("ok")
     conn.send({n: float(p.float().sum()) for n, p in list(params.items())[:4]})
@@ -78,7 +91,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/colocated_update.json"))
     args = ap.parse_args()
     shapes = glm45_shapes(args.hidden, args.layers, args.experts, args.ffn)
-    weights = {n: torch.randn(s, dtype=torch.bfloat16, device="cuda") for n, s in shapes.items()}
+    entries, nbytes = plan_layout([(n, torch.empty(s, dtype=torch.bfloat16, device="meta")) for n, s in shapes.items()])
+    flat = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    weights = dict(views(flat, entries))  # the trainer's weights, flattened
+    for t in weights.values():
+        t.normal_()
+    layout = entries_to_json(entries)
     total = sum(t.numel() * t.element_size() for t in weights.values())
     plan = buckets(shapes, args.bucket_mb << 20)
 
@@ -87,14 +105,20 @@ def main() -> None:
     proc = ctx.Process(target=receiver, args=(shapes, child))
     proc.start()
     assert parent.recv() == "ready"
-    times = []
-    for _ in range(args.repeats + 1):  # the first sync opens the IPC handles: reported apart
+    def sync(kind: str) -> float:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for names in plan:
-            parent.send(serialize_named_tensors([(n, weights[n]) for n in names]))
+        if kind == "flat":
+            parent.send(("flat", serialize_object({"flattened_tensor": flat, "metadata": layout})))
             assert parent.recv() == "ok"
-        times.append(time.perf_counter() - t0)
+        else:
+            for names in plan:
+                parent.send(("named", serialize_named_tensors([(n, weights[n]) for n in names])))
+                assert parent.recv() == "ok"
+        return time.perf_counter() - t0
+
+    first = {k: sync(k) for k in ("flat", "named")}  # the first sync opens the IPC handles: reported apart
+    times = {k: min(sync(k) for _ in range(args.repeats)) for k in ("flat", "named")}
     parent.send(None)
     sums = parent.recv()
     proc.join()
@@ -110,16 +134,18 @@ def main() -> None:
         flat_dst.copy_(flat_src)
         torch.cuda.synchronize()
         copies.append(time.perf_counter() - t0)
-    ours, base = min(times[1:]), min(copies[1:])
+    base = min(copies[1:])
     result = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-              "params": total // 2, "bytes": total, "buckets": len(plan), "first_sync_s": times[0],
-              "update_s": ours, "update_GBps": total / ours / 1e9, "device_copy_s": base,
-              "device_copy_GBps": total / base / 1e9, "ratio": base / ours}
-    print(f"{'path':<28}{'seconds':>10}{'GB/s':>10}")
-    print(f"{'colocated update (IPC)':<28}{ours:>10.4f}{total / ours / 1e9:>10.1f}")
-    print(f"{'device copy, same bytes':<28}{base:>10.4f}{total / base / 1e9:>10.1f}")
-    print(f"ratio {result['ratio']:.2f}  ({total / 1e9:.2f} GB, {result['params'] / 1e9:.2f} B params, "
-          f"{len(plan)} buckets, first sync {times[0]:.3f}s)")
+              "params": total // 2, "bytes": total, "buckets": len(plan), "first_sync_s": first,
+              "update_s": times, "update_GBps": {k: total / v / 1e9 for k, v in times.items()},
+              "device_copy_s": base, "device_copy_GBps": total / base / 1e9,
+              "ratio": {k: base / v for k, v in times.items()}}
+    print(f"{'path':<36}{'seconds':>10}{'GB/s':>10}{'vs copy':>9}")
+    for k, label in (("flat", "colocated update, flat (1 handle)"), ("named", "colocated update, per tensor")):
+        print(f"{label:<36}{times[k]:>10.4f}{total / times[k] / 1e9:>10.1f}{base / times[k]:>9.2f}")
+    print(f"{'device copy, same bytes':<36}{base:>10.4f}{total / base / 1e9:>10.1f}{1.0:>9.2f}")
+    print(f"({total / 1e9:.2f} GB, {result['params'] / 1e9:.2f} B params, {len(plan)} buckets; first sync "
+          f"flat {first['flat']:.3f}s, per tensor {first['named']:.3f}s)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
 

@@ -52,6 +52,8 @@ class TrainerActor:
         if self.sync is not None:  # rebuilt after an engine restart
             self.sync.close()
         self.sync = make_transport(mode, engine_urls, api_key, bucket_bytes, fp8=self.rollout_fp8)
+        if mode == "tensor" and not self.rollout_fp8:  # colocated: share the whole model as one buffer
+            self.sync.flat = self.backend.flatten_weights()
         self.sync.prepare()
 
     def push_weights(self, version: int, verify: bool) -> dict:

@@ -27,6 +27,7 @@ import torch
 from glm_rl.models.fp8 import dequantize_named, gloo_view, quantize_named
 from glm_rl.rollout.engines.client import EngineClient, create_weight_group, tensor_checksum
 from glm_rl.weights.bucketing import iter_buckets
+from glm_rl.weights.flat import entries_to_json
 
 Named = list[tuple[str, torch.Tensor]]
 log = logging.getLogger(__name__)
@@ -81,8 +82,15 @@ class _Base:
 
 
 class TensorTransport(_Base):
+    flat = None  # (buffer, layout) when the trainer's weights are flattened: one handle for the whole model
+
     def push(self, named: Named, version: int, verify: bool) -> dict:
         t0, held = time.time(), {}
+        if self.flat is not None and not self.fp8:
+            flat, entries = self.flat
+            layout = entries_to_json(entries)
+            self._each(lambda c: c.update_weights_from_flat(flat, layout, weight_version=version))
+            return self._finish(named, version, verify, t0, held)
         buckets = list(iter_buckets(named, self.bucket_bytes))
         for i, bucket in enumerate(buckets):
             bucket = self._to_wire(bucket, held)

@@ -74,13 +74,18 @@ def _file_system_sharing() -> Iterator[None]:
             torch.multiprocessing.set_sharing_strategy(before)
 
 
+def serialize_object(obj: Any) -> str:
+    """base64 of a ForkingPickler pickle: CPU tensors in shared memory travel by name, CUDA ones as IPC handles."""
+    buf = io.BytesIO()
+    with _file_system_sharing():
+        ForkingPickler(buf).dump(obj)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def serialize_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     """base64 of a ForkingPickler pickle of [(name, tensor)]: CPU tensors move to shared memory (as in
     torch.multiprocessing) and travel by name; keep them alive until the engine has answered."""
-    buf = io.BytesIO()
-    with _file_system_sharing():
-        ForkingPickler(buf).dump([(str(n), t) for n, t in named_tensors])
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return serialize_object([(str(n), t) for n, t in named_tensors])
 
 
 @dataclass
@@ -235,6 +240,14 @@ class EngineClient:
         return self.post("/update_weights_from_tensor", {
             "serialized_named_tensors": [serialize_named_tensors(named_tensors)], "load_format": None,
             "flush_cache": flush_cache, "weight_version": weight_version})
+
+    def update_weights_from_flat(self, flat: torch.Tensor, layout: list[list], weight_version: int | None = None,
+                                 flush_cache: bool = True) -> Any:
+        """The whole model as one shared buffer (`load_format` "flattened_bucket"; layout from
+        `glm_rl.weights.flat.entries_to_json`). Keep `flat` alive until the engine has answered."""
+        return self.post("/update_weights_from_tensor", {
+            "serialized_named_tensors": [serialize_object({"flattened_tensor": flat, "metadata": layout})],
+            "load_format": "flattened_bucket", "flush_cache": flush_cache, "weight_version": weight_version})
 
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                                   group_name: str, backend: str = "gloo") -> Any:

@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from glm_rl.weights.flat import FlatEntry, entries_from_json, flatten_module_, views
 from glm_rl.models.fp8 import Fp8Error, dequantize_named, gloo_view
 from glm_rl.rollout.engines.client import WeightGroup, create_weight_group, parse_dtype, tensor_checksum
 from glm_rl.rollout.engines.generation import GenerationRequest, Row, run_batch
@@ -90,6 +91,18 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.speculative_num_steps < 1:
             raise ValueError(f"EngineConfig.speculative_num_steps must be >= 1, got {self.speculative_num_steps}")
+
+
+def deserialize_flattened(payload: str) -> tuple[torch.Tensor, list[FlatEntry]]:
+    """load_format "flattened_bucket": one shared buffer (uint8) and its layout, no copy."""
+    try:
+        obj = pickle.loads(base64.b64decode(payload))
+        flat, entries = obj["flattened_tensor"], entries_from_json(obj["metadata"])
+        if flat.dtype != torch.uint8 or flat.dim() != 1:
+            raise ValueError(f"flattened_tensor must be 1-D uint8, got {flat.dtype} {tuple(flat.shape)}")
+        return flat, entries
+    except Exception as e:  # noqa: BLE001 - any decoding failure is the caller's bad input
+        raise WeightError(f"serialized_named_tensors: bad flattened bucket ({type(e).__name__}: {e})") from e
 
 
 def deserialize_named_tensors(payload: str) -> list[tuple[str, torch.Tensor]]:
@@ -141,6 +154,8 @@ class EmbeddedEngine:
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         pad = self.model.generation_config.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.pad_token_id or 0)
+        # the main model's weights live in one buffer, so a colocated trainer's flattened update is one copy
+        self._flat = flatten_module_(self.model)
         self._state = self.model.state_dict()  # detached views sharing the parameters' storage
         self.mtp = None
         if self.config.enable_mtp:
@@ -319,6 +334,17 @@ class EmbeddedEngine:
                 self._state[name].copy_(tensor)
             self.weight_version = int(weight_version) if weight_version is not None else self.weight_version + 1
         return {"success": True, "message": f"loaded {len(named)} tensors", "weight_version": self.weight_version}
+
+    def load_flattened(self, flat: torch.Tensor, entries: list[FlatEntry], weight_version: int | None):
+        """A whole model in one buffer: when its layout is the engine's own, one copy; else view by view."""
+        own, own_entries = self._flat
+        if entries == own_entries and flat.numel() == own.numel():
+            with self._model_lock:
+                own.copy_(flat)
+                self.weight_version = int(weight_version) if weight_version is not None else self.weight_version + 1
+            return {"success": True, "message": f"loaded {len(entries)} tensors (one copy)",
+                    "weight_version": self.weight_version}
+        return self.load_weights(views(flat, entries), weight_version)
 
     def checksums(self, names: list[str] | None) -> dict[str, Any]:
         if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):

@@ -193,14 +193,17 @@ def _version(body: dict) -> int | None:
 
 
 def _update_from_tensor(engine: "EmbeddedEngine") -> Callable[[dict], Any]:
-    from glm_rl.rollout.engines.embedded import deserialize_named_tensors
+    from glm_rl.rollout.engines.embedded import deserialize_flattened, deserialize_named_tensors
 
     def run(body: dict) -> Any:
         payloads = _require(body, "serialized_named_tensors", list)
-        if body.get("load_format") is not None:
-            raise BadRequest(f"load_format: only null is supported, got {body['load_format']!r}")
+        load_format = body.get("load_format")
+        if load_format not in (None, "flattened_bucket"):
+            raise BadRequest(f"load_format: null or 'flattened_bucket' supported, got {load_format!r}")
         if not payloads or not isinstance(payloads[0], str):
             raise BadRequest("serialized_named_tensors: expected a non-empty list of base64 strings")
+        if load_format == "flattened_bucket":
+            return engine.load_flattened(*deserialize_flattened(payloads[0]), _version(body))
         return engine.load_weights(deserialize_named_tensors(payloads[0]), _version(body))  # tp rank 0's entry
     return run
 

@@ -142,6 +142,15 @@ class TorchBackend:
                 for group in pack_micro_batches(samples, self.cfg.max_tokens_per_gpu)]
 
     # -- weights / checkpoints -----------------------------------------------------------------------------------
+    def flatten_weights(self):
+        """Make every weight a view into one buffer (shared memory on CPU), for the colocated fast path."""
+        from glm_rl.weights.flat import flatten_module_
+
+        if getattr(self, "flat", None) is None:
+            flat, entries = flatten_module_(self.model)
+            self.flat = (flat if flat.is_cuda else flat.share_memory_(), entries)
+        return self.flat
+
     def named_tensors(self):
         """(HF module name, tensor) for every weight and buffer the engine loads."""
         return list(self.model.state_dict().items())

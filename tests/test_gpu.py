@@ -1,0 +1,67 @@
+"""GPU checks (run on the GPU box: `python -m pytest -q -m gpu tests/test_gpu.py`); skipped without CUDA."""
+
+from __future__ import annotations
+
+import torch
+import torch.multiprocessing as mp
+import pytest
+
+from glm_rl.config import AlgoConfig, ModelConfig, TrainConfig
+from glm_rl.evaluate import chat_prompt_ids
+from glm_rl.models.checkpoint import load_hf_model
+from glm_rl.models.presets import TINY_CHECKPOINT
+from glm_rl.rollout.engines.client import serialize_named_tensors, tensor_checksum
+from glm_rl.rollout.engines.embedded import deserialize_named_tensors
+from glm_rl.rollout.engines.generation import GenerationRequest, SamplingParams, run_batch
+
+pytestmark = pytest.mark.gpu
+
+
+def test_engine_greedy_on_cuda_matches_hf_generate():
+    model, tok = load_hf_model(TINY_CHECKPOINT, dtype=torch.float32)
+    model.to("cuda")
+    prompts = [chat_prompt_ids(tok, p) for p in ("12+34", "507+88", "9+9")]
+    reqs = [GenerationRequest(rid=str(i), input_ids=tuple(p), sampling=SamplingParams(temperature=0.0,
+                                                                                      max_new_tokens=12), seed=0)
+            for i, p in enumerate(prompts)]
+    rows = run_batch(model, reqs, eos_ids=model.generation_config.eos_token_id, pad_id=tok.pad_token_id,
+                     gates=[], should_abort=lambda: False)
+    for p, row in zip(prompts, rows):
+        ref = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=12, do_sample=False,
+                             eos_token_id=model.generation_config.eos_token_id, pad_token_id=tok.pad_token_id)
+        assert row.output_ids == ref[0, len(p):].tolist()
+
+
+def _receive(payload, queue):
+    queue.put({n: tensor_checksum(t) for n, t in deserialize_named_tensors(payload)})
+
+
+def test_cuda_ipc_weights_arrive_bitwise():
+    """The colocated `tensor` transport's wire format: CUDA tensors travel as IPC handles, no copy."""
+    named = [(f"w{i}", torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)) for i in range(4)]
+    payload = serialize_named_tensors(named)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_receive, args=(payload, queue))
+    proc.start()
+    got = queue.get(timeout=120)
+    proc.join(timeout=60)
+    assert got == {n: tensor_checksum(t) for n, t in named}
+
+
+def test_torch_backend_bf16_step_on_cuda_tracks_fp32_cpu():
+    from test_trainer_backend import global_tokens, make_samples  # tests/ is on sys.path under pytest
+    from glm_rl.trainer.backends.torch_backend import TorchBackend
+
+    samples = make_samples(8)
+    algo = AlgoConfig(use_rollout_routing_replay=True)
+    cpu = TorchBackend(ModelConfig(), TrainConfig(), algo, temperature=1.0)
+    gpu = TorchBackend(ModelConfig(dtype="bfloat16"), TrainConfig(), algo, temperature=1.0, device="cuda")
+    ref, out = cpu.logprobs(samples), gpu.logprobs(samples)
+    diff = torch.cat([torch.as_tensor(abs(ref["old"][i] - out["old"][i])) for i in ref["old"]])
+    # bf16 keeps 8 mantissa bits (~0.4 % per op); these random targets have logprobs near -7, so a few
+    # hundredths on average and a few tenths at worst (CPU bf16 measured 0.04 / 0.26)
+    assert diff.mean() < 0.1 and diff.max() < 1.0, (float(diff.mean()), float(diff.max()))
+    assert out["replay_total"] > 0
+    m = gpu.train_step(samples, global_tokens(samples))
+    assert torch.isfinite(torch.tensor(m["train/grad_norm"]))
