@@ -229,7 +229,8 @@ class EmbeddedEngine:
                     fut.set_exception(e)
             finally:
                 with self._cond:
-                    self.stats["requests_total"] += len(batch)
+                    # health probes (the router's /health_generate) are not traffic
+                    self.stats["requests_total"] += sum(not req.rid.startswith("HEALTH_CHECK_") for req, _ in batch)
                     self.stats["batches_total"] += 1
                     self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(batch))
                     self._running = self._running_tokens = 0
