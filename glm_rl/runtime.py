@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -37,7 +37,8 @@ class Runtime:
     rollout_manager: object
     trainers: TrainerGroup
     weight_version: int = 0
-    extra: dict = field(default_factory=dict)
+    engine_cfg: EngineConfig | SGLangServerConfig | None = None  # to restart an engine as it was started
+    share: float = 1.0                                            # of a placement bundle, per actor
 
     @classmethod
     def start(cls, cfg: RunConfig) -> "Runtime":
@@ -62,7 +63,7 @@ class Runtime:
         trainers.setup_sync(cfg.sync.update_weight_transfer_mode, urls, cfg.rollout.engine_api_key,
                             cfg.sync.update_weight_buffer_size)
         return cls(cfg, placement, engines, urls, router, manager, trainers,
-                   extra={"engine_cfg": engine_cfg, "share": share})
+                   engine_cfg=engine_cfg, share=share)
 
     # -- stages ----------------------------------------------------------------------------------------------
     def rollout(self, step: int) -> tuple[list[Sample], dict]:
@@ -89,7 +90,7 @@ class Runtime:
                 pass
             self.router.remove_worker(self.engine_urls[i])
             bundle = self.placement.engine_bundles[i]
-            self.engines[i] = _launch_engine(self.placement, bundle, self.extra["share"], self.extra["engine_cfg"])
+            self.engines[i] = _launch_engine(self.placement, bundle, self.share, self.engine_cfg)
             self.engine_urls[i] = ray.get(self.engines[i].start.remote())
             self.router.add_worker(self.engine_urls[i])
         s = self.cfg.sync
