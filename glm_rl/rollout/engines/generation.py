@@ -58,6 +58,16 @@ class Row:
     routed: list[torch.Tensor] = field(default_factory=list)
     finish: dict[str, Any] | None = None
 
+    def emit(self, token: int, logprob: float) -> bool:
+        """Append one sampled token; mark the row finished on a stop id or max_new_tokens. True if finished."""
+        self.output_ids.append(token)
+        self.logprobs.append(logprob)
+        if token in self.stop_ids:
+            self.finish = {"type": "stop", "matched": token}
+        elif len(self.output_ids) >= self.req.sampling.max_new_tokens:
+            self.finish = {"type": "length", "length": len(self.output_ids)}
+        return self.finish is not None
+
 
 def request_seed(engine_seed: int, key: object) -> int:
     """A 63-bit seed from (engine seed, key): the same key always samples the same way."""
@@ -113,13 +123,7 @@ def _step_rows(rows: list[Row], active: list[int], logits: torch.Tensor) -> None
     """Sample one token for every active row and mark the rows that finish."""
     for b, i in enumerate(active):
         row = rows[i]
-        token, logprob = _sample(logits[b].float(), row)
-        row.output_ids.append(token)
-        row.logprobs.append(logprob)
-        if token in row.stop_ids:
-            row.finish = {"type": "stop", "matched": token}
-        elif len(row.output_ids) >= row.req.sampling.max_new_tokens:
-            row.finish = {"type": "length", "length": len(row.output_ids)}
+        row.emit(*_sample(logits[b].float(), row))
 
 
 def _prefill(model, rows: list[Row], pad_id: int, cache: DynamicCache, capture: _RouterCapture | None):

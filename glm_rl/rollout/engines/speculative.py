@@ -207,13 +207,7 @@ def _draft(mtp, batch: _Batch, hidden: torch.Tensor, ids: torch.Tensor, position
 def _emit(row: SpecRow, tokens: list[int], logprobs: list[float]) -> int:
     """Append tokens until the row finishes (stop id / max_new_tokens); returns how many were kept."""
     for n, (token, logprob) in enumerate(zip(tokens, logprobs), start=1):
-        row.output_ids.append(token)
-        row.logprobs.append(logprob)
-        if token in row.stop_ids:
-            row.finish = {"type": "stop", "matched": token}
-        elif len(row.output_ids) >= row.req.sampling.max_new_tokens:
-            row.finish = {"type": "length", "length": len(row.output_ids)}
-        if row.finish is not None:
+        if row.emit(token, logprob):
             return n
     return len(tokens)
 
