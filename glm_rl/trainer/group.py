@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import ray
@@ -11,6 +10,7 @@ import torch.distributed as dist
 
 from glm_rl.config import RunConfig
 from glm_rl.ray.placement import Placement
+from glm_rl.rollout.router import free_port
 from glm_rl.rollout.samples import Sample
 from glm_rl.trainer.backends.torch_backend import TorchBackend
 
@@ -68,7 +68,7 @@ class TrainerActor:
 class TrainerGroup:
     def __init__(self, cfg: RunConfig, placement: Placement, share: float) -> None:
         n = cfg.train.num_trainer_ranks
-        master = f"tcp://127.0.0.1:{_free_port()}"
+        master = f"tcp://127.0.0.1:{free_port()}"
         remote = ray.remote(TrainerActor)
         self.actors = [remote.options(**placement.actor_options(placement.trainer_bundles[r], share))
                        .remote(cfg, r, n, master) for r in range(n)]
@@ -101,9 +101,3 @@ class TrainerGroup:
 
     def shutdown(self) -> None:
         ray.get([a.shutdown.remote() for a in self.actors])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

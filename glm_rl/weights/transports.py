@@ -17,7 +17,6 @@ Verification then expects, for those tensors, the dequantization of the very byt
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
@@ -26,6 +25,7 @@ import torch
 
 from glm_rl.models.fp8 import dequantize_named, gloo_view, quantize_named
 from glm_rl.rollout.engines.client import EngineClient, create_weight_group, tensor_checksum
+from glm_rl.rollout.router import free_port
 from glm_rl.weights.bucketing import iter_buckets
 from glm_rl.weights.flat import entries_to_json
 
@@ -107,7 +107,7 @@ class BroadcastTransport(_Base):
 
     def prepare(self) -> None:
         """Build the group: engines join over HTTP (threads) while this rank hosts it as rank 0."""
-        port = _free_port()
+        port = free_port()
         world = 1 + len(self.clients)
         joins = [self.pool.submit(c.init_weights_update_group, "127.0.0.1", port, 1 + i, world, self.group_name)
                  for i, c in enumerate(self.clients)]
@@ -163,9 +163,3 @@ def make_transport(mode: str, engine_urls: list[str], api_key: str | None, bucke
             return P2PTransport.for_this_rank(engine_urls, api_key, bucket_bytes)
         case _:
             raise ValueError(f"unknown --update-weight-transfer-mode {mode!r}; valid: tensor, broadcast, p2p")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
