@@ -41,12 +41,8 @@ RANDOM_DEFAULTS = {"hidden": 1024, "layers": 8, "experts": 64, "top_k": 8, "ffn"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def random_model(desc: str, dtype: torch.dtype, device: str):
-    """GLM-4.5-shaped random-init model + MTP layer from 'default', 'k=v,...' or positional numbers
-    (in the order of RANDOM_DEFAULTS)."""
-    from transformers import Glm4MoeForCausalLM
-    from transformers.modeling_layers import MtpModel
-
+def random_spec(desc: str) -> ModelSpec:
+    """A GLM-4.5-shaped spec from 'default', 'k=v,...' or positional numbers (in the order of RANDOM_DEFAULTS)."""
     values = dict(RANDOM_DEFAULTS)
     if desc != "default":
         for i, part in enumerate(p for p in desc.split(",") if p):
@@ -56,11 +52,19 @@ def random_model(desc: str, dtype: torch.dtype, device: str):
                 raise SystemExit(f"--random-model: unknown field {key!r}; fields: {', '.join(RANDOM_DEFAULTS)}")
             values[key] = int(value)
     v = values
-    spec = ModelSpec(name="random", vocab_size=v["vocab"], hidden_size=v["hidden"], intermediate_size=v["dense_ffn"],
+    return ModelSpec(name="random", vocab_size=v["vocab"], hidden_size=v["hidden"], intermediate_size=v["dense_ffn"],
                      num_hidden_layers=v["layers"], first_k_dense_replace=1, num_attention_heads=v["heads"],
                      num_key_value_heads=v["kv_heads"], head_dim=v["hidden"] // v["heads"],
                      n_routed_experts=v["experts"], num_experts_per_tok=v["top_k"], routed_scaling_factor=2.5,
                      moe_intermediate_size=v["ffn"], use_qk_norm=True, max_position_embeddings=4096)
+
+
+def random_model(desc: str, dtype: torch.dtype, device: str):
+    """GLM-4.5-shaped random-init model + MTP layer (see `random_spec`)."""
+    from transformers import Glm4MoeForCausalLM
+    from transformers.modeling_layers import MtpModel
+
+    spec = random_spec(desc)
     torch.manual_seed(0)
     with torch.device(device):
         model = Glm4MoeForCausalLM(spec.to_hf_config(eos_token_id=None, pad_token_id=0, bos_token_id=None))

@@ -65,3 +65,48 @@ def test_torch_backend_bf16_step_on_cuda_tracks_fp32_cpu():
     assert out["replay_total"] > 0
     m = gpu.train_step(samples, global_tokens(samples))
     assert torch.isfinite(torch.tensor(m["train/grad_norm"]))
+
+
+def _megatron_cuda_worker(rank: int, store: str, queue) -> None:
+    """One NCCL process: the tiny checkpoint in megatron-core on CUDA (local spec and fast spec), bf16 and fp32."""
+    import torch.distributed as dist
+
+    from glm_rl.models.presets import glm45_tiny
+    from glm_rl.trainer.backends.megatron.bridge import import_hf_weights
+    from glm_rl.trainer.backends.megatron.model import build_gpt_model, setup_model_parallel
+
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=0, world_size=1)
+    setup_model_parallel()
+    spec = glm45_tiny()
+    hf, tok = load_hf_model(TINY_CHECKPOINT, dtype=torch.float32)
+    ids = torch.tensor([chat_prompt_ids(tok, p) for p in ("12+34", "50+88", "91+99")], device="cuda")  # same length
+    with torch.no_grad():
+        ref = hf.to("cuda")(ids).logits
+    pos = torch.arange(ids.shape[1], device="cuda").expand_as(ids)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for fast in (False, True):
+            model = build_gpt_model(spec, params_dtype=dtype, fast=fast)
+            import_hf_weights(model, spec, hf.state_dict())
+            with torch.no_grad():
+                logits = model.to("cuda").eval()(ids, pos, attention_mask=None)[..., :spec.vocab_size].float()
+            out[(str(dtype), fast)] = (logits - ref).abs().max().item()
+    out["scale"] = ref.abs().max().item()
+    dist.destroy_process_group()
+    queue.put(out)
+
+
+def test_megatron_on_cuda_matches_hf(tmp_path):
+    """Megatron backend model on the GPU: fp32 within 1e-4 of HF (as on CPU); bf16 within 2 % of the logit
+    scale — bf16 keeps 8 mantissa bits (relative step 2⁻⁸ ≈ 0.4 %) and the error compounds over 4 layers."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_megatron_cuda_worker, args=(0, str(tmp_path / "store"), queue))
+    proc.start()
+    proc.join(timeout=300)
+    assert proc.exitcode == 0 and not queue.empty(), f"worker exit code {proc.exitcode} (its traceback is above)"
+    out = queue.get()
+    print(out)
+    for fast in (False, True):
+        assert out[("torch.float32", fast)] <= 1e-4, out
+        assert out[("torch.bfloat16", fast)] <= 0.02 * out["scale"], out

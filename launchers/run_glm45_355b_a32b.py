@@ -1,0 +1,17 @@
+"""Launch RL training of GLM-4.5 (355B-A32B) on a Ray cluster:
+
+    python launchers/run_glm45_355b_a32b.py --num-nodes N --hostfile FILE [--dry-run]
+
+The recipe table and every step live in glm_rl/launch.py (shared with the other model's launcher).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
+from glm_rl.launch import GLM45_355B, make_app  # noqa: E402
+
+app = make_app(GLM45_355B)
+
+if __name__ == "__main__":
+    app()
