@@ -96,34 +96,48 @@ class _RouterCapture:
 
 
 def _filter_logits(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if 0 < top_k < scaled.numel():
-        kth = torch.topk(scaled, top_k).values[-1]
+    """Top-k then top-p (nucleus) filtering along the last dim of [..., V] logits: dropped ids get -inf."""
+    if 0 < top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(scaled, descending=True)
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         drop = (torch.cumsum(probs, dim=-1) - probs) > top_p  # keep the smallest prefix reaching top_p
-        scaled = scaled.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+        scaled = scaled.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return scaled
 
 
-def _sample(logits: torch.Tensor, row: Row) -> tuple[int, float]:
-    """(token, logprob of it under log_softmax(logits / T)); T == 0 is greedy with logprobs at T = 1."""
-    sp = row.req.sampling
+def _sample_group(logits: torch.Tensor, sp: SamplingParams, generators: list[torch.Generator]):
+    """(tokens [n], logprobs [n]) for n rows sharing sampling params: the logprob is log_softmax(logits / T) at
+    the token (T = 1 for greedy). Filtering and softmax run batched; each row still draws from its own
+    generator, so a request's tokens do not depend on which other requests share its batch."""
     if sp.temperature <= 0.0:
-        token = int(torch.argmax(logits))
-        return token, float(torch.log_softmax(logits, dim=-1)[token])
+        tokens = torch.argmax(logits, dim=-1)
+        return tokens, torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
     scaled = logits / sp.temperature
     probs = torch.softmax(_filter_logits(scaled, sp.top_k, sp.top_p), dim=-1)
-    token = int(torch.multinomial(probs, 1, generator=row.generator))
-    return token, float(torch.log_softmax(scaled, dim=-1)[token])
+    tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+    return tokens, torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
 def _step_rows(rows: list[Row], active: list[int], logits: torch.Tensor) -> None:
-    """Sample one token for every active row and mark the rows that finish."""
+    """Sample one token for every active row and mark the rows that finish. Rows are grouped by sampling
+    params (one group in RL: every request alike) and the results cross to the host once per step."""
+    logits = logits.float()
+    groups: dict[tuple, list[int]] = {}
     for b, i in enumerate(active):
-        row = rows[i]
-        row.emit(*_sample(logits[b].float(), row))
+        sp = rows[i].req.sampling
+        groups.setdefault((sp.temperature, sp.top_k, sp.top_p), []).append(b)
+    tokens = torch.empty(len(active), dtype=torch.long, device=logits.device)
+    logps = torch.empty(len(active), dtype=torch.float32, device=logits.device)
+    for bs in groups.values():
+        index = torch.tensor(bs, device=logits.device)
+        t, lp = _sample_group(logits[index], rows[active[bs[0]]].req.sampling,
+                              [rows[active[b]].generator for b in bs])
+        tokens[index], logps[index] = t, lp
+    for i, token, logp in zip(active, tokens.tolist(), logps.tolist()):
+        rows[i].emit(token, logp)
 
 
 def _prefill(model, rows: list[Row], pad_id: int, cache: DynamicCache, capture: _RouterCapture | None):

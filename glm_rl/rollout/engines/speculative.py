@@ -88,9 +88,9 @@ def accumulate_stats(stats: dict[str, Any], rows: Iterable[Row]) -> None:
 
 # -- the acceptance rule -------------------------------------------------------------------------------------
 def sampling_probs(logits: torch.Tensor, sp: SamplingParams) -> torch.Tensor:
-    """softmax(filter(logits / T)) for each row of [n, V] logits (T > 0): what `generation._sample` draws from."""
-    return torch.stack([torch.softmax(_filter_logits(x / sp.temperature, sp.top_k, sp.top_p), dim=-1)
-                        for x in logits.float()])
+    """softmax(filter(logits / T)) for each row of [n, V] logits (T > 0): what `generation._sample_group`
+    draws from."""
+    return torch.softmax(_filter_logits(logits.float() / sp.temperature, sp.top_k, sp.top_p), dim=-1)
 
 
 def speculative_accept(p: torch.Tensor, q: torch.Tensor, drafts: list[int],
