@@ -2,7 +2,7 @@
 
 megatron-core assumes CUDA in a handful of places that are not about the math. Each patch below replaces
 exactly one of them, was seen to be needed on megatron-core 0.19.2 (`../shared/FACTS.md`, or by
-tests/test_megatron_model.py for 6-7), and leaves the
+tests/test_megatron_model.py for 6-7, 9-10), and leaves the
 numerics alone. They are process-wide (they patch module attributes), so they are applied only by an explicit
 `apply_cpu_shims()` call — importing this module changes nothing — and only where CUDA is absent: on a GPU
 host `apply_cpu_shims()` is a no-op.
@@ -13,14 +13,22 @@ host `apply_cpu_shims()` is a no-op.
 3. Dummy `torch.cuda.Stream/Event/current_stream/stream/synchronize` for code paths that overlap work on side
    streams (on CPU everything is already ordered).
 4. `transformer.utils.get_default_causal_mask` hard-codes device="cuda": the CPU twin.
-5. Torch-norm + sequence parallel: `WrappedTorchNorm` asserts `not config.sequence_parallel` (TP>1 with MoE
-   needs SP). The norm math does not depend on SP; we build it with SP off and tag its parameters
-   `sequence_parallel=True`, which is what finalize_model_grads reads to all-reduce their grads over TP.
+5. (moved out: `apply_norm_sequence_parallel_patch`, below, is not about CPU and applies on GPU too.)
 6. Expert-parallel all-to-all hands its split sizes to `all_to_all_single` as tensors, which gloo refuses:
    pass them as lists.
 7. Uneven gather / reduce-scatter along the first dim (TP×EP token exchange inside the expert-TP group):
    gloo's `all_gather` and `reduce_scatter` need equal sizes: pad-gather-trim, and all-reduce-then-slice.
 8. `jit_fuser` is `torch.compile` (17 s cold on this box for tiny fused ops): disable dynamo (0.009 s).
+9. `rope_utils.get_pos_emb_on_this_cp_rank` (CP > 1) builds its chunk index with `pin_memory=True` and
+   `.cuda()`: the same index_select on the CPU.
+10. `Tensor.cuda()` returns the tensor itself: megatron moves buffers explicitly, e.g. the last pipeline
+   stage's embedding copy (MTP / tied head) before its all-reduce with the first stage.
+
+Not a CPU shim, kept here so all megatron patches live in one file: `apply_norm_sequence_parallel_patch` —
+megatron's torch-norm wrapper `WrappedTorchNorm` (the local spec's norm when Apex/TE are absent, so on our GPU
+box too) asserts `not config.sequence_parallel`, but TP>1 with MoE needs SP. The norm math does not depend on
+SP; we build it with SP off and tag its parameters `sequence_parallel=True`, which is what
+finalize_model_grads reads to all-reduce their grads over TP (as megatron does for TE norms under SP).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import dataclasses
 import torch
 
 _APPLIED = False
+_NORM_PATCHED = False
 
 
 class CpuRNGStatesTracker:
@@ -111,7 +120,11 @@ def _cpu_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
 
-def _patch_torch_norm():
+def apply_norm_sequence_parallel_patch() -> None:
+    """Let `WrappedTorchNorm` be built under sequence parallelism (module docstring); idempotent, any device."""
+    global _NORM_PATCHED
+    if _NORM_PATCHED:
+        return
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     original = WrappedTorchNorm.__new__
@@ -125,6 +138,22 @@ def _patch_torch_norm():
         return norm
 
     WrappedTorchNorm.__new__ = staticmethod(__new__)
+    _NORM_PATCHED = True
+
+
+def _patch_cp_rope_chunks():
+    from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
+
+    def get_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
+        if cp_group is None:
+            raise ValueError("cp_group must be provided to get positional embedding per CP rank")
+        cp, rank = cp_group.size(), cp_group.rank()
+        chunks = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp, -1, *pos_emb.shape[seq_dim + 1:])
+        chunks = chunks.index_select(seq_dim, torch.tensor([rank, 2 * cp - rank - 1]))
+        return chunks.view(*chunks.shape[:seq_dim], -1, *chunks.shape[seq_dim + 2:])
+
+    rope_utils.get_pos_emb_on_this_cp_rank = get_pos_emb_on_this_cp_rank
+    rotary_pos_embedding.get_pos_emb_on_this_cp_rank = get_pos_emb_on_this_cp_rank
 
 
 def _patch_all_to_all_splits():
@@ -198,8 +227,9 @@ def apply_cpu_shims() -> bool:
     tutils.get_default_causal_mask = _cpu_causal_mask  # 4
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
 
-    _patch_torch_norm()  # 5
     _patch_all_to_all_splits()  # 6
     _patch_uneven_first_dim_collectives()  # 7
+    _patch_cp_rope_chunks()  # 9
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # 10
     _APPLIED = True
     return True
