@@ -83,8 +83,10 @@ class AlgoConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    backend: Literal["torch"] = opt("torch", "trainer backend")
-    num_trainer_ranks: int = opt(2, "data-parallel trainer ranks")
+    backend: Literal["torch", "megatron"] = opt(
+        "torch", "trainer backend: torch (HF model, data parallel; reference) or megatron (megatron-core GPTModel: "
+                 "TP/SP/EP/DP)")
+    num_trainer_ranks: int = opt(2, "trainer world size (megatron: TP x PP x CP x DP)")
     global_batch_size: int | None = opt(None, "samples per optimizer step (default: one step per rollout)")
     max_tokens_per_gpu: int = opt(2048, "micro-batch token budget per rank")
     lr: float = opt(3e-4, "AdamW learning rate")
@@ -92,7 +94,87 @@ class TrainConfig:
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.98, "AdamW beta2")
     clip_grad: float = opt(1.0, "gradient-norm clip")
+    # -- megatron backend (slime's / Megatron's flag names) --
+    tensor_model_parallel_size: int = opt(1, "megatron: tensor parallel size (TP)")
+    pipeline_model_parallel_size: int = opt(1, "megatron: pipeline parallel size (PP)")
+    context_parallel_size: int = opt(1, "megatron: context parallel size (CP)")
+    expert_model_parallel_size: int = opt(1, "megatron: expert parallel size (EP)")
+    expert_tensor_parallel_size: int = opt(1, "megatron: expert tensor parallel size (ETP)")
+    sequence_parallel: bool | None = opt(None, "megatron: sequence parallelism (default: on when TP > 1)")
+    decoder_first_pipeline_num_layers: int | None = opt(None, "megatron: decoder layers on the first PP stage")
+    decoder_last_pipeline_num_layers: int | None = opt(None, "megatron: decoder layers on the last PP stage")
+    recompute_granularity: Literal["full", "selective"] | None = opt(None, "megatron: activation recompute")
+    recompute_method: Literal["uniform", "block"] | None = opt(None, "megatron: with --recompute-granularity full")
+    recompute_num_layers: int | None = opt(None, "megatron: layers per recompute chunk (uniform) / recomputed (block)")
+    optimizer_cpu_offload: bool = opt(False, "megatron: keep the optimizer state (and its step) on the CPU")
+    use_precision_aware_optimizer: bool = opt(False, "megatron: precision-aware optimizer (GPU, bf16 training)")
+    moe_token_dispatcher_type: Literal["alltoall", "allgather", "flex"] = opt("alltoall", "megatron: MoE token "
+                                                                              "dispatcher")
+    moe_enable_deepep: bool = opt(False, "megatron: DeepEP all-to-all (needs --moe-token-dispatcher-type flex and "
+                                         "the deep_ep package)")
+    enable_mtp_training: bool = opt(False, "megatron: train the MTP layer on rollout tokens (detached backbone)")
+    mtp_loss_scaling_factor: float = opt(0.2, "megatron: MTP loss weight")
 
+    @property
+    def sequence_parallel_on(self) -> bool:
+        """--sequence-parallel as resolved: its value, or on exactly when TP > 1 (Megatron's MoE needs it)."""
+        return self.tensor_model_parallel_size > 1 if self.sequence_parallel is None else self.sequence_parallel
+
+    def layout(self):
+        """The `ParallelLayout` these flags ask for (DP = world / (TP x PP x CP)); raises `LayoutError` when
+        the world size has no whole DP."""
+        from glm_rl.parallel import ParallelLayout
+
+        return ParallelLayout.for_world_size(
+            self.num_trainer_ranks, tp=self.tensor_model_parallel_size, pp=self.pipeline_model_parallel_size,
+            cp=self.context_parallel_size, ep=self.expert_model_parallel_size,
+            etp=self.expert_tensor_parallel_size, sequence_parallel=self.sequence_parallel_on,
+            decoder_first_pipeline_num_layers=self.decoder_first_pipeline_num_layers,
+            decoder_last_pipeline_num_layers=self.decoder_last_pipeline_num_layers)
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks (the sample shards): the world for torch, world / (TP x PP x CP) for megatron."""
+        if self.backend == "torch":
+            return self.num_trainer_ranks
+        model = self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+        return max(self.num_trainer_ranks // max(model, 1), 1)
+
+
+    # -- LoRA / DoRA adapters (torch backend; glm_rl/trainer/lora.py) --
+    lora_rank: int = opt(0, "LoRA rank: train low-rank adapters on a frozen base (0 = full fine-tuning)")
+    lora_alpha: float = opt(16.0, "LoRA alpha: the adapter is scaled by alpha / rank")
+    lora_dropout: float = opt(0.0, "dropout on the adapters' input (linear targets)")
+    target_modules: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                              "comma list of modules that get adapters: q_proj k_proj v_proj o_proj (attention), "
+                              "gate_proj up_proj down_proj (dense MLP, shared expert), experts (routed experts, "
+                              "one adapter per expert)")
+    use_dora: bool = opt(False, "DoRA: learn a magnitude per output row on top of the LoRA direction")
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
+
+    def lora_errors(self) -> list[str]:
+        """The LoRA flags' problems, each naming its flag (called from `RunConfig.validate`)."""
+        from glm_rl.trainer.lora import check_targets
+
+        errors = []
+        try:
+            check_targets(self.lora_targets)
+        except ValueError as e:
+            errors.append(str(e))
+        if self.lora_rank < 0:
+            errors.append(f"--lora-rank must be >= 0 (got {self.lora_rank})")
+        if self.lora_alpha <= 0:
+            errors.append(f"--lora-alpha must be > 0 (got {self.lora_alpha})")
+        if not 0 <= self.lora_dropout < 1:
+            errors.append(f"--lora-dropout must be in [0, 1) (got {self.lora_dropout})")
+        if self.use_dora and self.lora_rank == 0:
+            errors.append("--use-dora needs --lora-rank > 0")
+        if self.lora_rank > 0 and self.backend != "torch":
+            errors.append(f"--lora-rank with --backend {self.backend} is not supported yet (use --backend torch)")
+        return errors
 
 @dataclass(frozen=True)
 class SyncConfig:
@@ -139,8 +221,10 @@ class RunConfig:
         gbs = t.global_batch_size or samples
         if samples % gbs:
             errors.append(f"--global-batch-size {gbs} must divide rollout-batch-size x n-samples-per-prompt = {samples}")
-        if gbs % t.num_trainer_ranks:
-            errors.append(f"--global-batch-size {gbs} must be divisible by --num-trainer-ranks {t.num_trainer_ranks}")
+        if gbs % t.dp_size:
+            errors.append(f"--global-batch-size {gbs} must be divisible by the data-parallel size {t.dp_size} "
+                          f"(--num-trainer-ranks {t.num_trainer_ranks}"
+                          + (" / (TP x PP x CP))" if t.backend == "megatron" else ")"))
         if a.advantage_estimator in ("grpo", "gspo") and r.n_samples_per_prompt < 2:
             errors.append(f"--advantage-estimator {a.advantage_estimator} needs --n-samples-per-prompt >= 2")
         if a.use_routing_replay and a.use_rollout_routing_replay:
@@ -170,10 +254,74 @@ class RunConfig:
             if self.sync.rollout_fp8:
                 errors.append("--rollout-fp8 with --rollout-engine sglang is not supported yet: start SGLang from a "
                               "checkpoint converted by tools/convert_hf_to_fp8.py instead")
+        errors += self._check_backend()
+        errors += t.lora_errors()
         errors += self._check_inputs()
         if errors:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
         return self
+
+    def _check_backend(self) -> list[str]:
+        """Megatron flags: only with --backend megatron, and only the parts the RL loop runs (see
+        trainer/backends/megatron/backend.py). The layout itself is checked against the model in _check_inputs."""
+        t, errors = self.train, []
+        sizes = {"--tensor-model-parallel-size": t.tensor_model_parallel_size,
+                 "--pipeline-model-parallel-size": t.pipeline_model_parallel_size,
+                 "--context-parallel-size": t.context_parallel_size,
+                 "--expert-model-parallel-size": t.expert_model_parallel_size,
+                 "--expert-tensor-parallel-size": t.expert_tensor_parallel_size}
+        if t.backend == "torch":
+            used = [f"{flag} {v}" for flag, v in sizes.items() if v != 1]
+            used += [flag for flag, on in (("--sequence-parallel", t.sequence_parallel),
+                                           ("--enable-mtp-training", t.enable_mtp_training),
+                                           ("--moe-enable-deepep", t.moe_enable_deepep),
+                                           ("--recompute-granularity", t.recompute_granularity)) if on]
+            if used:
+                errors.append(f"{', '.join(used)} need --backend megatron (the torch backend is data parallel only)")
+            return errors
+        for flag, value in sizes.items():
+            if value < 1:
+                errors.append(f"{flag} must be >= 1 (got {value})")
+        if t.pipeline_model_parallel_size > 1:
+            errors.append(f"--pipeline-model-parallel-size {t.pipeline_model_parallel_size}: the RL loop's megatron "
+                          "backend runs TP/SP/EP/DP only (pipeline parallelism is not wired into it yet)")
+        if t.context_parallel_size > 1:
+            errors.append(f"--context-parallel-size {t.context_parallel_size}: the RL loop's megatron backend runs "
+                          "TP/SP/EP/DP only (context parallelism is not wired into it yet)")
+        if t.enable_mtp_training:
+            errors.append("--enable-mtp-training is not wired into the RL loop's megatron backend yet")
+        if t.moe_enable_deepep:
+            if t.moe_token_dispatcher_type != "flex":
+                errors.append(f"--moe-enable-deepep needs --moe-token-dispatcher-type flex "
+                              f"(got {t.moe_token_dispatcher_type})")
+            import importlib.util
+
+            if importlib.util.find_spec("deep_ep") is None:
+                errors.append("--moe-enable-deepep needs the deep_ep package (DeepEP, CUDA + NVSHMEM), which is "
+                              "not importable here")
+        elif t.moe_token_dispatcher_type == "flex":
+            errors.append("--moe-token-dispatcher-type flex needs --moe-enable-deepep")
+        if t.recompute_method and t.recompute_granularity != "full":
+            errors.append(f"--recompute-method {t.recompute_method} needs --recompute-granularity full")
+        if t.recompute_granularity == "full" and (t.recompute_method is None or t.recompute_num_layers is None):
+            errors.append("--recompute-granularity full needs --recompute-method and --recompute-num-layers")
+        if t.use_precision_aware_optimizer and self.model.dtype != "bfloat16":
+            errors.append("--use-precision-aware-optimizer needs --dtype bfloat16 (it keeps fp32 master weights "
+                          "for a bf16 model)")
+        if self.sync.update_weight_transfer_mode == "tensor":
+            errors.append("--update-weight-transfer-mode tensor shares the torch backend's HF model buffer; "
+                          "with --backend megatron use broadcast or p2p")
+        return errors
+
+    def _check_layout(self, spec) -> list[str]:
+        """--backend megatron: the parallel layout against the model, every problem named (parallel.py)."""
+        from glm_rl.parallel import LayoutError, validate_layout
+
+        try:
+            layout = self.train.layout()
+        except LayoutError as e:
+            return [f"--num-trainer-ranks: {p}" for p in e.problems]
+        return [f"parallel layout: {p}" for p in validate_layout(spec, layout, world_size=self.train.num_trainer_ranks)]
 
     def _check_inputs(self) -> list[str]:
         """Read the checkpoint's config and the prompt file now, so bad input fails before Ray starts."""
@@ -185,6 +333,8 @@ class RunConfig:
         try:
             m = self.model
             spec = check_matches_preset(m.hf_checkpoint, m.model_preset) if m.model_preset else read_spec(m.hf_checkpoint)
+            if self.train.backend == "megatron":
+                errors += self._check_layout(spec)
             replay = self.algo.use_rollout_routing_replay or self.algo.use_routing_replay
             if replay and spec.num_moe_layers == 0:
                 errors.append(f"routing replay (R2/R3) needs MoE layers, but {m.hf_checkpoint} has none "
@@ -227,6 +377,10 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any,
         parser.add_argument(flag, dest=dest, choices=args, default=f.default, help=help_text)
         return
     base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if base is bool:  # `bool | None`: --flag / --no-flag, None when neither is given (an "auto" default)
+        parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=f.default,
+                            help=help_text)
+        return
     if get_origin(base) is Literal:
         parser.add_argument(flag, dest=dest, choices=get_args(base), default=f.default, help=help_text)
         return

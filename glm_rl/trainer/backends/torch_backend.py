@@ -3,6 +3,10 @@
 It shares the HF model code path with the embedded engine, so in fp32 on CPU the trainer's logprobs equal the
 engine's (the end-to-end test checks <= 1e-5). Gradients are summed over ranks with one flat all-reduce; each
 rank's loss is pre-scaled by 1 / (response tokens in the global batch), see `trainer/batching.py`.
+
+With `--lora-rank` > 0 the base model is frozen and wrapped with LoRA / DoRA adapters (`trainer/lora.py`): the
+optimizer holds only adapter tensors, checkpoints hold only adapters (+ optimizer), and weight sync sends the
+merged weights under the plain HF names, so engines and transports are the same as for full fine-tuning.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from glm_rl.algo import PolicyLossConfig, entropy_from_logits, policy_loss
 from glm_rl.config import AlgoConfig, ModelConfig, TrainConfig
 from glm_rl.models.checkpoint import load_hf_model
 from glm_rl.rollout.samples import Sample
+from glm_rl.trainer import lora
 from glm_rl.trainer.batching import MicroBatch, collate, pack_micro_batches
 from glm_rl.trainer.routing_replay import RoutingReplay
 
@@ -36,6 +41,11 @@ class TorchBackend:
         dtype = getattr(torch, model_cfg.dtype)
         self.model, tokenizer = load_hf_model(model_cfg.hf_checkpoint, dtype=dtype, preset=model_cfg.model_preset)
         self.model.to(device).train()
+        self.lora = train_cfg.lora_rank > 0
+        self.flat = None  # (buffer, layout) once `flatten_weights` ran (colocated tensor sync)
+        if self.lora:  # same seed on every rank (the actor seeds torch first), so every replica starts equal
+            lora.apply_lora(self.model, train_cfg.lora_rank, train_cfg.lora_alpha, train_cfg.lora_targets,
+                            dora=train_cfg.use_dora, dropout=train_cfg.lora_dropout, seed=torch.initial_seed())
         self.pad_id = tokenizer.pad_token_id
         self.cfg, self.algo, self.device = train_cfg, algo, device
         self.temperature = temperature if temperature > 0 else 1.0
@@ -45,7 +55,8 @@ class TorchBackend:
         if algo.kl_loss_coef > 0:
             self.ref_model, _ = load_hf_model(model_cfg.hf_checkpoint, dtype=dtype)
             self.ref_model.to(device).requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters only
+        self.opt = torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
                                      betas=(train_cfg.adam_beta1, train_cfg.adam_beta2))
 
     # -- forward ---------------------------------------------------------------------------------------------
@@ -143,25 +154,52 @@ class TorchBackend:
 
     # -- weights / checkpoints -----------------------------------------------------------------------------------
     def flatten_weights(self):
-        """Make every weight a view into one buffer (shared memory on CPU), for the colocated fast path."""
-        from glm_rl.weights.flat import flatten_module_
+        """One buffer (shared memory on CPU) holding every weight the engine loads, for the colocated fast path.
 
-        if getattr(self, "flat", None) is None:
-            flat, entries = flatten_module_(self.model)
+        Full fine-tuning: the model's own tensors become views into it. LoRA: the buffer is a separate copy of
+        the MERGED weights (HF names), refreshed by every `named_tensors()` call, i.e. before every push."""
+        from glm_rl.weights.flat import flatten_module_, plan_layout
+
+        if self.flat is None:
+            if self.lora:
+                entries, total = plan_layout(list(lora.merged_state_dict(self.model).items()))
+                flat = torch.zeros(total, dtype=torch.uint8, device=self.device)
+            else:
+                flat, entries = flatten_module_(self.model)
             self.flat = (flat if flat.is_cuda else flat.share_memory_(), entries)
         return self.flat
 
     def named_tensors(self):
-        """(HF module name, tensor) for every weight and buffer the engine loads."""
-        return list(self.model.state_dict().items())
+        """(HF module name, tensor) for every weight and buffer the engine loads; LoRA: adapters merged in."""
+        if not self.lora:
+            return list(self.model.state_dict().items())
+        merged = lora.merged_state_dict(self.model)
+        if self.flat is None:
+            return list(merged.items())
+        from glm_rl.weights.flat import views
+
+        out = views(*self.flat)
+        for name, view in out:
+            view.copy_(merged[name])
+        return out
 
     def save(self, path: Path) -> None:
+        """Full: model + optimizer in trainer.pt. LoRA: the adapter alone (`adapter/`, safetensors) + optimizer."""
         path.mkdir(parents=True, exist_ok=True)
+        if self.lora:
+            lora.save_adapter(self.model, path / "adapter")
+            torch.save({"optimizer": self.opt.state_dict()}, path / "trainer.pt")
+            return
         torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}, path / "trainer.pt")
 
     def load(self, path: Path) -> None:
         state = torch.load(path / "trainer.pt", map_location=self.device, weights_only=True)
-        self.model.load_state_dict(state["model"])
+        if self.lora:
+            lora.load_adapter(self.model, path / "adapter")
+        elif "model" not in state:
+            raise ValueError(f"{path}: holds a LoRA adapter, not full weights; resume it with its --lora-rank flags")
+        else:
+            self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
 
 
