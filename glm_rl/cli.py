@@ -79,11 +79,16 @@ def eval_cmd(
 
 @app.command()
 def generate(
-    prompt_file: Path = typer.Option(..., help="JSONL with `prompt` per line, or plain text lines"),
-    hf_checkpoint: Path = typer.Option(TINY_CHECKPOINT, help="HF checkpoint directory"),
+    prompt_file: Optional[Path] = typer.Option(None, help="JSONL with `prompt` per line, or plain text lines"),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="a prompt (repeatable), instead of a file"),
+    hf_checkpoint: Path = typer.Option(TINY_CHECKPOINT, "--hf-checkpoint", "--hf-model",
+                                       help="HF checkpoint directory (with --megatron-path: its tokenizer)"),
+    megatron_path: Optional[Path] = typer.Option(
+        None, help="greedy decoding straight from this Megatron torch_dist checkpoint (`glm-rl convert import`)"),
     enable_mtp: bool = typer.Option(False, "--enable-mtp", help="MTP speculative decoding"),
     speculative_num_steps: int = typer.Option(1, help="MTP drafts per verify forward (with --enable-mtp)"),
-    temperature: float = typer.Option(1.0, help="sampling temperature (0 = greedy)"),
+    temperature: Optional[float] = typer.Option(None, help="sampling temperature (0 = greedy) [default: 1.0; "
+                                                "greedy with --megatron-path]"),
     top_p: float = typer.Option(1.0),
     top_k: int = typer.Option(-1),
     max_new_tokens: int = typer.Option(32, help="clipped to the model's context"),
@@ -92,15 +97,24 @@ def generate(
     seed: int = typer.Option(0),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Generate with the embedded engine in-process (no Ray): tokens, text, logprobs, speculation stats."""
+    """Generate with the embedded engine in-process (no Ray): tokens, text, logprobs, speculation stats.
+    With --megatron-path: greedy text from a torch_dist checkpoint (Megatron's model, same output as HF)."""
     import time
 
     from glm_rl.evaluate import chat_prompt_ids
     from glm_rl.rollout.engines.embedded import EmbeddedEngine, EngineConfig
     from glm_rl.rollout.engines.generation import GenerationRequest, SamplingParams, request_seed
 
-    lines = [line for line in prompt_file.read_text().splitlines() if line.strip()]
-    texts = [_prompt_text(line) for line in lines]
+    if (prompt_file is None) == (not prompt):
+        raise ValueError("give the prompts with --prompt TEXT (repeatable) or --prompt-file FILE (one of them)")
+    texts = list(prompt) if prompt else [_prompt_text(line) for line in prompt_file.read_text().splitlines()
+                                         if line.strip()]
+    if megatron_path is not None:
+        _generate_megatron(megatron_path, hf_checkpoint, texts, max_new_tokens=max_new_tokens,
+                           chat_template=chat_template, temperature=temperature, enable_mtp=enable_mtp,
+                           as_json=as_json)
+        return
+    temperature = 1.0 if temperature is None else temperature
     engine = EmbeddedEngine(EngineConfig(hf_checkpoint=str(hf_checkpoint), dtype=dtype, seed=seed,
                                          enable_mtp=enable_mtp, speculative_num_steps=speculative_num_steps))
     engine.start()
@@ -111,7 +125,7 @@ def generate(
                 engine.tokenizer.encode(text, add_special_tokens=False)
             room = engine.max_total_len - len(ids)
             if room < 1:
-                raise ValueError(f"{prompt_file}:{i + 1}: prompt of {len(ids)} tokens fills the context")
+                raise ValueError(f"prompt {i + 1}: {len(ids)} tokens fill the context")
             sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
                                       max_new_tokens=min(max_new_tokens, room))
             requests.append(GenerationRequest(rid=f"p{i}", input_ids=tuple(ids), sampling=sampling,
@@ -122,6 +136,38 @@ def generate(
     finally:
         engine.shutdown()
     _print_generations(texts, answers, seconds, enable_mtp, temperature, as_json)
+
+
+def _generate_megatron(megatron_path: Path, hf_model: Path, texts: list[str], *, max_new_tokens: int,
+                       chat_template: bool, temperature: float | None, enable_mtp: bool, as_json: bool) -> None:
+    """`generate --megatron-path`: checks first (cheap), then Megatron's greedy decoding on one CPU rank."""
+    import time
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from glm_rl.convert import check_generate, megatron_generate
+    from glm_rl.evaluate import chat_prompt_ids
+
+    if temperature not in (None, 0.0) or enable_mtp:
+        raise ValueError("--megatron-path decodes greedily: drop --temperature / --enable-mtp")
+    spec = check_generate(megatron_path, hf_model)
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_model))
+    prompts = [chat_prompt_ids(tokenizer, t) if chat_template else tokenizer.encode(t, add_special_tokens=False)
+               for t in texts]
+    for i, ids in enumerate(prompts):
+        if len(ids) >= spec.max_position_embeddings:
+            raise ValueError(f"prompt {i + 1}: {len(ids)} tokens fill the context")
+    eos = GenerationConfig.from_pretrained(str(hf_model)).eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    t0 = time.perf_counter()
+    outs = megatron_generate(megatron_path, prompts, max_new_tokens, eos, in_process=True)
+    seconds = time.perf_counter() - t0
+    answers = [{"output_ids": o["output_ids"], "text": tokenizer.decode(o["output_ids"], skip_special_tokens=True),
+                "meta_info": {"output_token_logprobs": [(lp, t, None) for lp, t in zip(o["logprobs"],
+                                                                                          o["output_ids"])],
+                              "finish_reason": {"type": o["finish_reason"]}}}  # the engine's answer shape
+               for o in outs]
+    _print_generations(texts, answers, seconds, False, 0.0, as_json)
 
 
 def _print_generations(texts: list[str], answers: list[dict], seconds: float, enable_mtp: bool,
@@ -159,6 +205,76 @@ def _prompt_text(line: str) -> str:
             raise ValueError(f"prompt file: JSON line without a string `prompt`: {line[:80]!r}")
         return row["prompt"]
     return line
+
+
+from glm_rl.plan_command import plan_command  # noqa: E402  (the command's flags live with it)
+
+app.command("plan")(plan_command)
+
+
+convert_app = typer.Typer(no_args_is_help=True, help="HF <-> Megatron torch_dist checkpoints (glm_rl/convert.py).")
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("import")
+def convert_import(
+    hf_model: Path = typer.Option(..., help="HF GLM-4.5 checkpoint directory"),
+    megatron_path: Path = typer.Option(..., help="torch_dist output directory (new or empty)"),
+    model_preset: Optional[str] = typer.Option(None, help="check the HF config against this preset first"),
+    tensor_model_parallel_size: int = typer.Option(1, help="TP of the ranks that write (any layout loads it)"),
+    pipeline_model_parallel_size: int = typer.Option(1),
+    context_parallel_size: int = typer.Option(1),
+    expert_model_parallel_size: int = typer.Option(1),
+    expert_tensor_parallel_size: int = typer.Option(1),
+    decoder_first_pipeline_num_layers: Optional[int] = typer.Option(None),
+    decoder_last_pipeline_num_layers: Optional[int] = typer.Option(None),
+) -> None:
+    """HF checkpoint -> Megatron torch_dist (spawns the layout's ranks on this host; torchrun: see tools/)."""
+    from glm_rl.convert import check_import, import_checkpoint
+
+    job = check_import(hf_model, megatron_path, flags=("--hf-model", "--megatron-path"),
+                       model_preset=model_preset, tp=tensor_model_parallel_size,
+                       pp=pipeline_model_parallel_size, cp=context_parallel_size, ep=expert_model_parallel_size,
+                       etp=expert_tensor_parallel_size,
+                       decoder_first_pipeline_num_layers=decoder_first_pipeline_num_layers,
+                       decoder_last_pipeline_num_layers=decoder_last_pipeline_num_layers)
+    import_checkpoint(job, in_process=True)  # one rank: this CLI process does the work
+    typer.echo(f"wrote torch_dist checkpoint {job.save}")
+
+
+@convert_app.command("export")
+def convert_export(
+    hf_model: Path = typer.Option(..., help="HF checkpoint of the same architecture: config, tokenizer, layout"),
+    megatron_path: Path = typer.Option(..., help="torch_dist checkpoint directory"),
+    hf_path: Path = typer.Option(..., help="HF output directory (new or empty)"),
+) -> None:
+    """Megatron torch_dist -> HF checkpoint (safetensors laid out as --hf-model's, its config and tokenizer)."""
+    from glm_rl.convert import check_export, export_checkpoint
+
+    job = check_export(megatron_path, hf_model, hf_path, flags=("--hf-model", "--hf-path"))
+    export_checkpoint(job, in_process=True)
+    typer.echo(f"wrote HF checkpoint {job.save}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def recipe(
+    ctx: typer.Context,
+    name: str = typer.Option(..., "--recipe", help="recipe name, e.g. glm45_tiny_pretrain (see glm_rl/recipes)"),
+    pretrained_checkpoint: Optional[Path] = typer.Option(None, help="finetune: HF checkpoint dir to start from"),
+    output_dir: Optional[Path] = typer.Option(None, help="run dir (default: checkpoint.save, else runs/NAME)"),
+) -> None:
+    """Pretrain / SFT / LoRA / DoRA recipe on the Megatron model; extra args are dotted `key=value` overrides
+    (e.g. `train.global_batch_size=128 peft=lora`). Runs under `torchrun --nproc-per-node N`."""
+    from glm_rl.recipes.config import apply_overrides, get_recipe, validate
+
+    kwargs = {"pretrained_checkpoint": str(pretrained_checkpoint)} if pretrained_checkpoint else {}
+    if kwargs and "finetune" not in name:
+        raise typer.BadParameter("only finetune recipes take --pretrained-checkpoint", param_hint="--pretrained-checkpoint")
+    cfg = validate(apply_overrides(get_recipe(name, **kwargs), list(ctx.args)))  # before any process group
+    from glm_rl.recipes.runner import run_recipe
+
+    out = run_recipe(cfg, output_dir)
+    console.print(f"done: metrics {out / 'metrics.jsonl'}, HF weights {out / 'hf'}")
 
 
 def _human(n: int) -> str:
