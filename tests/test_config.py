@@ -78,3 +78,48 @@ def test_sglang_pass_through_flags():
     assert passed == (("mem-fraction-static", "0.7"), ("enable-dp-attention", None), ("dp-size", "8"))
     with pytest.raises(ValueError, match=r"\['--sglang-no-such'\]: SGLang 0.5.23 has no such server flag"):
         parse_args(["--sglang-no-such", "1"])
+
+
+# -- --backend megatron: the Megatron flags, validated at parse time --------------------------------------------
+def test_megatron_flags_reach_the_train_section():
+    cfg = parse_args(["--backend", "megatron", "--num-trainer-ranks", "4", "--tensor-model-parallel-size", "2",
+                      "--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "allgather",
+                      "--optimizer-cpu-offload", "--recompute-granularity", "full", "--recompute-method", "uniform",
+                      "--recompute-num-layers", "1", "--global-batch-size", "16"])
+    t = cfg.train
+    assert (t.backend, t.tensor_model_parallel_size, t.expert_model_parallel_size) == ("megatron", 2, 2)
+    assert t.sequence_parallel is None and t.sequence_parallel_on  # auto: on with TP > 1
+    assert (t.dp_size, t.layout().dp, t.layout().etp) == (2, 2, 1)
+    assert t.optimizer_cpu_offload and t.recompute_num_layers == 1
+    assert parse_args(["--backend", "megatron", "--num-trainer-ranks", "1"]).train.sequence_parallel_on is False
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size 2 need --backend megatron"),
+    (["--expert-model-parallel-size", "2", "--enable-mtp-training"],
+     "--expert-model-parallel-size 2, --enable-mtp-training need --backend megatron"),
+    (["--backend", "megatron", "--tensor-model-parallel-size", "3"],
+     "world size 2 is not divisible by TP 3 × PP 1 × CP 1 = 3"),
+    (["--backend", "megatron", "--num-trainer-ranks", "3", "--tensor-model-parallel-size", "3",
+      "--global-batch-size", "16"], "num_attention_heads 4 is not divisible by --tensor-model-parallel-size 3"),
+    (["--backend", "megatron", "--expert-model-parallel-size", "3", "--num-trainer-ranks", "3",
+      "--rollout-batch-size", "6"], "n_routed_experts 8 is not divisible by --expert-model-parallel-size 3"),
+    (["--backend", "megatron", "--num-trainer-ranks", "4", "--tensor-model-parallel-size", "2",
+      "--expert-model-parallel-size", "8"], "--expert-model-parallel-size 8 = 8 does not divide the 4"),
+    (["--backend", "megatron", "--tensor-model-parallel-size", "2", "--no-sequence-parallel"],
+     "MoE with --tensor-model-parallel-size 2 needs --sequence-parallel"),
+    (["--backend", "megatron", "--num-trainer-ranks", "4", "--global-batch-size", "2",
+      "--expert-model-parallel-size", "2"], "--global-batch-size 2 must be divisible by the data-parallel size 4"),
+    (["--backend", "megatron", "--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size 2: the RL"),
+    (["--backend", "megatron", "--context-parallel-size", "2"], "--context-parallel-size 2: the RL loop"),
+    (["--backend", "megatron", "--moe-enable-deepep", "--moe-token-dispatcher-type", "flex"],
+     "--moe-enable-deepep needs the deep_ep package"),
+    (["--backend", "megatron", "--moe-enable-deepep"], "needs --moe-token-dispatcher-type flex (got alltoall)"),
+    (["--backend", "megatron", "--recompute-granularity", "full"], "needs --recompute-method and"),
+    (["--backend", "megatron", "--colocate", "--update-weight-transfer-mode", "tensor"],
+     "with --backend megatron use broadcast or p2p"),
+])
+def test_megatron_layout_and_flag_errors_are_named(flags, message):
+    with pytest.raises(ValueError, match="invalid configuration") as e:
+        parse_args(flags)
+    assert message in str(e.value), str(e.value)

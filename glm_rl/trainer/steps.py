@@ -32,7 +32,7 @@ def old_logprobs(samples: list[Sample], cfg: RunConfig, trainers) -> dict[str, f
         for s in samples:
             s.old_logprobs = np.asarray(s.rollout_logprobs, dtype=np.float32)
         return metrics
-    results = trainers.logprobs(split_for_dp(samples, len(trainers.actors)))
+    results = trainers.logprobs(split_for_dp(samples, trainers.dp_size))
     by_index = {s.index: s for s in samples}
     for res in results:
         for i, lp in res["old"].items():
@@ -93,7 +93,7 @@ def train(samples: list[Sample], cfg: RunConfig, trainers) -> dict[str, float]:
         global_tokens = float(sum(s.token_mask.sum() for s in batch))
         if global_tokens == 0:  # e.g. MIS vetoed every sequence: skip the optimizer step
             continue
-        results = trainers.train_step(split_for_dp(batch, len(trainers.actors)), global_tokens)
+        results = trainers.train_step(split_for_dp(batch, trainers.dp_size), global_tokens)
         grad_norms.append(results[0]["train/grad_norm"])  # identical on every rank after the all-reduce
         for res in results:
             n = res["n_tokens"]

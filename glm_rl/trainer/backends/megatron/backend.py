@@ -1,0 +1,358 @@
+"""Megatron trainer backend for the RL loop: GLM-4.5 as a megatron-core GPTModel with TP (+SP), EP and DP.
+
+Same interface as `TorchBackend` (`logprobs`, `train_step`, `named_tensors`, `save` / `load`), so the loop,
+algorithms and metrics are shared. Choices, and why:
+- One rank per process; Megatron's parallel state is built here from the config's `ParallelLayout` (DP =
+  world / TP). Every TP peer of a DP rank receives the same samples (trainer/group.py), so all run the same
+  micro-batches. PP / CP are refused at parse time (config.py): not wired into this loop yet.
+- Logprobs and entropy come straight from the vocab-parallel logits (B, T, V/TP): logprob = −CE from
+  megatron's `vocab_parallel_cross_entropy`, entropy from three TP all-reduces; the full vocab is never gathered.
+- With SP the sequence is cut over TP inside the model: micro-batches are right-padded to a multiple of TP.
+- Expert all-to-alls are collectives across DP ranks: every rank runs the same number of micro-batches (the
+  rank with fewer runs zero-loss pad batches), forward and backward.
+- Gradients, as megatron's `finalize_model_grads` + DDP would: SP-tagged replicated params (norms, router)
+  all-reduced over TP; routed-expert params over the expert-data-parallel group; the rest over DP. Loss is
+  pre-scaled by 1 / (global response tokens), so these are sums. The grad norm counts each shard once: dense
+  params over TP (TP-replicated ones on TP rank 0 only), expert params over ETP × EP.
+- Optimizer: plain torch AdamW (no distributed optimizer; fine for CPU / small runs). With
+  `--optimizer-cpu-offload` or `--use-precision-aware-optimizer` it steps fp32 master copies (on the CPU for
+  offload) and copies the result back into the model's weights.
+- Routing replay (R2 / R3) uses megatron-core's RouterReplay (replay.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from glm_rl.algo import policy_loss
+from glm_rl.config import AlgoConfig, ModelConfig, TrainConfig
+from glm_rl.rollout.samples import Sample
+from glm_rl.trainer.backends.megatron.replay import MegatronRoutingReplay
+from glm_rl.trainer.backends.torch_backend import loss_config
+from glm_rl.trainer.batching import MicroBatch, collate, pack_micro_batches
+
+
+def init_parallel(train_cfg: TrainConfig, seed: int) -> None:
+    """Megatron parallel state + model-parallel RNG on the initialised default group (model.py applies the CPU
+    shims first)."""
+    from glm_rl.trainer.backends.megatron.model import setup_model_parallel
+
+    lay = train_cfg.layout()
+    setup_model_parallel(tp=lay.tp, ep=lay.ep, pp=lay.pp, cp=lay.cp, etp=lay.etp, seed=seed)
+
+
+def _model_overrides(t: TrainConfig) -> dict:
+    """TransformerConfig fields the train flags set (build_gpt_model passes them through)."""
+    over = dict(sequence_parallel=t.sequence_parallel_on, moe_token_dispatcher_type=t.moe_token_dispatcher_type)
+    if t.moe_enable_deepep:
+        over["moe_flex_dispatcher_backend"] = "deepep"
+    if t.recompute_granularity:
+        over |= dict(recompute_granularity=t.recompute_granularity, recompute_method=t.recompute_method,
+                     recompute_num_layers=t.recompute_num_layers)
+    return over
+
+
+class MegatronBackend:
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, algo: AlgoConfig, *, temperature: float,
+                 seed: int = 1234, device: str = "cpu") -> None:
+        from megatron.core import parallel_state as ps
+        from glm_rl.models.checkpoint import check_matches_preset, load_hf_model, read_spec
+        from glm_rl.trainer.backends.megatron.bridge import import_hf_weights
+        from glm_rl.trainer.backends.megatron.model import build_gpt_model
+
+        ckpt = model_cfg.hf_checkpoint
+        self.spec = check_matches_preset(ckpt, model_cfg.model_preset) if model_cfg.model_preset else read_spec(ckpt)
+        init_parallel(train_cfg, seed)
+        self.cfg, self.algo, self.device = train_cfg, algo, device
+        self.dtype = getattr(torch, model_cfg.dtype)
+        self.temperature = temperature if temperature > 0 else 1.0
+        self.loss_cfg = loss_config(algo)
+        self.tp, self.tp_rank, self.tp_group = (ps.get_tensor_model_parallel_world_size(),
+                                                ps.get_tensor_model_parallel_rank(),
+                                                ps.get_tensor_model_parallel_group())
+        self.sp = train_cfg.sequence_parallel_on
+        hf, tokenizer = load_hf_model(ckpt, dtype=self.dtype)  # the HF model: the one reader of the checkpoint
+        hf_state, self.pad_id = hf.state_dict(), tokenizer.pad_token_id
+        # the engine's dtype per tensor: megatron keeps torch norms in fp32 under bf16, HF (and so the engine) not
+        self.hf_dtypes = {name: t.dtype for name, t in hf_state.items()}
+        replay = algo.use_rollout_routing_replay or algo.use_routing_replay
+
+        def build(routing_replay: bool):
+            model = build_gpt_model(self.spec, tp=self.tp, ep=ps.get_expert_model_parallel_world_size(),
+                                    params_dtype=self.dtype, moe_enable_routing_replay=routing_replay,
+                                    **_model_overrides(train_cfg))
+            import_hf_weights(model, self.spec, hf_state)
+            return model.to(device)
+
+        self.model = build(replay).train()
+        self.replay = MegatronRoutingReplay(self.model, self.spec.num_experts_per_tok, tp_rank=self.tp_rank,
+                                            tp_size=self.tp, tp_group=self.tp_group, sequence_parallel=self.sp)
+        self.ref_model = build(False).requires_grad_(False) if algo.kl_loss_coef > 0 else None
+        del hf, hf_state
+        self.opt = _Optimizer(self.model, train_cfg)
+
+    def dp_coords(self) -> tuple[int, bool]:
+        """(data-parallel rank = the sample shard this rank trains on, whether it reports for its DP rank)."""
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_rank(), self.tp_rank == 0
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    def _forward(self, model, mb: MicroBatch, with_entropy: bool = False):
+        """(logp (B, T), entropy (B, T) | None) of the targets under temperature, from vocab-parallel logits."""
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        ids = mb.input_ids.to(self.device)
+        pos = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
+        # (B, T, V/TP); Megatron's padded vocab rows carry a fixed -1e4 logit (model.py): no probability mass
+        logits = model(ids, pos, attention_mask=None).float() / self.temperature
+        entropy = _vocab_parallel_entropy(logits, self.tp_group) if with_entropy else None
+        # megatron's CE works in place on its input: give it its own copy when the entropy graph needs ours
+        logp = -vocab_parallel_cross_entropy(logits.clone() if with_entropy else logits, mb.targets.to(self.device))
+        return logp, entropy
+
+    def _set_replay(self, mb: MicroBatch, phase: str) -> None:
+        if mb.routed_experts is not None:
+            self.replay.replay(mb.routed_experts, mb.valid)
+        elif self.algo.use_routing_replay and phase == "logprob":
+            self.replay.record(mb.valid)
+        else:
+            self.replay.off()
+
+    def _routing_field(self, phase: str) -> str | None:
+        if self.algo.use_rollout_routing_replay:
+            return "routed_experts"
+        if self.algo.use_routing_replay and phase == "train":
+            return "trainer_routing"
+        return None
+
+    def _micro_batches(self, samples: list[Sample], phase: str) -> list[MicroBatch]:
+        """Packed by --max-tokens-per-gpu, padded for SP, and topped up with pad batches so every rank runs as
+        many as the busiest one (expert all-to-alls are collectives)."""
+        routing = self._routing_field(phase)
+        multiple = self.tp if self.sp else 1
+        mbs = [_pad_to(collate(g, self.pad_id, routing), multiple, self.pad_id)
+               for g in pack_micro_batches(samples, self.cfg.max_tokens_per_gpu)]
+        count = torch.tensor([len(mbs)], device=self.device)  # on the device: NCCL reduces device tensors only
+        if dist.is_initialized():
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        k = (self.replay.num_moe_layers, self.spec.num_experts_per_tok) if routing else None
+        return mbs + [_pad_batch(multiple, self.pad_id, k) for _ in range(int(count) - len(mbs))]
+
+    @torch.no_grad()
+    def logprobs(self, samples: list[Sample]) -> dict:
+        """Old (and reference) logprobs per sample; R2 returns the recorded routing; R3 reports agreement
+        (summed over TP peers, so every peer reports its DP group's whole count)."""
+        self.model.eval()
+        self.replay.take_agreement()
+        old, ref, routing = {}, {}, {}
+        for mb in self._micro_batches(samples, "logprob"):
+            self._set_replay(mb, "logprob")
+            logp, _ = self._forward(self.model, mb)
+            if self.replay.mode == "record":
+                recorded = self.replay.recorded().to(torch.int16).cpu().numpy()
+                for i, s in enumerate(mb.samples):
+                    routing[s.index] = recorded[i, :s.num_positions]
+            for s, lp in zip(mb.samples, mb.per_sample(logp)):
+                old[s.index] = lp
+            if self.ref_model is not None:
+                for s, lp in zip(mb.samples, mb.per_sample(self._forward(self.ref_model, mb)[0])):
+                    ref[s.index] = lp
+        self.replay.off()
+        agree, total = self._tp_sum(*self.replay.take_agreement())
+        self.model.train()
+        return {"old": old, "ref": ref, "routing": routing, "replay_agree": agree, "replay_total": total}
+
+    def _tp_sum(self, *values: int) -> list[int]:
+        if self.tp == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.long, device=self.device)
+        dist.all_reduce(t, group=self.tp_group)
+        return t.tolist()
+
+    # -- training ----------------------------------------------------------------------------------------------
+    def train_step(self, samples: list[Sample], global_tokens: int) -> dict[str, float]:
+        """One optimizer step over this DP rank's share of the global batch."""
+        for p in self.model.parameters():
+            p.grad = None
+        sums: dict[str, float] = {}
+        for mb in self._micro_batches(samples, "train"):
+            self._set_replay(mb, "train")
+            logp, entropy = self._forward(self.model, mb, with_entropy=self.algo.entropy_coef > 0)
+            n_tokens = float(mb.loss_mask.sum())
+            if n_tokens == 0:  # a pad batch: still backward, the expert all-to-alls must run on every rank
+                (logp.sum() * 0.0).backward()
+                continue
+            loss, metrics = policy_loss(
+                logp, mb.extra["old_logprobs"].to(self.device), mb.advantages.to(self.device),
+                mb.loss_mask.to(self.device), self.loss_cfg, ref_logp=_opt(mb.extra.get("ref_logprobs"), self.device),
+                token_weights=_opt(mb.extra.get("token_weights"), self.device), entropy=entropy)
+            (loss * (n_tokens / global_tokens)).backward()
+            metrics["train/loss"] = float(loss.detach())
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * n_tokens
+            sums["n_tokens"] = sums.get("n_tokens", 0.0) + n_tokens
+        self.replay.off()
+        grad_norm = self._reduce_grads_and_clip()
+        self.opt.step()
+        n = max(sums.pop("n_tokens", 0.0), 1.0)
+        out = {**{k: v / n for k, v in sums.items()}, "n_tokens": n, "train/grad_norm": grad_norm}
+        agree, total = self._tp_sum(*self.replay.take_agreement())
+        if total:
+            out["routing/train_replay_agreement"] = agree / total
+        return out
+
+    def _reduce_grads_and_clip(self) -> float:
+        from megatron.core import parallel_state as ps
+
+        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        for _, p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        expert = {n for n, _ in params if _is_routed_expert(n)}
+        groups = {  # group → grads summed over it; one flat all-reduce each
+            "tp": [p.grad for n, p in params if getattr(p, "sequence_parallel", False) and self.tp > 1],
+            "dp": [p.grad for n, p in params if n not in expert],
+            "edp": [p.grad for n, p in params if n in expert]}
+        pg = {"tp": self.tp_group, "dp": ps.get_data_parallel_group(),
+              "edp": ps.get_expert_data_parallel_group()}
+        for key in ("tp", "dp", "edp"):  # SP's TP sum first: the DP sum then adds whole TP-summed grads
+            _all_reduce_flat(groups[key], pg[key])
+        dense_sq = sum((p.grad.float() ** 2).sum() for n, p in params
+                       if n not in expert and (getattr(p, "tensor_model_parallel", False) or self.tp_rank == 0))
+        expert_sq = sum((p.grad.float() ** 2).sum() for n, p in params if n in expert and
+                        (getattr(p, "tensor_model_parallel", False) or ps.get_expert_tensor_parallel_rank() == 0))
+        sq = torch.stack([torch.as_tensor(x, dtype=torch.float32, device=self.device) for x in (dense_sq, expert_sq)])
+        if dist.is_initialized():
+            dist.all_reduce(sq[:1], group=ps.get_model_parallel_group())
+            dist.all_reduce(sq[1:], group=ps.get_expert_tensor_model_pipeline_parallel_group())
+        norm = float(sq.sum().sqrt())
+        coef = self.cfg.clip_grad / (norm + 1e-6)
+        if coef < 1:  # as torch.nn.utils.clip_grad_norm_
+            for _, p in params:
+                p.grad.mul_(coef)
+        return norm
+
+    # -- weights / checkpoints -----------------------------------------------------------------------------------
+    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor) for every weight the engine loads. Collective: every rank must call it (the
+        export gathers over TP and EP); every rank gets the same list. Replicated tensors may be views of the
+        model's weights (as TorchBackend's state_dict): read them before the next optimizer step. Each tensor
+        has the HF model's dtype for it (what the engine holds and verifies against)."""
+        from glm_rl.trainer.backends.megatron.bridge import export_hf_weights
+
+        return [(n, t.to(self.hf_dtypes[n])) for n, t in export_hf_weights(self.model, self.spec)]
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}, path / "trainer.pt")
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path / "trainer.pt", map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+
+
+class _Optimizer:
+    """torch AdamW on the model's parameters, or on fp32 master copies (on the CPU with --optimizer-cpu-offload,
+    fp32 with --use-precision-aware-optimizer) whose result is copied back after each step."""
+
+    def __init__(self, model: torch.nn.Module, t: TrainConfig) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.master = None
+        if t.optimizer_cpu_offload or t.use_precision_aware_optimizer:
+            device = "cpu" if t.optimizer_cpu_offload else None
+            self.master = [p.detach().to(device=device or p.device, dtype=torch.float32, copy=True)
+                           for p in self.params]
+        self.opt = torch.optim.AdamW(self.master or self.params, lr=t.lr, weight_decay=t.weight_decay,
+                                     betas=(t.adam_beta1, t.adam_beta2))
+
+    def step(self) -> None:
+        if self.master is None:
+            self.opt.step()
+            return
+        for m, p in zip(self.master, self.params):
+            m.grad = p.grad.to(device=m.device, dtype=torch.float32)
+        self.opt.step()
+        with torch.no_grad():
+            for m, p in zip(self.master, self.params):
+                p.copy_(m)
+
+    def state_dict(self) -> dict:
+        return {"opt": self.opt.state_dict(), "master": self.master}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.master is not None and state["master"] is not None:
+            for m, saved in zip(self.master, state["master"]):
+                m.data.copy_(saved)
+        self.opt.load_state_dict(state["opt"])
+
+
+def _is_routed_expert(name: str) -> bool:
+    return ".experts." in name and ".shared_experts." not in name
+
+
+def _all_reduce_flat(grads: list[torch.Tensor], group) -> None:
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    if not grads or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
+
+
+def _vocab_parallel_entropy(logits: torch.Tensor, tp_group) -> torch.Tensor:
+    """Entropy (B, T) of softmax over the full vocab from vocab shards (B, T, V/TP): log Z − E_p[z], with the
+    max, Z and Σ e^z·z all-reduced over TP (sums differentiable: all-reduce forward, identity backward)."""
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region as tp_sum
+
+    m = logits.detach().max(dim=-1, keepdim=True).values
+    if dist.is_initialized() and dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
+    e = torch.exp(logits - m)
+    z = tp_sum(e.sum(-1))
+    ez = tp_sum((e * (logits - m)).sum(-1))
+    return torch.log(z) - ez / z
+
+
+def _pad_to(mb: MicroBatch, multiple: int, pad_id: int) -> MicroBatch:
+    """Right-pad every (B, T, ...) field of `mb` to T a multiple of `multiple` (pad positions are not valid)."""
+    T = mb.input_ids.shape[1]
+    extra = -T % multiple
+    if not extra:
+        return mb
+
+    def pad(x: torch.Tensor, value) -> torch.Tensor:
+        tail = torch.full((x.shape[0], extra, *x.shape[2:]), value, dtype=x.dtype)
+        return torch.cat([x, tail], dim=1)
+
+    routed = None
+    if mb.routed_experts is not None:
+        routed = pad(mb.routed_experts, 0)
+        routed[:, T:] = torch.arange(routed.shape[-1])  # distinct ids on pad rows
+    return replace(mb, input_ids=pad(mb.input_ids, pad_id), targets=pad(mb.targets, pad_id),
+                   valid=pad(mb.valid, False), loss_mask=pad(mb.loss_mask, 0.0),
+                   rollout_logp=pad(mb.rollout_logp, 0.0), advantages=pad(mb.advantages, 0.0),
+                   routed_experts=routed, extra={k: pad(v, 0.0) for k, v in mb.extra.items()})
+
+
+def _pad_batch(length: int, pad_id: int, routing: tuple[int, int] | None) -> MicroBatch:
+    """A one-row micro-batch of pad tokens with no loss: keeps this rank in step with the others."""
+    zeros = torch.zeros((1, length))
+    ids = torch.full((1, length), pad_id, dtype=torch.long)
+    routed = None
+    if routing:
+        routed = torch.zeros((1, length, *routing), dtype=torch.long)
+        routed[:] = torch.arange(routing[1])
+    return MicroBatch([], ids, ids.clone(), torch.zeros((1, length), dtype=torch.bool), zeros, zeros.clone(),
+                      zeros.clone(), routed, {"old_logprobs": zeros.clone()})
+
+
+def _opt(x: torch.Tensor | None, device: str) -> torch.Tensor | None:
+    return None if x is None else x.to(device)

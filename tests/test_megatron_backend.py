@@ -1,0 +1,211 @@
+"""Megatron trainer backend in the RL loop: gradient parity across layouts (spawned gloo processes), routing
+replay through megatron-core's RouterReplay, and config validation of the Megatron flags.
+
+Layout cases run in fresh spawned processes (the CPU shims patch megatron process-wide) with
+TORCHDYNAMO_DISABLE=1. A case runs the old-logprob pass (R3 replay of given routing) and one optimizer step on
+the same global batch, split over DP ranks as the driver does, then exports HF tensors: TP2 (+SP) and EP2 must
+give TP1's numbers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+from test_trainer_backend import make_samples  # noqa: E402  (the torch backend's sample maker, same tiny vocab)
+
+PARITY = 1e-5     # logprobs and weights after one step (fp32)
+GRAD_PARITY = 1e-6  # gradients are ~1e-3 here; a sharding or reduction error is of that order
+
+
+def _worker(rank: int, world: int, store: str, out_path: str, tp: int, ep: int, algo: dict) -> None:
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"  # before megatron is imported: jit_fuser would torch.compile
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from glm_rl.config import AlgoConfig, ModelConfig, TrainConfig
+    from glm_rl.trainer.backends.megatron.backend import MegatronBackend
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        train = TrainConfig(backend="megatron", num_trainer_ranks=world, tensor_model_parallel_size=tp,
+                            expert_model_parallel_size=ep, lr=1e-2, max_tokens_per_gpu=64)
+        b = MegatronBackend(ModelConfig(), train, AlgoConfig(**algo), temperature=1.0)
+        samples = make_samples(8)
+        # DP ranks get 6 and 2 samples: unequal micro-batch counts, so the lighter rank runs pad batches to keep
+        # the expert all-to-alls paired (the loss is normalised globally, so any split gives the same step)
+        shard = samples if train.dp_size == 1 else [samples[:6], samples[6:]][ps.get_data_parallel_rank()]
+        tokens = float(sum(s.token_mask.sum() for s in samples))
+        # R2 on the initial weights: record in the old-logprob pass, replay it in a training pass (its
+        # optimizer step skipped, so the R3 step below starts from the same weights)
+        r3_algo = b.algo
+        b.algo = replace(r3_algo, use_routing_replay=True, use_rollout_routing_replay=False)
+        r2 = b.logprobs(shard)
+        for s in shard:
+            s.trainer_routing = r2["routing"][s.index]
+        step, b.opt.step = b.opt.step, lambda: None
+        r2_metrics = b.train_step(shard, tokens)
+        b.algo, b.opt.step = r3_algo, step
+        # R3 (the engine's routing, here random): old logprobs, then one optimizer step
+        res = b.logprobs(shard)
+        for s in shard:
+            s.old_logprobs = res["old"][s.index] + 0.01  # a ratio != 1 so the clip terms take part
+        metrics = b.train_step(shard, tokens)
+        exported = dict(b.named_tensors())
+        for param in b.model.parameters():  # the summed, clipped gradients, in HF layout through the same bridge
+            param.data = param.grad.clone()
+        grads = dict(b.named_tensors())
+        from glm_rl.trainer.batching import pack_micro_batches
+
+        own_batches = len(pack_micro_batches(shard, train.max_tokens_per_gpu))
+        gathered = [None] * world
+        dist.all_gather_object(gathered, {"old": res["old"], "agree": (res["replay_agree"], res["replay_total"]),
+                                          "metrics": metrics, "r2_routing": r2["routing"], "r2_metrics": r2_metrics,
+                                          "tp_rank": ps.get_tensor_model_parallel_rank(),
+                                          "micro_batches": (own_batches, len(b._micro_batches(shard, "train")))})
+        if rank == 0:
+            torch.save({"weights": exported, "grads": grads, "ranks": gathered}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(tmp_path, tp: int = 1, ep: int = 1, **algo) -> dict:
+    import torch.multiprocessing as mp
+
+    world = tp * ep
+    algo = {"use_rollout_routing_replay": True, "entropy_coef": 0.01, **algo}  # entropy: TP-parallel too
+    out, store = tmp_path / f"tp{tp}_ep{ep}.pt", tmp_path / f"store_tp{tp}_ep{ep}"
+    mp.spawn(_worker, args=(world, str(store), str(out), tp, ep, algo), nprocs=world, join=True)
+    return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def tp1(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("tp1"))
+
+
+def _merged(r: dict, key: str) -> dict:
+    """A per-sample dict of every rank's results (TP peers report the same samples)."""
+    out = {}
+    for rank in r["ranks"]:
+        out.update(rank[key])
+    return out
+
+
+def _check_parity(ref: dict, got: dict) -> None:
+    """Old logprobs, gradients (all-reduced and clipped, in HF layout) and the weights after the AdamW step.
+    Weights are compared where |grad| > 1e-6 only: Adam's first step is lr·g/(|g| + eps), so for gradients near
+    eps a 1e-9 summation-order difference legitimately flips the update; elsewhere it is well conditioned."""
+    ref_old, got_old = _merged(ref, "old"), _merged(got, "old")
+    assert sorted(got_old) == list(range(8))
+    assert max(np.abs(ref_old[i] - got_old[i]).max() for i in ref_old) <= PARITY
+    assert set(ref["weights"]) == set(got["weights"]) == set(ref["grads"])
+    grad_diff = {k: (ref["grads"][k] - got["grads"][k]).abs().max().item() for k in ref["grads"]}
+    worst = max(grad_diff, key=grad_diff.get)
+    assert grad_diff[worst] <= GRAD_PARITY, f"gradient of {worst} differs by {grad_diff[worst]:.3g}"
+    assert sum(g.abs().sum().item() for g in ref["grads"].values()) > 1e-3  # there is a gradient to compare
+    weight_diff = {k: ((ref["weights"][k] - got["weights"][k]).abs() * (ref["grads"][k].abs() > 1e-6)).max().item()
+                   for k in ref["weights"]}
+    worst = max(weight_diff, key=weight_diff.get)
+    assert weight_diff[worst] <= PARITY, f"{worst} differs by {weight_diff[worst]:.3g} after one step"
+    g_ref = ref["ranks"][0]["metrics"]["train/grad_norm"]
+    assert all(abs(r["metrics"]["train/grad_norm"] - g_ref) <= 1e-5 * g_ref for r in got["ranks"])
+    # R2: the routing recorded on the initial weights is TP1's (gathered back over the SP split), and
+    # replaying it in training agrees with the router's own choice everywhere
+    ref_routing, got_routing = _merged(ref, "r2_routing"), _merged(got, "r2_routing")
+    assert sorted(got_routing) == list(range(8))
+    for i, chosen in ref_routing.items():
+        assert got_routing[i].shape == chosen.shape == (make_samples(8)[i].num_positions, 3, 2)
+        assert np.array_equal(np.sort(got_routing[i], -1), np.sort(chosen, -1)), i
+    assert all(r["r2_metrics"]["routing/train_replay_agreement"] == 1.0 for r in got["ranks"])
+
+
+def test_tp1_step_moves_weights_and_replays_all_tokens(tp1):
+    from glm_rl.models.checkpoint import load_hf_model
+    from glm_rl.models.presets import TINY_CHECKPOINT
+
+    hf, _ = load_hf_model(TINY_CHECKPOINT)
+    moved = {k: (tp1["weights"][k] - v).abs().max().item() for k, v in hf.state_dict().items()}
+    assert moved["model.layers.1.mlp.experts.gate_up_proj"] > 1e-4  # the step reached the replayed experts
+    assert moved["model.layers.1.mlp.gate.weight"] > 1e-4           # and the router (gates are its scores)
+    assert moved["model.layers.1.mlp.gate.e_score_correction_bias"] == 0.0  # bias update rate 0 in RL
+    agree, total = tp1["ranks"][0]["agree"]
+    assert total == sum(s.num_positions for s in make_samples(8)) * 3  # every real token, every MoE layer
+    assert agree < total  # the given routing is random: replay forced choices the router would not make
+
+
+def test_tp2_sequence_parallel_step_equals_tp1(tmp_path, tp1):
+    got = _run(tmp_path, tp=2)
+    _check_parity(tp1, got)
+    assert [r["agree"] for r in got["ranks"]] == [tp1["ranks"][0]["agree"]] * 2  # TP peers sum their halves
+
+
+def test_ep2_step_equals_tp1(tmp_path, tp1):
+    got = _run(tmp_path, ep=2)
+    _check_parity(tp1, got)
+    agree = [r["agree"] for r in got["ranks"]]
+    assert tuple(map(sum, zip(*agree))) == tp1["ranks"][0]["agree"]  # DP ranks split the samples
+    (own0, run0), (own1, run1) = [r["micro_batches"] for r in got["ranks"]]
+    assert own0 > own1 and run0 == run1 == own0  # the lighter rank ran pad batches, and the step still matches
+
+
+# -- the RL loop: `glm-rl train --backend megatron` (real Ray, embedded engines, sglang-router, gloo) ----------
+E2E = ["--backend", "megatron", "--num-trainer-ranks", "2", "--rollout-batch-size", "4",
+       "--n-samples-per-prompt", "4", "--no-report"]
+
+
+def _train(out, *extra) -> list[dict]:
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "glm_rl.cli", "train", "--output-dir", str(out), *E2E, *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _check_rl_rows(rows: list[dict], steps: list[int]) -> None:
+    assert [r["step"] for r in rows] == steps
+    assert rows[0]["train/ppo_kl"] == pytest.approx(0.0, abs=1e-6)  # same weights on both sides at step 1
+    for r in rows:
+        assert r["mismatch/logprob_abs_diff_max"] <= 1e-4   # megatron trainer vs the embedded engine, fp32
+        assert r["routing/replay_agreement"] == 1.0         # R3: the engine's experts are the trainer's own
+        assert r["sync/verified"] == 1.0                     # every HF tensor bitwise on every engine
+        assert r["train/num_samples"] == r["rollout/num_samples"] == 16
+        assert r["train/num_tokens"] > 0 and r["train/grad_norm"] > 0
+
+
+@pytest.mark.slow
+def test_rl_loop_tp2_with_r3_and_resume(tmp_path):
+    """TP2 (+SP), DP1: 3 steps with a checkpoint after step 2; a run resumed from that checkpoint (per-rank model
+    + optimizer state, data position) makes the same step 3 as the uninterrupted run."""
+    ck = tmp_path / "ck"
+    rows = _train(tmp_path / "full", "--tensor-model-parallel-size", "2", "--num-rollout", "3",
+                  "--save-interval", "2", "--save", str(ck))
+    _check_rl_rows(rows, [1, 2, 3])
+    assert sorted(p.name for p in (ck / "step_000002").iterdir()) == ["rank0", "rank1", "state.json"]
+    (ck / "latest").write_text("step_000002")
+    resumed = _train(tmp_path / "resumed", "--tensor-model-parallel-size", "2", "--num-rollout", "3",
+                     "--load", str(ck), "--save", str(tmp_path / "ck2"))
+    assert [r["step"] for r in resumed] == [3]
+    for key in ("rollout/reward_mean", "rollout/response_len_mean", "train/pg_loss", "train/grad_norm",
+                "mismatch/logprob_abs_diff_max"):
+        assert resumed[0][key] == pytest.approx(rows[2][key], rel=1e-4, abs=1e-6), key
+    assert resumed[0]["sync/verified"] == 1.0 and resumed[0]["routing/replay_agreement"] == 1.0
+
+
+@pytest.mark.slow
+def test_rl_loop_ep2_with_r3_p2p_sync_and_offloaded_optimizer(tmp_path):
+    """EP2, DP2: each rank trains its own shard; the experts' all-to-all spans both. Weight sync by p2p: every
+    rank exports (the EP gathers) and writes its planned share; AdamW steps CPU fp32 master copies."""
+    rows = _train(tmp_path / "run", "--expert-model-parallel-size", "2", "--num-rollout", "2",
+                  "--update-weight-transfer-mode", "p2p", "--optimizer-cpu-offload")
+    _check_rl_rows(rows, [1, 2])
