@@ -269,7 +269,7 @@ def recipe(
 
     kwargs = {"pretrained_checkpoint": str(pretrained_checkpoint)} if pretrained_checkpoint else {}
     if kwargs and "finetune" not in name:
-        raise typer.BadParameter("only finetune recipes take --pretrained-checkpoint", param_hint="--pretrained-checkpoint")
+        raise typer.BadParameter("only finetune recipes take it", param_hint="--pretrained-checkpoint")
     cfg = validate(apply_overrides(get_recipe(name, **kwargs), list(ctx.args)))  # before any process group
     from glm_rl.recipes.runner import run_recipe
 
