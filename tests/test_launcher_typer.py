@@ -77,7 +77,7 @@ def test_train_command_parses_through_run_config(name, tmp_path):
     t, r = sections["train"], sections["rollout"]
     assert t.backend == "megatron" and r.rollout_engine == "sglang" and ns["colocate"]
     assert t.num_trainer_ranks == nodes * (4 if extra.get("hardware") == "GB200" else 8)
-    t.layout()  # the layout H1's TrainConfig derives is whole
+    t.layout()  # the layout TrainConfig derives is whole
     assert dict(sglang)["mem-fraction-static"] is not None
     assert sections["algo"].advantage_estimator == extra.get("algorithm", "gspo")
     if extra.get("enable_mtp"):

@@ -271,7 +271,7 @@ def _tp_worker(rank: int, store: str, out: str, tp: int, peft: str) -> None:
     from glm_rl.recipes.config import RECIPE_DATA
     from glm_rl.recipes.data import load_rows
     from glm_rl.recipes.peft import MegatronLoRA, apply_peft, merge_adapters
-    from glm_rl.recipes.runner import sync_grads_and_clip
+    from glm_rl.trainer.backends.megatron.optim import reduce_grads_and_clip
     from glm_rl.trainer.backends.megatron.bridge import export_hf_weights, import_hf_weights
     from glm_rl.trainer.backends.megatron.model import build_gpt_model, setup_model_parallel
 
@@ -303,7 +303,7 @@ def _tp_worker(rank: int, store: str, out: str, tp: int, peft: str) -> None:
     loss = (model(ids, pos, attention_mask=None, labels=tgt, loss_mask=mask) * mask).sum()
     loss.backward()
     assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
-    sync_grads_and_clip(model, clip_grad=1e9)  # the recipe trainer's TP / DP sums (no clipping here)
+    reduce_grads_and_clip(model, clip_grad=1e9)  # the recipe trainer's TP / DP sums (no clipping here)
     grads = {f"{n}.{w}": _full_grad(n, m, w) for n, m in model.named_modules() if isinstance(m, MegatronLoRA)
              for w in ("lora_A", "lora_B", "lora_magnitude") if getattr(m, w) is not None}
     merge_adapters(model)

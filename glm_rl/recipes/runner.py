@@ -9,7 +9,7 @@ process with a world of one). Order, and why:
    MTP layers when `mtp` is on; adapters when `peft` is set (base frozen);
 4. steps: each DP rank runs its rows of the global batch in micro-batches. The loss is the token mean over the
    whole global batch (each micro-batch's token-sum divided by the global token count), so the trainer's
-   gradient sums (H1's `_reduce_grads_and_clip`: TP for SP-tagged, DP, expert-DP, then clipping) give the
+   gradient sums (`megatron.optim.reduce_grads_and_clip`: TP for SP-tagged, DP, expert-DP, then clipping) give the
    global mean's gradient. MTP: megatron adds `mtp_loss_scaling_factor` × the MTP token mean through
    `MTPLossAutoScaler`; its backward scale is set to the micro-batch's token share so both losses are weighted
    alike. `loss` is the main LM loss; `mtp_loss` the MTP layer's, reported separately;
@@ -27,13 +27,13 @@ import os
 import shutil
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
 from glm_rl.recipes.config import RecipeConfig, RecipeError, validate
 from glm_rl.recipes.data import PackedRows, batch_indices, load_rows
+from glm_rl.trainer.backends.megatron.optim import reduce_grads_and_clip
 
 
 def lr_at(step: int, cfg: RecipeConfig) -> float:
@@ -78,20 +78,6 @@ def prepare(cfg: RecipeConfig):
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     rows = load_rows(cfg.data.kind, cfg.data.path, tokenizer, cfg.data.seq_length, cfg.data.text_key)
     return spec, tokenizer, rows, Path(ckpt)
-
-
-def sync_grads_and_clip(model, clip_grad: float, device: str = "cpu") -> float:
-    """Gradient sums over TP (SP-tagged params) / DP / expert-DP, then clipping: H1's
-    `MegatronBackend._reduce_grads_and_clip`, called with the attributes it reads (one place to change when
-    it becomes a public function)."""
-    from megatron.core import parallel_state as ps
-
-    from glm_rl.trainer.backends.megatron.backend import MegatronBackend
-
-    view = SimpleNamespace(model=model, tp=ps.get_tensor_model_parallel_world_size(),
-                           tp_rank=ps.get_tensor_model_parallel_rank(), tp_group=ps.get_tensor_model_parallel_group(),
-                           cfg=SimpleNamespace(clip_grad=clip_grad), device=device, spec=None)
-    return MegatronBackend._reduce_grads_and_clip(view)
 
 
 def init_distributed() -> None:
@@ -141,21 +127,19 @@ def build_model(cfg: RecipeConfig, spec, ckpt: Path, device: str):
 
 
 class _Trainer:
-    """The step: micro-batches, loss scaling, H1's gradient sync + clip and optimizer wrapper."""
+    """The step: micro-batches, loss scaling, the shared gradient sync + clip and optimizer (megatron/optim.py)."""
 
     def __init__(self, cfg: RecipeConfig, model, device: str) -> None:
         from megatron.core import parallel_state as ps
 
-        from glm_rl.trainer.backends.megatron.backend import _Optimizer
+        from glm_rl.trainer.backends.megatron.optim import Optimizer
 
         t = cfg.train
         self.recipe, self.model, self.device = cfg, model, device
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.dp_group = ps.get_data_parallel_group()
-        opt_cfg = SimpleNamespace(lr=t.lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
-                                  adam_beta2=t.adam_beta2, optimizer_cpu_offload=False,
-                                  use_precision_aware_optimizer=cfg.model.dtype == "bfloat16", clip_grad=t.clip_grad)
-        self.opt = _Optimizer(model, opt_cfg)
+        self.opt = Optimizer(model, lr=t.lr, weight_decay=t.weight_decay, betas=(t.adam_beta1, t.adam_beta2),
+                             fp32_master=cfg.model.dtype == "bfloat16")
 
     def _global_tokens(self, rows: PackedRows, idx: list[int]) -> float:
         n = rows.loss_mask[idx].sum().reshape(1)
@@ -185,7 +169,7 @@ class _Trainer:
             (summed / total).backward()
             loss_sum += summed.detach()
         dist.all_reduce(loss_sum, group=self.dp_group)
-        grad_norm = sync_grads_and_clip(self.model, t.clip_grad, self.device)
+        grad_norm = reduce_grads_and_clip(self.model, t.clip_grad, self.device)
         self.opt.step()
         out = {"step": step + 1, "loss": float(loss_sum) / total, "lr": lr, "grad_norm": grad_norm,
                "tokens": total}

@@ -13,13 +13,8 @@ algorithms and metrics are shared. Choices, and why:
 - With SP the sequence is cut over TP inside the model: micro-batches are right-padded to a multiple of TP.
 - Expert all-to-alls are collectives across DP ranks: every rank runs the same number of micro-batches (the
   rank with fewer runs zero-loss pad batches), forward and backward.
-- Gradients, as megatron's `finalize_model_grads` + DDP would: SP-tagged replicated params (norms, router)
-  all-reduced over TP; routed-expert params over the expert-data-parallel group; the rest over DP. Loss is
-  pre-scaled by 1 / (global response tokens), so these are sums. The grad norm counts each shard once: dense
-  params over TP (TP-replicated ones on TP rank 0 only), expert params over ETP × EP.
-- Optimizer: plain torch AdamW (no distributed optimizer; fine for CPU / small runs). With
-  `--optimizer-cpu-offload` or `--use-precision-aware-optimizer` it steps fp32 master copies (on the CPU for
-  offload) and copies the result back into the model's weights.
+- Gradient sums, clipping and the optimizer: optim.py (megatron's finalize_model_grads rules without its DDP
+  wrapper; plain AdamW, or fp32 master copies with --optimizer-cpu-offload / --use-precision-aware-optimizer).
 - Routing replay (R2 / R3) uses megatron-core's RouterReplay (replay.py).
 """
 
@@ -35,6 +30,7 @@ from glm_rl.algo import policy_loss
 from glm_rl.config import AlgoConfig, ModelConfig, TrainConfig
 from glm_rl.rollout.samples import Sample
 from glm_rl.trainer.backends.megatron.logprobs import vocab_parallel_logprobs
+from glm_rl.trainer.backends.megatron.optim import Optimizer, reduce_grads_and_clip
 from glm_rl.trainer.backends.megatron.replay import MegatronRoutingReplay
 from glm_rl.trainer.backends.torch_backend import loss_config
 from glm_rl.trainer.batching import MicroBatch, collate, pack_micro_batches
@@ -98,7 +94,10 @@ class MegatronBackend:
                                             tp_size=self.tp, tp_group=self.tp_group, sequence_parallel=self.sp)
         self.ref_model = build(False).requires_grad_(False) if algo.kl_loss_coef > 0 else None
         del hf, hf_state
-        self.opt = _Optimizer(self.model, train_cfg)
+        self.opt = Optimizer(self.model, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+                             betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+                             cpu_offload=train_cfg.optimizer_cpu_offload,
+                             fp32_master=train_cfg.use_precision_aware_optimizer)
 
     def dp_coords(self) -> tuple[int, bool]:
         """(data-parallel rank = the sample shard this rank trains on, whether it reports for its DP rank)."""
@@ -201,7 +200,7 @@ class MegatronBackend:
                 sums[k] = sums.get(k, 0.0) + v * n_tokens
             sums["n_tokens"] = sums.get("n_tokens", 0.0) + n_tokens
         self.replay.off()
-        grad_norm = self._reduce_grads_and_clip()
+        grad_norm = reduce_grads_and_clip(self.model, self.cfg.clip_grad, self.device)
         self.opt.step()
         n = max(sums.pop("n_tokens", 0.0), 1.0)
         out = {**{k: v / n for k, v in sums.items()}, "n_tokens": n, "train/grad_norm": grad_norm}
@@ -209,37 +208,6 @@ class MegatronBackend:
         if total:
             out["routing/train_replay_agreement"] = agree / total
         return out
-
-    def _reduce_grads_and_clip(self) -> float:
-        from megatron.core import parallel_state as ps
-
-        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        for _, p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        expert = {n for n, _ in params if _is_routed_expert(n)}
-        groups = {  # group → grads summed over it; one flat all-reduce each
-            "tp": [p.grad for n, p in params if getattr(p, "sequence_parallel", False) and self.tp > 1],
-            "dp": [p.grad for n, p in params if n not in expert],
-            "edp": [p.grad for n, p in params if n in expert]}
-        pg = {"tp": self.tp_group, "dp": ps.get_data_parallel_group(),
-              "edp": ps.get_expert_data_parallel_group()}
-        for key in ("tp", "dp", "edp"):  # SP's TP sum first: the DP sum then adds whole TP-summed grads
-            _all_reduce_flat(groups[key], pg[key])
-        dense_sq = sum((p.grad.float() ** 2).sum() for n, p in params
-                       if n not in expert and (getattr(p, "tensor_model_parallel", False) or self.tp_rank == 0))
-        expert_sq = sum((p.grad.float() ** 2).sum() for n, p in params if n in expert and
-                        (getattr(p, "tensor_model_parallel", False) or ps.get_expert_tensor_parallel_rank() == 0))
-        sq = torch.stack([torch.as_tensor(x, dtype=torch.float32, device=self.device) for x in (dense_sq, expert_sq)])
-        if dist.is_initialized():
-            dist.all_reduce(sq[:1], group=ps.get_model_parallel_group())
-            dist.all_reduce(sq[1:], group=ps.get_expert_tensor_model_pipeline_parallel_group())
-        norm = float(sq.sum().sqrt())
-        coef = self.cfg.clip_grad / (norm + 1e-6)
-        if coef < 1:  # as torch.nn.utils.clip_grad_norm_
-            for _, p in params:
-                p.grad.mul_(coef)
-        return norm
 
     # -- weights / checkpoints -----------------------------------------------------------------------------------
     def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
@@ -259,56 +227,6 @@ class MegatronBackend:
         state = torch.load(path / "trainer.pt", map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
-
-
-class _Optimizer:
-    """torch AdamW on the model's parameters, or on fp32 master copies (on the CPU with --optimizer-cpu-offload,
-    fp32 with --use-precision-aware-optimizer) whose result is copied back after each step."""
-
-    def __init__(self, model: torch.nn.Module, t: TrainConfig) -> None:
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.master = None
-        if t.optimizer_cpu_offload or t.use_precision_aware_optimizer:
-            device = "cpu" if t.optimizer_cpu_offload else None
-            self.master = [p.detach().to(device=device or p.device, dtype=torch.float32, copy=True)
-                           for p in self.params]
-        self.opt = torch.optim.AdamW(self.master or self.params, lr=t.lr, weight_decay=t.weight_decay,
-                                     betas=(t.adam_beta1, t.adam_beta2))
-
-    def step(self) -> None:
-        if self.master is None:
-            self.opt.step()
-            return
-        for m, p in zip(self.master, self.params):
-            m.grad = p.grad.to(device=m.device, dtype=torch.float32)
-        self.opt.step()
-        with torch.no_grad():
-            for m, p in zip(self.master, self.params):
-                p.copy_(m)
-
-    def state_dict(self) -> dict:
-        return {"opt": self.opt.state_dict(), "master": self.master}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.master is not None and state["master"] is not None:
-            for m, saved in zip(self.master, state["master"]):
-                m.data.copy_(saved)
-        self.opt.load_state_dict(state["opt"])
-
-
-def _is_routed_expert(name: str) -> bool:
-    return ".experts." in name and ".shared_experts." not in name
-
-
-def _all_reduce_flat(grads: list[torch.Tensor], group) -> None:
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    if not grads or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=group)
-    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        g.copy_(synced)
 
 
 def _pad_to(mb: MicroBatch, multiple: int, pad_id: int) -> MicroBatch:
