@@ -385,7 +385,7 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any,
         parser.add_argument(flag, dest=dest, choices=get_args(base), default=f.default, help=help_text)
         return
     parser.add_argument(flag, dest=dest, type=base, default=f.default, metavar=base.__name__.upper(),
-                        help=f"{help_text} (default: {f.default})")
+                        help=help_text)  # the formatter appends "(default: …)"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -159,6 +159,25 @@ def test_sft_loss_only_on_assistant_tokens_and_pretrain_packing():
     assert tok.decode(pre.input_ids[0, :len(text)].tolist()) == text
 
 
+def test_parquet_pretrain_data_equals_jsonl(tmp_path):
+    """The same records as Parquet (read through HF `datasets`) pack into the same rows as the JSONL file."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    pytest.importorskip("datasets")
+    import pyarrow as pa
+    from transformers import AutoTokenizer
+
+    from glm_rl.recipes.config import RECIPE_DATA
+    from glm_rl.recipes.data import load_rows, read_records
+
+    records = read_records(RECIPE_DATA / "pretrain.jsonl")
+    path = tmp_path / "pretrain.parquet"
+    pq.write_table(pa.Table.from_pylist(records), path)
+    assert read_records(path) == records
+    tok = AutoTokenizer.from_pretrained(TINY_CHECKPOINT)
+    a, b = load_rows("pretrain", path, tok, 32), load_rows("pretrain", RECIPE_DATA / "pretrain.jsonl", tok, 32)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.loss_mask, b.loss_mask)
+
+
 # -- training runs ----------------------------------------------------------------------------------------------
 def _metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]

@@ -1,7 +1,7 @@
 """Recipe data: pretraining text and SFT chats, tokenised and packed into fixed-length rows.
 
 - Pretrain: JSONL (one JSON object a line) with raw text under `text_key`, or already tokenized `input_ids`;
-  Parquet goes through HF `datasets` when it is installed (it is not on the CPU CI, so only JSONL is tested).
+  Parquet goes through HF `datasets` (in the `test` and `recipes` extras; a clear error without it).
   Every document gets EOS appended; documents are concatenated and cut into rows of `seq_length + 1` tokens
   (inputs = row[:-1], targets = row[1:]), Megatron's GPT dataset packing. Loss on every target.
 - SFT: JSONL with `messages` (role / content), rendered by the model's own chat template. Loss only on the
