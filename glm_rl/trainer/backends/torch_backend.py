@@ -11,20 +11,19 @@ merged weights under the plain HF names, so engines and transports are the same 
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from glm_rl.algo import PolicyLossConfig, entropy_from_logits, policy_loss
+from glm_rl.algo import PolicyLossConfig, entropy_from_logits
 from glm_rl.config import AlgoConfig, ModelConfig, TrainConfig
 from glm_rl.models.checkpoint import load_hf_model
 from glm_rl.rollout.samples import Sample
 from glm_rl.trainer import lora
+from glm_rl.trainer.backends.base import PolicyBackend
 from glm_rl.trainer.batching import MicroBatch, collate, pack_micro_batches
 from glm_rl.trainer.routing_replay import RoutingReplay
 
@@ -35,7 +34,7 @@ def loss_config(algo: AlgoConfig) -> PolicyLossConfig:
                             kl_coef=algo.kl_loss_coef, kl_type=algo.kl_loss_type, entropy_coef=algo.entropy_coef)
 
 
-class TorchBackend:
+class TorchBackend(PolicyBackend):
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, algo: AlgoConfig, *,
                  temperature: float, device: str = "cpu") -> None:
         dtype = getattr(torch, model_cfg.dtype)
@@ -66,76 +65,10 @@ class TorchBackend:
         logp = torch.gather(F.log_softmax(logits, -1), -1, mb.targets.to(self.device)[..., None]).squeeze(-1)
         return logp, (entropy_from_logits(logits) if with_entropy else None)  # (B, T)
 
-    def _routing_field(self, phase: str) -> str | None:
-        """Which sample field holds the routing to replay: the engine's (R3) or, when training, R2's record."""
-        if self.algo.use_rollout_routing_replay:
-            return "routed_experts"
-        if self.algo.use_routing_replay and phase == "train":
-            return "trainer_routing"
-        return None
-
-    def _set_replay(self, mb: MicroBatch, phase: str) -> None:
-        if mb.routed_experts is not None:
-            self.replay.replay(mb.routed_experts, mb.valid)
-        elif self.algo.use_routing_replay and phase == "logprob":
-            self.replay.record(mb.valid)
-        else:
-            self.replay.off()
-
-    @torch.no_grad()
-    def logprobs(self, samples: list[Sample]) -> dict:
-        """Old (and reference) logprobs per sample; R2 returns the recorded routing; R3 reports agreement."""
-        self.model.eval()
-        self.replay.take_agreement()  # start counting afresh
-        old, ref, routing = {}, {}, {}
-        for mb in self._micro_batches(samples, "logprob"):
-            self._set_replay(mb, "logprob")
-            logp, _ = self._forward(self.model, mb)
-            if self.replay.mode == "record":
-                recorded = self.replay.recorded().to(torch.int16).cpu().numpy()
-                for i, s in enumerate(mb.samples):
-                    routing[s.index] = recorded[i, :s.num_positions]
-            for s, lp in zip(mb.samples, mb.per_sample(logp)):
-                old[s.index] = lp
-            if self.ref_model is not None:
-                for s, lp in zip(mb.samples, mb.per_sample(self._forward(self.ref_model, mb)[0])):
-                    ref[s.index] = lp
-        self.replay.off()
-        agree, total = self.replay.take_agreement()
-        self.model.train()
-        return {"old": old, "ref": ref, "routing": routing, "replay_agree": agree, "replay_total": total}
-
-    # -- training ----------------------------------------------------------------------------------------------
-    def train_step(self, samples: list[Sample], global_tokens: int) -> dict[str, float]:
-        """One optimizer step over this rank's share of the global batch."""
+    def _zero_grads(self) -> None:
         self.opt.zero_grad(set_to_none=False)
-        sums: dict[str, float] = {}
-        for mb in self._micro_batches(samples, "train"):
-            self._set_replay(mb, "train")
-            logp, entropy = self._forward(self.model, mb, with_entropy=self.algo.entropy_coef > 0)
-            n_tokens = float(mb.loss_mask.sum())
-            if n_tokens == 0:
-                continue
-            loss, metrics = policy_loss(
-                logp, mb.extra["old_logprobs"].to(self.device), mb.advantages.to(self.device),
-                mb.loss_mask.to(self.device), self.loss_cfg, ref_logp=_opt(mb.extra.get("ref_logprobs"), self.device),
-                token_weights=_opt(mb.extra.get("token_weights"), self.device), entropy=entropy)
-            (loss * (n_tokens / global_tokens)).backward()
-            metrics["train/loss"] = float(loss.detach())
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v * n_tokens
-            sums["n_tokens"] = sums.get("n_tokens", 0.0) + n_tokens
-        self.replay.off()
-        grad_norm = self._all_reduce_and_clip()
-        self.opt.step()
-        n = max(sums.pop("n_tokens", 0.0), 1.0)
-        out = {**{k: v / n for k, v in sums.items()}, "n_tokens": n, "train/grad_norm": grad_norm}
-        agree, total = self.replay.take_agreement()
-        if total:  # replayed routing vs the current weights' own choice (drifts with later optimizer steps)
-            out["routing/train_replay_agreement"] = agree / total
-        return out
 
-    def _all_reduce_and_clip(self) -> float:
+    def _reduce_grads_and_clip(self) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -201,7 +134,3 @@ class TorchBackend:
         else:
             self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
-
-
-def _opt(x: torch.Tensor | None, device: str) -> torch.Tensor | None:
-    return None if x is None else x.to(device)

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from glm_rl.algo import policy_loss
 from glm_rl.config import AlgoConfig, ModelConfig, TrainConfig
 from glm_rl.rollout.samples import Sample
+from glm_rl.trainer.backends.base import PolicyBackend
 from glm_rl.trainer.backends.megatron.logprobs import vocab_parallel_logprobs
 from glm_rl.trainer.backends.megatron.optim import Optimizer, reduce_grads_and_clip
 from glm_rl.trainer.backends.megatron.replay import MegatronRoutingReplay
@@ -56,7 +56,7 @@ def _model_overrides(t: TrainConfig) -> dict:
     return over
 
 
-class MegatronBackend:
+class MegatronBackend(PolicyBackend):
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, algo: AlgoConfig, *, temperature: float,
                  seed: int = 1234, device: str = "cpu") -> None:
         from megatron.core import parallel_state as ps
@@ -118,21 +118,6 @@ class MegatronBackend:
                                                 group=self.tp_group if self.tp > 1 else None)
         return logp, (entropy if with_entropy else None)
 
-    def _set_replay(self, mb: MicroBatch, phase: str) -> None:
-        if mb.routed_experts is not None:
-            self.replay.replay(mb.routed_experts, mb.valid)
-        elif self.algo.use_routing_replay and phase == "logprob":
-            self.replay.record(mb.valid)
-        else:
-            self.replay.off()
-
-    def _routing_field(self, phase: str) -> str | None:
-        if self.algo.use_rollout_routing_replay:
-            return "routed_experts"
-        if self.algo.use_routing_replay and phase == "train":
-            return "trainer_routing"
-        return None
-
     def _micro_batches(self, samples: list[Sample], phase: str) -> list[MicroBatch]:
         """Packed by --max-tokens-per-gpu, padded for SP, and topped up with pad batches so every rank runs as
         many as the busiest one (expert all-to-alls are collectives)."""
@@ -146,68 +131,24 @@ class MegatronBackend:
         k = (self.replay.num_moe_layers, self.spec.num_experts_per_tok) if routing else None
         return mbs + [_pad_batch(multiple, self.pad_id, k) for _ in range(int(count) - len(mbs))]
 
-    @torch.no_grad()
-    def logprobs(self, samples: list[Sample]) -> dict:
-        """Old (and reference) logprobs per sample; R2 returns the recorded routing; R3 reports agreement
-        (summed over TP peers, so every peer reports its DP group's whole count)."""
-        self.model.eval()
-        self.replay.take_agreement()
-        old, ref, routing = {}, {}, {}
-        for mb in self._micro_batches(samples, "logprob"):
-            self._set_replay(mb, "logprob")
-            logp, _ = self._forward(self.model, mb)
-            if self.replay.mode == "record":
-                recorded = self.replay.recorded().to(torch.int16).cpu().numpy()
-                for i, s in enumerate(mb.samples):
-                    routing[s.index] = recorded[i, :s.num_positions]
-            for s, lp in zip(mb.samples, mb.per_sample(logp)):
-                old[s.index] = lp
-            if self.ref_model is not None:
-                for s, lp in zip(mb.samples, mb.per_sample(self._forward(self.ref_model, mb)[0])):
-                    ref[s.index] = lp
-        self.replay.off()
-        agree, total = self._tp_sum(*self.replay.take_agreement())
-        self.model.train()
-        return {"old": old, "ref": ref, "routing": routing, "replay_agree": agree, "replay_total": total}
-
-    def _tp_sum(self, *values: int) -> list[int]:
+    def _count(self, agree: int, total: int) -> tuple[int, int]:
+        """Replay agreement summed over TP peers (SP splits a sample's tokens), so every peer reports its DP
+        group's whole count."""
         if self.tp == 1:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.long, device=self.device)
+            return agree, total
+        t = torch.tensor([agree, total], dtype=torch.long, device=self.device)
         dist.all_reduce(t, group=self.tp_group)
-        return t.tolist()
+        return tuple(t.tolist())
 
-    # -- training ----------------------------------------------------------------------------------------------
-    def train_step(self, samples: list[Sample], global_tokens: int) -> dict[str, float]:
-        """One optimizer step over this DP rank's share of the global batch."""
+    def _on_empty_batch(self, logp: torch.Tensor) -> None:
+        (logp.sum() * 0.0).backward()  # a pad batch: the expert all-to-alls must still run on every rank
+
+    def _zero_grads(self) -> None:
         for p in self.model.parameters():
             p.grad = None
-        sums: dict[str, float] = {}
-        for mb in self._micro_batches(samples, "train"):
-            self._set_replay(mb, "train")
-            logp, entropy = self._forward(self.model, mb, with_entropy=self.algo.entropy_coef > 0)
-            n_tokens = float(mb.loss_mask.sum())
-            if n_tokens == 0:  # a pad batch: still backward, the expert all-to-alls must run on every rank
-                (logp.sum() * 0.0).backward()
-                continue
-            loss, metrics = policy_loss(
-                logp, mb.extra["old_logprobs"].to(self.device), mb.advantages.to(self.device),
-                mb.loss_mask.to(self.device), self.loss_cfg, ref_logp=_opt(mb.extra.get("ref_logprobs"), self.device),
-                token_weights=_opt(mb.extra.get("token_weights"), self.device), entropy=entropy)
-            (loss * (n_tokens / global_tokens)).backward()
-            metrics["train/loss"] = float(loss.detach())
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v * n_tokens
-            sums["n_tokens"] = sums.get("n_tokens", 0.0) + n_tokens
-        self.replay.off()
-        grad_norm = reduce_grads_and_clip(self.model, self.cfg.clip_grad, self.device)
-        self.opt.step()
-        n = max(sums.pop("n_tokens", 0.0), 1.0)
-        out = {**{k: v / n for k, v in sums.items()}, "n_tokens": n, "train/grad_norm": grad_norm}
-        agree, total = self._tp_sum(*self.replay.take_agreement())
-        if total:
-            out["routing/train_replay_agreement"] = agree / total
-        return out
+
+    def _reduce_grads_and_clip(self) -> float:
+        return reduce_grads_and_clip(self.model, self.cfg.clip_grad, self.device)
 
     # -- weights / checkpoints -----------------------------------------------------------------------------------
     def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
@@ -260,7 +201,3 @@ def _pad_batch(length: int, pad_id: int, routing: tuple[int, int] | None) -> Mic
         routed[:] = torch.arange(routing[1])
     return MicroBatch([], ids, ids.clone(), torch.zeros((1, length), dtype=torch.bool), zeros, zeros.clone(),
                       zeros.clone(), routed, {"old_logprobs": zeros.clone()})
-
-
-def _opt(x: torch.Tensor | None, device: str) -> torch.Tensor | None:
-    return None if x is None else x.to(device)
