@@ -288,8 +288,9 @@ class RunConfig:
         if t.context_parallel_size > 1:
             errors.append(f"--context-parallel-size {t.context_parallel_size}: the RL loop's megatron backend runs "
                           "TP/SP/EP/DP only (context parallelism is not wired into it yet)")
-        if t.enable_mtp_training:
-            errors.append("--enable-mtp-training is not wired into the RL loop's megatron backend yet")
+        if t.enable_mtp_training and not self.rollout.enable_mtp:
+            errors.append("--enable-mtp-training needs --enable-mtp: the engines must hold the MTP layer to receive "
+                          "its trained weights (and use them to draft)")
         if t.moe_enable_deepep:
             if t.moe_token_dispatcher_type != "flex":
                 errors.append(f"--moe-enable-deepep needs --moe-token-dispatcher-type flex "

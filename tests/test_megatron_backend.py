@@ -209,3 +209,67 @@ def test_rl_loop_ep2_with_r3_p2p_sync_and_offloaded_optimizer(tmp_path):
     rows = _train(tmp_path / "run", "--expert-model-parallel-size", "2", "--num-rollout", "2",
                   "--update-weight-transfer-mode", "p2p", "--optimizer-cpu-offload")
     _check_rl_rows(rows, [1, 2])
+
+
+# -- MTP training -----------------------------------------------------------------------------------------------
+def _mtp_worker(rank: int, store: str, out_path: str) -> None:
+    """One gloo process: the same R3 training step with and without --enable-mtp-training (lr 0: only the
+    gradients matter); returns both backends' gradients and the MTP metrics."""
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    import torch.distributed as dist
+
+    from glm_rl.config import AlgoConfig, ModelConfig, TrainConfig
+    from glm_rl.trainer.backends.megatron.backend import MegatronBackend
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=1)
+    try:
+        out = {}
+        for mtp in (False, True):
+            # clipping off: one norm over all parameters (MTP included, as megatron's) would couple the two
+            train = TrainConfig(backend="megatron", num_trainer_ranks=1, lr=0.0, clip_grad=1e9,
+                                enable_mtp_training=mtp)
+            b = MegatronBackend(ModelConfig(), train, AlgoConfig(use_rollout_routing_replay=True), temperature=1.0)
+            samples = make_samples(8)
+            res = b.logprobs(samples)
+            for s in samples:
+                s.old_logprobs = res["old"][s.index] + 0.01
+            metrics = b.train_step(samples, float(sum(s.token_mask.sum() for s in samples)))
+            grads = {n: p.grad.clone() for n, p in b.model.named_parameters()}
+            out[mtp] = {"grads": grads, "metrics": metrics, "exported": sorted(n for n, _ in b.named_tensors())}
+            from megatron.core import parallel_state as ps
+
+            ps.destroy_model_parallel()  # the next backend builds the parallel state afresh
+        torch.save(out, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mtp_training_leaves_backbone_gradients_unchanged(tmp_path):
+    import torch.multiprocessing as mp
+
+    out_path = tmp_path / "mtp.pt"
+    mp.spawn(_mtp_worker, args=(str(tmp_path / "store"), str(out_path)), nprocs=1, join=True)
+    r = torch.load(out_path, weights_only=False)
+    plain, mtp = r[False], r[True]
+    mtp_params = [n for n in mtp["grads"] if n.startswith("mtp.")]
+    assert mtp_params and set(plain["grads"]) == set(mtp["grads"]) - set(mtp_params)
+    for n, g in plain["grads"].items():  # the MTP loss reaches no backbone, embedding or LM-head parameter
+        assert torch.equal(g, mtp["grads"][n]), n
+    assert sum(float(mtp["grads"][n].abs().sum()) for n in mtp_params) > 1e-3  # and does train the MTP layer
+    m = mtp["metrics"]
+    assert 0 < m["train/mtp_loss"] < 10 and 0 <= m["train/mtp_accuracy"] <= 1
+    assert "train/mtp_loss" not in plain["metrics"]
+    assert {n for n in mtp["exported"] if n.startswith("model.layers.4.")}  # weight sync carries the MTP layer
+    assert not {n for n in plain["exported"] if n.startswith("model.layers.4.")}
+
+
+@pytest.mark.slow
+def test_rl_loop_with_mtp_training_syncs_the_mtp_layer(tmp_path):
+    """`--enable-mtp --enable-mtp-training`: engines draft with the MTP layer, the trainer trains it on rollout
+    tokens, and every sync (MTP tensors included) verifies bitwise."""
+    rows = _train(tmp_path, "--num-trainer-ranks", "1", "--enable-mtp", "--enable-mtp-training", "--num-rollout", "2")
+    _check_rl_rows(rows, [1, 2])
+    for r in rows:
+        assert r["sync/verified"] == 1.0 and r["routing/replay_agreement"] == 1.0
+        assert 0 < r["train/mtp_loss"] < 10 and r["rollout/spec_accept_length"] >= 1.0

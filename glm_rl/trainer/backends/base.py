@@ -10,9 +10,10 @@ A subclass sets `model`, `ref_model` (or None), `replay` (R2 / R3: `record`, `re
     _zero_grads()
     _reduce_grads_and_clip()           -> grad norm (after the data-parallel reduction)
 
-and may override `_count` (sum replay agreement over ranks that split one sample's tokens) and
+and may override `_count` (sum replay agreement over ranks that split one sample's tokens),
 `_on_empty_batch` (a micro-batch without response tokens: the Megatron backend still runs its backward, since
-its expert all-to-alls are collectives).
+its expert all-to-alls are collectives) and `_before_backward` (told the micro-batch's share of the global
+tokens; the Megatron backend scales its MTP loss by it).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class PolicyBackend:
     def _on_empty_batch(self, logp: torch.Tensor) -> None:
         pass
 
+    def _before_backward(self, share: float) -> None:
+        pass
+
     @torch.no_grad()
     def logprobs(self, samples: list[Sample]) -> dict:
         """Old (and reference) logprobs per sample; R2 returns the recorded routing; R3 reports agreement."""
@@ -79,6 +83,7 @@ class PolicyBackend:
             self._set_replay(mb, "train")
             logp, entropy = self._forward(self.model, mb, with_entropy=self.algo.entropy_coef > 0)
             n_tokens = float(mb.loss_mask.sum())
+            self._before_backward(n_tokens / global_tokens)
             if n_tokens == 0:
                 self._on_empty_batch(logp)
                 continue

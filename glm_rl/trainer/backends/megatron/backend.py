@@ -15,7 +15,11 @@ algorithms and metrics are shared. Choices, and why:
   rank with fewer runs zero-loss pad batches), forward and backward.
 - Gradient sums, clipping and the optimizer: optim.py (megatron's finalize_model_grads rules without its DDP
   wrapper; plain AdamW, or fp32 master copies with --optimizer-cpu-offload / --use-precision-aware-optimizer).
-- Routing replay (R2 / R3) uses megatron-core's RouterReplay (replay.py).
+- Routing replay (R2 / R3) uses megatron-core's RouterReplay (replay.py), on the decoder's routers.
+- `--enable-mtp-training`: the model carries the MTP layer (imported from the checkpoint as the engine loads it);
+  megatron adds its loss on the response tokens through MTPLossAutoScaler, scaled per micro-batch like the
+  policy loss, with `mtp_detach_heads` so the backbone's gradients are unchanged (tested); its weights go out
+  with every sync (the engines run `--enable-mtp`). Reported: `train/mtp_loss`, `train/mtp_accuracy`.
 """
 
 from __future__ import annotations
@@ -77,23 +81,36 @@ class MegatronBackend(PolicyBackend):
         self.sp = train_cfg.sequence_parallel_on
         hf, tokenizer = load_hf_model(ckpt, dtype=self.dtype)  # the HF model: the one reader of the checkpoint
         hf_state, self.pad_id = hf.state_dict(), tokenizer.pad_token_id
+        self.mtp_training = train_cfg.enable_mtp_training
+        mtp_state = {}
+        if self.mtp_training:  # HF's model ignores the MTP layer's tensors: load them as the engine does
+            from glm_rl.models.checkpoint import load_mtp
+            from glm_rl.rollout.engines.speculative import mtp_named_tensors
+
+            mtp_state = {k: v.detach().clone() for k, v in
+                         mtp_named_tensors(load_mtp(hf), self.spec.num_hidden_layers).items()}
         # the engine's dtype per tensor: megatron keeps torch norms in fp32 under bf16, HF (and so the engine) not
-        self.hf_dtypes = {name: t.dtype for name, t in hf_state.items()}
+        self.hf_dtypes = {name: t.dtype for name, t in {**hf_state, **mtp_state}.items()}
         replay = algo.use_rollout_routing_replay or algo.use_routing_replay
 
-        def build(routing_replay: bool):
+        def build(routing_replay: bool, mtp: bool = False):
+            # MTP training: megatron's `mtp_detach_heads` feeds the MTP layer detached hidden states, embeddings
+            # and LM-head weight, so its loss trains the MTP layer alone (the backbone's gradients are unchanged)
+            over = dict(mtp_loss_scaling_factor=train_cfg.mtp_loss_scaling_factor, mtp_detach_heads=True) if mtp else {}
             model = build_gpt_model(self.spec, tp=self.tp, ep=ps.get_expert_model_parallel_world_size(),
                                     params_dtype=self.dtype, moe_enable_routing_replay=routing_replay,
-                                    fast=device.startswith("cuda"),
+                                    fast=device.startswith("cuda"), mtp=mtp, **over,
                                     **_model_overrides(train_cfg))
-            import_hf_weights(model, self.spec, hf_state)
+            import_hf_weights(model, self.spec, {**hf_state, **mtp_state} if mtp else hf_state)
             return model.to(device)
 
-        self.model = build(replay).train()
-        self.replay = MegatronRoutingReplay(self.model, self.spec.num_experts_per_tok, tp_rank=self.tp_rank,
+        self.model = build(replay, mtp=self.mtp_training).train()
+        self._mtp_batches = 0
+        # the decoder's routers only: the engine's routing (R3) covers the main layers, not the MTP layer's
+        self.replay = MegatronRoutingReplay(self.model.decoder, self.spec.num_experts_per_tok, tp_rank=self.tp_rank,
                                             tp_size=self.tp, tp_group=self.tp_group, sequence_parallel=self.sp)
         self.ref_model = build(False).requires_grad_(False) if algo.kl_loss_coef > 0 else None
-        del hf, hf_state
+        del hf, hf_state, mtp_state
         self.opt = Optimizer(self.model, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
                              betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
                              cpu_offload=train_cfg.optimizer_cpu_offload,
@@ -112,7 +129,9 @@ class MegatronBackend(PolicyBackend):
         ids = mb.input_ids.to(self.device)
         pos = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
         # (B, T, V/TP); Megatron's padded vocab rows carry a fixed -1e4 logit (model.py): no probability mass
-        logits = model(ids, pos, attention_mask=None)
+        # MTP training: the MTP loss (megatron adds it through MTPLossAutoScaler) covers the response tokens only
+        mtp_mask = mb.loss_mask.to(self.device) if self.mtp_training and model.training else None
+        logits = model(ids, pos, attention_mask=None, loss_mask=mtp_mask)
         logp, entropy = vocab_parallel_logprobs(logits, mb.targets.to(self.device), temperature=self.temperature,
                                                 vocab_start=self.tp_rank * logits.shape[-1],
                                                 group=self.tp_group if self.tp > 1 else None)
@@ -142,6 +161,28 @@ class MegatronBackend(PolicyBackend):
 
     def _on_empty_batch(self, logp: torch.Tensor) -> None:
         (logp.sum() * 0.0).backward()  # a pad batch: the expert all-to-alls must still run on every rank
+
+    def _before_backward(self, share: float) -> None:
+        if self.mtp_training:  # weight the MTP loss like the policy loss: by the micro-batch's token share
+            from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+
+            MTPLossAutoScaler.set_loss_scale(torch.tensor(share, device=self.device))
+            self._mtp_batches += share > 0
+
+    def train_step(self, samples: list[Sample], global_tokens: int) -> dict[str, float]:
+        out = super().train_step(samples, global_tokens)
+        if self.mtp_training:  # megatron's tracker holds Σ over micro-batches of each one's MTP token mean
+            from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+            tracker = MTPLossLoggingHelper.tracker
+            if tracker.get("loss_values") is not None and self._mtp_batches:
+                out["train/mtp_loss"] = float(tracker["loss_values"].sum()) / self._mtp_batches
+                # top-1 accuracy of the MTP head on t+2 (what speculative decoding's acceptance rests on)
+                correct, total = tracker["correct_values"].sum(), tracker["total_values"].sum()
+                out["train/mtp_accuracy"] = float(correct / total.clamp(min=1))
+            MTPLossLoggingHelper.clean_metrics_in_tracker()
+            self._mtp_batches = 0
+        return out
 
     def _zero_grads(self) -> None:
         for p in self.model.parameters():
