@@ -118,6 +118,7 @@ def test_megatron_flags_reach_the_train_section():
     (["--backend", "megatron", "--recompute-granularity", "full"], "needs --recompute-method and"),
     (["--backend", "megatron", "--colocate", "--update-weight-transfer-mode", "tensor"],
      "with --backend megatron use broadcast or p2p"),
+    (["--backend", "megatron", "--enable-mtp-training"], "--enable-mtp-training needs --enable-mtp"),
 ])
 def test_megatron_layout_and_flag_errors_are_named(flags, message):
     with pytest.raises(ValueError, match="invalid configuration") as e:
