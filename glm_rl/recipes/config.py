@@ -79,6 +79,18 @@ class ParallelSection:
     def sequence_parallel_on(self) -> bool:
         return self.tensor_model_parallel_size > 1 if self.sequence_parallel is None else self.sequence_parallel
 
+    def layout(self, world_size: int | None = None):
+        """This section as a `glm_rl.parallel.ParallelLayout`; with `world_size`, DP derived from it (a size
+        TP × PP × CP does not divide raises `LayoutError`), else DP 1."""
+        from glm_rl.parallel import ParallelLayout
+
+        fields = dict(tp=self.tensor_model_parallel_size, pp=self.pipeline_model_parallel_size,
+                      cp=self.context_parallel_size, ep=self.expert_model_parallel_size,
+                      etp=self.expert_tensor_parallel_size, sequence_parallel=self.sequence_parallel_on,
+                      decoder_first_pipeline_num_layers=self.decoder_first_pipeline_num_layers,
+                      decoder_last_pipeline_num_layers=self.decoder_last_pipeline_num_layers)
+        return ParallelLayout(**fields) if world_size is None else ParallelLayout.for_world_size(world_size, **fields)
+
 
 @dataclass(frozen=True, kw_only=True)
 class MTPSection:

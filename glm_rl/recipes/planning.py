@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from glm_rl.cluster import HARDWARE
 from glm_rl.models.presets import get_preset
-from glm_rl.parallel import ParallelLayout, layer_split
+from glm_rl.parallel import layer_split
 from glm_rl.plan import RESERVE_GIB, PlanError, PlanInput, trainer_layout, trainer_memory
 from glm_rl.recipes.config import RecipeConfig
 
@@ -38,13 +38,8 @@ def recipe_plan(cfg: RecipeConfig, hardware: str = "H100", gpus: int | None = No
     p, spec = cfg.parallel, get_preset(cfg.model.preset)
     gpus = gpus or p.num_gpus
     hw = HARDWARE[hardware]
-    layout = ParallelLayout(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
-                            cp=p.context_parallel_size, ep=p.expert_model_parallel_size,
-                            etp=p.expert_tensor_parallel_size, sequence_parallel=p.sequence_parallel_on,
-                            decoder_first_pipeline_num_layers=p.decoder_first_pipeline_num_layers,
-                            decoder_last_pipeline_num_layers=p.decoder_last_pipeline_num_layers)
     inp = PlanInput(spec=spec, hardware=hw, num_nodes=max(1, gpus // hw.gpus_per_node),
-                    gpus_per_node=min(gpus, hw.gpus_per_node), layout=layout,
+                    gpus_per_node=min(gpus, hw.gpus_per_node), layout=p.layout(),
                     max_tokens_per_gpu=cfg.data.seq_length * cfg.train.micro_batch_size // p.context_parallel_size,
                     recompute_granularity=cfg.recompute.granularity, recompute_method=cfg.recompute.method,
                     recompute_num_layers=cfg.recompute.num_layers, enable_mtp_training=cfg.mtp.enabled)

@@ -52,6 +52,7 @@ def prepare(cfg: RecipeConfig):
 
     from glm_rl.models.checkpoint import check_matches_preset
     from glm_rl.models.presets import get_preset
+    from glm_rl.parallel import LayoutError, check_layout
 
     validate(cfg)
     p = cfg.parallel
@@ -59,11 +60,13 @@ def prepare(cfg: RecipeConfig):
         raise RecipeError("this runner trains with TP / EP / DP only; parallel.pipeline_model_parallel_size and "
                           "parallel.context_parallel_size must be 1 here (the layout is still checked by "
                           "`recipe_plan`)")
-    world, model_ranks = int(os.environ.get("WORLD_SIZE", 1)), p.tensor_model_parallel_size
-    if world % model_ranks:
-        raise RecipeError(f"world size {world} is not divisible by parallel.tensor_model_parallel_size "
-                          f"{model_ranks}")
-    dp = world // model_ranks
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    try:  # the layout rules everything else uses (heads / experts / widths vs TP and EP, SP, world size)
+        layout = p.layout(world)
+        check_layout(get_preset(cfg.model.preset), layout, world_size=world)
+    except LayoutError as e:
+        raise RecipeError(f"recipe {cfg.name} on {world} ranks: {e}") from None
+    dp = layout.dp
     if cfg.train.global_batch_size % (cfg.train.micro_batch_size * dp):
         raise RecipeError(f"train.global_batch_size {cfg.train.global_batch_size} is not a multiple of "
                           f"train.micro_batch_size {cfg.train.micro_batch_size} x data-parallel size {dp} (every "
@@ -147,7 +150,9 @@ class _Trainer:
         return max(float(n), 1.0)
 
     def step(self, rows: PackedRows, step: int) -> dict:
-        from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler, MTPLossLoggingHelper
+        from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+
+        from glm_rl.trainer.backends.megatron.model import take_mtp_metrics
 
         t = self.recipe.train
         lr = lr_at(step, self.recipe)
@@ -173,13 +178,10 @@ class _Trainer:
         self.opt.step()
         out = {"step": step + 1, "loss": float(loss_sum) / total, "lr": lr, "grad_norm": grad_norm,
                "tokens": total}
-        tracker = MTPLossLoggingHelper.tracker
-        if "loss_values" in tracker:
-            n_mb = -(-len(idx) // t.micro_batch_size)
-            mtp = tracker["loss_values"].detach().clone() / n_mb  # per layer, mean over micro-batches
-            dist.all_reduce(mtp, group=self.dp_group)
-            out["mtp_loss"] = float(mtp.mean()) / self.dp_size
-            MTPLossLoggingHelper.clean_metrics_in_tracker()
+        if mtp := take_mtp_metrics(-(-len(idx) // t.micro_batch_size)):
+            loss = mtp["loss"]  # per layer, mean over this rank's micro-batches
+            dist.all_reduce(loss, group=self.dp_group)
+            out["mtp_loss"] = float(loss.mean()) / self.dp_size
         return out
 
 

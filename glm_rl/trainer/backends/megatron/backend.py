@@ -171,16 +171,13 @@ class MegatronBackend(PolicyBackend):
 
     def train_step(self, samples: list[Sample], global_tokens: int) -> dict[str, float]:
         out = super().train_step(samples, global_tokens)
-        if self.mtp_training:  # megatron's tracker holds Σ over micro-batches of each one's MTP token mean
-            from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+        if self.mtp_training:
+            from glm_rl.trainer.backends.megatron.model import take_mtp_metrics
 
-            tracker = MTPLossLoggingHelper.tracker
-            if tracker.get("loss_values") is not None and self._mtp_batches:
-                out["train/mtp_loss"] = float(tracker["loss_values"].sum()) / self._mtp_batches
+            if mtp := take_mtp_metrics(self._mtp_batches):
+                out["train/mtp_loss"] = float(mtp["loss"].mean())
                 # top-1 accuracy of the MTP head on t+2 (what speculative decoding's acceptance rests on)
-                correct, total = tracker["correct_values"].sum(), tracker["total_values"].sum()
-                out["train/mtp_accuracy"] = float(correct / total.clamp(min=1))
-            MTPLossLoggingHelper.clean_metrics_in_tracker()
+                out["train/mtp_accuracy"] = float(mtp["accuracy"])
             self._mtp_batches = 0
         return out
 
