@@ -50,9 +50,7 @@ class TrainerActor:
 
     def dp_coords(self) -> tuple[int, bool]:
         """(data-parallel rank, whether this rank reports for it)."""
-        if hasattr(self.backend, "dp_coords"):
-            return self.backend.dp_coords()
-        return self.rank, True
+        return self.backend.dp_coords()
 
     def logprobs(self, samples: list[Sample]) -> dict:
         return self.backend.logprobs(samples)

@@ -19,6 +19,7 @@ tokens; the Megatron backend scales its MTP loss by it).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from glm_rl.algo import policy_loss
 from glm_rl.rollout.samples import Sample
@@ -41,6 +42,11 @@ class PolicyBackend:
             self.replay.record(mb.valid)
         else:
             self.replay.off()
+
+    def dp_coords(self) -> tuple[int, bool]:
+        """(data-parallel rank = the sample shard this rank trains on, whether it reports for its DP rank).
+        Plain data parallelism: every rank is its own DP rank and reports."""
+        return (dist.get_rank() if dist.is_initialized() else 0), True
 
     def _count(self, agree: int, total: int) -> tuple[int, int]:
         return agree, total
