@@ -5,10 +5,14 @@
     python benchmarks/engine_decode.py --random-model hidden=1024,layers=8,experts=64,top_k=8,ffn=512
 
 1. Throughput: the same prompts through the engine's generation path (`generation.run_batch`, what
-   EmbeddedEngine runs per batch, without HTTP) and through HF `generate`, at each batch size: sampling at
+   EmbeddedEngine runs per batch, without HTTP) with its default decoder (static KV cache, CUDA graphs on GPU:
+   static_decode.py; graphs are captured in a first untimed run, as an engine does at its first batches, and
+   that run's time is reported apart), with HF's DynamicCache path of the same code (`static_kv_cache=False`),
+   and through HF `generate`, at each batch size: sampling at
    temperature 1 (no top-k / top-p; HF's default top_k=50 turned off), eos ignored, exactly `--new-tokens`
    tokens per row; tokens/s = batch x new tokens / wall time (prefill included, as a user sees it).
-2. MTP at batch 1: prompts one at a time through `run_batch` and `speculative.run_batch_speculative`
+2. MTP at batch 1: prompts one at a time through `run_batch` (DynamicCache path, the machinery speculative
+   decoding runs on) and `speculative.run_batch_speculative`
    (temperature `--mtp-temperature`, default greedy, stopping at eos): tokens/s of each, the speedup, the
    acceptance length (completion tokens / verify forwards, SGLang's definition), and the cost of one verify
    step (verify + MTP forward) relative to one plain decode step. Speedup ~= acceptance length / step-cost
@@ -35,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from glm_rl.models.presets import ASSETS, TINY_CHECKPOINT, ModelSpec  # noqa: E402
 from glm_rl.rollout.engines.generation import GenerationRequest, SamplingParams, run_batch  # noqa: E402
 from glm_rl.rollout.engines.speculative import run_batch_speculative  # noqa: E402
+from glm_rl.rollout.engines.static_decode import StaticDecoder  # noqa: E402
 
 RANDOM_DEFAULTS = {"hidden": 1024, "layers": 8, "experts": 64, "top_k": 8, "ffn": 512, "vocab": 151552,
                    "heads": 8, "kv_heads": 2, "dense_ffn": 4096}
@@ -112,12 +117,12 @@ def timed(fns: list, device: str, repeats: int) -> list[tuple[float, object]]:
     return list(zip(best, results))
 
 
-def engine_generate(model, prompts, sampling: SamplingParams, eos, mtp=None, num_steps: int = 1):
+def engine_generate(model, prompts, sampling: SamplingParams, eos, mtp=None, num_steps: int = 1, decoder=None):
     requests = [GenerationRequest(rid=str(i), input_ids=tuple(p), sampling=sampling, seed=i)
                 for i, p in enumerate(prompts)]
     common = dict(eos_ids=eos, pad_id=0, gates=[], should_abort=lambda: False)
     if mtp is None:
-        return run_batch(model, requests, **common)
+        return run_batch(model, requests, decoder=decoder, **common)
     return run_batch_speculative(model, mtp, requests, num_steps=num_steps, **common)
 
 
@@ -134,14 +139,24 @@ def hf_generate(model, prompts, new_tokens: int):
 def throughput(args, model, prompts_of, eos) -> list[dict]:
     rows = []
     sampling = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, ignore_eos=True)
+    # the engine's default decoder: one per engine, its graphs captured in the warm-up round (as at startup)
+    decoder = StaticDecoder(model, max_batch=max(args.batch_sizes), cuda_graph=not args.disable_cuda_graph,
+                            torch_compile=args.enable_torch_compile)
     for b in args.batch_sizes:
         prompts = prompts_of(b)
-        (t_engine, _), (t_hf, _) = timed([lambda: engine_generate(model, prompts, sampling, eos),
-                                          lambda: hf_generate(model, prompts, args.new_tokens)],
-                                         args.device, args.repeats)
+        t0 = time.perf_counter()
+        engine_generate(model, prompts, sampling, eos, decoder=decoder)  # first use: captures this batch's graphs
+        sync(args.device)
+        first = time.perf_counter() - t0
+        (t_engine, _), (t_dynamic, _), (t_hf, _) = timed(
+            [lambda: engine_generate(model, prompts, sampling, eos, decoder=decoder),
+             lambda: engine_generate(model, prompts, sampling, eos),
+             lambda: hf_generate(model, prompts, args.new_tokens)], args.device, args.repeats)
         tokens = b * args.new_tokens
         rows.append({"batch": b, "new_tokens": args.new_tokens, "engine_tok_s": tokens / t_engine,
-                     "hf_generate_tok_s": tokens / t_hf, "engine_over_hf": t_hf / t_engine})
+                     "engine_dynamic_cache_tok_s": tokens / t_dynamic, "hf_generate_tok_s": tokens / t_hf,
+                     "engine_over_hf": t_hf / t_engine, "dynamic_cache_over_hf": t_hf / t_dynamic,
+                     "engine_first_run_s": first, "cuda_graphs": len(decoder._graphs)})
     return rows
 
 
@@ -187,6 +202,8 @@ def main() -> None:
     ap.add_argument("--num-steps", type=int, default=1, help="MTP drafts per verify forward")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per figure (best of), after a warm-up")
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--disable-cuda-graph", action="store_true", help="static cache without CUDA graphs")
+    ap.add_argument("--enable-torch-compile", action="store_true", help="compile the graphed decode step")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/engine_decode.json"))
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -208,15 +225,18 @@ def main() -> None:
         f"CPU ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})"
     info["attn_implementation"] = model.config._attn_implementation
     info["experts_implementation"] = getattr(model.config, "_experts_implementation", None)
+    info["engine_decoder"] = ("static cache" + ("" if args.disable_cuda_graph else " + CUDA graphs")
+                              + (" + torch.compile" if args.enable_torch_compile else ""))
     result = {"date": time.strftime("%Y-%m-%d"), "device": device_name, "dtype": args.dtype, "model": info,
               "torch": torch.__version__, "transformers": __import__("transformers").__version__,
               "throughput": [] if args.skip_throughput else throughput(args, model, prompts_of, eos),
               "mtp_batch1": mtp_speedup(args, model, mtp, prompts_of(args.mtp_prompts), eos)}
     print(f"device {device_name}, {args.dtype}, model {info}")
-    print(f"{'batch':>6}{'new tok':>9}{'engine tok/s':>14}{'HF generate tok/s':>19}{'engine / HF':>13}")
+    print(f"{'batch':>6}{'new tok':>9}{'engine tok/s':>14}{'dynamic-cache tok/s':>21}{'HF generate tok/s':>19}"
+          f"{'engine / HF':>13}{'dynamic / HF':>14}")
     for r in result["throughput"]:
-        print(f"{r['batch']:>6}{r['new_tokens']:>9}{r['engine_tok_s']:>14.1f}{r['hf_generate_tok_s']:>19.1f}"
-              f"{r['engine_over_hf']:>12.2f}x")
+        print(f"{r['batch']:>6}{r['new_tokens']:>9}{r['engine_tok_s']:>14.1f}{r['engine_dynamic_cache_tok_s']:>21.1f}"
+              f"{r['hf_generate_tok_s']:>19.1f}{r['engine_over_hf']:>12.2f}x{r['dynamic_cache_over_hf']:>13.2f}x")
     m = result["mtp_batch1"]
     print(f"MTP at batch 1 ({m['prompts']} prompts, T={m['temperature']}, {m['num_steps']} draft/verify): "
           f"plain {m['plain_tok_s']:.1f} tok/s, MTP {m['mtp_tok_s']:.1f} tok/s, speedup {m['speedup']:.2f}x, "

@@ -49,6 +49,7 @@ class _Case(NamedTuple):
     mtp: bool = False
     controls: bool = False
     grads: bool = False  # scalar-loss gradients, for the CP2-vs-CP1 check
+    device: str = "cpu"  # "cuda": one GPU per rank, NCCL (tests/test_gpu.py, on a multi-GPU box)
 
     @property
     def world(self) -> int:
@@ -56,7 +57,7 @@ class _Case(NamedTuple):
 
     @property
     def name(self) -> str:
-        return "_".join(f"{k}{v}" for k, v in self._asdict().items() if v not in (None, False))
+        return "_".join(f"{k}{v}" for k, v in self._asdict().items() if v not in (None, False, "cpu"))
 
 
 def _gather_vocab(local: torch.Tensor) -> torch.Tensor:
@@ -83,14 +84,14 @@ def _forward(model, ids: torch.Tensor, hidden_size: int):
 
     cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
     ids = split_for_cp(ids, cp_rank, cp)
-    pos = split_for_cp(torch.arange(ids.shape[1] * cp).expand(ids.shape[0], -1), cp_rank, cp)
+    pos = split_for_cp(torch.arange(ids.shape[1] * cp, device=ids.device).expand(ids.shape[0], -1), cp_rank, cp)
     captured = {}
     if getattr(model, "mtp_process", False):
         model.mtp.register_forward_hook(lambda m, a, out: captured.__setitem__("mtp", out))
     if not ps.is_pipeline_first_stage():
         sp = model.config.sequence_parallel
         hidden = torch.empty(ids.shape[1] // (ps.get_tensor_model_parallel_world_size() if sp else 1),
-                             ids.shape[0], hidden_size)
+                             ids.shape[0], hidden_size, device=ids.device)
         dist.recv(hidden, group=ps.get_pipeline_model_parallel_group(),
                   group_src=ps.get_pipeline_model_parallel_rank() - 1)
         model.set_input_tensor(hidden)
@@ -190,7 +191,10 @@ def _worker(rank: int, store: str, out_dir: str, case: _Case) -> None:
     from glm_rl.trainer.backends.megatron.model import build_gpt_model, setup_model_parallel
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=case.world)
+    if case.device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if case.device == "cuda" else "gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=case.world)
     try:
         setup_model_parallel(tp=case.tp, ep=case.ep, pp=case.pp, cp=case.cp, etp=case.etp)
         spec = glm45_tiny()
@@ -202,13 +206,14 @@ def _worker(rank: int, store: str, out_dir: str, case: _Case) -> None:
         model = build_gpt_model(spec, tp=case.tp, ep=case.ep, mtp=case.mtp,
                                 first_stage_layers=case.first_stage_layers).eval()
         import_hf_weights(model, spec, hf_state)
+        model.to(case.device)
         result = {"stage_layers": len(model.decoder.layers), "vocab_rows": model.vocab_size,
                   "etp": ps.get_expert_tensor_parallel_world_size()}
         with torch.no_grad():
-            logits, mtp_logits = _forward(model, ids, spec.hidden_size)
+            logits, mtp_logits = _forward(model, ids.to(case.device), spec.hidden_size)
         if logits is not None:
             cp_group = ps.get_context_parallel_group()
-            full = gather_from_cp(_gather_vocab(logits), cp_group)  # (B, T, V padded)
+            full = gather_from_cp(_gather_vocab(logits), cp_group).cpu()  # (B, T, V padded)
             padded = full[..., spec.vocab_size:]
             result["padded_max"] = padded.max().item() if padded.numel() else None
             result["real_min"] = full[..., :spec.vocab_size].min().item()
@@ -223,7 +228,7 @@ def _worker(rank: int, store: str, out_dir: str, case: _Case) -> None:
             result.update(_controls(model, spec, ids, valid, ref, hf_state, spec.hidden_size))
         if case.grads:
             result["grads"] = _grads(model, ids, valid, spec.hidden_size)
-        exported = dict(export_hf_weights(model, spec))
+        exported = {n: t.cpu() for n, t in export_hf_weights(model, spec)}
         result["export_missing"] = sorted(set(hf_state) - set(exported))
         result["export_extra"] = sorted(set(exported) - set(hf_state))
         result["export_unequal"] = sorted(k for k in set(hf_state) & set(exported)

@@ -22,6 +22,9 @@ its next decode step (its requests return what they generated so far with finish
 every queued request with an empty "abort"; `pause(mode="in_place")` stops taking batches and lets the running
 batch finish. Both return once no batch is running; requests that arrive while paused wait for `resume()`.
 
+Decoding: over a preallocated KV cache, CUDA-graphed on GPU (`static_decode.py`; `static_kv_cache=False` selects
+HF's DynamicCache path, `disable_cuda_graph` keeps the static cache without graphs).
+
 MTP speculative decoding (`EngineConfig.enable_mtp`, `speculative.py`): batches run through
 `run_batch_speculative`; answers keep their meaning (target-model logprobs, routed experts of kept positions)
 and add SGLang's `spec_verify_ct` / `spec_accept_length` counters; /server_info reports the running
@@ -70,6 +73,7 @@ class EngineConfig:
     port: int = 0                      # 0: pick a free port
     api_key: str | None = None         # when set, requests (but /health*) need `Authorization: Bearer <key>`
     dtype: str = "float32"
+    device: str = "cpu"                # "cuda" / "cuda:N": the model and its KV cache live there
     max_batch_size: int = 64           # rows per scheduler batch, and the largest batch /generate accepts
     max_total_len: int | None = None   # prompt + max_new_tokens limit; None: the model's max_position_embeddings
     seed: int = 0
@@ -83,10 +87,16 @@ class EngineConfig:
     # the MTP layer's weights join the engine's weight names as `model.layers.{num_hidden_layers}.*`.
     enable_mtp: bool = False
     speculative_num_steps: int = 1     # MTP drafts per verify forward (SGLang's --speculative-num-steps)
+    # decode over a preallocated KV cache (static_decode.py); off: HF's DynamicCache path (MTP always uses it)
+    static_kv_cache: bool = True
+    disable_cuda_graph: bool = False   # SGLang's flag: with the static cache on CUDA, decode steps are graphs
+    enable_torch_compile: bool = False  # SGLang's flag: compile the graphed decode step (slow first batches)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"EngineConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ValueError(f"EngineConfig.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.max_batch_size < 1:
             raise ValueError(f"EngineConfig.max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.speculative_num_steps < 1:
@@ -145,6 +155,7 @@ class EmbeddedEngine:
         from glm_rl.rollout.engines.http_server import HttpServer
 
         self.model, self.tokenizer = load_hf_model(self.config.hf_checkpoint, DTYPES[self.config.dtype])
+        self.model.to(self.config.device)
         cfg = self.model.config
         self.vocab_size = cfg.vocab_size
         self.max_total_len = self.config.max_total_len or cfg.max_position_embeddings
@@ -157,7 +168,13 @@ class EmbeddedEngine:
         # the main model's weights live in one buffer, so a colocated trainer's flattened update is one copy
         self._flat = flatten_module_(self.model)
         self._state = self.model.state_dict()  # detached views sharing the parameters' storage
-        self.mtp = None
+        self.mtp = self.decoder = None
+        if self.config.static_kv_cache and not self.config.enable_mtp:
+            from glm_rl.rollout.engines.static_decode import StaticDecoder
+
+            self.decoder = StaticDecoder(self.model, max_batch=self.config.max_batch_size,
+                                         cuda_graph=not self.config.disable_cuda_graph,
+                                         torch_compile=self.config.enable_torch_compile)
         if self.config.enable_mtp:
             from glm_rl.models.checkpoint import load_mtp
 
@@ -244,7 +261,7 @@ class EmbeddedEngine:
         common = dict(eos_ids=self.eos_ids, pad_id=self.pad_id, gates=self.gates,
                       should_abort=lambda: self._abort_running)
         if self.mtp is None:
-            return run_batch(self.model, requests, **common)
+            return run_batch(self.model, requests, decoder=self.decoder, **common)
         return run_batch_speculative(self.model, self.mtp, requests, num_steps=self.config.speculative_num_steps,
                                      **common)
 
@@ -305,6 +322,7 @@ class EmbeddedEngine:
             stats, paused = dict(self.stats), self._paused
         return {"model_path": str(self.config.hf_checkpoint), "tokenizer_path": str(self.config.hf_checkpoint),
                 "engine": "glm_rl.embedded", "weight_version": self.weight_version, "dtype": self.config.dtype,
+                "device": self.config.device,
                 "tp_size": 1, "dp_size": 1, "max_batch_size": self.config.max_batch_size,
                 "max_running_requests": self.config.max_batch_size, "max_total_len": self.max_total_len,
                 "context_length": self.max_total_len, "vocab_size": self.vocab_size,
@@ -425,14 +443,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--api-key", default=None)
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--enable-mtp", action="store_true", help="MTP speculative decoding")
     p.add_argument("--speculative-num-steps", type=int, default=1)
+    p.add_argument("--no-static-kv-cache", dest="static_kv_cache", action="store_false",
+                   help="decode with HF's DynamicCache instead of the preallocated cache")
+    p.add_argument("--disable-cuda-graph", action="store_true", help="static cache without CUDA graphs")
+    p.add_argument("--enable-torch-compile", action="store_true", help="compile the graphed decode step")
     a = p.parse_args(argv)
     engine = EmbeddedEngine(EngineConfig(hf_checkpoint=a.hf_checkpoint, host=a.host, port=a.port,
-                                         api_key=a.api_key, dtype=a.dtype, max_batch_size=a.max_batch_size,
+                                         api_key=a.api_key, dtype=a.dtype, device=a.device,
+                                         max_batch_size=a.max_batch_size,
                                          seed=a.seed, enable_mtp=a.enable_mtp,
+                                         static_kv_cache=a.static_kv_cache, disable_cuda_graph=a.disable_cuda_graph,
+                                         enable_torch_compile=a.enable_torch_compile,
                                          speculative_num_steps=a.speculative_num_steps))
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

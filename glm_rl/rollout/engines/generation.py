@@ -3,12 +3,16 @@
 Why a module of its own: `run_batch` is a pure function of (model, requests) — no threads, no HTTP — so it
 can be read and tested apart from the engine's scheduling.
 
-- Left padding + attention mask + position ids (cumsum of the mask) for the prefill, then one token per row per
-  step with an HF `DynamicCache`; rows that finish are dropped from the cache (`batch_select_indices`).
+- With a `StaticDecoder` (static_decode.py, the engine's default) the batch runs over its preallocated KV cache,
+  CUDA-graphed on GPU. Without one: left padding + attention mask + position ids (cumsum of the mask) for the
+  prefill, then one token per row per step with an HF `DynamicCache`; rows that finish are dropped from the
+  cache (`batch_select_indices`). Both paths sample and stop through the same code below.
   Tensors and the per-request generators live on `model.device` (CPU here; CUDA in benchmarks/).
-- Per-request sampling: temperature (0 = greedy), top-k (<= 0: off), top-p, from a per-request
-  `torch.Generator` seeded by `request_seed(engine seed, key)`. The logprob returned for a token is
-  log_softmax(logits / T) at it, before top-k / top-p filtering (T = 1 for greedy).
+- Per-request sampling: temperature (0 = greedy), top-k (<= 0: off), top-p; inverse-CDF at a counter-based
+  uniform keyed by (request seed = `request_seed(engine seed, key)`, decode step), batched over the rows.
+  Each row also carries a `torch.Generator` from the same seed for speculative decoding's accept / reject
+  draws. The logprob returned for a token is log_softmax(logits / T) at it, before top-k / top-p filtering
+  (T = 1 for greedy).
 - Stop on any stop id (the model's eos ids unless ignore_eos, plus stop_token_ids); the stop token is kept.
 - Routed experts: forward hooks on the MoE routers (`mlp.gate`, whose forward returns (logits, weights,
   top-k indices)) give [B, S, n_moe, top_k] per forward; each row keeps its own non-pad positions, so a row
@@ -108,34 +112,63 @@ def _filter_logits(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return scaled
 
 
-def _sample_group(logits: torch.Tensor, sp: SamplingParams, generators: list[torch.Generator]):
+_M64 = (1 << 64) - 1
+
+
+def _mix64(z: int) -> int:
+    """splitmix64's finaliser."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def counter_uniform(seed: int, step: int) -> float:
+    """A uniform in (0, 1) from (request seed, decode step) — counter-based: a request's draw depends on nothing
+    but its own seed and step (not on its batch, nor on how many draws came before). Host side: a batch's
+    uniforms cost one small copy to the device instead of a chain of tiny integer kernels."""
+    x = _mix64((_mix64((seed * 0xD1B54A32D192ED03 + step) & _M64) + 0x9E3779B97F4A7C15) & _M64)
+    return ((x >> 11) + 0.5) / float(1 << 53)
+
+
+def _sample_group(logits: torch.Tensor, sp: SamplingParams, uniforms: list[float]):
     """(tokens [n], logprobs [n]) for n rows sharing sampling params: the logprob is log_softmax(logits / T) at
-    the token (T = 1 for greedy). Filtering and softmax run batched; each row still draws from its own
-    generator, so a request's tokens do not depend on which other requests share its batch."""
+    the token (T = 1 for greedy), in fp32. Sampling inverts each row's CDF of softmax(filtered logits / T)
+    (accumulated in float64, so the smallest probabilities keep their mass) at the row's uniform: the batch
+    samples in a handful of kernels, and a request's tokens do not depend on which other requests share it."""
+    scaled = logits.float()
+    if sp.temperature > 0.0 and sp.temperature != 1.0:
+        scaled = scaled / sp.temperature
+    logp = torch.log_softmax(scaled, dim=-1)
     if sp.temperature <= 0.0:
-        tokens = torch.argmax(logits, dim=-1)
-        return tokens, torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-    scaled = logits / sp.temperature
-    probs = torch.softmax(_filter_logits(scaled, sp.top_k, sp.top_p), dim=-1)
-    tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
-    return tokens, torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+        tokens = torch.argmax(scaled, dim=-1)
+    else:
+        filtered = _filter_logits(scaled, sp.top_k, sp.top_p)
+        probs = logp.exp() if filtered is scaled else torch.softmax(filtered, dim=-1)
+        cdf = probs.to(torch.float64).cumsum_(-1)
+        target = torch.tensor(uniforms, dtype=torch.float64).to(cdf.device, non_blocking=True)[:, None] * cdf[:, -1:]
+        # the first index whose CDF reaches u: never a zero-probability token (its CDF equals its predecessor's)
+        tokens = torch.searchsorted(cdf, target).squeeze(-1).clamp_max_(logits.shape[-1] - 1)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
 def _step_rows(rows: list[Row], active: list[int], logits: torch.Tensor) -> None:
     """Sample one token for every active row and mark the rows that finish. Rows are grouped by sampling
     params (one group in RL: every request alike) and the results cross to the host once per step."""
-    logits = logits.float()
     groups: dict[tuple, list[int]] = {}
     for b, i in enumerate(active):
         sp = rows[i].req.sampling
         groups.setdefault((sp.temperature, sp.top_k, sp.top_p), []).append(b)
-    tokens = torch.empty(len(active), dtype=torch.long, device=logits.device)
-    logps = torch.empty(len(active), dtype=torch.float32, device=logits.device)
-    for bs in groups.values():
-        index = torch.tensor(bs, device=logits.device)
-        t, lp = _sample_group(logits[index], rows[active[bs[0]]].req.sampling,
-                              [rows[active[b]].generator for b in bs])
-        tokens[index], logps[index] = t, lp
+    dev = logits.device
+    uniforms = [counter_uniform(rows[i].req.seed, len(rows[i].output_ids)) for i in active]
+    if len(groups) == 1:  # the RL case: the whole batch samples alike, no gather of logits rows
+        tokens, logps = _sample_group(logits, rows[active[0]].req.sampling, uniforms)
+    else:
+        tokens = torch.empty(len(active), dtype=torch.long, device=dev)
+        logps = torch.empty(len(active), dtype=torch.float32, device=dev)
+        for bs in groups.values():
+            index = torch.tensor(bs, device=dev)
+            tokens[index], logps[index] = _sample_group(logits[index], rows[active[bs[0]]].req.sampling,
+                                                        [uniforms[b] for b in bs])
     for i, token, logp in zip(active, tokens.tolist(), logps.tolist()):
         rows[i].emit(token, logp)
 
@@ -169,13 +202,31 @@ def _decode(model, rows: list[Row], active: list[int], cache: DynamicCache, mask
     return out.logits[:, -1], mask
 
 
+def _survivors(rows: list[Row], active: list[int], should_abort: Callable[[], bool]) -> list[int]:
+    """Batch indices (into `active`) of the rows still decoding; all rows are aborted if `should_abort()`."""
+    keep = [b for b, i in enumerate(active) if rows[i].finish is None]
+    if keep and should_abort():
+        for b in keep:
+            rows[active[b]].finish = {"type": "abort", "message": "aborted by pause_generation"}
+        keep = []
+    return keep
+
+
+def new_rows(model, requests: list[GenerationRequest], eos_ids: Iterable[int], row_type: type = Row) -> list:
+    """One decoding row per request: its stop ids (eos unless ignore_eos, plus stop_token_ids) and generator."""
+    eos = frozenset(eos_ids)
+    return [row_type(r, frozenset(r.sampling.stop_token_ids) | (frozenset() if r.sampling.ignore_eos else eos),
+                torch.Generator(device=model.device).manual_seed(r.seed)) for r in requests]
+
+
 @torch.no_grad()
 def run_batch(model, requests: list[GenerationRequest], *, eos_ids: Iterable[int], pad_id: int,
-              gates: list[torch.nn.Module], should_abort: Callable[[], bool]) -> list[Row]:
-    """Generate for every request in one batch; rows come back finished (stop / length / abort)."""
-    eos = frozenset(eos_ids)
-    rows = [Row(r, frozenset(r.sampling.stop_token_ids) | (frozenset() if r.sampling.ignore_eos else eos),
-                 torch.Generator(device=model.device).manual_seed(r.seed)) for r in requests]
+              gates: list[torch.nn.Module], should_abort: Callable[[], bool], decoder=None) -> list[Row]:
+    """Generate for every request in one batch; rows come back finished (stop / length / abort). With a
+    `StaticDecoder` (static_decode.py) the batch runs over its preallocated cache, else over a DynamicCache."""
+    rows = new_rows(model, requests, eos_ids)
+    if decoder is not None:
+        return _run_static(decoder, rows, pad_id, should_abort)
     capture = _RouterCapture(gates) if any(r.return_routed_experts for r in requests) else None
     cache = DynamicCache(config=model.config)
     try:
@@ -183,11 +234,7 @@ def run_batch(model, requests: list[GenerationRequest], *, eos_ids: Iterable[int
         active = list(range(len(rows)))
         while True:
             _step_rows(rows, active, logits)
-            keep = [b for b, i in enumerate(active) if rows[i].finish is None]
-            if keep and should_abort():
-                for b in keep:
-                    rows[active[b]].finish = {"type": "abort", "message": "aborted by pause_generation"}
-                keep = []
+            keep = _survivors(rows, active, should_abort)
             if not keep:
                 return rows
             if len(keep) < len(active):
@@ -197,3 +244,29 @@ def run_batch(model, requests: list[GenerationRequest], *, eos_ids: Iterable[int
     finally:
         if capture is not None:
             capture.remove()
+
+
+def _run_static(decoder, rows: list[Row], pad_id: int, should_abort: Callable[[], bool]) -> list[Row]:
+    """`run_batch` over a StaticDecoder: live rows are cache rows 0..n-1 (compacted when rows finish)."""
+    want_routed = any(r.req.return_routed_experts for r in rows)
+    decoder.reserve(max(len(r.req.input_ids) + r.req.sampling.max_new_tokens for r in rows))
+    logits, routed = decoder.prefill([r.req.input_ids for r in rows], pad_id)
+    if want_routed:
+        for b, row in enumerate(rows):
+            row.routed.append(routed[b, :len(row.req.input_ids)])
+    active = list(range(len(rows)))
+    while True:
+        _step_rows(rows, active, logits)
+        keep = _survivors(rows, active, should_abort)
+        if not keep:
+            return rows
+        # the position each live row feeds next: its last token's (prompt + output - 1)
+        fed = [len(rows[active[b]].req.input_ids) + len(rows[active[b]].output_ids) - 1 for b in keep]
+        if len(keep) < len(active):
+            decoder.compact(keep, span=max(fed))  # slots below each row's next position are written
+            active = [active[b] for b in keep]
+        logits, routed = decoder.decode([rows[i].output_ids[-1] for i in active], fed)
+        if want_routed:
+            routed = routed.clone()  # the graph's output buffer is rewritten by the next step
+            for b, i in enumerate(active):
+                rows[i].routed.append(routed[b])

@@ -42,7 +42,7 @@ import torch
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
-from glm_rl.rollout.engines.generation import (GenerationRequest, Row, SamplingParams, _filter_logits,
+from glm_rl.rollout.engines.generation import (GenerationRequest, Row, new_rows, SamplingParams, _filter_logits,
                                                _RouterCapture, _step_rows)
 
 
@@ -292,9 +292,7 @@ def run_batch_speculative(model, mtp, requests: list[GenerationRequest], *, num_
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     dev = model.device
-    eos = frozenset(eos_ids)
-    rows = [SpecRow(r, frozenset(r.sampling.stop_token_ids) | (frozenset() if r.sampling.ignore_eos else eos),
-                    torch.Generator(device=dev).manual_seed(r.seed)) for r in requests]
+    rows = new_rows(model, requests, eos_ids, SpecRow)
     capture = _RouterCapture(gates) if any(r.return_routed_experts for r in requests) else None
     empty = torch.zeros(len(rows), 0, dtype=torch.long, device=dev)
     batch = _Batch(rows, list(range(len(rows))), DynamicCache(config=model.config),
