@@ -260,17 +260,18 @@ def convert_export(
 def recipe(
     ctx: typer.Context,
     name: str = typer.Option(..., "--recipe", help="recipe name, e.g. glm45_tiny_pretrain (see glm_rl/recipes)"),
-    pretrained_checkpoint: Optional[Path] = typer.Option(None, help="finetune: HF checkpoint dir to start from"),
+    pretrained_checkpoint: Optional[Path] = typer.Option(
+        None, help="HF checkpoint dir to start from (finetune; pretrain: continued pretraining)"),
     output_dir: Optional[Path] = typer.Option(None, help="run dir (default: checkpoint.save, else runs/NAME)"),
 ) -> None:
     """Pretrain / SFT / LoRA / DoRA recipe on the Megatron model; extra args are dotted `key=value` overrides
     (e.g. `train.global_batch_size=128 peft=lora`). Runs under `torchrun --nproc-per-node N`."""
     from glm_rl.recipes.config import apply_overrides, get_recipe, validate
 
-    kwargs = {"pretrained_checkpoint": str(pretrained_checkpoint)} if pretrained_checkpoint else {}
-    if kwargs and "finetune" not in name:
-        raise typer.BadParameter("only finetune recipes take it", param_hint="--pretrained-checkpoint")
-    cfg = validate(apply_overrides(get_recipe(name, **kwargs), list(ctx.args)))  # before any process group
+    overrides = list(ctx.args)
+    if pretrained_checkpoint:  # as the `pretrained_checkpoint=DIR` override: finetune and pretrain recipes alike
+        overrides.insert(0, f"pretrained_checkpoint={pretrained_checkpoint}")
+    cfg = validate(apply_overrides(get_recipe(name), overrides))  # before any process group
     from glm_rl.recipes.runner import run_recipe
 
     out = run_recipe(cfg, output_dir)

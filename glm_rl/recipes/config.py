@@ -134,7 +134,7 @@ class RecipeConfig:
     recompute: RecomputeSection = field(default_factory=RecomputeSection)
     peft: Optional[Literal["lora", "dora"]] = None  # None: full SFT / pretrain
     lora: LoraSection = field(default_factory=LoraSection)
-    pretrained_checkpoint: Optional[str] = None     # finetune: HF checkpoint dir to start from
+    pretrained_checkpoint: Optional[str] = None     # HF checkpoint dir to start from (finetune; pretrain: continued)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
 
     @property
@@ -351,14 +351,16 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
                         "with tensor parallelism")
     if cfg.mtp.mtp_num_layers is not None and cfg.mtp.mtp_num_layers < 0:
         problems.append(f"mtp.mtp_num_layers={cfg.mtp.mtp_num_layers}: must be >= 0 (or None)")
-    if cfg.is_finetune:
-        ckpt = cfg.pretrained_checkpoint
-        if ckpt is None:
-            problems.append("pretrained_checkpoint is not set: a finetune recipe needs --pretrained-checkpoint DIR "
-                            "(an HF checkpoint directory)")
-        elif not (Path(ckpt) / "config.json").is_file():
-            problems.append(f"pretrained_checkpoint {ckpt}: no such HF checkpoint (expected a directory with "
-                            f"config.json)")
+    ckpt = cfg.pretrained_checkpoint
+    if cfg.is_finetune and ckpt is None:
+        problems.append("pretrained_checkpoint is not set: a finetune recipe needs --pretrained-checkpoint DIR "
+                        "(an HF checkpoint directory)")
+    elif ckpt is not None and not (Path(ckpt) / "config.json").is_file():
+        problems.append(f"pretrained_checkpoint {ckpt}: no such HF checkpoint (expected a directory with "
+                        f"config.json)")
+    if cfg.mtp.enabled and cfg.mtp.mtp_num_layers > 1 and p.context_parallel_size > 1:
+        problems.append(f"mtp.mtp_num_layers={cfg.mtp.mtp_num_layers} with parallel.context_parallel_size="
+                        f"{p.context_parallel_size}: the trainer weights one MTP layer exactly under CP; use 1")
     if cfg.data.path is not None and not Path(cfg.data.path).is_file():
         problems.append(f"data.path {cfg.data.path}: no such file")
     if problems:

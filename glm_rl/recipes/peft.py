@@ -25,6 +25,8 @@ like any other). `merge_adapters` folds the adapters into the base weights and u
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -168,21 +170,38 @@ class MegatronLoRA(nn.Module):
         return (self.base.weight + lora_delta(self.lora_A, self.lora_B, self.scale)) * self._gain().unsqueeze(-1)
 
 
+def global_name(model: nn.Module, name: str) -> str:
+    """`name` with this rank's local decoder-layer and expert indices made global (the PP stage's layer offset,
+    the EP rank's expert offset): the same weight has the same global name under every parallel layout."""
+    parts = name.split(".")
+    out = list(parts)
+    for i in range(1, len(parts) - 1):
+        if parts[i - 1] == "decoder" and parts[i] == "layers" and parts[i + 1].isdigit():
+            out[i + 1] = str(model.get_submodule(".".join(parts[:i + 2])).layer_number - 1)  # layer_number: global
+        if parts[i] == "local_experts" and parts[i + 1].isdigit() and i >= 2:
+            moe = model.get_submodule(".".join(parts[:i - 1]))  # the MoE layer above `experts`
+            out[i + 1] = str(moe.local_expert_indices[int(parts[i + 1])])
+    return ".".join(out)
+
+
 def apply_peft(model: nn.Module, rank: int, alpha: float, dora: bool = False, targets=TARGETS,
                seed: int = 0) -> list[str]:
     """Freeze `model` and wrap every Megatron linear whose leaf name is in `targets`; returns their names.
-    A is drawn per module in `named_modules` order from one seeded generator, so all ranks agree."""
+    Each adapter's A comes from a generator seeded by (seed, the weight's global name): every rank, and every
+    TP / PP / EP layout, starts from the same adapters."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
         raise ValueError(f"lora.target_modules {','.join(targets)}: unknown {unknown}; valid: {','.join(TARGETS)}")
     model.requires_grad_(False)
-    gen, wrapped = torch.Generator().manual_seed(seed), []
+    wrapped = []
     for name, module in list(model.named_modules()):
         leaf = name.rsplit(".", 1)[-1]
         if leaf in targets and isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
             parent = model.get_submodule(name.rsplit(".", 1)[0])
+            key = hashlib.sha256(f"{seed}:{global_name(model, name)}".encode()).digest()
+            gen = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & ((1 << 63) - 1))
             setattr(parent, leaf, MegatronLoRA(module, rank, alpha, dora, gen))
             wrapped.append(name)
     if not wrapped:

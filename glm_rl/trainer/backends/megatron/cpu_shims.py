@@ -23,6 +23,11 @@ host `apply_cpu_shims()` is a no-op.
    `.cuda()`: the same index_select on the CPU.
 10. `Tensor.cuda()` returns the tensor itself: megatron moves buffers explicitly, e.g. the last pipeline
    stage's embedding copy (MTP / tied head) before its all-reduce with the first stage.
+11. `pipeline_parallel/schedules.py` allocates its token counter with the literal device="cuda": that module
+   gets a `torch` whose `zeros` maps "cuda" to the CPU (everything else is torch's own).
+12. Activation recompute (`tensor_parallel.checkpoint`) saves and restores the CUDA RNG state next to the CPU
+   one: on CPU there is only the CPU generator (saved and restored by the same code), so the CUDA part is a
+   no-op.
 
 Not a CPU shim, kept here so all megatron patches live in one file: `apply_norm_sequence_parallel_patch` —
 megatron's torch-norm wrapper `WrappedTorchNorm` (the local spec's norm when Apex/TE are absent, so on our GPU
@@ -197,6 +202,23 @@ def _patch_uneven_first_dim_collectives():
     mappings._reduce_scatter_along_first_dim = reduce_scatter_uneven
 
 
+class _ScheduleTorch:
+    """torch as `pipeline_parallel/schedules.py` sees it on CPU: `zeros(device="cuda")` lands on the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+
+def _patch_schedule_counter():
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _ScheduleTorch()
+
+
 def apply_cpu_shims() -> bool:
     """Patch megatron-core for CPU/gloo; idempotent. Returns whether the shims are active (False with CUDA)."""
     global _APPLIED
@@ -220,6 +242,8 @@ def apply_cpu_shims() -> bool:
     mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()  # 2
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mrandom.CudaRNGStatesTracker = CpuRNGStatesTracker  # a later force_reset builds the CPU one too
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()  # 12
+    mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
 
     from megatron.core.fusions import fused_softmax
     from megatron.core.transformer import utils as tutils
@@ -231,5 +255,6 @@ def apply_cpu_shims() -> bool:
     _patch_uneven_first_dim_collectives()  # 7
     _patch_cp_rope_chunks()  # 9
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # 10
+    _patch_schedule_counter()  # 11
     _APPLIED = True
     return True

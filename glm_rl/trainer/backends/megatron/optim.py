@@ -4,7 +4,9 @@ Shared by the RL backend (backend.py) and the recipes' trainer (glm_rl/recipes/r
 
 `reduce_grads_and_clip` does what megatron's `finalize_model_grads` + DDP would: sequence-parallel-tagged
 replicated params (norms, router) are summed over TP first, then routed-expert params over the expert-data-
-parallel group and everything else over DP (the loss is pre-scaled by 1 / global tokens, so these are sums).
+parallel group (which spans CP too) and everything else over DP × CP (CP ranks split the tokens of the same
+weights; the loss is pre-scaled by 1 / global tokens, so these are sums). Pipeline stages hold disjoint
+parameters, except the word-embedding copy the last stage keeps for MTP (`_sum_duplicated_embedding`).
 The grad norm counts each shard once: dense params over TP (TP-replicated ones on TP rank 0 only), expert params
 over ETP × EP; clipping then scales like `torch.nn.utils.clip_grad_norm_`.
 
@@ -32,6 +34,24 @@ def _all_reduce_flat(grads: list[torch.Tensor], group) -> None:
         g.copy_(synced)
 
 
+def _sum_duplicated_embedding(model: torch.nn.Module) -> None:
+    """Under PP with MTP (or tied embeddings) the last stage holds a copy of the first stage's word embedding
+    (megatron tags it `shared`): sum the two copies' gradients over megatron's embedding group so both take the
+    same update, as megatron's finalize_model_grads does. The copy is left out of the grad norm."""
+    from megatron.core import parallel_state as ps
+
+    config = getattr(model, "config", None)
+    if config is None or not (getattr(model, "share_embeddings_and_output_weights", False)
+                              or getattr(config, "mtp_num_layers", None)):
+        return
+    group = ps.get_embedding_group(check_initialized=False)
+    if group is None or dist.get_world_size(group) == 1 or dist.get_rank() not in dist.get_process_group_ranks(group):
+        return
+    weight = model.shared_embedding_or_output_weight()
+    if weight is not None and weight.requires_grad:
+        dist.all_reduce(weight.grad, group=group)
+
+
 def reduce_grads_and_clip(model: torch.nn.Module, clip_grad: float, device: str = "cpu") -> float:
     """Sum gradients over the right groups of the current megatron parallel state, clip; returns the norm."""
     from megatron.core import parallel_state as ps
@@ -46,12 +66,15 @@ def reduce_grads_and_clip(model: torch.nn.Module, clip_grad: float, device: str 
         "tp": [p.grad for n, p in params if getattr(p, "sequence_parallel", False) and tp > 1],
         "dp": [p.grad for n, p in params if n not in expert],
         "edp": [p.grad for n, p in params if n in expert]}
-    pg = {"tp": ps.get_tensor_model_parallel_group(), "dp": ps.get_data_parallel_group(),
+    # CP ranks hold the same weights and split the tokens: their dense grads are summed with DP's
+    pg = {"tp": ps.get_tensor_model_parallel_group(), "dp": ps.get_data_parallel_group(with_context_parallel=True),
           "edp": ps.get_expert_data_parallel_group()}
     for key in ("tp", "dp", "edp"):  # SP's TP sum first: the DP sum then adds whole TP-summed grads
         _all_reduce_flat(groups[key], pg[key])
+    _sum_duplicated_embedding(model)
     dense_sq = sum((p.grad.float() ** 2).sum() for n, p in params
-                   if n not in expert and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0))
+                   if n not in expert and not getattr(p, "shared", False)  # the last stage's embedding copy
+                   and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0))
     expert_sq = sum((p.grad.float() ** 2).sum() for n, p in params if n in expert and
                     (getattr(p, "tensor_model_parallel", False) or ps.get_expert_tensor_parallel_rank() == 0))
     sq = torch.stack([torch.as_tensor(x, dtype=torch.float32, device=device) for x in (dense_sq, expert_sq)])
