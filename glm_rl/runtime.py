@@ -48,7 +48,7 @@ class Runtime:
 
         placement = create_placement(n_t, n_e, cfg.colocate, use_gpu=torch.cuda.is_available())
         share = 0.5 if cfg.colocate else 1.0
-        engine_cfg = _engine_config(cfg)
+        engine_cfg = _engine_config(cfg, use_gpu=placement.use_gpu)
         engines = [_launch_engine(placement, b, share, engine_cfg) for b in placement.engine_bundles]
         trainers = TrainerGroup(cfg, placement, share)
         urls = ray.get([e.start.remote() for e in engines])
@@ -130,7 +130,9 @@ class Runtime:
                 log.warning("shutdown step failed: %s", e)
 
 
-def _engine_config(cfg: RunConfig) -> EngineConfig | SGLangServerConfig:
+def _engine_config(cfg: RunConfig, use_gpu: bool = False) -> EngineConfig | SGLangServerConfig:
+    """The engines' config; an embedded engine runs on the GPU of its placement bundle when there is one (Ray
+    sets the actor's CUDA_VISIBLE_DEVICES, so "cuda" is that GPU)."""
     r3 = cfg.algo.use_rollout_routing_replay
     if cfg.rollout.rollout_engine == "sglang":
         return SGLangServerConfig(model_path=cfg.model.hf_checkpoint, port=0, api_key=cfg.rollout.engine_api_key,
@@ -140,7 +142,7 @@ def _engine_config(cfg: RunConfig) -> EngineConfig | SGLangServerConfig:
                                   speculative_num_draft_tokens=cfg.rollout.speculative_num_steps + 1,
                                   extra_args=cfg.rollout.sglang_args)
     return EngineConfig(hf_checkpoint=cfg.model.hf_checkpoint, dtype=cfg.model.dtype,
-                        api_key=cfg.rollout.engine_api_key, seed=cfg.seed, record_routed_experts=r3,
+                        device="cuda" if use_gpu else "cpu", api_key=cfg.rollout.engine_api_key, seed=cfg.seed, record_routed_experts=r3,
                         return_routed_experts_by_default=r3, enable_mtp=cfg.rollout.enable_mtp,
                         speculative_num_steps=cfg.rollout.speculative_num_steps)
 
