@@ -282,12 +282,10 @@ class RunConfig:
         for flag, value in sizes.items():
             if value < 1:
                 errors.append(f"{flag} must be >= 1 (got {value})")
-        if t.pipeline_model_parallel_size > 1:
-            errors.append(f"--pipeline-model-parallel-size {t.pipeline_model_parallel_size}: the RL loop's megatron "
-                          "backend runs TP/SP/EP/DP only (pipeline parallelism is not wired into it yet)")
-        if t.context_parallel_size > 1:
-            errors.append(f"--context-parallel-size {t.context_parallel_size}: the RL loop's megatron backend runs "
-                          "TP/SP/EP/DP only (context parallelism is not wired into it yet)")
+        if t.enable_mtp_training and t.context_parallel_size > 1:
+            errors.append(f"--enable-mtp-training with --context-parallel-size {t.context_parallel_size}: MTP training "
+                          "is not wired into the RL loop with CP > 1 yet (megatron normalises the MTP loss by each "
+                          "CP rank's own token count)")
         if t.enable_mtp_training and not self.rollout.enable_mtp:
             errors.append("--enable-mtp-training needs --enable-mtp: the engines must hold the MTP layer to receive "
                           "its trained weights (and use them to draft)")

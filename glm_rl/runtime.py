@@ -142,8 +142,9 @@ def _engine_config(cfg: RunConfig, use_gpu: bool = False) -> EngineConfig | SGLa
                                   speculative_num_draft_tokens=cfg.rollout.speculative_num_steps + 1,
                                   extra_args=cfg.rollout.sglang_args)
     return EngineConfig(hf_checkpoint=cfg.model.hf_checkpoint, dtype=cfg.model.dtype,
-                        device="cuda" if use_gpu else "cpu", api_key=cfg.rollout.engine_api_key, seed=cfg.seed, record_routed_experts=r3,
-                        return_routed_experts_by_default=r3, enable_mtp=cfg.rollout.enable_mtp,
+                        device="cuda" if use_gpu else "cpu", api_key=cfg.rollout.engine_api_key, seed=cfg.seed,
+                        record_routed_experts=r3, return_routed_experts_by_default=r3,
+                        enable_mtp=cfg.rollout.enable_mtp,
                         speculative_num_steps=cfg.rollout.speculative_num_steps)
 
 

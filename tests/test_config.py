@@ -94,6 +94,16 @@ def test_megatron_flags_reach_the_train_section():
     assert parse_args(["--backend", "megatron", "--num-trainer-ranks", "1"]).train.sequence_parallel_on is False
 
 
+def test_megatron_pipeline_and_context_parallel_layouts_parse():
+    """PP and CP run in the RL loop (test_megatron_backend.py): the layouts parse, DP = world / (TP x PP x CP)."""
+    pp = parse_args(["--backend", "megatron", "--pipeline-model-parallel-size", "2",
+                     "--decoder-first-pipeline-num-layers", "1"]).train
+    assert (pp.dp_size, pp.layout().pp, pp.layout().decoder_first_pipeline_num_layers) == (1, 2, 1)
+    cp = parse_args(["--backend", "megatron", "--num-trainer-ranks", "8", "--context-parallel-size", "2",
+                     "--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2"]).train
+    assert (cp.dp_size, cp.layout().cp, cp.layout().dp) == (1, 2, 1)
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size 2 need --backend megatron"),
     (["--expert-model-parallel-size", "2", "--enable-mtp-training"],
@@ -110,8 +120,14 @@ def test_megatron_flags_reach_the_train_section():
      "MoE with --tensor-model-parallel-size 2 needs --sequence-parallel"),
     (["--backend", "megatron", "--num-trainer-ranks", "4", "--global-batch-size", "2",
       "--expert-model-parallel-size", "2"], "--global-batch-size 2 must be divisible by the data-parallel size 4"),
-    (["--backend", "megatron", "--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size 2: the RL"),
-    (["--backend", "megatron", "--context-parallel-size", "2"], "--context-parallel-size 2: the RL loop"),
+    (["--backend", "megatron", "--pipeline-model-parallel-size", "8", "--num-trainer-ranks", "8",
+      "--global-batch-size", "16"], "num_hidden_layers 4 is not divisible by --pipeline-model-parallel-size 8"),
+    (["--backend", "megatron", "--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "4"],
+     "minus first stage 4 leaves 0 layers"),
+    (["--backend", "megatron", "--context-parallel-size", "2", "--tensor-model-parallel-size", "2"],
+     "world size 2 is not divisible by TP 2 × PP 1 × CP 2 = 4"),
+    (["--backend", "megatron", "--context-parallel-size", "2", "--enable-mtp", "--enable-mtp-training"],
+     "--enable-mtp-training with --context-parallel-size 2: MTP training is not wired"),
     (["--backend", "megatron", "--moe-enable-deepep", "--moe-token-dispatcher-type", "flex"],
      "--moe-enable-deepep needs the deep_ep package"),
     (["--backend", "megatron", "--moe-enable-deepep"], "needs --moe-token-dispatcher-type flex (got alltoall)"),

@@ -3,8 +3,9 @@ replay through megatron-core's RouterReplay, and config validation of the Megatr
 
 Layout cases run in fresh spawned processes (the CPU shims patch megatron process-wide) with
 TORCHDYNAMO_DISABLE=1. A case runs the old-logprob pass (R3 replay of given routing) and one optimizer step on
-the same global batch, split over DP ranks as the driver does, then exports HF tensors: TP2 (+SP) and EP2 must
-give TP1's numbers.
+the same global batch, split over DP ranks as the driver does, then exports HF tensors: TP2 (+SP), EP2, PP2
+(uneven, through megatron's 1F1B schedule, with activation recompute), CP2 and CP2 x TP2 must give TP1's
+numbers, and TP1 (which runs the same schedule code) must give the torch backend's.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ PARITY = 1e-5     # logprobs and weights after one step (fp32)
 GRAD_PARITY = 1e-6  # gradients are ~1e-3 here; a sharding or reduction error is of that order
 
 
-def _worker(rank: int, world: int, store: str, out_path: str, tp: int, ep: int, algo: dict) -> None:
+def _worker(rank: int, world: int, store: str, out_path: str, layout: dict, algo: dict) -> None:
     os.environ["TORCHDYNAMO_DISABLE"] = "1"  # before megatron is imported: jit_fuser would torch.compile
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -35,8 +36,7 @@ def _worker(rank: int, world: int, store: str, out_path: str, tp: int, ep: int, 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        train = TrainConfig(backend="megatron", num_trainer_ranks=world, tensor_model_parallel_size=tp,
-                            expert_model_parallel_size=ep, lr=1e-2, max_tokens_per_gpu=64)
+        train = TrainConfig(backend="megatron", num_trainer_ranks=world, lr=1e-2, max_tokens_per_gpu=64, **layout)
         b = MegatronBackend(ModelConfig(), train, AlgoConfig(**algo), temperature=1.0)
         samples = make_samples(8)
         # DP ranks get 6 and 2 samples: unequal micro-batch counts, so the lighter rank runs pad batches to keep
@@ -52,11 +52,21 @@ def _worker(rank: int, world: int, store: str, out_path: str, tp: int, ep: int, 
             s.trainer_routing = r2["routing"][s.index]
         step, b.opt.step = b.opt.step, lambda: None
         r2_metrics = b.train_step(shard, tokens)
+        local_grads, reduce = {}, b._reduce_grads_and_clip
+
+        def snapshot() -> float:  # this rank's gradients before the cross-rank sums (the CP control)
+            local_grads.update({n: p.grad.clone() for n, p in b.model.named_parameters() if p.grad is not None})
+            return reduce()
+
+        b._reduce_grads_and_clip = snapshot
         b.algo, b.opt.step = r3_algo, step
         # R3 (the engine's routing, here random): old logprobs, then one optimizer step
         res = b.logprobs(shard)
+        olds = [None] * world  # only a last pipeline stage has logprobs: the driver hands them to every rank
+        dist.all_gather_object(olds, res["old"])
+        old = {i: lp for o in olds for i, lp in o.items()}
         for s in shard:
-            s.old_logprobs = res["old"][s.index] + 0.01  # a ratio != 1 so the clip terms take part
+            s.old_logprobs = old[s.index] + 0.01  # a ratio != 1 so the clip terms take part
         metrics = b.train_step(shard, tokens)
         exported = dict(b.named_tensors())
         for param in b.model.parameters():  # the summed, clipped gradients, in HF layout through the same bridge
@@ -69,20 +79,32 @@ def _worker(rank: int, world: int, store: str, out_path: str, tp: int, ep: int, 
         dist.all_gather_object(gathered, {"old": res["old"], "agree": (res["replay_agree"], res["replay_total"]),
                                           "metrics": metrics, "r2_routing": r2["routing"], "r2_metrics": r2_metrics,
                                           "tp_rank": ps.get_tensor_model_parallel_rank(),
+                                          "stage_layers": len(b.model.decoder.layers),
+                                          "embedding": (b.model.embedding.word_embeddings.weight.detach().clone()
+                                                        if hasattr(b.model, "embedding") else None),
                                           "micro_batches": (own_batches, len(b._micro_batches(shard, "train")))})
         if rank == 0:
-            torch.save({"weights": exported, "grads": grads, "ranks": gathered}, out_path)
+            torch.save({"weights": exported, "grads": grads, "ranks": gathered, "local_grads": local_grads}, out_path)
     finally:
         dist.destroy_process_group()
 
 
-def _run(tmp_path, tp: int = 1, ep: int = 1, **algo) -> dict:
+def _run(tmp_path, tp: int = 1, ep: int = 1, pp: int = 1, cp: int = 1, last_stage_layers: int | None = None,
+         recompute: bool = False, mtp: bool = False, **algo) -> dict:
+    """One layout's case on TP x PP x CP x EP ranks (EP ranks double as DP ranks); `recompute`: full activation
+    recompute of every layer; `mtp`: --enable-mtp-training."""
     import torch.multiprocessing as mp
 
-    world = tp * ep
+    world = tp * pp * cp * ep
+    layout = dict(tensor_model_parallel_size=tp, expert_model_parallel_size=ep, pipeline_model_parallel_size=pp,
+                  context_parallel_size=cp, decoder_last_pipeline_num_layers=last_stage_layers)
+    if recompute:
+        layout |= dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    layout["enable_mtp_training"] = mtp
     algo = {"use_rollout_routing_replay": True, "entropy_coef": 0.01, **algo}  # entropy: TP-parallel too
-    out, store = tmp_path / f"tp{tp}_ep{ep}.pt", tmp_path / f"store_tp{tp}_ep{ep}"
-    mp.spawn(_worker, args=(world, str(store), str(out), tp, ep, algo), nprocs=world, join=True)
+    name = f"tp{tp}_ep{ep}_pp{pp}_cp{cp}_rc{int(recompute)}_mtp{int(mtp)}"
+    out, store = tmp_path / f"{name}.pt", tmp_path / f"store_{name}"
+    mp.spawn(_worker, args=(world, str(store), str(out), layout, algo), nprocs=world, join=True)
     return torch.load(out, weights_only=False)
 
 
@@ -141,6 +163,29 @@ def test_tp1_step_moves_weights_and_replays_all_tokens(tp1):
     assert agree < total  # the given routing is random: replay forced choices the router would not make
 
 
+def test_tp1_step_equals_the_torch_backend(tp1):
+    """The anchor for every layout below (they are compared with TP1, which runs the same schedule code): the
+    HF model in the torch backend, same samples, old logprobs and config, gives TP1's logprobs, loss, gradient
+    norm and clipped gradients. A loss mis-scaled by the schedule (e.g. by the micro-batch count) fails here."""
+    from glm_rl.config import AlgoConfig, ModelConfig, TrainConfig
+    from glm_rl.trainer.backends.torch_backend import TorchBackend
+
+    torch.manual_seed(0)
+    b = TorchBackend(ModelConfig(), TrainConfig(max_tokens_per_gpu=64, lr=1e-2),
+                     AlgoConfig(use_rollout_routing_replay=True, entropy_coef=0.01), temperature=1.0)
+    samples = make_samples(8)
+    res, mega_old = b.logprobs(samples), _merged(tp1, "old")
+    assert max(np.abs(res["old"][i] - mega_old[i]).max() for i in range(8)) <= 1e-4
+    for s in samples:
+        s.old_logprobs = mega_old[s.index] + 0.01
+    metrics = b.train_step(samples, float(sum(s.token_mask.sum() for s in samples)))
+    ref = tp1["ranks"][0]["metrics"]
+    assert metrics["train/grad_norm"] == pytest.approx(ref["train/grad_norm"], rel=1e-4)
+    assert metrics["train/pg_loss"] == pytest.approx(ref["train/pg_loss"], rel=1e-4, abs=1e-6)
+    grads = {n: p.grad for n, p in b.model.named_parameters()}
+    assert max((grads[n] - tp1["grads"][n]).abs().max().item() for n in grads) <= 1e-5
+
+
 def test_tp2_sequence_parallel_step_equals_tp1(tmp_path, tp1):
     got = _run(tmp_path, tp=2)
     _check_parity(tp1, got)
@@ -154,6 +199,54 @@ def test_ep2_step_equals_tp1(tmp_path, tp1):
     assert tuple(map(sum, zip(*agree))) == tp1["ranks"][0]["agree"]  # DP ranks split the samples
     (own0, run0), (own1, run1) = [r["micro_batches"] for r in got["ranks"]]
     assert own0 > own1 and run0 == run1 == own0  # the lighter rank ran pad batches, and the step still matches
+
+
+def test_pp2_uneven_pipeline_with_recompute_step_equals_tp1(tmp_path, tp1):
+    """PP2 through megatron's 1F1B schedule, uneven (--decoder-last-pipeline-num-layers 1: stage 0 holds the dense
+    layer and MoE layers 0-1, stage 1 MoE layer 2), with full activation recompute: same old logprobs,
+    gradients, weights after the step and R2 record as TP1. Each stage replays its own slice of the routing
+    (stage 1 from MoE layer offset 2) and the agreement summed over stages is TP1's. Recompute re-runs the
+    routers in the backward pass, which 1F1B runs on stage 0 after the next micro-batch's forward: each layer
+    must replay its own micro-batch's routing (megatron's REPLAY_BACKWARD queue, replay.py) — replaying the
+    latest forward's routing instead was seen to fail here."""
+    got = _run(tmp_path, pp=2, last_stage_layers=1, recompute=True)
+    _check_parity(tp1, got)
+    assert [r["stage_layers"] for r in got["ranks"]] == [3, 1]
+    assert [r["agree"] for r in got["ranks"]] == [tp1["ranks"][0]["agree"]] * 2  # recomputes are not counted
+    assert got["ranks"][0]["old"] == {} and len(got["ranks"][1]["old"]) == 8  # logprobs on the last stage only
+    assert got["ranks"][0]["micro_batches"][1] > 2  # several micro-batches in flight through the schedule
+
+
+def test_pp2_mtp_training_step_equals_pp1(tmp_path):
+    """--enable-mtp-training with PP2: the MTP layer (and its copy of the word embeddings) on the last stage;
+    the copy's gradient is summed with the first stage's (optim.py) so both copies take the same step. Same
+    gradients, weights (MTP layer included) and MTP metrics as PP1."""
+    ref, got = _run(tmp_path, mtp=True), _run(tmp_path, pp=2, mtp=True)
+    _check_parity(ref, got)
+    assert {n for n in got["weights"] if n.startswith("model.layers.4.")}  # the MTP layer is compared too
+    first, last = (r["embedding"] for r in got["ranks"])
+    assert torch.equal(first, last)  # stage 0's is compared with PP1's through the export above
+    for key in ("train/mtp_loss", "train/mtp_accuracy"):
+        assert got["ranks"][1]["metrics"][key] == pytest.approx(ref["ranks"][0]["metrics"][key], rel=1e-5)
+
+
+def test_cp2_step_equals_tp1(tmp_path, tp1):
+    """CP2: each rank runs its load-balanced chunks; the full logprobs are gathered (gradient back to the own
+    chunks only) and the dense gradients summed over CP. Control: one CP rank's own gradient is a partial one."""
+    got = _run(tmp_path, cp=2)
+    _check_parity(tp1, got)
+    assert [r["agree"] for r in got["ranks"]] == [tp1["ranks"][0]["agree"]] * 2  # CP peers sum their chunks
+    # control: CP rank 0's gradient before the CP sum is far from the whole batch's (so the sum is what matches)
+    ref, own = tp1["local_grads"], got["local_grads"]
+    assert max((ref[n] - own[n]).abs().max().item() for n in ref) > 1e-4
+
+
+@pytest.mark.slow  # 4 processes on the 2-core CI box
+def test_cp2_tp2_sequence_parallel_step_equals_tp1(tmp_path, tp1):
+    """CP2 x TP2 (+SP): the routing replay's token slice is the CP chunks, then the SP part of them."""
+    got = _run(tmp_path, tp=2, cp=2)
+    _check_parity(tp1, got)
+    assert [r["agree"] for r in got["ranks"]] == [tp1["ranks"][0]["agree"]] * 4
 
 
 # -- the RL loop: `glm-rl train --backend megatron` (real Ray, embedded engines, sglang-router, gloo) ----------
@@ -209,6 +302,30 @@ def test_rl_loop_ep2_with_r3_p2p_sync_and_offloaded_optimizer(tmp_path):
     rows = _train(tmp_path / "run", "--expert-model-parallel-size", "2", "--num-rollout", "2",
                   "--update-weight-transfer-mode", "p2p", "--optimizer-cpu-offload")
     _check_rl_rows(rows, [1, 2])
+
+
+@pytest.mark.slow
+def test_rl_loop_pp2_cp2_with_r3_gspo_and_resume(tmp_path):
+    """PP2 (uneven: the dense layer alone on stage 0, which then has no router) x CP2 on 4 ranks, GSPO: the last
+    stage's CP-rank-0 rank reports; its sequence-level ratio is exact (every CP rank computes the loss over
+    the gathered logprobs); each stage replays its routing slice; weight sync gathers both stages; the KL
+    term's reference model is pipelined too. A run resumed from the step-1 checkpoint (one file per rank)
+    makes the same step 2."""
+    layout = ["--num-trainer-ranks", "4", "--pipeline-model-parallel-size", "2", "--context-parallel-size", "2",
+              "--decoder-first-pipeline-num-layers", "1", "--advantage-estimator", "gspo", "--num-rollout", "2",
+              "--kl-loss-coef", "0.01"]
+    ck = tmp_path / "ck"
+    rows = _train(tmp_path / "full", *layout, "--save-interval", "1", "--save", str(ck))
+    _check_rl_rows(rows, [1, 2])
+    # the reference model runs through the same pipeline: equal to the policy at step 1, apart after a step
+    assert rows[0]["train/kl_loss"] == pytest.approx(0.0, abs=1e-7) and rows[1]["train/kl_loss"] > 1e-7
+    assert sorted(p.name for p in (ck / "step_000001").iterdir()) == [f"rank{r}" for r in range(4)] + ["state.json"]
+    (ck / "latest").write_text("step_000001")
+    resumed = _train(tmp_path / "resumed", *layout, "--load", str(ck), "--save", str(tmp_path / "ck2"))
+    assert [r["step"] for r in resumed] == [2]
+    for key in ("rollout/reward_mean", "train/pg_loss", "train/grad_norm", "mismatch/logprob_abs_diff_max"):
+        assert resumed[0][key] == pytest.approx(rows[1][key], rel=1e-4, abs=1e-6), key
+    assert resumed[0]["sync/verified"] == 1.0 and resumed[0]["routing/replay_agreement"] == 1.0
 
 
 # -- MTP training -----------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """TrainerGroup: one Ray actor per trainer rank, driven in lock step.
 
-The driver shards samples over data-parallel ranks only: with the megatron backend the TP peers of a DP rank
-(and, for weight export, every rank) take part in the same collectives, so each receives its DP rank's shard,
-and only one rank per DP rank (TP rank 0) reports results, so nothing is counted twice.
+The driver shards samples over data-parallel ranks only: with the megatron backend the TP / PP / CP peers of a
+DP rank (and, for weight export, every rank) take part in the same collectives, so each receives its DP rank's
+shard, and only one rank per DP rank reports results (the backend's `dp_coords`: for megatron the last pipeline
+stage's TP-rank-0, CP-rank-0 rank, which holds the logprobs and the loss), so nothing is counted twice.
 """
 
 from __future__ import annotations

@@ -1,25 +1,42 @@
-"""Megatron trainer backend for the RL loop: GLM-4.5 as a megatron-core GPTModel with TP (+SP), EP and DP.
+"""Megatron trainer backend for the RL loop: GLM-4.5 as a megatron-core GPTModel with TP (+SP), EP, PP, CP, DP.
 
 Same interface as `TorchBackend` (`logprobs`, `train_step`, `named_tensors`, `save` / `load`), so the loop,
-algorithms and metrics are shared. Choices, and why:
+algorithms and metrics are shared (base.py, including the per-micro-batch loss). Choices, and why:
 - One rank per process; Megatron's parallel state is built here from the config's `ParallelLayout` (DP =
-  world / TP). Every TP peer of a DP rank receives the same samples (trainer/group.py), so all run the same
-  micro-batches. PP / CP are refused at parse time (config.py): not wired into this loop yet.
+  world / (TP x PP x CP)). Every TP / PP / CP peer of a DP rank receives the same samples (trainer/group.py),
+  so all run the same micro-batches.
+- Micro-batches go through megatron's own pipeline schedule (pipeline.py; 1F1B when PP > 1, with uneven
+  first / last stages from --decoder-first/last-pipeline-num-layers). Only the last stage has logits: it
+  computes the logprobs and the loss, and its TP-rank-0 / CP-rank-0 rank reports (`dp_coords`); the other
+  stages return well-formed, empty results.
+- CP: each CP rank runs its load-balanced chunks of the sequence (right-padded to a multiple of 2 x CP;
+  cp_attention.py) at their global positions, computes its chunks' logprobs, and all-gathers the whole
+  (B, T) logprobs with an autograd gather whose backward keeps only its own chunks. Every CP rank then
+  computes the same full-sequence loss — GSPO's sequence-level ratio stays exact, nothing per-token is
+  approximated — and the CP sum of parameter gradients (optim.py, DP x CP) is the full gradient. The cost,
+  a (B, T) all-gather per micro-batch, is negligible next to attention's K/V gather.
 - On CUDA the model is built with `fast=True` (fast_modules.py: grouped-GEMM experts, SDPA attention; same
   parameters, 4.2× the local spec's training throughput on an H100). CPU runs keep megatron's reference modules,
   whose summation order the TP/EP parity tests pin to 1e-5 (fast_modules has its own parity test).
 - Logprobs and entropy come straight from the vocab-parallel logits (B, T, V/TP) through logprobs.py (row
   chunks, max / sums all-reduced over TP, no fp32 copy of the logits); the full vocab is never gathered.
-- With SP the sequence is cut over TP inside the model: micro-batches are right-padded to a multiple of TP.
+- With SP the sequence is cut over TP inside the model: micro-batches are right-padded to a multiple of TP
+  (times 2 x CP with CP).
 - Expert all-to-alls are collectives across DP ranks: every rank runs the same number of micro-batches (the
   rank with fewer runs zero-loss pad batches), forward and backward.
 - Gradient sums, clipping and the optimizer: optim.py (megatron's finalize_model_grads rules without its DDP
   wrapper; plain AdamW, or fp32 master copies with --optimizer-cpu-offload / --use-precision-aware-optimizer).
-- Routing replay (R2 / R3) uses megatron-core's RouterReplay (replay.py), on the decoder's routers.
+- Routing replay (R2 / R3) uses megatron-core's RouterReplay (replay.py), on this stage's decoder routers,
+  each replaying its own layers' and tokens' slice; agreement counts are summed over the ranks that split a
+  sample (SP, CP, PP), so every layout reports the PP1 / CP1 figure. Activation recompute re-runs routers in
+  the backward pass: they replay the same micro-batch's routing (megatron's REPLAY_BACKWARD queue).
 - `--enable-mtp-training`: the model carries the MTP layer (imported from the checkpoint as the engine loads it);
   megatron adds its loss on the response tokens through MTPLossAutoScaler, scaled per micro-batch like the
-  policy loss, with `mtp_detach_heads` so the backbone's gradients are unchanged (tested); its weights go out
-  with every sync (the engines run `--enable-mtp`). Reported: `train/mtp_loss`, `train/mtp_accuracy`.
+  policy loss (through the schedule's `mtp_grad_scale_func`), with `mtp_detach_heads` so the backbone's
+  gradients are unchanged (tested); its weights go out with every sync (the engines run `--enable-mtp`).
+  Reported: `train/mtp_loss`, `train/mtp_accuracy`. With PP the MTP layer sits on the last stage with its own
+  copy of the word embeddings, kept equal to the first stage's (optim.py; tested). Not with CP > 1 (refused at
+  parse time: megatron normalises the MTP loss by each CP rank's own token count, so CP would reweight it).
 """
 
 from __future__ import annotations
@@ -35,6 +52,7 @@ from glm_rl.rollout.samples import Sample
 from glm_rl.trainer.backends.base import PolicyBackend
 from glm_rl.trainer.backends.megatron.logprobs import vocab_parallel_logprobs
 from glm_rl.trainer.backends.megatron.optim import Optimizer, reduce_grads_and_clip
+from glm_rl.trainer.backends.megatron.pipeline import PIPELINE_CONFIG
 from glm_rl.trainer.backends.megatron.replay import MegatronRoutingReplay
 from glm_rl.trainer.backends.torch_backend import loss_config
 from glm_rl.trainer.batching import MicroBatch, collate, pack_micro_batches
@@ -50,8 +68,11 @@ def init_parallel(train_cfg: TrainConfig, seed: int) -> None:
 
 
 def _model_overrides(t: TrainConfig) -> dict:
-    """TransformerConfig fields the train flags set (build_gpt_model passes them through)."""
-    over = dict(sequence_parallel=t.sequence_parallel_on, moe_token_dispatcher_type=t.moe_token_dispatcher_type)
+    """TransformerConfig fields the train flags set (build_gpt_model passes them through), plus what the
+    pipeline schedule needs (pipeline.PIPELINE_CONFIG)."""
+    over = dict(sequence_parallel=t.sequence_parallel_on, moe_token_dispatcher_type=t.moe_token_dispatcher_type,
+                first_stage_layers=t.decoder_first_pipeline_num_layers,
+                last_stage_layers=t.decoder_last_pipeline_num_layers, **PIPELINE_CONFIG)
     if t.moe_enable_deepep:
         over["moe_flex_dispatcher_backend"] = "deepep"
     if t.recompute_granularity:
@@ -78,6 +99,8 @@ class MegatronBackend(PolicyBackend):
         self.tp, self.tp_rank, self.tp_group = (ps.get_tensor_model_parallel_world_size(),
                                                 ps.get_tensor_model_parallel_rank(),
                                                 ps.get_tensor_model_parallel_group())
+        self.cp, self.cp_group = ps.get_context_parallel_world_size(), ps.get_context_parallel_group()
+        self.pp_group = ps.get_pipeline_model_parallel_group()
         self.sp = train_cfg.sequence_parallel_on
         hf, tokenizer = load_hf_model(ckpt, dtype=self.dtype)  # the HF model: the one reader of the checkpoint
         hf_state, self.pad_id = hf.state_dict(), tokenizer.pad_token_id
@@ -92,11 +115,13 @@ class MegatronBackend(PolicyBackend):
         # the engine's dtype per tensor: megatron keeps torch norms in fp32 under bf16, HF (and so the engine) not
         self.hf_dtypes = {name: t.dtype for name, t in {**hf_state, **mtp_state}.items()}
         replay = algo.use_rollout_routing_replay or algo.use_routing_replay
+        self._mtp_scale = _LossScale(device)  # the schedule's MTP loss scale, set per micro-batch in training
 
         def build(routing_replay: bool, mtp: bool = False):
             # MTP training: megatron's `mtp_detach_heads` feeds the MTP layer detached hidden states, embeddings
             # and LM-head weight, so its loss trains the MTP layer alone (the backbone's gradients are unchanged)
-            over = dict(mtp_loss_scaling_factor=train_cfg.mtp_loss_scaling_factor, mtp_detach_heads=True) if mtp else {}
+            over = dict(mtp_loss_scaling_factor=train_cfg.mtp_loss_scaling_factor, mtp_detach_heads=True,
+                        mtp_grad_scale_func=self._mtp_scale) if mtp else {}
             model = build_gpt_model(self.spec, tp=self.tp, ep=ps.get_expert_model_parallel_world_size(),
                                     params_dtype=self.dtype, moe_enable_routing_replay=routing_replay,
                                     fast=device.startswith("cuda"), mtp=mtp, **over,
@@ -106,9 +131,10 @@ class MegatronBackend(PolicyBackend):
 
         self.model = build(replay, mtp=self.mtp_training).train()
         self._mtp_batches = 0
-        # the decoder's routers only: the engine's routing (R3) covers the main layers, not the MTP layer's
+        # this stage's decoder routers only: the engine's routing (R3) covers the main layers, not the MTP layer's
         self.replay = MegatronRoutingReplay(self.model.decoder, self.spec.num_experts_per_tok, tp_rank=self.tp_rank,
-                                            tp_size=self.tp, tp_group=self.tp_group, sequence_parallel=self.sp)
+                                            tp_size=self.tp, tp_group=self.tp_group, sequence_parallel=self.sp,
+                                            cp_group=self.cp_group, pp_group=self.pp_group, device=device)
         self.ref_model = build(False).requires_grad_(False) if algo.kl_loss_coef > 0 else None
         del hf, hf_state, mtp_state
         self.opt = Optimizer(self.model, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
@@ -117,31 +143,85 @@ class MegatronBackend(PolicyBackend):
                              fp32_master=train_cfg.use_precision_aware_optimizer)
 
     def dp_coords(self) -> tuple[int, bool]:
-        """(data-parallel rank = the sample shard this rank trains on, whether it reports for its DP rank)."""
+        """(data-parallel rank = the sample shard this rank trains on, whether it reports for its DP rank): the
+        last pipeline stage's TP-rank-0, CP-rank-0 rank reports (only the last stage has logprobs)."""
         from megatron.core import parallel_state as ps
 
-        return ps.get_data_parallel_rank(), self.tp_rank == 0
+        lead = self.tp_rank == 0 and ps.get_context_parallel_rank() == 0 and ps.is_pipeline_last_stage()
+        return ps.get_data_parallel_rank(), lead
 
     # -- forward ---------------------------------------------------------------------------------------------
-    def _forward(self, model, mb: MicroBatch, with_entropy: bool = False):
-        """(logp (B, T), entropy (B, T) | None) of the targets under temperature, from vocab-parallel logits
-        (logprobs.py: chunked, no fp32 copy of the logits, the full vocab never gathered)."""
+    def _stage_forward(self, model, mb: MicroBatch, phase: str | None) -> torch.Tensor:
+        """This stage's forward of `mb`'s CP chunks (the schedule has set its input on later stages), with the
+        micro-batch's routing replay set first (`phase` None: none). Last stage: logits (B, T/CP, V/TP);
+        Megatron's padded vocab rows carry a fixed -1e4 logit (model.py), so no probability mass."""
+        from glm_rl.trainer.backends.megatron.cp_attention import split_for_cp
+
+        if phase is not None:
+            self._set_replay(mb, phase)
+        rank = self.cp_group.rank()
         ids = mb.input_ids.to(self.device)
-        pos = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
-        # (B, T, V/TP); Megatron's padded vocab rows carry a fixed -1e4 logit (model.py): no probability mass
+        pos = split_for_cp(torch.arange(ids.shape[1], device=self.device).expand_as(ids), rank, self.cp)
         # MTP training: the MTP loss (megatron adds it through MTPLossAutoScaler) covers the response tokens only
         mtp_mask = mb.loss_mask.to(self.device) if self.mtp_training and model.training else None
-        logits = model(ids, pos, attention_mask=None, loss_mask=mtp_mask)
-        logp, entropy = vocab_parallel_logprobs(logits, mb.targets.to(self.device), temperature=self.temperature,
+        out = model(split_for_cp(ids, rank, self.cp), pos, attention_mask=None,
+                    loss_mask=None if mtp_mask is None else split_for_cp(mtp_mask, rank, self.cp))
+        if phase is not None:
+            self.replay.forward_done()
+        return out
+
+    def _logprobs(self, logits: torch.Tensor, mb: MicroBatch, with_entropy: bool):
+        """(logp (B, T), entropy (B, T) | None) of the targets under temperature, from this CP rank's
+        vocab-parallel logits (logprobs.py: chunked, no fp32 copy, the full vocab never gathered), gathered over
+        CP with a gradient that returns to this rank's chunks only (module docstring)."""
+        from glm_rl.trainer.backends.megatron.cp_attention import gather_from_cp_with_grad, split_for_cp
+
+        targets = split_for_cp(mb.targets.to(self.device), self.cp_group.rank(), self.cp)
+        logp, entropy = vocab_parallel_logprobs(logits, targets, temperature=self.temperature,
                                                 vocab_start=self.tp_rank * logits.shape[-1],
                                                 group=self.tp_group if self.tp > 1 else None)
-        return logp, (entropy if with_entropy else None)
+        logp = gather_from_cp_with_grad(logp, self.cp_group)
+        return logp, (gather_from_cp_with_grad(entropy, self.cp_group) if with_entropy else None)
+
+    def _forward_pass(self, model, mbs: list[MicroBatch], phase: str | None):
+        """Forward only through the pipeline; logprobs on the last stage (None elsewhere), R2's record gathered
+        over SP / CP / stages after the schedule (collectives inside it would interleave with its p2p)."""
+        from glm_rl.trainer.backends.megatron.pipeline import run_micro_batches
+
+        recorded = []
+
+        def forward(mb: MicroBatch) -> torch.Tensor:
+            out = self._stage_forward(model, mb, phase)
+            if phase is not None and self.replay.mode == "record":
+                recorded.append(self.replay.recorded_local())
+            return out
+
+        def loss(mb: MicroBatch, logits: torch.Tensor):
+            logp, _ = self._logprobs(logits, mb, with_entropy=False)
+            return logp.sum() * 0.0, logp
+
+        logps = run_micro_batches(model, mbs, forward, loss, forward_only=True) or [None] * len(mbs)
+        routing = [self.replay.gather(r).to(torch.int16).cpu().numpy() for r in recorded] or [None] * len(mbs)
+        return list(zip(logps, routing))
+
+    def _train_pass(self, mbs: list[MicroBatch], loss_fn, with_entropy: bool) -> None:
+        from glm_rl.trainer.backends.megatron.pipeline import run_micro_batches
+
+        def loss(mb: MicroBatch, logits: torch.Tensor):
+            logp, entropy = self._logprobs(logits, mb, with_entropy)
+            if self.mtp_training:  # weight the MTP loss like the policy loss: by the micro-batch's token share
+                share = float(mb.loss_mask.sum()) / self._global_tokens
+                self._mtp_scale.value, self._mtp_batches = share * len(mbs), self._mtp_batches + (share > 0)
+            return loss_fn(logp, entropy, mb), None
+
+        run_micro_batches(self.model, mbs, lambda mb: self._stage_forward(self.model, mb, "train"), loss,
+                          forward_only=False)
 
     def _micro_batches(self, samples: list[Sample], phase: str) -> list[MicroBatch]:
-        """Packed by --max-tokens-per-gpu, padded for SP, and topped up with pad batches so every rank runs as
-        many as the busiest one (expert all-to-alls are collectives)."""
+        """Packed by --max-tokens-per-gpu, padded for SP and CP, and topped up with pad batches so every rank runs
+        as many as the busiest one (expert all-to-alls are collectives)."""
         routing = self._routing_field(phase)
-        multiple = self.tp if self.sp else 1
+        multiple = (self.tp if self.sp else 1) * (2 * self.cp if self.cp > 1 else 1)
         mbs = [_pad_to(collate(g, self.pad_id, routing), multiple, self.pad_id)
                for g in pack_micro_batches(samples, self.cfg.max_tokens_per_gpu)]
         count = torch.tensor([len(mbs)], device=self.device)  # on the device: NCCL reduces device tensors only
@@ -151,25 +231,17 @@ class MegatronBackend(PolicyBackend):
         return mbs + [_pad_batch(multiple, self.pad_id, k) for _ in range(int(count) - len(mbs))]
 
     def _count(self, agree: int, total: int) -> tuple[int, int]:
-        """Replay agreement summed over TP peers (SP splits a sample's tokens), so every peer reports its DP
-        group's whole count."""
-        if self.tp == 1:
-            return agree, total
+        """Replay agreement summed over the ranks that split a DP rank's work — SP peers (tokens), CP peers
+        (tokens), pipeline stages (layers) — so every rank reports its DP rank's whole count."""
         t = torch.tensor([agree, total], dtype=torch.long, device=self.device)
-        dist.all_reduce(t, group=self.tp_group)
+        for group, split in ((self.tp_group, self.sp and self.tp > 1), (self.cp_group, self.cp > 1),
+                             (self.pp_group, self.pp_group.size() > 1)):
+            if split:
+                dist.all_reduce(t, group=group)
         return tuple(t.tolist())
 
-    def _on_empty_batch(self, logp: torch.Tensor) -> None:
-        (logp.sum() * 0.0).backward()  # a pad batch: the expert all-to-alls must still run on every rank
-
-    def _before_backward(self, share: float) -> None:
-        if self.mtp_training:  # weight the MTP loss like the policy loss: by the micro-batch's token share
-            from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
-
-            MTPLossAutoScaler.set_loss_scale(torch.tensor(share, device=self.device))
-            self._mtp_batches += share > 0
-
     def train_step(self, samples: list[Sample], global_tokens: int) -> dict[str, float]:
+        self._global_tokens = global_tokens
         out = super().train_step(samples, global_tokens)
         if self.mtp_training:
             from glm_rl.trainer.backends.megatron.model import take_mtp_metrics
@@ -206,6 +278,17 @@ class MegatronBackend(PolicyBackend):
         state = torch.load(path / "trainer.pt", map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
+
+
+class _LossScale:
+    """`mtp_grad_scale_func` for megatron's schedule, which multiplies the MTP loss by its value / the number of
+    micro-batches (pipeline.py). A small object, not a bound method: megatron deep-copies the config."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.value = device, 0.0
+
+    def __call__(self) -> torch.Tensor:
+        return torch.tensor(self.value, device=self.device)
 
 
 def _pad_to(mb: MicroBatch, multiple: int, pad_id: int) -> MicroBatch:

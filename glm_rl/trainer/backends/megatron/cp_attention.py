@@ -98,3 +98,24 @@ class ContextParallelAttention(torch.nn.Module):
         probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1).to(query.dtype)
         out = torch.einsum("bhqk,kbhd->qbhd", probs, v)
         return out.reshape(sq, b, heads * d)
+
+
+class _GatherFromCP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return gather_from_cp(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return split_for_cp(grad, ctx.group.rank(), ctx.group.size(), ctx.dim), None, None
+
+
+def gather_from_cp_with_grad(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
+    """`gather_from_cp` whose backward keeps only this rank's chunks of the incoming gradient (no reduction).
+    Exact when every CP rank then computes the same function of the whole sequence (the RL loss over full
+    logprobs): rank r's slice of d loss / d full is d loss / d (its own part), and the CP sum of the parameter
+    gradients (optim.py) adds the parts up."""
+    if group is None or group.size() == 1:
+        return x
+    return _GatherFromCP.apply(x, group, dim)
