@@ -219,6 +219,19 @@ def new_rows(model, requests: list[GenerationRequest], eos_ids: Iterable[int], r
                 torch.Generator(device=model.device).manual_seed(r.seed)) for r in requests]
 
 
+def _loop(rows: list[Row], steps, should_abort: Callable[[], bool]) -> list[Row]:
+    """Sample, stop and step until every row finished: `steps.first()` gives the prefill's logits,
+    `steps.next(active, keep)` drops the finished rows (`keep` indexes `active`) and decodes one more token."""
+    active, logits = list(range(len(rows))), steps.first()
+    while True:
+        _step_rows(rows, active, logits)
+        keep = _survivors(rows, active, should_abort)
+        if not keep:
+            return rows
+        logits = steps.next(active, keep)
+        active = [active[b] for b in keep]
+
+
 @torch.no_grad()
 def run_batch(model, requests: list[GenerationRequest], *, eos_ids: Iterable[int], pad_id: int,
               gates: list[torch.nn.Module], should_abort: Callable[[], bool], decoder=None) -> list[Row]:
@@ -226,47 +239,59 @@ def run_batch(model, requests: list[GenerationRequest], *, eos_ids: Iterable[int
     `StaticDecoder` (static_decode.py) the batch runs over its preallocated cache, else over a DynamicCache."""
     rows = new_rows(model, requests, eos_ids)
     if decoder is not None:
-        return _run_static(decoder, rows, pad_id, should_abort)
+        return _loop(rows, _StaticSteps(decoder, rows, pad_id), should_abort)
     capture = _RouterCapture(gates) if any(r.return_routed_experts for r in requests) else None
-    cache = DynamicCache(config=model.config)
     try:
-        logits, mask = _prefill(model, rows, pad_id, cache, capture)
-        active = list(range(len(rows)))
-        while True:
-            _step_rows(rows, active, logits)
-            keep = _survivors(rows, active, should_abort)
-            if not keep:
-                return rows
-            if len(keep) < len(active):
-                cache.batch_select_indices(torch.tensor(keep, device=mask.device))
-                mask, active = mask[keep], [active[b] for b in keep]
-            logits, mask = _decode(model, rows, active, cache, mask, capture)
+        return _loop(rows, _DynamicSteps(model, rows, pad_id, capture), should_abort)
     finally:
         if capture is not None:
             capture.remove()
 
 
-def _run_static(decoder, rows: list[Row], pad_id: int, should_abort: Callable[[], bool]) -> list[Row]:
-    """`run_batch` over a StaticDecoder: live rows are cache rows 0..n-1 (compacted when rows finish)."""
-    want_routed = any(r.req.return_routed_experts for r in rows)
-    decoder.reserve(max(len(r.req.input_ids) + r.req.sampling.max_new_tokens for r in rows))
-    logits, routed = decoder.prefill([r.req.input_ids for r in rows], pad_id)
-    if want_routed:
-        for b, row in enumerate(rows):
-            row.routed.append(routed[b, :len(row.req.input_ids)])
-    active = list(range(len(rows)))
-    while True:
-        _step_rows(rows, active, logits)
-        keep = _survivors(rows, active, should_abort)
-        if not keep:
-            return rows
-        # the position each live row feeds next: its last token's (prompt + output - 1)
-        fed = [len(rows[active[b]].req.input_ids) + len(rows[active[b]].output_ids) - 1 for b in keep]
+class _DynamicSteps:
+    """Decode steps over an HF DynamicCache (left-padded prefill; finished rows dropped from the cache)."""
+
+    def __init__(self, model, rows: list[Row], pad_id: int, capture: _RouterCapture | None) -> None:
+        self.model, self.rows, self.pad_id, self.capture = model, rows, pad_id, capture
+        self.cache = DynamicCache(config=model.config)
+
+    def first(self) -> torch.Tensor:
+        logits, self.mask = _prefill(self.model, self.rows, self.pad_id, self.cache, self.capture)
+        return logits
+
+    def next(self, active: list[int], keep: list[int]) -> torch.Tensor:
         if len(keep) < len(active):
-            decoder.compact(keep, span=max(fed))  # slots below each row's next position are written
-            active = [active[b] for b in keep]
-        logits, routed = decoder.decode([rows[i].output_ids[-1] for i in active], fed)
-        if want_routed:
+            self.cache.batch_select_indices(torch.tensor(keep, device=self.mask.device))
+            self.mask = self.mask[keep]
+        logits, self.mask = _decode(self.model, self.rows, [active[b] for b in keep], self.cache, self.mask,
+                                    self.capture)
+        return logits
+
+
+class _StaticSteps:
+    """Decode steps over a StaticDecoder: live rows are cache rows 0..n-1 (compacted when rows finish)."""
+
+    def __init__(self, decoder, rows: list[Row], pad_id: int) -> None:
+        self.decoder, self.rows, self.pad_id = decoder, rows, pad_id
+        self.want_routed = any(r.req.return_routed_experts for r in rows)
+
+    def first(self) -> torch.Tensor:
+        rows = self.rows
+        self.decoder.reserve(max(len(r.req.input_ids) + r.req.sampling.max_new_tokens for r in rows))
+        logits, routed = self.decoder.prefill([r.req.input_ids for r in rows], self.pad_id)
+        if self.want_routed:
+            for b, row in enumerate(rows):
+                row.routed.append(routed[b, :len(row.req.input_ids)])
+        return logits
+
+    def next(self, active: list[int], keep: list[int]) -> torch.Tensor:
+        live = [self.rows[active[b]] for b in keep]
+        fed = [len(r.req.input_ids) + len(r.output_ids) - 1 for r in live]  # each row's next position
+        if len(keep) < len(active):
+            self.decoder.compact(keep, span=max(fed))  # slots below each row's next position are written
+        logits, routed = self.decoder.decode([r.output_ids[-1] for r in live], fed)
+        if self.want_routed:
             routed = routed.clone()  # the graph's output buffer is rewritten by the next step
-            for b, i in enumerate(active):
-                rows[i].routed.append(routed[b])
+            for b, row in enumerate(live):
+                row.routed.append(routed[b])
+        return logits
