@@ -282,10 +282,6 @@ class RunConfig:
         for flag, value in sizes.items():
             if value < 1:
                 errors.append(f"{flag} must be >= 1 (got {value})")
-        if t.enable_mtp_training and t.context_parallel_size > 1:
-            errors.append(f"--enable-mtp-training with --context-parallel-size {t.context_parallel_size}: MTP training "
-                          "is not wired into the RL loop with CP > 1 yet (megatron normalises the MTP loss by each "
-                          "CP rank's own token count)")
         if t.enable_mtp_training and not self.rollout.enable_mtp:
             errors.append("--enable-mtp-training needs --enable-mtp: the engines must hold the MTP layer to receive "
                           "its trained weights (and use them to draft)")
@@ -334,6 +330,11 @@ class RunConfig:
             spec = check_matches_preset(m.hf_checkpoint, m.model_preset) if m.model_preset else read_spec(m.hf_checkpoint)
             if self.train.backend == "megatron":
                 errors += self._check_layout(spec)
+                cp = self.train.context_parallel_size
+                if self.train.enable_mtp_training and cp > 1 and spec.num_nextn_predict_layers > 1:
+                    errors.append(f"--enable-mtp-training with --context-parallel-size {cp}: {m.hf_checkpoint} has "
+                                  f"{spec.num_nextn_predict_layers} MTP layers; with CP the MTP loss is weighted "
+                                  "exactly for one (one backward scale per micro-batch serves every layer)")
             replay = self.algo.use_rollout_routing_replay or self.algo.use_routing_replay
             if replay and spec.num_moe_layers == 0:
                 errors.append(f"routing replay (R2/R3) needs MoE layers, but {m.hf_checkpoint} has none "

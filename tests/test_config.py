@@ -62,6 +62,23 @@ def test_r3_on_a_model_without_moe_layers(tmp_path):
     parse_args(["--hf-checkpoint", str(dense), "--no-use-rollout-routing-replay"])  # fine without replay
 
 
+def test_mtp_training_with_context_parallel(tmp_path):
+    """CP + MTP training runs (the MTP loss is weighted exactly per CP rank: test_megatron_backend.py) for one
+    MTP layer, GLM-4.5's; a checkpoint with two is refused, named, before any work."""
+    flags = ["--backend", "megatron", "--num-trainer-ranks", "2", "--context-parallel-size", "2", "--enable-mtp",
+             "--enable-mtp-training"]
+    assert parse_args(flags).train.context_parallel_size == 2
+    two = tmp_path / "two_mtp_layers"
+    shutil.copytree(TINY_CHECKPOINT, two)
+    cfg = json.loads((two / "config.json").read_text())
+    cfg["num_nextn_predict_layers"] = 2
+    (two / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="invalid configuration") as e:
+        parse_args([*flags, "--hf-checkpoint", str(two)])
+    assert f"--enable-mtp-training with --context-parallel-size 2: {two} has 2 MTP layers" in str(e.value)
+    parse_args([*flags[:-1], "--hf-checkpoint", str(two)])  # fine without MTP training
+
+
 def test_unknown_flag_and_bad_choice_exit():
     with pytest.raises(SystemExit):
         parse_args(["--advantage-estimator", "ppo"])
@@ -126,8 +143,6 @@ def test_megatron_pipeline_and_context_parallel_layouts_parse():
      "minus first stage 4 leaves 0 layers"),
     (["--backend", "megatron", "--context-parallel-size", "2", "--tensor-model-parallel-size", "2"],
      "world size 2 is not divisible by TP 2 × PP 1 × CP 2 = 4"),
-    (["--backend", "megatron", "--context-parallel-size", "2", "--enable-mtp", "--enable-mtp-training"],
-     "--enable-mtp-training with --context-parallel-size 2: MTP training is not wired"),
     (["--backend", "megatron", "--moe-enable-deepep", "--moe-token-dispatcher-type", "flex"],
      "--moe-enable-deepep needs the deep_ep package"),
     (["--backend", "megatron", "--moe-enable-deepep"], "needs --moe-token-dispatcher-type flex (got alltoall)"),

@@ -35,8 +35,10 @@ algorithms and metrics are shared (base.py, including the per-micro-batch loss).
   policy loss (through the schedule's `mtp_grad_scale_func`), with `mtp_detach_heads` so the backbone's
   gradients are unchanged (tested); its weights go out with every sync (the engines run `--enable-mtp`).
   Reported: `train/mtp_loss`, `train/mtp_accuracy`. With PP the MTP layer sits on the last stage with its own
-  copy of the word embeddings, kept equal to the first stage's (optim.py; tested). Not with CP > 1 (refused at
-  parse time: megatron normalises the MTP loss by each CP rank's own token count, so CP would reweight it).
+  copy of the word embeddings, kept equal to the first stage's (optim.py; tested). With CP megatron normalises
+  each CP rank's MTP loss by that rank's own MTP tokens; the scale is set per CP rank so the CP sum is the
+  micro-batch's MTP token mean, and the metrics are summed over CP peers first: CP gives CP1's step and figures
+  (`_weigh_mtp`; tested). One scale serves every MTP layer, so CP takes one MTP layer (GLM-4.5's; config.py).
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ class MegatronBackend(PolicyBackend):
                                                 ps.get_tensor_model_parallel_rank(),
                                                 ps.get_tensor_model_parallel_group())
         self.cp, self.cp_group = ps.get_context_parallel_world_size(), ps.get_context_parallel_group()
+        self.cp_rank = ps.get_context_parallel_rank()
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.sp = train_cfg.sequence_parallel_on
         hf, tokenizer = load_hf_model(ckpt, dtype=self.dtype)  # the HF model: the one reader of the checkpoint
@@ -130,7 +133,8 @@ class MegatronBackend(PolicyBackend):
             return model.to(device)
 
         self.model = build(replay, mtp=self.mtp_training).train()
-        self._mtp_batches = 0
+        self.mtp_layers = self.model.config.mtp_num_layers or 0
+        self._mtp_batches, self._mtp_figures = 0, []  # this step's: see _weigh_mtp
         # this stage's decoder routers only: the engine's routing (R3) covers the main layers, not the MTP layer's
         self.replay = MegatronRoutingReplay(self.model.decoder, self.spec.num_experts_per_tok, tp_rank=self.tp_rank,
                                             tp_size=self.tp, tp_group=self.tp_group, sequence_parallel=self.sp,
@@ -205,17 +209,57 @@ class MegatronBackend(PolicyBackend):
         return list(zip(logps, routing))
 
     def _train_pass(self, mbs: list[MicroBatch], loss_fn, with_entropy: bool) -> None:
+        from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
         from glm_rl.trainer.backends.megatron.pipeline import run_micro_batches
+
+        MTPLossLoggingHelper.clean_metrics_in_tracker()  # _weigh_mtp reads what each micro-batch adds
 
         def loss(mb: MicroBatch, logits: torch.Tensor):
             logp, entropy = self._logprobs(logits, mb, with_entropy)
-            if self.mtp_training:  # weight the MTP loss like the policy loss: by the micro-batch's token share
-                share = float(mb.loss_mask.sum()) / self._global_tokens
-                self._mtp_scale.value, self._mtp_batches = share * len(mbs), self._mtp_batches + (share > 0)
+            if self.mtp_training:
+                self._weigh_mtp(mb, len(mbs))
             return loss_fn(logp, entropy, mb), None
 
         run_micro_batches(self.model, mbs, lambda mb: self._stage_forward(self.model, mb, "train"), loss,
                           forward_only=False)
+
+    def _weigh_mtp(self, mb: MicroBatch, num_micro_batches: int) -> None:
+        """After `mb`'s forward on the last stage, before its backward: set its MTP backward scale and keep this
+        rank's MTP figures for it. Megatron backpropagates `value` / num_micro_batches x mtp_loss_scaling_factor x
+        S_r / n_r on CP rank r (S_r: its MTP loss token-sum, n_r: its MTP tokens). We want the micro-batch's MTP
+        token mean weighted like the policy loss, by its token share: share x factor x sum_r S_r / n, n = sum_r n_r.
+        So value_r = share x num_micro_batches x n_r / n (without CP n_r = n). A CP rank with n_r = 0 has S_r = 0."""
+        from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+        share = float(mb.loss_mask.sum()) / self._global_tokens
+        counts = _mtp_token_counts(mb.loss_mask, self.mtp_layers, self.cp_rank, self.cp)  # (layer, [own, all])
+        own, whole = counts[0].tolist()  # one scale serves all layers: config.py refuses >1 MTP layer with CP
+        self._mtp_scale.value = share * num_micro_batches * own / max(whole, 1.0)
+        self._mtp_batches += share > 0
+        # megatron's tracker now holds this micro-batch's figures on this rank: per layer its MTP token mean
+        # (S_r / n_r), correct top-1 predictions and tokens; kept as sums, which add up over CP peers
+        tracker = MTPLossLoggingHelper.tracker
+        own_tokens = counts[:, 0].to(tracker["loss_values"])
+        self._mtp_figures.append(torch.stack([tracker["loss_values"] * own_tokens, own_tokens,
+                                              tracker["correct_values"], tracker["total_values"]], dim=1))
+        MTPLossLoggingHelper.clean_metrics_in_tracker()
+
+    def _take_mtp_metrics(self) -> dict[str, float]:
+        """This step's `train/mtp_loss` (per MTP layer, the mean over micro-batches with loss tokens of each one's
+        MTP token mean; then the mean over layers) and `train/mtp_accuracy` (top-1 on t+2 over all MTP tokens), the
+        CP peers' sums added first so every CP size reports CP1's figures. Empty off the last stage."""
+        figures, batches = self._mtp_figures, self._mtp_batches
+        self._mtp_figures, self._mtp_batches = [], 0
+        if not figures or not batches:  # the same on every CP peer (full-row counts, same micro-batches)
+            return {}
+        f = torch.stack(figures)  # (micro-batch, layer, [loss token-sum, tokens, correct, total])
+        if self.cp > 1:
+            dist.all_reduce(f, group=self.cp_group)
+        loss = (f[..., 0] / f[..., 1].clamp(min=1)).sum(0) / batches
+        return {"train/mtp_loss": float(loss.mean()),
+                # top-1 accuracy of the MTP head on t+2 (what speculative decoding's acceptance rests on)
+                "train/mtp_accuracy": float(f[..., 2].sum() / f[..., 3].sum().clamp(min=1))}
 
     def _micro_batches(self, samples: list[Sample], phase: str) -> list[MicroBatch]:
         """Packed by --max-tokens-per-gpu, padded for SP and CP, and topped up with pad batches so every rank runs
@@ -243,15 +287,7 @@ class MegatronBackend(PolicyBackend):
     def train_step(self, samples: list[Sample], global_tokens: int) -> dict[str, float]:
         self._global_tokens = global_tokens
         out = super().train_step(samples, global_tokens)
-        if self.mtp_training:
-            from glm_rl.trainer.backends.megatron.model import take_mtp_metrics
-
-            if mtp := take_mtp_metrics(self._mtp_batches):
-                out["train/mtp_loss"] = float(mtp["loss"].mean())
-                # top-1 accuracy of the MTP head on t+2 (what speculative decoding's acceptance rests on)
-                out["train/mtp_accuracy"] = float(mtp["accuracy"])
-            self._mtp_batches = 0
-        return out
+        return (out | self._take_mtp_metrics()) if self.mtp_training else out
 
     def _zero_grads(self) -> None:
         for p in self.model.parameters():
@@ -289,6 +325,20 @@ class _LossScale:
 
     def __call__(self) -> torch.Tensor:
         return torch.tensor(self.value, device=self.device)
+
+
+def _mtp_token_counts(loss_mask: torch.Tensor, layers: int, cp_rank: int, cp: int) -> torch.Tensor:
+    """(layers, 2): [this CP rank's, the whole micro-batch's] MTP tokens per MTP layer, as megatron counts them:
+    with no labels given it derives them from the input ids and rolls the loss mask left once with them, then
+    once more per layer — over the whole sequence under CP (zero at its end), of which rank `cp_rank` holds its
+    load-balanced chunks. From the full (B, T) mask every CP peer holds: no communication."""
+    from glm_rl.trainer.backends.megatron.cp_attention import split_for_cp
+
+    counts = []
+    for k in range(layers):
+        rolled = torch.nn.functional.pad(loss_mask[:, k + 2:], (0, k + 2))
+        counts.append((float(split_for_cp(rolled, cp_rank, cp).sum()), float(rolled.sum())))
+    return torch.tensor(counts, dtype=torch.float64)
 
 
 def _pad_to(mb: MicroBatch, multiple: int, pad_id: int) -> MicroBatch:

@@ -194,19 +194,3 @@ def setup_model_parallel(*, tp: int = 1, ep: int = 1, pp: int = 1, cp: int = 1, 
                                              context_parallel_size=cp, expert_model_parallel_size=ep,
                                              expert_tensor_parallel_size=etp)
     model_parallel_cuda_manual_seed(seed)
-
-
-def take_mtp_metrics(micro_batches: int) -> dict[str, torch.Tensor] | None:
-    """The MTP loss and top-1 accuracy megatron's MTP layers logged since the last call (their tracker holds, per
-    MTP layer, the sum over micro-batches of each one's token-mean loss), then cleared: {"loss": per-layer mean
-    over `micro_batches`, "accuracy": correct / total over all layers}; None when nothing was logged."""
-    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
-
-    tracker = MTPLossLoggingHelper.tracker
-    if tracker.get("loss_values") is None or not micro_batches:
-        MTPLossLoggingHelper.clean_metrics_in_tracker()
-        return None
-    out = {"loss": tracker["loss_values"].detach().clone() / micro_batches,
-           "accuracy": tracker["correct_values"].sum() / tracker["total_values"].sum().clamp(min=1)}
-    MTPLossLoggingHelper.clean_metrics_in_tracker()
-    return out
