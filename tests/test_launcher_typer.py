@@ -83,10 +83,10 @@ def test_train_command_parses_through_run_config(name, tmp_path):
     if extra.get("enable_mtp"):
         assert r.enable_mtp and t.enable_mtp_training
     # RunConfig.validate() as a whole needs CUDA (--rollout-engine sglang) and the checkpoints on disk; its
-    # Megatron-flag checks run here. KNOWN GAPS: MTP training with CP > 1 is refused by the RL loop's megatron
-    # backend, and DeepEP is not installable on CPU: those refusals are expected; any other refusal fails.
+    # Megatron-flag checks run here. KNOWN GAP: DeepEP is not installable on CPU, so its refusal is expected;
+    # any other refusal fails.
     cfg = RunConfig(**sections, **{k: v for k, v in ns.items() if "." not in k})
-    known_gaps = ("not wired into", "deep_ep package")
+    known_gaps = ("deep_ep package",)
     assert [e for e in cfg._check_backend() if not any(g in e for g in known_gaps)] == []
 
 
