@@ -11,8 +11,8 @@
    and through HF `generate`, at each batch size: sampling at
    temperature 1 (no top-k / top-p; HF's default top_k=50 turned off), eos ignored, exactly `--new-tokens`
    tokens per row; tokens/s = batch x new tokens / wall time (prefill included, as a user sees it).
-2. MTP at batch 1: prompts one at a time through `run_batch` (DynamicCache path, the machinery speculative
-   decoding runs on) and `speculative.run_batch_speculative`
+2. MTP at batch 1: prompts one at a time through `run_batch` and `speculative.run_batch_speculative`, both
+   over the engine's static-cache decoders
    (temperature `--mtp-temperature`, default greedy, stopping at eos): tokens/s of each, the speedup, the
    acceptance length (completion tokens / verify forwards, SGLang's definition), and the cost of one verify
    step (verify + MTP forward) relative to one plain decode step. Speedup ~= acceptance length / step-cost
@@ -123,7 +123,7 @@ def engine_generate(model, prompts, sampling: SamplingParams, eos, mtp=None, num
     common = dict(eos_ids=eos, pad_id=0, gates=[], should_abort=lambda: False)
     if mtp is None:
         return run_batch(model, requests, decoder=decoder, **common)
-    return run_batch_speculative(model, mtp, requests, num_steps=num_steps, **common)
+    return run_batch_speculative(model, mtp, requests, num_steps=num_steps, decoder=decoder, **common)
 
 
 def hf_generate(model, prompts, new_tokens: int):
@@ -163,10 +163,16 @@ def throughput(args, model, prompts_of, eos) -> list[dict]:
 def mtp_speedup(args, model, mtp, prompts, eos) -> dict:
     sampling = SamplingParams(temperature=args.mtp_temperature, max_new_tokens=args.mtp_new_tokens)
 
+    # both over the engine's static-cache decoders (the speculative one also caches the MTP layer)
+    graphs, compiled = not args.disable_cuda_graph, args.enable_torch_compile
+    decoders = {False: StaticDecoder(model, max_batch=1, cuda_graph=graphs, torch_compile=compiled),
+                True: StaticDecoder(model, max_batch=1, cuda_graph=graphs, torch_compile=compiled, mtp=mtp)}
+
     def run(use_mtp: bool):
         out = []
         for p in prompts:  # batch 1
-            out += engine_generate(model, [p], sampling, eos, mtp if use_mtp else None, args.num_steps)
+            out += engine_generate(model, [p], sampling, eos, mtp if use_mtp else None, args.num_steps,
+                                   decoder=decoders[use_mtp])
         return out
 
     stats = {}

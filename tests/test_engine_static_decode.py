@@ -77,3 +77,36 @@ def test_bucket_ladders():
     assert [batch_bucket(n, 64) for n in (1, 2, 3, 5, 8, 9, 17, 63, 64)] == [1, 2, 4, 8, 8, 16, 24, 64, 64]
     assert batch_bucket(5, 6) == 6  # never more rows than the cache has
     assert [span_bucket(n) for n in (1, 64, 65, 300, 1024)] == [64, 64, 128, 512, 1024]
+
+
+def test_verify_of_s_tokens_equals_s_decode_steps(model):
+    """`verify` (speculative decoding's S-token forward) against S one-token `decode` steps on a second decoder:
+    the same logits, final hidden states' logits and routed experts; a later verify from an earlier start
+    rewrites the slots it covers (rejected drafts) and again matches."""
+    prompts = [(3, 7, 1, 9, 4), (5,), (2, 8, 8)]
+    tokens = [[11, 12, 13], [21, 22, 23], [25, 26, 27]]
+    one, many = StaticDecoder(model, max_batch=4), StaticDecoder(model, max_batch=4)
+    for d in (one, many):
+        d.reserve(16)
+        d.prefill(prompts, pad_id=0)
+    starts = [len(p) for p in prompts]
+    logits, hidden, routed = many.verify(tokens, starts)
+    assert logits.shape[:2] == hidden.shape[:2] == routed.shape[:2] == (3, 3)
+    assert torch.allclose(model.lm_head(hidden), logits)
+    for s in range(3):
+        step_logits, step_routed = one.decode([t[s] for t in tokens], [p + s for p in starts])
+        assert (step_logits - logits[:, s]).abs().max().item() <= 1e-4, s  # fp32, other GEMM shapes
+        assert torch.equal(step_routed[:, 0], routed[:, s]), s
+    # "reject" the last two tokens of every row: a verify from start + 1 rewrites those slots
+    again, _, _ = many.verify([[12, 30, 31]] * 3, [p + 1 for p in starts])
+    for s, ids in enumerate(([12] * 3, [30] * 3, [31] * 3)):
+        step_logits, _ = one.decode(ids, [p + 1 + s for p in starts])
+        assert (step_logits - again[:, s]).abs().max().item() <= 1e-4, s
+
+
+def test_mtp_forward_needs_a_decoder_built_with_the_mtp_layer(model):
+    decoder = StaticDecoder(model, max_batch=2)
+    decoder.reserve(8)
+    with pytest.raises(ValueError, match="mtp="):
+        decoder.mtp_forward(torch.zeros(1, 1, model.config.hidden_size), torch.zeros(1, 1, dtype=torch.long),
+                            torch.ones(1, 1, dtype=torch.long))

@@ -87,7 +87,7 @@ class EngineConfig:
     # the MTP layer's weights join the engine's weight names as `model.layers.{num_hidden_layers}.*`.
     enable_mtp: bool = False
     speculative_num_steps: int = 1     # MTP drafts per verify forward (SGLang's --speculative-num-steps)
-    # decode over a preallocated KV cache (static_decode.py); off: HF's DynamicCache path (MTP always uses it)
+    # decode (and MTP speculation) over a preallocated KV cache (static_decode.py); off: HF's DynamicCache path
     static_kv_cache: bool = True
     disable_cuda_graph: bool = False   # SGLang's flag: with the static cache on CUDA, decode steps are graphs
     enable_torch_compile: bool = False  # SGLang's flag: compile the graphed decode step (slow first batches)
@@ -169,17 +169,17 @@ class EmbeddedEngine:
         self._flat = flatten_module_(self.model)
         self._state = self.model.state_dict()  # detached views sharing the parameters' storage
         self.mtp = self.decoder = None
-        if self.config.static_kv_cache and not self.config.enable_mtp:
-            from glm_rl.rollout.engines.static_decode import StaticDecoder
-
-            self.decoder = StaticDecoder(self.model, max_batch=self.config.max_batch_size,
-                                         cuda_graph=not self.config.disable_cuda_graph,
-                                         torch_compile=self.config.enable_torch_compile)
         if self.config.enable_mtp:
             from glm_rl.models.checkpoint import load_mtp
 
             self.mtp = load_mtp(self.model)
             self._state.update(mtp_named_tensors(self.mtp, cfg.num_hidden_layers))
+        if self.config.static_kv_cache:  # with MTP it also holds the MTP layer's cache
+            from glm_rl.rollout.engines.static_decode import StaticDecoder
+
+            self.decoder = StaticDecoder(self.model, max_batch=self.config.max_batch_size,
+                                         cuda_graph=not self.config.disable_cuda_graph,
+                                         torch_compile=self.config.enable_torch_compile, mtp=self.mtp)
         self._thread = threading.Thread(target=self._scheduler_loop, name="engine-scheduler", daemon=True)
         self._thread.start()
         self._server = HttpServer(self, self.config)
@@ -263,7 +263,7 @@ class EmbeddedEngine:
         if self.mtp is None:
             return run_batch(self.model, requests, decoder=self.decoder, **common)
         return run_batch_speculative(self.model, self.mtp, requests, num_steps=self.config.speculative_num_steps,
-                                     **common)
+                                     decoder=self.decoder, **common)
 
     def _response(self, row: Row, version: int) -> dict[str, Any]:
         req = row.req

@@ -31,6 +31,12 @@ Weight names (`mtp_named_tensors`): the MTP layer's tensors under the checkpoint
 `state_dict()`-style names syncs the MTP layer too. The embedding and head are the main model's modules
 (`model.embed_tokens.weight`, `lm_head.weight`): the disk copies `model.layers.N.embed_tokens.weight` /
 `shared_head.head.weight` have no name of their own here.
+
+Over a `StaticDecoder` (static_decode.py, built with `mtp=`) the same steps run over preallocated caches:
+slot == position, so instead of masking rejected drafts' slots a later step simply rewrites them; the MTP
+layer's cache holds the pair of main position t at slot t (chained drafts' slots are rewritten the same way);
+finished rows are compacted out of both caches. Same acceptance code, same per-row generators, so the tokens,
+logprobs, routed experts and counters are the DynamicCache path's (tests/test_engine_mtp.py checks both).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from glm_rl.rollout.engines.generation import (GenerationRequest, Row, new_rows, SamplingParams, _filter_logits,
-                                               _RouterCapture, _step_rows)
+                                               _RouterCapture, _step_rows, _survivors)
 
 
 @dataclass
@@ -112,31 +118,63 @@ def speculative_accept(p: torch.Tensor, q: torch.Tensor, drafts: list[int],
     return drafts + [int(torch.multinomial(p[len(drafts)], 1, generator=generator))], len(drafts)
 
 
-def _verify_row(logits: torch.Tensor, q: torch.Tensor | None, drafts: list[int],
-                row: Row) -> tuple[list[int], int, list[float]]:
-    """(emitted tokens, drafts kept, logprob of each emitted token) for one row; logits: [k+1, V]."""
-    sp = row.req.sampling
+def _accept(logits: torch.Tensor, rows: list[Row], active: list[int], drafts: list[list[int]],
+            q: list[list[torch.Tensor | None]]) -> tuple[list[list[int]], list[int], list[list[float]]]:
+    """The acceptance rule for every active row: (emitted tokens, drafts kept, logprob of each emitted token).
+
+    logits: [n, k+1, V] verify logits. Greedy rows (temperature 0) keep drafts while they equal argmax p, then
+    emit argmax p; sampled rows go through `speculative_accept` with their own generator. The argmax and the
+    logprobs (log_softmax(logits / T), T = 1 for greedy) cross to the host once for the batch."""
     logits = logits.float()
-    if sp.temperature <= 0.0:
-        best = logits.argmax(dim=-1).tolist()
-        a = 0
-        while a < len(drafts) and drafts[a] == best[a]:
-            a += 1
-        tokens, logp = drafts[:a] + [best[a]], torch.log_softmax(logits, dim=-1)
-    else:
-        tokens, a = speculative_accept(sampling_probs(logits, sp), q, drafts, row.generator)
-        logp = torch.log_softmax(logits / sp.temperature, dim=-1)
-    index = torch.tensor(tokens, device=logits.device)
-    return tokens, a, logp[torch.arange(len(tokens), device=logits.device), index].tolist()
+    temps = [rows[i].req.sampling.temperature for i in active]
+    best = logits.argmax(dim=-1).tolist() if min(temps) <= 0.0 else None
+    scale = torch.tensor([t if t > 0.0 else 1.0 for t in temps], device=logits.device)
+    logp = torch.log_softmax(logits / scale[:, None, None], dim=-1)
+    emitted, accepted = [], []
+    for b, i in enumerate(active):
+        row, k = rows[i], len(drafts[b])
+        if temps[b] <= 0.0:
+            a = 0
+            while a < k and drafts[b][a] == best[b][a]:
+                a += 1
+            tokens = drafts[b][:a] + [best[b][a]]
+        else:
+            tokens, a = speculative_accept(sampling_probs(logits[b], row.req.sampling), _stack(q[b]), drafts[b],
+                                           row.generator)
+        emitted.append(tokens)
+        accepted.append(a)
+    at_b, at_s, at_t = zip(*[(b, s, t) for b, tokens in enumerate(emitted) for s, t in enumerate(tokens)])
+    flat = iter(logp[list(at_b), list(at_s), list(at_t)].tolist())
+    return emitted, accepted, [[next(flat) for _ in tokens] for tokens in emitted]
 
 
-def _draft_row(logits: torch.Tensor, row: Row) -> tuple[int, torch.Tensor | None]:
-    """One draft token from MTP logits [V] and the distribution it came from (None for greedy rows)."""
+def _record(row: SpecRow, tokens: list[int], a: int, logprobs: list[float], k: int) -> int:
+    """Count one verify in the row's speculation counters and emit its tokens; returns how many were kept."""
+    row.verify_ct, row.draft_tokens, row.accepted_tokens = (row.verify_ct + 1, row.draft_tokens + k,
+                                                            row.accepted_tokens + a)
+    return _emit(row, tokens, logprobs)
+
+
+def _draft_row(logits: torch.Tensor, row: Row, best: int | None = None) -> tuple[int, torch.Tensor | None]:
+    """One draft token from MTP logits [V] and the distribution it came from (None for greedy rows, whose
+    draft is argmax(logits): `best` when the caller took it for the whole batch)."""
     sp = row.req.sampling
     if sp.temperature <= 0.0:
-        return int(torch.argmax(logits)), None
+        return (int(torch.argmax(logits)) if best is None else best), None
     q = sampling_probs(logits[None], sp)[0]
     return int(torch.multinomial(q, 1, generator=row.generator)), q
+
+
+def _draft_all(logits: torch.Tensor, rows: list[Row], active: list[int], drafts: list[list[int]],
+               q: list[list[torch.Tensor | None]]) -> None:
+    """Append one draft per active row (`_draft_row`) from MTP logits [n, V]; greedy rows' argmax crosses to
+    the host once for the batch."""
+    greedy = any(rows[i].req.sampling.temperature <= 0.0 for i in active)
+    best = logits.argmax(dim=-1).tolist() if greedy else [None] * len(active)
+    for b, i in enumerate(active):
+        token, dist = _draft_row(logits[b].float(), rows[i], best[b])
+        drafts[b].append(token)
+        q[b].append(dist)
 
 
 # -- batched forwards ----------------------------------------------------------------------------------------
@@ -189,10 +227,7 @@ def _draft(mtp, batch: _Batch, hidden: torch.Tensor, ids: torch.Tensor, position
     logits, out, pos = logits[rows_b, last], out[rows_b, last][:, None], positions[rows_b, last][:, None]
     batch.drafts, batch.q = [[] for _ in batch.active], [[] for _ in batch.active]
     for step in range(num_steps):
-        for b, i in enumerate(batch.active):
-            token, q = _draft_row(logits[b].float(), batch.rows[i])
-            batch.drafts[b].append(token)
-            batch.q[b].append(q)
+        _draft_all(logits, batch.rows, batch.active, batch.drafts, batch.q)
         if step + 1 == num_steps:
             break
         pos = pos + 1
@@ -225,20 +260,16 @@ def _verify(model, batch: _Batch, capture: _RouterCapture | None):
                          past_key_values=batch.cache, use_cache=True).last_hidden_state  # (B, k+1, H)
     logits = model.lm_head(hidden)                                          # (B, k+1, V)
     routed = capture.pop() if capture is not None else None
-    accepted = []
-    next_ids = torch.zeros_like(ids)
+    emitted, accepted, logprobs = _accept(logits, rows, batch.active, batch.drafts, batch.q)
+    next_ids = [[0] * (k + 1) for _ in batch.active]
     for b, i in enumerate(batch.active):
-        row = rows[i]
-        tokens, a, logprobs = _verify_row(logits[b], _stack(batch.q[b]), batch.drafts[b], row)
-        row.verify_ct, row.draft_tokens, row.accepted_tokens = (row.verify_ct + 1, row.draft_tokens + k,
-                                                                row.accepted_tokens + a)
-        kept = _emit(row, tokens, logprobs)
+        a = accepted[b]
+        kept = _record(rows[i], emitted[b], a, logprobs[b], k)
         if routed is not None:
-            row.routed.append(routed[b, :kept])
+            rows[i].routed.append(routed[b, :kept])
         batch.mask[b, batch.mask.shape[1] - k + a:] = 0                     # slots of rejected drafts
-        next_ids[b, :a + 1] = torch.tensor(tokens, device=dev)
-        accepted.append(a)
-    return hidden, next_ids, positions + 1, torch.tensor(accepted, device=dev)
+        next_ids[b][:a + 1] = emitted[b]
+    return hidden, torch.tensor(next_ids, device=dev), positions + 1, torch.tensor(accepted, device=dev)
 
 
 def _stack(q: list[torch.Tensor | None]) -> torch.Tensor | None:
@@ -286,13 +317,22 @@ def _keep(batch: _Batch, should_abort: Callable[[], bool]) -> list[int]:
 
 @torch.no_grad()
 def run_batch_speculative(model, mtp, requests: list[GenerationRequest], *, num_steps: int, eos_ids: Iterable[int],
-                          pad_id: int, gates: list[torch.nn.Module],
-                          should_abort: Callable[[], bool]) -> list[SpecRow]:
-    """`generation.run_batch` with MTP speculative decoding (`num_steps` drafts per verify forward)."""
+                          pad_id: int, gates: list[torch.nn.Module], should_abort: Callable[[], bool],
+                          decoder=None) -> list[SpecRow]:
+    """`generation.run_batch` with MTP speculative decoding (`num_steps` drafts per verify forward); with a
+    `StaticDecoder` built with `mtp=mtp` the batch runs over its preallocated caches, else over DynamicCaches."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if decoder is not None and decoder.mtp is not mtp:
+        raise ValueError("run_batch_speculative: the StaticDecoder must be built with this MTP module "
+                         "(StaticDecoder(model, ..., mtp=mtp))")
+    if decoder is not None and len(requests) > decoder.max_batch:
+        raise ValueError(f"run_batch_speculative: {len(requests)} requests exceed the StaticDecoder's "
+                         f"max_batch={decoder.max_batch}")
     dev = model.device
     rows = new_rows(model, requests, eos_ids, SpecRow)
+    if decoder is not None:
+        return _StaticSpec(decoder, rows, num_steps).run(pad_id, should_abort)
     capture = _RouterCapture(gates) if any(r.return_routed_experts for r in requests) else None
     empty = torch.zeros(len(rows), 0, dtype=torch.long, device=dev)
     batch = _Batch(rows, list(range(len(rows))), DynamicCache(config=model.config),
@@ -314,3 +354,92 @@ def run_batch_speculative(model, mtp, requests: list[GenerationRequest], *, num_
     finally:
         if capture is not None:
             capture.remove()
+
+
+class _StaticSpec:
+    """The speculative loop over a StaticDecoder: live rows are cache rows 0..n-1 of both caches (compacted
+    when rows finish). Main cache: token at position p in slot p. MTP cache: the pair (h_t, token t+1), HF
+    position id t+1, in slot t. A verify writes slots start..start+k, the MTP forward after it slots
+    start..start+a (+ chained drafts after that); whatever rejected drafts left there is rewritten before any
+    query can see it, since queries see only slots <= their own."""
+
+    def __init__(self, decoder, rows: list[SpecRow], num_steps: int) -> None:
+        self.decoder, self.rows, self.k = decoder, rows, num_steps
+        self.active = list(range(len(rows)))
+        self.want_routed = any(r.req.return_routed_experts for r in rows)
+        self.drafts: list[list[int]] = []
+        self.q: list[list[torch.Tensor | None]] = []
+
+    def run(self, pad_id: int, should_abort: Callable[[], bool]) -> list[SpecRow]:
+        rows, dev, k = self.rows, self.decoder.device, self.k
+        # verify positions reach prompt + max_new - 2 + k, chained MTP slots a further k - 1
+        self.decoder.reserve(max(len(r.req.input_ids) + r.req.sampling.max_new_tokens for r in rows) + 2 * k)
+        logits, hidden, routed = self.decoder.prefill_states([r.req.input_ids for r in rows], pad_id)
+        lengths = [len(r.req.input_ids) for r in rows]
+        if self.want_routed:
+            for b, (row, n) in enumerate(zip(rows, lengths)):
+                row.routed.append(routed[b, :n])
+        _step_rows(rows, self.active, logits)
+        keep = _survivors(rows, self.active, should_abort)
+        if not keep:
+            return rows
+        # MTP over the prompt: pairs (h_t, token t+1), the last one's token being the first sampled token
+        width = hidden.shape[1]
+        ids = [list(r.req.input_ids[1:]) + [r.output_ids[-1]] + [pad_id] * (width - n) for r, n in zip(rows, lengths)]
+        self._select(keep, span=width)
+        sel = torch.tensor(keep, device=dev)
+        positions = torch.arange(1, width + 1, device=dev).expand(len(keep), width)
+        mtp_logits, out = self.decoder.mtp_forward(hidden[sel], torch.tensor(ids, device=dev)[sel], positions,
+                                                   graph=False)  # one shape per prompt width: eager
+        self._draft(mtp_logits, out, positions, torch.tensor([lengths[i] - 1 for i in self.active], device=dev))
+        while True:
+            hidden, next_ids, positions, accepted = self._verify()
+            keep = _survivors(rows, self.active, should_abort)
+            if not keep:
+                return rows
+            if len(keep) < len(self.active):
+                sel = torch.tensor(keep, device=dev)
+                # main slots below each row's next verify start are written; MTP slots are behind them
+                self._select(keep, span=int((positions[sel, 0] + accepted[sel]).max()) + 1)
+                hidden, next_ids, positions, accepted = hidden[sel], next_ids[sel], positions[sel], accepted[sel]
+            mtp_logits, out = self.decoder.mtp_forward(hidden, next_ids, positions + 1)
+            self._draft(mtp_logits, out, positions + 1, accepted)
+
+    def _select(self, keep: list[int], span: int) -> None:
+        if len(keep) < len(self.active):
+            self.decoder.compact(keep, span)
+            self.active = [self.active[b] for b in keep]
+
+    def _draft(self, logits: torch.Tensor, out: torch.Tensor, positions: torch.Tensor, last: torch.Tensor) -> None:
+        """`num_steps` drafts per row from the MTP outputs at column `last` of each row (chaining the layer on
+        its own output hidden state)."""
+        rows_b = torch.arange(len(self.active), device=logits.device)
+        logits, out, pos = logits[rows_b, last], out[rows_b, last][:, None], positions[rows_b, last][:, None]
+        self.drafts, self.q = [[] for _ in self.active], [[] for _ in self.active]
+        for step in range(self.k):
+            _draft_all(logits, self.rows, self.active, self.drafts, self.q)
+            if step + 1 == self.k:
+                break
+            pos = pos + 1
+            chain_ids = torch.tensor([[d[-1]] for d in self.drafts], device=logits.device)
+            logits, out = self.decoder.mtp_forward(out.clone(), chain_ids, pos)
+            logits = logits[:, -1]
+
+    def _verify(self):
+        """One verify over the decoder and the acceptance rule for every row; returns what the MTP step needs:
+        hidden states [n, k+1, H], the tokens after them [n, k+1], their positions [n, k+1], drafts kept [n]."""
+        rows, k, dev = self.rows, self.k, self.decoder.device
+        starts = [len(rows[i].req.input_ids) + len(rows[i].output_ids) - 1 for i in self.active]
+        logits, hidden, routed = self.decoder.verify(
+            [[rows[i].output_ids[-1], *d] for i, d in zip(self.active, self.drafts)], starts)
+        emitted, accepted, logprobs = _accept(logits, rows, self.active, self.drafts, self.q)
+        if self.want_routed:
+            routed = routed.clone()  # a graph buffer: the next verify rewrites it
+        next_ids = [[0] * (k + 1) for _ in self.active]
+        for b, i in enumerate(self.active):
+            kept = _record(rows[i], emitted[b], accepted[b], logprobs[b], k)
+            if self.want_routed:
+                rows[i].routed.append(routed[b, :kept])
+            next_ids[b][:accepted[b] + 1] = emitted[b]
+        positions = torch.tensor(starts, device=dev)[:, None] + torch.arange(k + 1, device=dev)
+        return hidden, torch.tensor(next_ids, device=dev), positions, torch.tensor(accepted, device=dev)

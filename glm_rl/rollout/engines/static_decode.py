@@ -16,6 +16,13 @@ Layout: cache row b holds request b's keys at slot == position (no left padding)
 decode step writes its slot before reading it). When rows finish the cache is compacted so the live rows are
 rows 0..n-1, and the step runs the smallest captured batch bucket >= n (extra rows decode garbage, unread).
 Attention reads only the first `T` slots, `T` a power of two >= the longest live position + 1 (graph per T).
+
+MTP speculative decoding (speculative.py) runs over the same cache: `verify` feeds S tokens per row at their
+positions and returns every position's logits, final hidden states and routed experts (rejected drafts' slots
+are simply rewritten by a later step, slot == position). With `mtp=` the decoder also holds a cache for the
+MTP layer's attention, where the pair (h_t, token t+1) — HF position id t+1 — sits at slot t, so its slots line
+up with the main cache's and one `compact` moves both; `mtp_forward` runs the layer over such pairs. Verify and
+MTP steps are CUDA graphs like decode, keyed also on S (and on which step it is).
 """
 
 from __future__ import annotations
@@ -43,13 +50,15 @@ def span_bucket(length: int) -> int:
 
 
 class StaticDecoder:
-    """Prefill and decode over one preallocated KV cache (`max_batch` rows), CUDA-graphed decode on GPU."""
+    """Prefill, decode and (with `mtp`) speculative verify / MTP steps over preallocated KV caches (`max_batch`
+    rows), CUDA-graphed on GPU."""
 
-    def __init__(self, model, *, max_batch: int, cuda_graph: bool = True, torch_compile: bool = False) -> None:
+    def __init__(self, model, *, max_batch: int, cuda_graph: bool = True, torch_compile: bool = False,
+                 mtp=None) -> None:
         cfg = model.config
         self.model, self.max_batch = model, max_batch
+        self.mtp = mtp                                       # HF MtpModel (speculative decoding) or None
         self.layers = list(model.model.layers)
-        self.first_moe = cfg.first_k_dense_replace
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.groups = cfg.num_attention_heads // cfg.num_key_value_heads
@@ -60,7 +69,9 @@ class StaticDecoder:
         self.capacity = 0                                   # slots per cache row
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict]] = {}
+        self.mtp_k: list[torch.Tensor] = []                 # the MTP layer's cache (with `mtp`), same shape
+        self.mtp_v: list[torch.Tensor] = []
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict]] = {}
         self._pool = None
         # torch.compile (SGLang's --enable-torch-compile) fuses the step's many small elementwise kernels; only
         # under graphs, whose bucketed shapes keep recompiles few (dynamic shapes after the first recompile), and
@@ -68,6 +79,7 @@ class StaticDecoder:
         # other dtypes, which no graph can capture
         self.compiled = torch_compile and self.cuda_graph and self.dtype == torch.bfloat16
         self._step = torch.compile(self._decode_step) if self.compiled else self._decode_step
+        self._eager_steps = {"decode": self._decode_step, "verify": self._verify_step, "mtp": self._mtp_step}
 
     # -- cache -------------------------------------------------------------------------------------------------
     def reserve(self, length: int) -> None:
@@ -77,9 +89,12 @@ class StaticDecoder:
             return
         self._graphs.clear()
         shape = (self.max_batch, self.kv_heads, need, self.head_dim)
-        self.k = self.v = []  # free the old cache first
+        self.k = self.v = self.mtp_k = self.mtp_v = []  # free the old cache first
         self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        if self.mtp is not None:  # GLM's MTP block is a decoder layer of the main model's shape
+            self.mtp_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.mtp.layers]
+            self.mtp_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.mtp.layers]
         self.capacity = need
 
     def compact(self, keep: list[int], span: int) -> None:
@@ -87,12 +102,13 @@ class StaticDecoder:
         if keep == list(range(len(keep))):
             return
         index = torch.tensor(keep, device=self.device)
-        for cache in (*self.k, *self.v):
+        for cache in (*self.k, *self.v, *self.mtp_k, *self.mtp_v):
             cache[:len(keep), :, :span] = cache[index, :, :span]
 
     # -- the model, written out around the cache --------------------------------------------------------------
-    def _attention(self, i: int, attn, x: torch.Tensor, cos, sin, pos: torch.Tensor, mask: torch.Tensor,
-                   span: int) -> torch.Tensor:
+    def _attention(self, cache: tuple[torch.Tensor, torch.Tensor], attn, x: torch.Tensor, cos, sin,
+                   slots: torch.Tensor, mask: torch.Tensor, span: int) -> torch.Tensor:
+        """Attention of x [B, S, H] whose keys go to cache slots `slots` [B, S], over the first `span` slots."""
         B, S, _ = x.shape
         shape = (B, S, -1, self.head_dim)
         q, k, v = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape), attn.v_proj(x).view(shape)
@@ -100,9 +116,10 @@ class StaticDecoder:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         rows = torch.arange(B, device=x.device)[:, None].expand(B, S)
-        self.k[i][rows, :, pos] = k.transpose(1, 2)           # slot == position
-        self.v[i][rows, :, pos] = v
-        keys, values = self.k[i][:B, :, :span], self.v[i][:B, :, :span]
+        k_cache, v_cache = cache
+        k_cache[rows, :, slots] = k.transpose(1, 2)
+        v_cache[rows, :, slots] = v
+        keys, values = k_cache[:B, :, :span], v_cache[:B, :, :span]
         # GQA without copying the cache: the query heads of one KV head become extra query rows
         q = q.reshape(B, self.kv_heads, self.groups * S, self.head_dim)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.repeat(1, 1, self.groups, 1),
@@ -111,32 +128,37 @@ class StaticDecoder:
         out = out.reshape(B, self.kv_heads * self.groups, S, self.head_dim).transpose(1, 2).reshape(B, S, -1)
         return attn.o_proj(out)
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, last: torch.Tensor,
-                 span: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(logits [B, V] at column `last` of each row, routed experts [B, S, n_moe, top_k] or None)."""
+    def _layer(self, cache, layer, x, cos, sin, slots, mask, span, routed: list | None) -> torch.Tensor:
+        """One decoder layer (dense or MoE); a MoE layer's expert choices are appended to `routed`."""
+        x = x + self._attention(cache, layer.self_attn, layer.input_layernorm(x), cos, sin, slots, mask, span)
+        h = layer.post_attention_layernorm(x)
+        if not hasattr(layer.mlp, "experts"):
+            return x + layer.mlp(h)
+        moe, flat = layer.mlp, h.reshape(-1, h.shape[-1])
+        _, weights, experts = moe.gate(flat)                  # HF's router: sigmoid, bias, groups, scaling
+        if routed is not None:
+            routed.append(experts.reshape(*h.shape[:2], -1))
+        return x + moe.experts(flat, experts, weights).view_as(h) + moe.shared_experts(h)
+
+    def _body(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+              span: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(final-normed hidden states [B, S, H], routed experts [B, S, n_moe, top_k] or None)."""
         body = self.model.model
         x = body.embed_tokens(ids)
         cos, sin = body.rotary_emb(x, pos)
-        routed = []
+        routed: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(i, layer.self_attn, layer.input_layernorm(x), cos, sin, pos, mask, span)
-            h = layer.post_attention_layernorm(x)
-            if i < self.first_moe:
-                x = x + layer.mlp(h)
-                continue
-            moe, flat = layer.mlp, h.reshape(-1, h.shape[-1])
-            _, weights, experts = moe.gate(flat)              # HF's router: sigmoid, bias, groups, scaling
-            routed.append(experts.reshape(*h.shape[:2], -1))
-            x = x + moe.experts(flat, experts, weights).view_as(h) + moe.shared_experts(h)
-        x = x[torch.arange(x.shape[0], device=x.device), last]
-        logits = self.model.lm_head(body.norm(x))
-        return logits, (torch.stack(routed, dim=2) if routed else None)
+            x = self._layer((self.k[i], self.v[i]), layer, x, cos, sin, pos, mask, span, routed)  # slot == position
+        return body.norm(x), (torch.stack(routed, dim=2) if routed else None)
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, last: torch.Tensor,
+                 span: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits [B, V] at column `last` of each row, routed experts [B, S, n_moe, top_k] or None)."""
+        hidden, routed = self._body(ids, pos, mask, span)
+        return self.model.lm_head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]), routed
 
     # -- prefill / decode ---------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def prefill(self, prompts: list[tuple[int, ...]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run right-padded prompts into cache rows 0..n-1; (logits [n, V] of each last prompt token, routed
-        experts [n, S, n_moe, top_k] (row b valid for its first len(prompt b) positions) or None)."""
+    def _prompt_batch(self, prompts: list[tuple[int, ...]], pad_id: int):
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         width = int(lengths.max())
         ids = torch.tensor([list(p) + [pad_id] * (width - len(p)) for p in prompts], device=self.device)
@@ -144,62 +166,135 @@ class StaticDecoder:
         keys = torch.arange(width, device=self.device)
         # query i of row b sees keys j <= i of its own prompt
         mask = (keys[None, :] <= keys[:, None])[None] & (keys < lengths[:, None])[:, None, :]
-        return self._forward(ids, pos, mask[:, None], lengths - 1, width)
+        return ids, pos, mask[:, None], lengths, width
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[tuple[int, ...]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run right-padded prompts into cache rows 0..n-1; (logits [n, V] of each last prompt token, routed
+        experts [n, S, n_moe, top_k] (row b valid for its first len(prompt b) positions) or None)."""
+        ids, pos, mask, lengths, width = self._prompt_batch(prompts, pad_id)
+        return self._forward(ids, pos, mask, lengths - 1, width)
+
+    @torch.no_grad()
+    def prefill_states(self, prompts: list[tuple[int, ...]],
+                       pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`prefill` that also returns every position's final-normed hidden state [n, S, H] (what the MTP layer
+        reads): (last-token logits [n, V], hidden states, routed experts or None)."""
+        ids, pos, mask, lengths, width = self._prompt_batch(prompts, pad_id)
+        hidden, routed = self._body(ids, pos, mask, width)
+        last = hidden[torch.arange(len(prompts), device=self.device), lengths - 1]
+        return self.model.lm_head(last), hidden, routed
 
     @torch.no_grad()
     def decode(self, tokens: list[int], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Feed one token per live row (rows 0..n-1) at its position; (logits [n, V], routed experts
         [n, 1, n_moe, top_k] or None). Rows must have been prefilled; positions < capacity."""
-        n = len(tokens)
-        bucket = batch_bucket(n, self.max_batch)
         span = min(span_bucket(max(positions) + 1), self.capacity)
         tokens, positions = torch.tensor([tokens, positions], device=self.device)  # one host-to-device copy
-        graph = self._graph(bucket, span) if self.cuda_graph else None
+        return self._run("decode", span, True, ids=tokens[:, None], pos=positions[:, None])
+
+    @torch.no_grad()
+    def verify(self, tokens: list[list[int]],
+               starts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Feed S tokens per live row (rows 0..n-1) at positions start..start+S-1 (speculative decoding's verify
+        forward); (logits [n, S, V], final-normed hidden states [n, S, H], routed experts [n, S, n_moe, top_k]
+        or None). Outputs may be graph buffers, rewritten by the next verify: copy what must outlive it."""
+        S = len(tokens[0])
+        span = min(span_bucket(max(starts) + S), self.capacity)
+        ids = torch.tensor(tokens, device=self.device)
+        pos = torch.tensor(starts, device=self.device)[:, None] + torch.arange(S, device=self.device)
+        return self._run("verify", span, True, ids=ids, pos=pos)
+
+    @torch.no_grad()
+    def mtp_forward(self, hidden: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
+                    graph: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP layer over pairs (hidden[b, s], ids[b, s]) at HF position ids `positions` (the main position of
+        the hidden state + 1; cache slot = position - 1) for live rows 0..n-1, each pair seeing the row's earlier
+        slots: (logits [n, S, V], output hidden states [n, S, H]), possibly graph buffers (graph=False: eager,
+        for one-off shapes such as a prompt's width)."""
+        if self.mtp is None:
+            raise ValueError("StaticDecoder.mtp_forward needs the decoder built with mtp=<MtpModel>")
+        span = min(span_bucket(int(positions.max())), self.capacity)
+        return self._run("mtp", span, graph, ids=ids, pos=positions, hidden=hidden)
+
+    def _run(self, kind: str, span: int, use_graph: bool, **inputs: torch.Tensor):
+        """Run step `kind` (decode / verify / mtp) for the live rows: eagerly, or as the CUDA graph for (kind,
+        batch bucket, S, span), copying the inputs into its buffers (unused rows get position 1, a valid slot)."""
+        n, S = inputs["ids"].shape
+        bucket = batch_bucket(n, self.max_batch)
+        graph = self._graph(kind, bucket, S, span, inputs) if use_graph and self.cuda_graph else None
         if graph is None:
-            return self._decode_step(tokens[:, None], positions[:, None], span)
+            return self._eager_steps[kind](**inputs, span=span)
         graph, io = graph
-        io["ids"][:n, 0].copy_(tokens)
-        io["pos"][:n, 0].copy_(positions)
-        io["pos"][n:].zero_()                                  # unused rows attend slot 0 of their own row
+        for name, value in inputs.items():
+            io[name][:n].copy_(value)
+        io["pos"][n:].fill_(1)                                  # unused rows attend slot 0 / 1 of their own row
         graph.replay()
-        routed = io["routed"][:n] if io["routed"] is not None else None
-        return io["logits"][:n], routed
+        return tuple(out[:n] if out is not None else None for out in io["out"])
 
     def _decode_step(self, ids: torch.Tensor, pos: torch.Tensor, span: int):
         mask = (torch.arange(span, device=pos.device) <= pos)[:, None, None, :]  # [B, 1, 1, span]
         return self._forward(ids, pos, mask, torch.zeros_like(pos[:, 0]), span)
 
-    def _host_sync(self, io: dict, span: int) -> str | None:
+    def _verify_step(self, ids: torch.Tensor, pos: torch.Tensor, span: int):
+        mask = (torch.arange(span, device=pos.device) <= pos[..., None])[:, None]  # [B, 1, S, span]
+        hidden, routed = self._body(ids, pos, mask, span)
+        return self.model.lm_head(hidden), hidden, routed
+
+    def _mtp_step(self, ids: torch.Tensor, pos: torch.Tensor, hidden: torch.Tensor, span: int):
+        """HF's `MtpLayer.forward` (+ the model's post norms and head) with its attention over the MTP cache."""
+        mtp, layer = self.mtp, self.mtp.layers[0]
+        embeds = mtp.embed_tokens(ids)
+        if getattr(mtp.config, "mtp_hidden_states_first", False):
+            x = torch.cat([layer.hnorm(hidden), layer.enorm(embeds)], dim=-1)
+        else:
+            x = torch.cat([layer.enorm(embeds), layer.hnorm(hidden)], dim=-1)
+        cos, sin = mtp.rotary_emb(embeds, pos)
+        slots = pos - 1
+        mask = (torch.arange(span, device=pos.device) <= slots[..., None])[:, None]  # [B, 1, S, span]
+        out = self._layer((self.mtp_k[0], self.mtp_v[0]), layer.mtp_block, layer.eh_proj(x), cos, sin, slots,
+                          mask, span, None)
+        if layer.use_post_norm:
+            out = layer.post_norm(out)
+        if mtp.use_shared_post_norm:
+            out = mtp.shared_post_norm(out)
+        return mtp._project_to_logits(out), out
+
+    def _host_sync(self, step, io: dict, span: int) -> str | None:
         """Run one eager step with torch's sync debug mode set to "error": the error text if it synchronised."""
         previous = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            self._decode_step(io["ids"], io["pos"], span)
+            step(**io, span=span)
         except RuntimeError as e:
             return str(e).splitlines()[0]
         finally:
             torch.cuda.set_sync_debug_mode(previous)
         return None
 
-    def _graph(self, bucket: int, span: int):
-        """The captured decode step for (bucket rows, span slots), captured on first use; None (and graphs off
-        for good) when the step synchronises with the host, which no capture survives."""
-        if (bucket, span) in self._graphs:
-            return self._graphs[(bucket, span)]
-        io = {"ids": torch.zeros((bucket, 1), dtype=torch.long, device=self.device),
-              # warm-up runs for real: write into the last attended slot, which any live row writes before
-              # it reads it (slot == position), so no live key is overwritten
-              "pos": torch.full((bucket, 1), span - 1, dtype=torch.long, device=self.device)}
+    def _graph(self, kind: str, bucket: int, S: int, span: int, inputs: dict[str, torch.Tensor]):
+        """The captured step `kind` for (bucket rows, S tokens each, span slots), captured on first use; None
+        (and graphs off for good) when the step synchronises with the host, which no capture survives."""
+        key = (kind, bucket, S, span)
+        if key in self._graphs:
+            return self._graphs[key]
+        # warm-up runs for real: write into the last attended slot, which any live row writes before it reads
+        # it (slot == position; the MTP cache's slot is position - 1), so no live key is overwritten
+        last = span if kind == "mtp" else span - 1
+        io = {name: torch.zeros((bucket, *value.shape[1:]), dtype=value.dtype, device=self.device)
+              for name, value in inputs.items()}
+        io["pos"].fill_(last)
+        step = self._step if kind == "decode" else self._eager_steps[kind]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            if reason := self._host_sync(io, span):
-                log.warning("decode step synchronises with the host (%s): CUDA graphs off", reason)
+            if reason := self._host_sync(self._eager_steps[kind], io, span):
+                log.warning("%s step synchronises with the host (%s): CUDA graphs off", kind, reason)
                 self.cuda_graph = False
                 torch.cuda.current_stream().wait_stream(stream)
                 return None
             for _ in range(2):
-                self._step(io["ids"], io["pos"], span)
+                step(**io, span=span)
         torch.cuda.current_stream().wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -207,6 +302,6 @@ class StaticDecoder:
         # thread-local capture: the engine's HTTP thread may touch CUDA (weight updates wait on the model lock,
         # checksums do not) while the scheduler thread captures
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            io["logits"], io["routed"] = self._step(io["ids"], io["pos"], span)
-        self._graphs[(bucket, span)] = graph, io
+            io["out"] = step(**io, span=span)
+        self._graphs[key] = graph, io
         return graph, io
