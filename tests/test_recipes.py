@@ -356,8 +356,10 @@ def test_adapter_tp2_equals_tp1_and_merged_export_matches(tmp_path, peft):
     assert (one["logits"] - two["logits"]).abs().max() < 1e-4
     assert set(one["grads"]) == set(two["grads"])
     for k, g in one["grads"].items():
-        err = (two["grads"][k] - g).abs().max()  # fp32 sums in another order: relative to the tensor's scale
-        assert err <= 2e-5 * max(1.0, float(g.abs().max())), (k, float(err))
+        # fp32 sums in another order, relative to the tensor's scale: 1.4e-5 to 3.2e-5 seen for LoRA (a summed loss
+        # over 2 layers); a missing TP reduction would be off by O(1)
+        err = (two["grads"][k] - g).abs().max()
+        assert err <= 1e-4 * max(1.0, float(g.abs().max())), (k, float(err))
     assert any(g.abs().max() > 1e-3 for g in one["grads"].values())
 
 
