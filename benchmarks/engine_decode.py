@@ -218,13 +218,13 @@ def main() -> None:
         model, mtp, info = random_model(args.random_model, dtype, args.device)
         tokenizer, eos = None, []
         args.new_tokens = args.new_tokens or 128
-        args.mtp_prompts = args.mtp_prompts or 4
+        args.mtp_prompts = 4 if args.mtp_prompts is None else args.mtp_prompts
     else:
         model, mtp, tokenizer = tiny_model(args.hf_checkpoint, dtype, args.device)
         info = {"checkpoint": args.hf_checkpoint, "params": sum(p.numel() for p in model.parameters())}
         eos = model.generation_config.eos_token_id
         args.new_tokens = args.new_tokens or min(64, model.config.max_position_embeddings - 40)
-        args.mtp_prompts = args.mtp_prompts or 40
+        args.mtp_prompts = 40 if args.mtp_prompts is None else args.mtp_prompts
     args.mtp_new_tokens = args.mtp_new_tokens or args.new_tokens
     prompts_of = lambda n: prompts_for(args, tokenizer, model.config.vocab_size, n)  # noqa: E731
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
@@ -236,19 +236,20 @@ def main() -> None:
     result = {"date": time.strftime("%Y-%m-%d"), "device": device_name, "dtype": args.dtype, "model": info,
               "torch": torch.__version__, "transformers": __import__("transformers").__version__,
               "throughput": [] if args.skip_throughput else throughput(args, model, prompts_of, eos),
-              "mtp_batch1": mtp_speedup(args, model, mtp, prompts_of(args.mtp_prompts), eos)}
+              "mtp_batch1": mtp_speedup(args, model, mtp, prompts_of(args.mtp_prompts), eos) if args.mtp_prompts
+              else None}
     print(f"device {device_name}, {args.dtype}, model {info}")
     print(f"{'batch':>6}{'new tok':>9}{'engine tok/s':>14}{'dynamic-cache tok/s':>21}{'HF generate tok/s':>19}"
           f"{'engine / HF':>13}{'dynamic / HF':>14}")
     for r in result["throughput"]:
         print(f"{r['batch']:>6}{r['new_tokens']:>9}{r['engine_tok_s']:>14.1f}{r['engine_dynamic_cache_tok_s']:>21.1f}"
               f"{r['hf_generate_tok_s']:>19.1f}{r['engine_over_hf']:>12.2f}x{r['dynamic_cache_over_hf']:>13.2f}x")
-    m = result["mtp_batch1"]
-    print(f"MTP at batch 1 ({m['prompts']} prompts, T={m['temperature']}, {m['num_steps']} draft/verify): "
-          f"plain {m['plain_tok_s']:.1f} tok/s, MTP {m['mtp_tok_s']:.1f} tok/s, speedup {m['speedup']:.2f}x, "
-          f"acceptance length {m['accept_length']:.2f}, step cost ratio {m['step_cost_ratio']:.2f} "
-          f"(projected speedup at acceptance 1.7 / 2.0: {m['projected_speedup']['1.7']:.2f}x / "
-          f"{m['projected_speedup']['2.0']:.2f}x)")
+    if (m := result["mtp_batch1"]) is not None:
+        print(f"MTP at batch 1 ({m['prompts']} prompts, T={m['temperature']}, {m['num_steps']} draft/verify): "
+              f"plain {m['plain_tok_s']:.1f} tok/s, MTP {m['mtp_tok_s']:.1f} tok/s, speedup {m['speedup']:.2f}x, "
+              f"acceptance length {m['accept_length']:.2f}, step cost ratio {m['step_cost_ratio']:.2f} "
+              f"(projected speedup at acceptance 1.7 / 2.0: {m['projected_speedup']['1.7']:.2f}x / "
+              f"{m['projected_speedup']['2.0']:.2f}x)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}", file=sys.stderr)

@@ -11,6 +11,12 @@ on `--batch` × `--seq` random tokens. Arms (each on the same random-init weight
 - `megatron`: megatron-core `GPTModel` as the Megatron backend builds it (`build_gpt_model(fast=True)`:
   grouped-GEMM experts and SDPA attention in the local spec), loss from its vocab-parallel cross entropy.
   Log-probabilities through `logprobs.vocab_parallel_logprobs` (chunked, compiled on CUDA), as the backend does.
+- `megatron-compiled`: `megatron` with regional `torch.compile` of each decoder layer
+  (`fast_modules.compile_decoder_layers`: `layer.compile(dynamic=False)`, same parameters; the token dispatcher's
+  host-sync steps stay eager). Compilation happens in the warm-up steps (mostly the first; a few guards, e.g. the
+  dispatcher's sync point, recompile once in the second: keep `--warmup` ≥ 2), so timed steps exclude it; its cost
+  is recorded as `compile_s` = warm-up time − warm-up steps × the median timed step. On CPU dynamo is re-enabled for
+  this arm only (the CPU shims turn it off).
 - `megatron-mce`: the same model with megatron's own cross entropy (`labels=`: fp32 upcast of the logits).
 - `megatron-local`: megatron's local spec unchanged (per-expert loop, unfused attention) and its cross entropy.
 Both use bf16 parameters and `torch.optim.AdamW(fused=True)` on CUDA; the model differs, the work does not.
@@ -25,6 +31,7 @@ Prints a table; writes JSON to `--out`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -80,6 +87,14 @@ def megatron_arm(spec: ModelSpec, dtype, device, fast: bool, fused_logprobs: boo
     return model, loss_fn
 
 
+def megatron_compiled_arm(spec: ModelSpec, dtype, device):
+    from glm_rl.trainer.backends.megatron.fast_modules import compile_decoder_layers
+
+    model, loss_fn = megatron_arm(spec, dtype, device, fast=True, fused_logprobs=True)
+    compile_decoder_layers(model)
+    return model, loss_fn
+
+
 def init_megatron(device: str) -> None:
     import torch.distributed as dist
 
@@ -110,20 +125,23 @@ def measure(name, build, args, spec, device) -> dict:
         opt.step()
         return float(loss)
 
-    times = []
+    step_s, losses = [], []
     for i in range(args.warmup + args.steps):
         sync(device)
         t0 = time.perf_counter()
-        loss = step()
+        losses.append(step())
         sync(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-        print(f"  {name} step {i + 1}/{args.warmup + args.steps}: {time.perf_counter() - t0:.3f} s loss {loss:.3f}",
+        step_s.append(time.perf_counter() - t0)
+        print(f"  {name} step {i + 1}/{args.warmup + args.steps}: {step_s[-1]:.3f} s loss {losses[-1]:.3f}",
               flush=True)
+    times, loss = step_s[args.warmup:], losses[-1]
     best = sorted(times)[len(times) // 2]  # median of the timed steps
     tokens = args.batch * args.seq
     out = {"arm": name, "step_s": best, "tokens_per_s": tokens / best, "loss": loss,
-           "mfu": model_flops(spec, args.batch, args.seq) / best / (args.peak_tflops * 1e12)}
+           "mfu": model_flops(spec, args.batch, args.seq) / best / (args.peak_tflops * 1e12),
+           "first_loss": losses[0], "warmup_s": sum(step_s[:args.warmup])}
+    if name.endswith("-compiled"):  # warm-up time beyond steady state: dynamo + inductor, forward and backward
+        out["compile_s"] = out["warmup_s"] - args.warmup * best
     if device.startswith("cuda"):
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     del model, opt
@@ -144,7 +162,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
-    p.add_argument("--arms", default="torch,megatron,megatron-mce,megatron-local")
+    p.add_argument("--arms", default="torch,megatron,megatron-compiled,megatron-mce,megatron-local")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--out", default="benchmarks/results/trainer_mfu.json")
     args = p.parse_args()
@@ -152,9 +170,14 @@ def main() -> None:
     init_megatron(device)
     builders = {"torch": lambda: torch_arm(spec, dtype, device),
                 "megatron": lambda: megatron_arm(spec, dtype, device, fast=True, fused_logprobs=True),
+                "megatron-compiled": lambda: megatron_compiled_arm(spec, dtype, device),
                 "megatron-mce": lambda: megatron_arm(spec, dtype, device, fast=True, fused_logprobs=False),
                 "megatron-local": lambda: megatron_arm(spec, dtype, device, fast=False, fused_logprobs=False)}
-    rows = [measure(a, builders[a], args, spec, device) for a in args.arms.split(",")]
+    rows = []
+    for arm in args.arms.split(","):
+        # the CPU shims disable dynamo process-wide; the compiled arm needs it back (a no-op on GPU)
+        with torch._dynamo.config.patch(disable=False) if arm.endswith("-compiled") else contextlib.nullcontext():
+            rows.append(measure(arm, builders[arm], args, spec, device))
     base = next((r for r in rows if r["arm"] == "torch"), rows[0])
     print(f"\n{'arm':<16}{'step s':>9}{'tokens/s':>12}{'MFU':>8}{'vs torch':>10}")
     for r in rows:

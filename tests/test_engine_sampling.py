@@ -1,11 +1,12 @@
-"""The engine's batched sampler (generation._sample_group): inverse-CDF at counter-based uniforms must draw exactly
+"""The engine's batched sampler (generation.sample_tokens): inverse-CDF at counter-based uniforms must draw exactly
 from softmax(filtered logits / T), and a row's draw must depend only on its own (seed, step)."""
 
 from __future__ import annotations
 
 import torch
 
-from glm_rl.rollout.engines.generation import SamplingParams, _sample_group, counter_uniform
+from glm_rl.rollout.engines.generation import (SamplingParams, _cdf, bits_to_uniform, counter_bits,
+                                               counter_bits_many, counter_uniform, sample_tokens)
 
 # chi-square critical values at significance 1e-3 (tables): degrees of freedom -> value
 CHI2_CRIT = {2: 13.816, 5: 20.515}
@@ -21,7 +22,11 @@ def _chi2(tokens: torch.Tensor, probs: torch.Tensor) -> float:
 
 def _draw(logits: torch.Tensor, sp: SamplingParams, n: int = 12000) -> torch.Tensor:
     rows = logits.expand(n, -1)
-    return _sample_group(rows, sp, [counter_uniform(i * 7919 + 3, i % 5) for i in range(n)])[0]
+    return sample_tokens(rows, sp, _uniforms([(i * 7919 + 3, i % 5) for i in range(n)]))[0]
+
+
+def _uniforms(pairs) -> torch.Tensor:
+    return torch.tensor([counter_uniform(a, b) for a, b in pairs], dtype=torch.float64)
 
 
 LOGITS = torch.tensor([1.5, 0.2, -0.7, 0.9, 0.0, -2.0])
@@ -53,11 +58,11 @@ def test_a_rows_draw_depends_only_on_its_seed_and_step():
     logits = torch.randn(9, 50)
     sp = SamplingParams(temperature=1.0)
     seeds, steps = torch.randint(0, 1 << 62, (9,)).tolist(), torch.randint(0, 100, (9,)).tolist()
-    u = [counter_uniform(a, b) for a, b in zip(seeds, steps)]
-    together = _sample_group(logits, sp, u)[0]
-    alone = torch.cat([_sample_group(logits[i:i + 1], sp, u[i:i + 1])[0] for i in range(9)])
+    u = _uniforms(zip(seeds, steps))
+    together = sample_tokens(logits, sp, u)[0]
+    alone = torch.cat([sample_tokens(logits[i:i + 1], sp, u[i:i + 1])[0] for i in range(9)])
     assert torch.equal(together, alone)
-    later = _sample_group(logits, sp, [counter_uniform(a, b + 1) for a, b in zip(seeds, steps)])[0]
+    later = sample_tokens(logits, sp, _uniforms((a, b + 1) for a, b in zip(seeds, steps)))[0]
     assert not torch.equal(together, later)  # the next step draws afresh
 
 
@@ -69,3 +74,39 @@ def test_counter_uniform_is_uniform_open_and_uncorrelated_over_steps_and_seeds()
         assert abs(float(u.mean()) - 0.5) < 0.002 and abs(float(u.std()) - (1 / 12) ** 0.5) < 0.002
         # neighbouring steps / seeds: correlation within 4 standard errors of 0
         assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 4 / n ** 0.5
+
+
+def test_device_uniforms_equal_the_host_ones_bit_for_bit():
+    """The sampler inside a CUDA graph turns int64 `counter_bits` into uniforms on the device: they must be the
+    host's `counter_uniform` exactly, or the graphed and eager paths would sample differently."""
+    pairs = [(s * 0x9E3779B97F4A7C15 % (1 << 63), t) for s in range(200) for t in (0, 1, 7, 1000)]
+    pairs += [(0, 0), ((1 << 63) - 1, 1 << 20)]
+    bits = torch.tensor([counter_bits(a, b) for a, b in pairs])
+    assert int(bits.max()) >= 1 << 52  # the top bit range, where `bits + 0.5` has to round, is covered
+    assert torch.equal(bits_to_uniform(bits), _uniforms(pairs))
+
+
+def test_vectorised_counter_bits_equal_the_scalar_ones():
+    seeds = [0, 1, (1 << 63) - 1, 0x9E3779B97F4A7C15 >> 1] + [s * 7919 for s in range(50)]
+    steps = [0, 1 << 40, 3, 999] + list(range(50))
+    assert counter_bits_many(seeds, steps).tolist() == [counter_bits(a, b) for a, b in zip(seeds, steps)]
+
+
+def test_blocked_cdf_equals_the_flat_scan_and_skips_zero_probability_tokens():
+    """Vocab-long rows are scanned in blocks (`_cdf`); the sums equal a flat float64 scan to rounding, and a token
+    of probability 0 — here every block's first and last token, and a padded tail — is never drawn."""
+    torch.manual_seed(0)
+    V = 5 * 1024 + 300
+    logits = torch.randn(3, V) * 3
+    logits[:, ::1024] = float("-inf")
+    logits[:, 1023::1024] = float("-inf")
+    probs = torch.softmax(logits, -1)
+    flat = probs.double().cumsum(-1)
+    assert (_cdf(probs) - flat).abs().max().item() < 1e-12
+    n = 4000
+    rows = logits[:1].expand(n, -1)
+    tokens = sample_tokens(rows, SamplingParams(temperature=1.0), _uniforms((i, 0) for i in range(n)))[0]
+    assert bool((probs[0, tokens] > 0).all())
+    reference = torch.searchsorted(flat[:1].expand(n, -1), (_uniforms((i, 0) for i in range(n))[:, None]
+                                                            * flat[:1, -1:])).squeeze(-1)
+    assert (tokens != reference).sum().item() <= 1  # a uniform within rounding of a boundary may differ

@@ -55,6 +55,27 @@ def test_static_cache_decodes_like_the_dynamic_cache(model):
     _assert_same(dynamic, _run(model, requests, StaticDecoder(model, max_batch=16)))
 
 
+def test_one_sampling_group_samples_inside_the_decode_step(model):
+    """When every row shares sampling params (the RL case) the decoder samples inside its step (`decode_sampled`,
+    one CUDA graph on GPU) and queues each step before the host has seen the previous one's tokens; the draws
+    equal the eager sampler's over the dynamic cache, token for token, though rows finish at different steps
+    (their queued extra token is discarded)."""
+    sp = SamplingParams(temperature=0.9, top_p=0.9, max_new_tokens=20)
+    requests = [GenerationRequest(r.rid, r.input_ids, sp, r.seed, True, True) for r in _requests(6, seed=8)]
+    decoder = StaticDecoder(model, max_batch=8)
+    calls = {"decode": 0, "decode_sampled": 0}
+    for name in calls:
+        def counted(*a, _f=getattr(decoder, name), _n=name, **k):
+            calls[_n] += 1
+            return _f(*a, **k)
+        setattr(decoder, name, counted)
+    dynamic = _run(model, requests)
+    _assert_same(dynamic, _run(model, requests, decoder))
+    assert len({len(r.output_ids) for r in dynamic}) > 2
+    # one step per token after the prefill's, plus the queued step that found every row finished
+    assert calls["decode"] == 0 and calls["decode_sampled"] == max(len(r.output_ids) for r in dynamic)
+
+
 def test_cache_grows_between_batches_and_abort_keeps_partial_rows(model):
     decoder = StaticDecoder(model, max_batch=8)
     short = _requests(3, seed=5, max_new=12)

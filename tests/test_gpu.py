@@ -155,12 +155,12 @@ def test_megatron_backend_bf16_on_cuda_tracks_fp32_cpu(tmp_path):
     assert torch.isfinite(torch.tensor(out["grad_norm"]))
 
 
-def _static_requests(n: int, ignore_eos: bool) -> list[GenerationRequest]:
+def _static_requests(n: int, ignore_eos: bool, one_group: bool = False) -> list[GenerationRequest]:
     g = torch.Generator().manual_seed(n)
     out = []
     for i in range(n):
         ids = tuple(torch.randint(0, 32, (int(torch.randint(1, 14, (1,), generator=g)),), generator=g).tolist())
-        sp = SamplingParams(temperature=0.0 if i % 2 else 1.0, ignore_eos=ignore_eos,
+        sp = SamplingParams(temperature=0.0 if i % 2 and not one_group else 1.0, ignore_eos=ignore_eos,
                             max_new_tokens=40 if ignore_eos else 10 + 3 * i)
         out.append(GenerationRequest(f"r{i}", ids, sp, seed=i, return_logprob=True, return_routed_experts=True))
     return out
@@ -175,16 +175,19 @@ def _run_static(model, requests, decoder=None):
                      should_abort=lambda: False, decoder=decoder)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_static_decode_cuda_graphs_match_eager_and_dynamic_cache(dtype):
+@pytest.mark.parametrize("dtype,one_group", [(torch.float32, False), (torch.bfloat16, False),
+                                             (torch.bfloat16, True)], ids=["fp32", "bf16", "bf16-one-group"])
+def test_static_decode_cuda_graphs_match_eager_and_dynamic_cache(dtype, one_group):
     """bf16: CUDA-graphed decode steps == the same decoder without graphs; fp32 (graphs off: the experts' grouped
     GEMM synchronises there) the static cache == HF's DynamicCache path.
     fp32: rows finish at different steps (compaction, several batch buckets), logprobs <= 1e-4. bf16: 8 rows
-    that never stop, so graph and eager run the same shapes: tokens equal, logprobs <= 1e-3."""
+    that never stop, so graph and eager run the same shapes: tokens equal, logprobs <= 1e-3. one_group: every
+    row samples alike, so the sampler runs inside the graph ("sampled" steps)."""
     from glm_rl.rollout.engines.static_decode import StaticDecoder
 
     model = load_hf_model(TINY_CHECKPOINT, dtype=dtype)[0].to("cuda")
-    requests = _static_requests(11 if dtype == torch.float32 else 8, ignore_eos=dtype == torch.bfloat16)
+    requests = _static_requests(11 if dtype == torch.float32 else 8, ignore_eos=dtype == torch.bfloat16,
+                                one_group=one_group)
     graphed = StaticDecoder(model, max_batch=16)
     runs = {"graph": _run_static(model, requests, graphed),
             "eager": _run_static(model, requests, StaticDecoder(model, max_batch=16, cuda_graph=False))}
@@ -192,6 +195,7 @@ def test_static_decode_cuda_graphs_match_eager_and_dynamic_cache(dtype):
         runs["dynamic"] = _run_static(model, requests)
     # graphs run in bf16 (torch's grouped GEMM without host sync); fp32 keeps the static cache, eagerly
     assert bool(graphed._graphs) == (dtype == torch.bfloat16)
+    assert {key[0] for key in graphed._graphs} == ({"sampled"} if one_group else {"decode"} if graphed._graphs else set())
     tol = 1e-4 if dtype == torch.float32 else 1e-3
     for name, rows in runs.items():
         for a, b in zip(runs["graph"], rows):

@@ -51,16 +51,23 @@ def check_matches_preset(path: str | Path, preset: str) -> ModelSpec:
 
 
 def _model_class(num_hidden_layers: int) -> type[Glm4MoeForCausalLM]:
-    """Glm4MoeForCausalLM that expects (and ignores) the MTP layer's keys at this checkpoint's layer index."""
+    """Glm4MoeForCausalLM that expects (and ignores) the MTP layer's keys at this checkpoint's layer index. It
+    keeps transformers' module name: transformers decides from the class's module source whether a model may
+    choose its experts kernel, and a class of another module silently gets the eager per-expert loop."""
     pattern = rf"model\.layers\.{num_hidden_layers}\..*"
-    return type("Glm4MoeForCausalLM", (Glm4MoeForCausalLM,), {"_keys_to_ignore_on_load_unexpected": [pattern]})
+    return type("Glm4MoeForCausalLM", (Glm4MoeForCausalLM,), {"_keys_to_ignore_on_load_unexpected": [pattern],
+                                                              "__module__": Glm4MoeForCausalLM.__module__})
 
 
 def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32, preset: str | None = None):
-    """(model, tokenizer) from an HF checkpoint dir, in eval mode; optionally checked against a preset first."""
+    """(model, tokenizer) from an HF checkpoint dir, in eval mode; optionally checked against a preset first.
+    Experts run transformers' grouped GEMM in bf16 (one kernel per projection, no host synchronisation, so CUDA
+    graphs can capture it) and the per-expert loop otherwise (torch's grouped GEMM has no fast path there)."""
     spec = check_matches_preset(path, preset) if preset else read_spec(path)
     source = _dequantized_copy(path, dtype)  # None unless the checkpoint is FP8
-    model = _model_class(spec.num_hidden_layers).from_pretrained(str(source or path), dtype=dtype)
+    experts = "grouped_mm" if dtype == torch.bfloat16 else "eager"
+    model = _model_class(spec.num_hidden_layers).from_pretrained(str(source or path), dtype=dtype,
+                                                                 experts_implementation=experts)
     if source is not None:
         weakref.finalize(model, shutil.rmtree, source, ignore_errors=True)
     model.eval()

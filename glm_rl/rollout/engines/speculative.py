@@ -94,7 +94,7 @@ def accumulate_stats(stats: dict[str, Any], rows: Iterable[Row]) -> None:
 
 # -- the acceptance rule -------------------------------------------------------------------------------------
 def sampling_probs(logits: torch.Tensor, sp: SamplingParams) -> torch.Tensor:
-    """softmax(filter(logits / T)) for each row of [n, V] logits (T > 0): what `generation._sample_group`
+    """softmax(filter(logits / T)) for each row of [n, V] logits (T > 0): what `generation.sample_tokens`
     draws from."""
     return torch.softmax(_filter_logits(logits.float() / sp.temperature, sp.top_k, sp.top_p), dim=-1)
 

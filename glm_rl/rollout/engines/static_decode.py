@@ -28,10 +28,14 @@ MTP steps are CUDA graphs like decode, keyed also on S (and on which step it is)
 from __future__ import annotations
 
 import logging
+from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.models.glm4_moe.modeling_glm4_moe import apply_rotary_pos_emb
+
+from glm_rl.rollout.engines.generation import SamplingParams, bits_to_uniform, sample_tokens
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +198,26 @@ class StaticDecoder:
         return self._run("decode", span, True, ids=tokens[:, None], pos=positions[:, None])
 
     @torch.no_grad()
+    def decode_sampled(self, tokens: torch.Tensor | list[int], positions: list[int], bits,
+                       sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`decode`, then `generation.sample_tokens` inside the same step (one CUDA graph per sampling params, from
+        tokens in to tokens out), each row drawn at the uniform of its `counter_bits` (`bits`: ints or an int64
+        array); (tokens [n], logprobs [n], routed experts or None), graph buffers. `tokens` may be a device
+        tensor (the previous step's output): nothing here waits for the GPU, so a caller can queue this step
+        while the previous one runs (positions and bits cross in one copy from pinned memory)."""
+        span = min(span_bucket(max(positions) + 1), self.capacity)
+        host = torch.as_tensor(np.stack([np.asarray(positions, dtype=np.int64), np.asarray(bits, dtype=np.int64)]))
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        pos_bits = host.to(self.device, non_blocking=True)
+        ids = torch.as_tensor(tokens, device=self.device)[:, None]
+        key = (sampling.temperature, sampling.top_k, sampling.top_p)
+        eager = partial(self._sampled_step, decode=self._decode_step, sampling=sampling)
+        fast = partial(self._sampled_step, decode=self._step, sampling=sampling)
+        return self._run("sampled", span, True, key=key, steps=(eager, fast), ids=ids, pos=pos_bits[0][:, None],
+                         bits=pos_bits[1])
+
+    @torch.no_grad()
     def verify(self, tokens: list[list[int]],
                starts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Feed S tokens per live row (rows 0..n-1) at positions start..start+S-1 (speculative decoding's verify
@@ -217,14 +241,19 @@ class StaticDecoder:
         span = min(span_bucket(int(positions.max())), self.capacity)
         return self._run("mtp", span, graph, ids=ids, pos=positions, hidden=hidden)
 
-    def _run(self, kind: str, span: int, use_graph: bool, **inputs: torch.Tensor):
-        """Run step `kind` (decode / verify / mtp) for the live rows: eagerly, or as the CUDA graph for (kind,
-        batch bucket, S, span), copying the inputs into its buffers (unused rows get position 1, a valid slot)."""
+    def _run(self, kind: str, span: int, use_graph: bool, key: tuple = (), steps: tuple | None = None,
+             **inputs: torch.Tensor):
+        """Run step `kind` (decode / sampled / verify / mtp; `steps`: its (eager, graphed) functions when not the
+        defaults) for the live rows: eagerly, or as the CUDA graph for (kind, batch bucket, S, span, *key),
+        copying the inputs into its buffers (unused rows get position 1, a valid slot)."""
         n, S = inputs["ids"].shape
         bucket = batch_bucket(n, self.max_batch)
-        graph = self._graph(kind, bucket, S, span, inputs) if use_graph and self.cuda_graph else None
+        eager, fast = steps or (self._eager_steps[kind], self._step if kind == "decode" else self._eager_steps[kind])
+        graph = None
+        if use_graph and self.cuda_graph:
+            graph = self._graph((kind, bucket, S, span, *key), eager, fast, inputs)
         if graph is None:
-            return self._eager_steps[kind](**inputs, span=span)
+            return eager(**inputs, span=span)
         graph, io = graph
         for name, value in inputs.items():
             io[name][:n].copy_(value)
@@ -235,6 +264,12 @@ class StaticDecoder:
     def _decode_step(self, ids: torch.Tensor, pos: torch.Tensor, span: int):
         mask = (torch.arange(span, device=pos.device) <= pos)[:, None, None, :]  # [B, 1, 1, span]
         return self._forward(ids, pos, mask, torch.zeros_like(pos[:, 0]), span)
+
+    def _sampled_step(self, ids: torch.Tensor, pos: torch.Tensor, bits: torch.Tensor, span: int, decode,
+                      sampling: SamplingParams):
+        logits, routed = decode(ids, pos, span)
+        tokens, logps = sample_tokens(logits, sampling, bits_to_uniform(bits))
+        return tokens, logps, routed
 
     def _verify_step(self, ids: torch.Tensor, pos: torch.Tensor, span: int):
         mask = (torch.arange(span, device=pos.device) <= pos[..., None])[:, None]  # [B, 1, S, span]
@@ -272,23 +307,23 @@ class StaticDecoder:
             torch.cuda.set_sync_debug_mode(previous)
         return None
 
-    def _graph(self, kind: str, bucket: int, S: int, span: int, inputs: dict[str, torch.Tensor]):
-        """The captured step `kind` for (bucket rows, S tokens each, span slots), captured on first use; None
-        (and graphs off for good) when the step synchronises with the host, which no capture survives."""
-        key = (kind, bucket, S, span)
+    def _graph(self, key: tuple, eager, step, inputs: dict[str, torch.Tensor]):
+        """The captured step for key (kind, bucket rows, S tokens each, span slots, ...), captured on first use
+        from `step` (`eager` checks it first); None (and graphs off for good) when the step synchronises with the
+        host, which no capture survives."""
         if key in self._graphs:
             return self._graphs[key]
+        kind, bucket, _, span = key[:4]
         # warm-up runs for real: write into the last attended slot, which any live row writes before it reads
         # it (slot == position; the MTP cache's slot is position - 1), so no live key is overwritten
         last = span if kind == "mtp" else span - 1
         io = {name: torch.zeros((bucket, *value.shape[1:]), dtype=value.dtype, device=self.device)
               for name, value in inputs.items()}
         io["pos"].fill_(last)
-        step = self._step if kind == "decode" else self._eager_steps[kind]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            if reason := self._host_sync(self._eager_steps[kind], io, span):
+            if reason := self._host_sync(eager, io, span):
                 log.warning("%s step synchronises with the host (%s): CUDA graphs off", kind, reason)
                 self.cuda_graph = False
                 torch.cuda.current_stream().wait_stream(stream)

@@ -14,6 +14,11 @@ MoE model spends its time:
 
 `fast_block_spec` swaps both into a block spec built by `get_gpt_decoder_block_spec(..., use_transformer_engine=
 False)`. Numerics equal the originals up to floating-point summation order (tests/test_megatron_fast_modules.py).
+
+`compile_decoder_layers` is regional `torch.compile` of each decoder layer (`layer.compile()`: same parameters, same
+state-dict keys), to fuse the elementwise work TE's kernels would (casts, fp32 router, RoPE, SwiGLU, prob scaling).
+The alltoall dispatcher's steps that read routing counts on the host (device-to-host copies, `.tolist()` in
+`sort_chunks_by_idxs`) stay eager, so an MoE layer is several graphs (about five breaks); the rest is traced.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
@@ -44,10 +50,23 @@ class GroupedExperts(SequentialMLP):
         # (E, out, in) per projection -> (E, in, out): grouped_mm computes x[rows of e] @ w[e]
         fc1 = torch.stack([e.linear_fc1.weight for e in self.local_experts]).transpose(1, 2)
         fc2 = torch.stack([e.linear_fc2.weight for e in self.local_experts]).transpose(1, 2)
-        gate, up = torch._grouped_mm(x, fc1, offs=offs).chunk(2, dim=-1)
+        gate, up = _grouped_mm(x, fc1, offs).chunk(2, dim=-1)
         act = cfg.activation_func(gate) * up
         act = (act * permuted_probs.unsqueeze(-1)).to(x.dtype)  # megatron scales after the activation too
-        return torch._grouped_mm(act, fc2, offs=offs), None
+        return _grouped_mm(act, fc2, offs), None
+
+
+@torch.compiler.disable
+def _grouped_mm_eager(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """`torch._grouped_mm`; outside bf16 kept out of compiled graphs (its fake kernel accepts bf16 only, while eager
+    CPU runs fp32: the CPU smoke configuration)."""
+    if a.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return _grouped_mm_eager(a, b, offs)
+    return torch._grouped_mm(a, b, offs=offs)
 
 
 class SDPAAttention(DotProductAttention):
@@ -81,3 +100,35 @@ def fast_block_spec(block_spec):
         if isinstance(experts, partial) and experts.func is SequentialMLP:
             moe.experts = partial(GroupedExperts, *experts.args, **experts.keywords)
     return block_spec
+
+
+def _tp_group_or_default(tp_group, is_expert: bool = False, check_initialized: bool = True):
+    """megatron's `get_tensor_model_parallel_group_if_none` without its deprecation warning: `RowParallelLinear`
+    passes `tp_group=None` on every call and `warnings.warn` is a graph break under dynamo."""
+    from megatron.core import parallel_state as ps
+
+    if tp_group is not None or not torch.distributed.is_initialized() or not ps.is_initialized():
+        return tp_group
+    if is_expert:
+        return ps.get_expert_tensor_parallel_group(check_initialized=check_initialized)
+    return ps.get_tensor_model_parallel_group(check_initialized=check_initialized)
+
+
+# Token-dispatcher steps that read routing counts on the host (`.tolist()`, device-to-host copies): traced, each
+# new routing would be a recompile (dynamo specialises on the values), so they run eagerly, one graph break each.
+_HOST_SYNC_METHODS = ("_maybe_dtoh_and_synchronize", "dispatch_postprocess", "combine_preprocess")
+
+
+def compile_decoder_layers(model: nn.Module) -> int:
+    """Regional compile: `layer.compile(dynamic=False)` on each `model.decoder.layers[i]` (shapes are fixed per
+    step; layers of one kind, dense or MoE, share graphs), keeping the parameters. Patches megatron's tensor-parallel linear to skip
+    the per-call warning (process-wide, numerics unchanged). Returns the number of layers compiled."""
+    from megatron.core.tensor_parallel import layers as tp_layers
+
+    tp_layers.get_tensor_model_parallel_group_if_none = _tp_group_or_default
+    for layer in model.decoder.layers:
+        dispatcher = getattr(layer.mlp, "token_dispatcher", None)
+        for name in _HOST_SYNC_METHODS if dispatcher is not None else ():
+            setattr(dispatcher, name, torch.compiler.disable(getattr(dispatcher, name)))
+        layer.compile(dynamic=False)
+    return len(model.decoder.layers)
