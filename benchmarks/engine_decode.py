@@ -181,6 +181,10 @@ def mtp_speedup(args, model, mtp, prompts, eos) -> dict:
         tokens = sum(len(r.output_ids) for r in rows)
         stats[name] = {"seconds": seconds, "tokens": tokens, "tok_s": tokens / seconds,
                        "forwards": sum(r.verify_ct + 1 for r in rows) if use_mtp else tokens}
+    plain_rows = timings[0][1]
+    # greedy: the share of prompts whose MTP output is the plain output (in bf16 a 2-token verify can round a
+    # near-tie differently from a 1-token step; in fp32 the tests require all of them)
+    same = sum(a.output_ids == b.output_ids for a, b in zip(plain_rows, rows)) / len(rows)
     verify = sum(r.verify_ct for r in rows)
     accept = stats["mtp"]["tokens"] / verify
     # cost of one spec step (verify + MTP) over one plain step: per-forward times
@@ -189,7 +193,7 @@ def mtp_speedup(args, model, mtp, prompts, eos) -> dict:
     return {"prompts": len(prompts), "temperature": args.mtp_temperature, "num_steps": args.num_steps,
             "plain_tok_s": stats["plain"]["tok_s"], "mtp_tok_s": stats["mtp"]["tok_s"],
             "speedup": stats["mtp"]["tok_s"] / stats["plain"]["tok_s"], "accept_length": accept,
-            "step_cost_ratio": step_ratio,
+            "step_cost_ratio": step_ratio, "same_output_share": same if args.mtp_temperature == 0 else None,
             "projected_speedup": {str(a): a / step_ratio for a in (1.7, 2.0, 2.5)}, "detail": stats}
 
 
@@ -247,7 +251,8 @@ def main() -> None:
     if (m := result["mtp_batch1"]) is not None:
         print(f"MTP at batch 1 ({m['prompts']} prompts, T={m['temperature']}, {m['num_steps']} draft/verify): "
               f"plain {m['plain_tok_s']:.1f} tok/s, MTP {m['mtp_tok_s']:.1f} tok/s, speedup {m['speedup']:.2f}x, "
-              f"acceptance length {m['accept_length']:.2f}, step cost ratio {m['step_cost_ratio']:.2f} "
+              f"acceptance length {m['accept_length']:.2f}, step cost ratio {m['step_cost_ratio']:.2f}, "
+              f"same output as plain: {m['same_output_share']} "
               f"(projected speedup at acceptance 1.7 / 2.0: {m['projected_speedup']['1.7']:.2f}x / "
               f"{m['projected_speedup']['2.0']:.2f}x)")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
@@ -127,6 +128,8 @@ def _accept(logits: torch.Tensor, rows: list[Row], active: list[int], drafts: li
     logprobs (log_softmax(logits / T), T = 1 for greedy) cross to the host once for the batch."""
     logits = logits.float()
     temps = [rows[i].req.sampling.temperature for i in active]
+    if max(temps) <= 0.0:
+        return _accept_greedy(logits, drafts)
     best = logits.argmax(dim=-1).tolist() if min(temps) <= 0.0 else None
     scale = torch.tensor([t if t > 0.0 else 1.0 for t in temps], device=logits.device)
     logp = torch.log_softmax(logits / scale[:, None, None], dim=-1)
@@ -146,6 +149,24 @@ def _accept(logits: torch.Tensor, rows: list[Row], active: list[int], drafts: li
     at_b, at_s, at_t = zip(*[(b, s, t) for b, tokens in enumerate(emitted) for s, t in enumerate(tokens)])
     flat = iter(logp[list(at_b), list(at_s), list(at_t)].tolist())
     return emitted, accepted, [[next(flat) for _ in tokens] for tokens in emitted]
+
+
+def _accept_greedy(logits: torch.Tensor, drafts: list[list[int]]):
+    """`_accept` when every row is greedy: the emitted tokens are argmax p at positions 0..a (the kept drafts
+    equal it), so the argmax and its logprob at every position cross to the host in one copy, before the host
+    knows a."""
+    best = logits.argmax(dim=-1)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, best[..., None]).squeeze(-1)
+    best_host, logp_host = torch.stack([best.to(torch.float64), logp.to(torch.float64)]).tolist()  # ids < 2^53
+    emitted, accepted, logprobs = [], [], []
+    for d, b, lp in zip(drafts, best_host, logp_host):
+        a = 0
+        while a < len(d) and d[a] == b[a]:
+            a += 1
+        emitted.append([int(t) for t in b[:a + 1]])
+        accepted.append(a)
+        logprobs.append(lp[:a + 1])
+    return emitted, accepted, logprobs
 
 
 def _record(row: SpecRow, tokens: list[int], a: int, logprobs: list[float], k: int) -> int:
@@ -393,16 +414,19 @@ class _StaticSpec:
                                                    graph=False)  # one shape per prompt width: eager
         self._draft(mtp_logits, out, positions, torch.tensor([lengths[i] - 1 for i in self.active], device=dev))
         while True:
-            hidden, next_ids, positions, accepted = self._verify()
+            hidden, next_ids, positions, accepted, starts, kept = self._verify()
             keep = _survivors(rows, self.active, should_abort)
             if not keep:
                 return rows
             if len(keep) < len(self.active):
                 sel = torch.tensor(keep, device=dev)
                 # main slots below each row's next verify start are written; MTP slots are behind them
-                self._select(keep, span=int((positions[sel, 0] + accepted[sel]).max()) + 1)
+                self._select(keep, span=max(starts[b] + kept[b] for b in keep) + 1)
                 hidden, next_ids, positions, accepted = hidden[sel], next_ids[sel], positions[sel], accepted[sel]
-            mtp_logits, out = self.decoder.mtp_forward(hidden, next_ids, positions + 1)
+                starts = [starts[b] for b in keep]
+            # positions + 1 reach start + k + 1: known on the host, so nothing here waits for the GPU
+            mtp_logits, out = self.decoder.mtp_forward(hidden, next_ids, positions + 1,
+                                                       max_position=max(starts) + k + 1)
             self._draft(mtp_logits, out, positions + 1, accepted)
 
     def _select(self, keep: list[int], span: int) -> None:
@@ -427,7 +451,8 @@ class _StaticSpec:
 
     def _verify(self):
         """One verify over the decoder and the acceptance rule for every row; returns what the MTP step needs:
-        hidden states [n, k+1, H], the tokens after them [n, k+1], their positions [n, k+1], drafts kept [n]."""
+        hidden states [n, k+1, H], the tokens after them [n, k+1], their positions [n, k+1], drafts kept [n],
+        and on the host each row's verify start and drafts kept."""
         rows, k, dev = self.rows, self.k, self.decoder.device
         starts = [len(rows[i].req.input_ids) + len(rows[i].output_ids) - 1 for i in self.active]
         logits, hidden, routed = self.decoder.verify(
@@ -441,5 +466,10 @@ class _StaticSpec:
             if self.want_routed:
                 rows[i].routed.append(routed[b, :kept])
             next_ids[b][:accepted[b] + 1] = emitted[b]
-        positions = torch.tensor(starts, device=dev)[:, None] + torch.arange(k + 1, device=dev)
-        return hidden, torch.tensor(next_ids, device=dev), positions, torch.tensor(accepted, device=dev)
+        n = len(starts)
+        host = np.empty((n, 2 * (k + 1) + 1), dtype=np.int64)  # next ids | positions | accepted: one copy
+        host[:, :k + 1] = next_ids
+        host[:, k + 1:-1] = np.asarray(starts)[:, None] + np.arange(k + 1)
+        host[:, -1] = accepted
+        packed = self.decoder.to_device(host)
+        return (hidden, packed[:, :k + 1], packed[:, k + 1:-1], packed[:, -1], starts, accepted)

@@ -194,7 +194,7 @@ class StaticDecoder:
         """Feed one token per live row (rows 0..n-1) at its position; (logits [n, V], routed experts
         [n, 1, n_moe, top_k] or None). Rows must have been prefilled; positions < capacity."""
         span = min(span_bucket(max(positions) + 1), self.capacity)
-        tokens, positions = torch.tensor([tokens, positions], device=self.device)  # one host-to-device copy
+        tokens, positions = self.to_device(np.array([tokens, positions], dtype=np.int64))
         return self._run("decode", span, True, ids=tokens[:, None], pos=positions[:, None])
 
     @torch.no_grad()
@@ -206,10 +206,8 @@ class StaticDecoder:
         tensor (the previous step's output): nothing here waits for the GPU, so a caller can queue this step
         while the previous one runs (positions and bits cross in one copy from pinned memory)."""
         span = min(span_bucket(max(positions) + 1), self.capacity)
-        host = torch.as_tensor(np.stack([np.asarray(positions, dtype=np.int64), np.asarray(bits, dtype=np.int64)]))
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        pos_bits = host.to(self.device, non_blocking=True)
+        pos_bits = self.to_device(np.stack([np.asarray(positions, dtype=np.int64),
+                                             np.asarray(bits, dtype=np.int64)]))
         ids = torch.as_tensor(tokens, device=self.device)[:, None]
         key = (sampling.temperature, sampling.top_k, sampling.top_p)
         eager = partial(self._sampled_step, decode=self._decode_step, sampling=sampling)
@@ -225,21 +223,29 @@ class StaticDecoder:
         or None). Outputs may be graph buffers, rewritten by the next verify: copy what must outlive it."""
         S = len(tokens[0])
         span = min(span_bucket(max(starts) + S), self.capacity)
-        ids = torch.tensor(tokens, device=self.device)
-        pos = torch.tensor(starts, device=self.device)[:, None] + torch.arange(S, device=self.device)
-        return self._run("verify", span, True, ids=ids, pos=pos)
+        ids_pos = self.to_device(np.stack([np.asarray(tokens, dtype=np.int64),
+                                            np.asarray(starts, dtype=np.int64)[:, None] + np.arange(S)]))
+        return self._run("verify", span, True, ids=ids_pos[0], pos=ids_pos[1])
 
     @torch.no_grad()
-    def mtp_forward(self, hidden: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
-                    graph: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def mtp_forward(self, hidden: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, graph: bool = True,
+                    max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The MTP layer over pairs (hidden[b, s], ids[b, s]) at HF position ids `positions` (the main position of
         the hidden state + 1; cache slot = position - 1) for live rows 0..n-1, each pair seeing the row's earlier
         slots: (logits [n, S, V], output hidden states [n, S, H]), possibly graph buffers (graph=False: eager,
-        for one-off shapes such as a prompt's width)."""
+        for one-off shapes such as a prompt's width). `max_position`: positions.max() when the caller knows it
+        (reading it from the device would wait for the GPU)."""
         if self.mtp is None:
             raise ValueError("StaticDecoder.mtp_forward needs the decoder built with mtp=<MtpModel>")
-        span = min(span_bucket(int(positions.max())), self.capacity)
+        span = min(span_bucket(int(positions.max()) if max_position is None else max_position), self.capacity)
         return self._run("mtp", span, graph, ids=ids, pos=positions, hidden=hidden)
+
+    def to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the decoder's device in one copy that does not wait for the GPU (from pinned memory)."""
+        host = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
 
     def _run(self, kind: str, span: int, use_graph: bool, key: tuple = (), steps: tuple | None = None,
              **inputs: torch.Tensor):
