@@ -155,6 +155,7 @@ def test_drafts_are_the_mtp_layers_full_sequence_predictions(hf, eval_prompts, d
         return token, q
 
     monkeypatch.setattr(speculative, "_draft_row", record)
+    monkeypatch.setattr(speculative._StaticSpec, "fused_greedy", False)  # drafts through `_draft_row`
     _run(hf, _requests(eval_prompts[:8], temperature=0.0, max_new_tokens=16), num_steps, decoder)
     assert len(seen) > 8 * num_steps
     worst, first = 0.0, {}
@@ -311,6 +312,35 @@ def test_static_cache_speculation_equals_the_dynamic_cache_path(hf, eval_prompts
     dynamic, static = _run(hf, requests, 2, None, abort_after(3)), _run(hf, requests, 2, decoder, abort_after(3))
     assert {r.finish["type"] for r in static} >= {"abort"}
     _assert_same_rows(dynamic, static)
+
+
+def test_fused_greedy_step_equals_the_general_loop(hf, eval_prompts, monkeypatch):
+    """One draft, every row greedy: the static path runs `StaticDecoder.verify_greedy` (verify, acceptance and
+    the next draft in one step) — same tokens, logprobs, routed experts and speculation counters as the general
+    static loop and the DynamicCache path, with rows ending at different steps (eos, stop id, max_new_tokens),
+    a compaction and an abort."""
+    model, mtp, _ = hf
+    greedy = [GenerationRequest(r.rid, r.input_ids, SamplingParams(temperature=0.0, max_new_tokens=6 + 3 * j,
+                                                                   stop_token_ids=(20,)), r.seed, True, True)
+              for j, r in enumerate(_mixed_requests(eval_prompts, 7))]
+    calls = []
+    real = StaticDecoder.verify_greedy
+    monkeypatch.setattr(StaticDecoder, "verify_greedy", lambda self, *a: calls.append(1) or real(self, *a))
+    fused = _run(hf, greedy, 1, StaticDecoder(model, max_batch=16, mtp=mtp))
+    assert calls and len({len(r.output_ids) for r in fused}) > 3
+    dynamic = _run(hf, greedy, 1)
+    _assert_same_rows(dynamic, fused)
+    monkeypatch.setattr(speculative._StaticSpec, "fused_greedy", False)
+    _assert_same_rows(_run(hf, greedy, 1, StaticDecoder(model, max_batch=16, mtp=mtp)), fused)
+    monkeypatch.setattr(speculative._StaticSpec, "fused_greedy", True)
+
+    def abort_after(n):
+        calls = iter(range(10 ** 6))
+        return lambda: next(calls) >= n
+
+    aborted = _run(hf, greedy, 1, StaticDecoder(model, max_batch=16, mtp=mtp), abort_after(3))
+    assert {r.finish["type"] for r in aborted} >= {"abort"}
+    _assert_same_rows(_run(hf, greedy, 1, None, abort_after(3)), aborted)
 
 
 def test_static_speculation_refuses_a_decoder_without_this_mtp_layer(hf):

@@ -384,6 +384,8 @@ class _StaticSpec:
     start..start+a (+ chained drafts after that); whatever rejected drafts left there is rewritten before any
     query can see it, since queries see only slots <= their own."""
 
+    fused_greedy = True  # one draft, greedy rows: `_run_greedy` (False: the general loop; tests compare the two)
+
     def __init__(self, decoder, rows: list[SpecRow], num_steps: int) -> None:
         self.decoder, self.rows, self.k = decoder, rows, num_steps
         self.active = list(range(len(rows)))
@@ -413,6 +415,8 @@ class _StaticSpec:
         mtp_logits, out = self.decoder.mtp_forward(hidden[sel], torch.tensor(ids, device=dev)[sel], positions,
                                                    graph=False)  # one shape per prompt width: eager
         self._draft(mtp_logits, out, positions, torch.tensor([lengths[i] - 1 for i in self.active], device=dev))
+        if self.fused_greedy and k == 1 and all(r.req.sampling.temperature <= 0.0 for r in rows):
+            return self._run_greedy(should_abort)
         while True:
             hidden, next_ids, positions, accepted, starts, kept = self._verify()
             keep = _survivors(rows, self.active, should_abort)
@@ -428,6 +432,34 @@ class _StaticSpec:
             mtp_logits, out = self.decoder.mtp_forward(hidden, next_ids, positions + 1,
                                                        max_position=max(starts) + k + 1)
             self._draft(mtp_logits, out, positions + 1, accepted)
+
+    def _run_greedy(self, should_abort: Callable[[], bool]) -> list[SpecRow]:
+        """The loop for one draft and greedy rows (RL evaluation, `glm-rl generate --temperature 0`): each step
+        is the decoder's fused `verify_greedy` — verify, acceptance and the next draft in one graph — and one
+        copy to the host; the same tokens, logprobs and counters as the general loop."""
+        rows = self.rows
+        while True:
+            starts = [len(rows[i].req.input_ids) + len(rows[i].output_ids) - 1 for i in self.active]
+            best, logp, draft, routed = self.decoder.verify_greedy(
+                [[rows[i].output_ids[-1], d[0]] for i, d in zip(self.active, self.drafts)], starts)
+            if self.want_routed:
+                routed = routed.clone()  # a graph buffer: the next step rewrites it
+            # one copy to the host: argmax at both positions, the next draft, both logprobs (ids < 2^53: exact)
+            host = torch.cat([best.to(torch.float64), draft[:, None].to(torch.float64), logp.to(torch.float64)], 1)
+            accepted = []
+            for b, (i, (t0, t1, d, lp0, lp1)) in enumerate(zip(self.active, host.tolist())):
+                a = int(self.drafts[b][0] == t0)
+                kept = _record(rows[i], [int(t0), int(t1)][:a + 1], a, [lp0, lp1][:a + 1], 1)
+                if self.want_routed:
+                    rows[i].routed.append(routed[b, :kept])
+                accepted.append(a)
+                self.drafts[b] = [int(d)]
+            keep = _survivors(rows, self.active, should_abort)
+            if not keep:
+                return rows
+            if len(keep) < len(self.active):  # slots up to each row's last kept position stay
+                self._select(keep, span=max(starts[b] + accepted[b] for b in keep) + 1)
+                self.drafts = [self.drafts[b] for b in keep]
 
     def _select(self, keep: list[int], span: int) -> None:
         if len(keep) < len(self.active):

@@ -83,7 +83,8 @@ class StaticDecoder:
         # other dtypes, which no graph can capture
         self.compiled = torch_compile and self.cuda_graph and self.dtype == torch.bfloat16
         self._step = torch.compile(self._decode_step) if self.compiled else self._decode_step
-        self._eager_steps = {"decode": self._decode_step, "verify": self._verify_step, "mtp": self._mtp_step}
+        self._eager_steps = {"decode": self._decode_step, "verify": self._verify_step, "mtp": self._mtp_step,
+                             "greedy_spec": self._greedy_spec_step}
 
     # -- cache -------------------------------------------------------------------------------------------------
     def reserve(self, length: int) -> None:
@@ -228,6 +229,25 @@ class StaticDecoder:
         return self._run("verify", span, True, ids=ids_pos[0], pos=ids_pos[1])
 
     @torch.no_grad()
+    def verify_greedy(self, tokens: list[list[int]],
+                      starts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Greedy speculative decoding's whole step with one draft, as one CUDA graph: verify [last token, draft]
+        at positions start, start + 1; the argmax token and its logprob at both; the MTP layer over the pairs
+        (h_start+i, argmax_i) (MTP slots start, start + 1); the next draft from the pair at the last kept
+        position (start + 1 if the draft equalled the first argmax, else start). For greedy rows the emitted
+        tokens are exactly the argmaxes up to there, so nothing has to cross to the host in between.
+        Returns (argmax [n, 2], logprobs [n, 2], next draft [n], routed experts [n, 2, n_moe, top_k] or None),
+        graph buffers."""
+        if self.mtp is None:
+            raise ValueError("StaticDecoder.verify_greedy needs the decoder built with mtp=<MtpModel>")
+        if len(tokens[0]) != 2:
+            raise ValueError(f"verify_greedy takes [last token, one draft] per row, got {len(tokens[0])} tokens")
+        span = min(span_bucket(max(starts) + 2), self.capacity)
+        ids_pos = self.to_device(np.stack([np.asarray(tokens, dtype=np.int64),
+                                           np.asarray(starts, dtype=np.int64)[:, None] + np.arange(2)]))
+        return self._run("greedy_spec", span, True, ids=ids_pos[0], pos=ids_pos[1])
+
+    @torch.no_grad()
     def mtp_forward(self, hidden: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, graph: bool = True,
                     max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The MTP layer over pairs (hidden[b, s], ids[b, s]) at HF position ids `positions` (the main position of
@@ -281,6 +301,18 @@ class StaticDecoder:
         mask = (torch.arange(span, device=pos.device) <= pos[..., None])[:, None]  # [B, 1, S, span]
         hidden, routed = self._body(ids, pos, mask, span)
         return self.model.lm_head(hidden), hidden, routed
+
+    def _greedy_spec_step(self, ids: torch.Tensor, pos: torch.Tensor, span: int):
+        """`verify_greedy`'s step: the verify, the acceptance of greedy drafts and the next draft on the device."""
+        hidden, routed = self._body(ids, pos, (torch.arange(span, device=pos.device) <= pos[..., None])[:, None],
+                                    span)
+        logits = self.model.lm_head(hidden).float()
+        best = logits.argmax(dim=-1)                                              # [B, 2]
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, best[..., None]).squeeze(-1)
+        mtp_logits, _ = self._mtp_step(best, pos + 1, hidden, span)              # pairs (h_t, argmax at t)
+        kept = (ids[:, 1] == best[:, 0]).long()                                   # 1 if the draft was right
+        draft = mtp_logits[torch.arange(ids.shape[0], device=ids.device), kept].argmax(dim=-1)
+        return best, logp, draft, routed
 
     def _mtp_step(self, ids: torch.Tensor, pos: torch.Tensor, hidden: torch.Tensor, span: int):
         """HF's `MtpLayer.forward` (+ the model's post norms and head) with its attention over the MTP cache."""
