@@ -218,37 +218,37 @@ def sample_rows(rows: list[Row], active: list[int], logits: torch.Tensor) -> tup
     return tokens, logps
 
 
-class _Fetch:
-    """One step's (tokens, logprobs) on their way to the host: the copy starts at construction and is waited for
-    at `lists()`, so the host can queue the next decode step on the GPU before it waits for this one."""
+class HostCopy:
+    """Per-row values on their way to the host: the columns (each [n] or [n, m]) are packed as float64 (token
+    ids < 2^53 are exact) and the copy starts at construction; `rows()` waits for it. So the host can queue the
+    next decode step on the GPU before it waits for this one's results."""
 
-    def __init__(self, tokens: torch.Tensor, logps: torch.Tensor) -> None:
-        both = torch.stack([tokens.to(torch.float64), logps.to(torch.float64)])  # ids < 2^53: exact
+    def __init__(self, *columns: torch.Tensor) -> None:
+        table = torch.cat([c.reshape(c.shape[0], -1).to(torch.float64) for c in columns], dim=1)
         self.done = None
-        if both.is_cuda:
-            self.host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
-            self.host.copy_(both, non_blocking=True)
+        if table.is_cuda:
+            self.host = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
+            self.host.copy_(table, non_blocking=True)
             self.done = torch.cuda.Event()
             self.done.record()
         else:
-            self.host = both
+            self.host = table
 
-    def lists(self) -> list[list[float]]:
+    def rows(self) -> list[list[float]]:
         if self.done is not None:
             self.done.synchronize()
         return self.host.tolist()
 
 
-def emit_rows(rows: list[Row], active: list[int], fetched: _Fetch) -> None:
-    """Append each active row's token and logprob and mark the rows that finish."""
-    tokens, logps = fetched.lists()
-    for i, token, logp in zip(active, tokens, logps):
+def emit_rows(rows: list[Row], active: list[int], fetched: HostCopy) -> None:
+    """Append each active row's token and logprob (`fetched`: their HostCopy) and mark the rows that finish."""
+    for i, (token, logp) in zip(active, fetched.rows()):
         rows[i].emit(int(token), logp)
 
 
 def _step_rows(rows: list[Row], active: list[int], logits: torch.Tensor) -> None:
     """Sample one token for every active row and mark the rows that finish."""
-    emit_rows(rows, active, _Fetch(*sample_rows(rows, active, logits)))
+    emit_rows(rows, active, HostCopy(*sample_rows(rows, active, logits)))
 
 
 def _prefill(model, rows: list[Row], pad_id: int, cache: DynamicCache, capture: _RouterCapture | None):
@@ -305,7 +305,7 @@ def _loop(rows: list[Row], steps, should_abort: Callable[[], bool]) -> list[Row]
     the queued step's rows, or a step run now."""
     active, out = list(range(len(rows))), steps.first()
     while True:
-        fetched = _Fetch(*out)
+        fetched = HostCopy(*out)
         pending = steps.ahead(active, out)
         emit_rows(rows, active, fetched)
         keep = _survivors(rows, active, should_abort)

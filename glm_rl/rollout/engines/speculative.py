@@ -49,8 +49,8 @@ import torch
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
-from glm_rl.rollout.engines.generation import (GenerationRequest, Row, new_rows, SamplingParams, _filter_logits,
-                                               _RouterCapture, _step_rows, _survivors)
+from glm_rl.rollout.engines.generation import (GenerationRequest, HostCopy, Row, new_rows, SamplingParams,
+                                               _filter_logits, _RouterCapture, _step_rows, _survivors)
 
 
 @dataclass
@@ -435,31 +435,36 @@ class _StaticSpec:
 
     def _run_greedy(self, should_abort: Callable[[], bool]) -> list[SpecRow]:
         """The loop for one draft and greedy rows (RL evaluation, `glm-rl generate --temperature 0`): each step
-        is the decoder's fused `verify_greedy` — verify, acceptance and the next draft in one graph — and one
-        copy to the host; the same tokens, logprobs and counters as the general loop."""
+        is the decoder's fused `verify_greedy` — verify, acceptance and the next draft in one graph, whose
+        outputs include the next step's inputs — so the next step is queued before the host reads this one (one
+        copy to the host per step; rows found finished drop what their queued step computed). The same tokens,
+        logprobs and counters as the general loop."""
         rows = self.rows
+        starts = [len(rows[i].req.input_ids) + len(rows[i].output_ids) - 1 for i in self.active]
+        out = self.decoder.verify_greedy([[rows[i].output_ids[-1], d[0]] for i, d in zip(self.active, self.drafts)],
+                                         starts)
         while True:
-            starts = [len(rows[i].req.input_ids) + len(rows[i].output_ids) - 1 for i in self.active]
-            best, logp, draft, routed = self.decoder.verify_greedy(
-                [[rows[i].output_ids[-1], d[0]] for i, d in zip(self.active, self.drafts)], starts)
+            best, logp, draft, kept, next_ids, next_pos, routed = out
+            # this step's results to the host (argmax at both positions, drafts kept, both logprobs; ids < 2^53
+            # are exact in float64), copied before the queued step rewrites the graph's buffers
+            fetched = HostCopy(best, kept, logp)
             if self.want_routed:
-                routed = routed.clone()  # a graph buffer: the next step rewrites it
-            # one copy to the host: argmax at both positions, the next draft, both logprobs (ids < 2^53: exact)
-            host = torch.cat([best.to(torch.float64), draft[:, None].to(torch.float64), logp.to(torch.float64)], 1)
-            accepted = []
-            for b, (i, (t0, t1, d, lp0, lp1)) in enumerate(zip(self.active, host.tolist())):
-                a = int(self.drafts[b][0] == t0)
-                kept = _record(rows[i], [int(t0), int(t1)][:a + 1], a, [lp0, lp1][:a + 1], 1)
+                routed = routed.clone()
+            out = self.decoder.verify_greedy_queued(next_ids, next_pos, max(starts) + 2)  # a start grows <= 2
+            for b, (i, (t0, t1, a, lp0, lp1)) in enumerate(zip(self.active, fetched.rows())):
+                a = int(a)
+                n = _record(rows[i], [int(t0), int(t1)][:a + 1], a, [lp0, lp1][:a + 1], 1)
                 if self.want_routed:
-                    rows[i].routed.append(routed[b, :kept])
-                accepted.append(a)
-                self.drafts[b] = [int(d)]
+                    rows[i].routed.append(routed[b, :n])
+                starts[b] += a + 1
             keep = _survivors(rows, self.active, should_abort)
             if not keep:
                 return rows
-            if len(keep) < len(self.active):  # slots up to each row's last kept position stay
-                self._select(keep, span=max(starts[b] + accepted[b] for b in keep) + 1)
-                self.drafts = [self.drafts[b] for b in keep]
+            if len(keep) < len(self.active):  # the queued step ran for every row: keep the survivors' part
+                index = torch.tensor(keep, device=self.decoder.device)
+                out = tuple(t[index] if t is not None else None for t in out)
+                starts = [starts[b] for b in keep]
+                self._select(keep, span=max(starts) + 2)  # the queued step wrote slots start, start + 1
 
     def _select(self, keep: list[int], span: int) -> None:
         if len(keep) < len(self.active):

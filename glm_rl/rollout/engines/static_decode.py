@@ -229,23 +229,29 @@ class StaticDecoder:
         return self._run("verify", span, True, ids=ids_pos[0], pos=ids_pos[1])
 
     @torch.no_grad()
-    def verify_greedy(self, tokens: list[list[int]],
-                      starts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def verify_greedy(self, tokens: list[list[int]], starts: list[int]) -> tuple[torch.Tensor | None, ...]:
         """Greedy speculative decoding's whole step with one draft, as one CUDA graph: verify [last token, draft]
         at positions start, start + 1; the argmax token and its logprob at both; the MTP layer over the pairs
         (h_start+i, argmax_i) (MTP slots start, start + 1); the next draft from the pair at the last kept
         position (start + 1 if the draft equalled the first argmax, else start). For greedy rows the emitted
         tokens are exactly the argmaxes up to there, so nothing has to cross to the host in between.
-        Returns (argmax [n, 2], logprobs [n, 2], next draft [n], routed experts [n, 2, n_moe, top_k] or None),
-        graph buffers."""
-        if self.mtp is None:
-            raise ValueError("StaticDecoder.verify_greedy needs the decoder built with mtp=<MtpModel>")
+        Returns graph buffers: (argmax [n, 2], logprobs [n, 2], next draft [n], drafts kept [n] (0 / 1), the next
+        step's tokens [n, 2] and positions [n, 2] (for `verify_greedy_queued`), routed experts [n, 2, n_moe,
+        top_k] or None)."""
         if len(tokens[0]) != 2:
             raise ValueError(f"verify_greedy takes [last token, one draft] per row, got {len(tokens[0])} tokens")
-        span = min(span_bucket(max(starts) + 2), self.capacity)
         ids_pos = self.to_device(np.stack([np.asarray(tokens, dtype=np.int64),
                                            np.asarray(starts, dtype=np.int64)[:, None] + np.arange(2)]))
-        return self._run("greedy_spec", span, True, ids=ids_pos[0], pos=ids_pos[1])
+        return self.verify_greedy_queued(ids_pos[0], ids_pos[1], max(starts))
+
+    @torch.no_grad()
+    def verify_greedy_queued(self, ids: torch.Tensor, pos: torch.Tensor, max_start: int) -> tuple:
+        """`verify_greedy` from device inputs — the previous step's next tokens / positions — so it can be queued
+        before the host has read that step; `max_start` bounds the rows' starts (it sizes the attended span)."""
+        if self.mtp is None:
+            raise ValueError("StaticDecoder.verify_greedy needs the decoder built with mtp=<MtpModel>")
+        span = min(span_bucket(max_start + 2), self.capacity)
+        return self._run("greedy_spec", span, True, ids=ids, pos=pos)
 
     @torch.no_grad()
     def mtp_forward(self, hidden: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, graph: bool = True,
@@ -311,8 +317,13 @@ class StaticDecoder:
         logp = torch.log_softmax(logits, dim=-1).gather(-1, best[..., None]).squeeze(-1)
         mtp_logits, _ = self._mtp_step(best, pos + 1, hidden, span)              # pairs (h_t, argmax at t)
         kept = (ids[:, 1] == best[:, 0]).long()                                   # 1 if the draft was right
-        draft = mtp_logits[torch.arange(ids.shape[0], device=ids.device), kept].argmax(dim=-1)
-        return best, logp, draft, routed
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        draft = mtp_logits[rows, kept].argmax(dim=-1)
+        # the next step: [the last emitted token, the new draft] from start + kept + 1, clamped into the cache
+        # (a row past its budget is finished, and what its queued step computes is discarded)
+        next_ids = torch.stack([best[rows, kept], draft], dim=1)
+        next_pos = (pos + kept[:, None] + 1).clamp_max(self.capacity - 1)
+        return best, logp, draft, kept, next_ids, next_pos, routed
 
     def _mtp_step(self, ids: torch.Tensor, pos: torch.Tensor, hidden: torch.Tensor, span: int):
         """HF's `MtpLayer.forward` (+ the model's post norms and head) with its attention over the MTP cache."""
