@@ -248,11 +248,14 @@ def test_compiled_decode_step_tracks_eager_in_bf16():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (issue 8: a multi-GPU box)")
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layout", [dict(tp=2), dict(ep=2), dict(pp=2, first_stage_layers=1)],
                          ids=["tp2", "ep2", "pp2"])
-def test_megatron_parity_over_nccl(tmp_path, layout):
-    """The CPU parity cases of tests/test_megatron_model.py on 2 GPUs over NCCL, fp32: last-stage logits within
-    1e-4 of HF's (CPU), every rank's export bitwise equal to the checkpoint."""
+def test_megatron_parity_over_nccl(tmp_path, layout, bf16):
+    """The CPU parity cases of tests/test_megatron_model.py on 2 GPUs over NCCL: last-stage logits within 1e-4 of
+    HF's fp32 logits (CPU) in fp32, within 2 % of their scale in bf16 (the single-GPU bf16 bound: 8 mantissa bits,
+    error compounding over 4 layers); every rank's export bitwise equal to the checkpoint (cast to bf16)."""
     from test_megatron_model import _Case, _check_parity_and_export, _run
 
-    _check_parity_and_export(_run(tmp_path, _Case(device="cuda", **layout)))
+    results = _run(tmp_path, _Case(device="cuda", bf16=bf16, **layout))
+    _check_parity_and_export(results, rel_bound=0.02 if bf16 else None)
