@@ -6,7 +6,9 @@ can be read and tested apart from the engine's scheduling.
 - With a `StaticDecoder` (static_decode.py, the engine's default) the batch runs over its preallocated KV cache,
   CUDA-graphed on GPU. Without one: left padding + attention mask + position ids (cumsum of the mask) for the
   prefill, then one token per row per step with an HF `DynamicCache`; rows that finish are dropped from the
-  cache (`batch_select_indices`). Both paths sample and stop through the same code below.
+  cache (`batch_select_indices`). Both paths sample and stop through the same code below; over the static
+  cache, when the rows share sampling params, the sampler runs inside the decode step and the next step is
+  queued before the host reads the last one's tokens (`_loop`, `_StaticSteps.ahead`).
   Tensors and the per-request generators live on `model.device` (CPU here; CUDA in benchmarks/).
 - Per-request sampling: temperature (0 = greedy), top-k (<= 0: off), top-p; inverse-CDF at a counter-based
   uniform keyed by (request seed = `request_seed(engine seed, key)`, decode step), batched over the rows.

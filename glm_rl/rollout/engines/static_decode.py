@@ -22,7 +22,9 @@ positions and returns every position's logits, final hidden states and routed ex
 are simply rewritten by a later step, slot == position). With `mtp=` the decoder also holds a cache for the
 MTP layer's attention, where the pair (h_t, token t+1) — HF position id t+1 — sits at slot t, so its slots line
 up with the main cache's and one `compact` moves both; `mtp_forward` runs the layer over such pairs. Verify and
-MTP steps are CUDA graphs like decode, keyed also on S (and on which step it is).
+MTP steps are CUDA graphs like decode, keyed also on S (and on which step it is). `decode_sampled` and
+`verify_greedy` go further: the sampler (or greedy acceptance and the next draft) runs inside the step's graph,
+and the step takes device inputs, so the caller can queue the next step before reading this one's results.
 """
 
 from __future__ import annotations
