@@ -341,6 +341,14 @@ def _check_rl_rows(rows: list[dict], steps: list[int]) -> None:
         assert r["train/num_tokens"] > 0 and r["train/grad_norm"] > 0
 
 
+def _assert_mismatch_noise(resumed: dict, original: dict) -> None:
+    """Engine-vs-trainer logprob mismatch after a resume: fp32 rounding noise in both runs, not equal between them
+    (requests reach the two engines in batches that depend on timing, and a batch's size changes the CPU matmul's
+    rounding: 7e-7 vs 2.1e-6 seen for the same step)."""
+    for row in (resumed, original):
+        assert row["mismatch/logprob_abs_diff_max"] <= 1e-4
+
+
 @pytest.mark.slow
 def test_rl_loop_tp2_with_r3_and_resume(tmp_path):
     """TP2 (+SP), DP1: 3 steps with a checkpoint after step 2; a run resumed from that checkpoint (per-rank model
@@ -354,9 +362,9 @@ def test_rl_loop_tp2_with_r3_and_resume(tmp_path):
     resumed = _train(tmp_path / "resumed", "--tensor-model-parallel-size", "2", "--num-rollout", "3",
                      "--load", str(ck), "--save", str(tmp_path / "ck2"))
     assert [r["step"] for r in resumed] == [3]
-    for key in ("rollout/reward_mean", "rollout/response_len_mean", "train/pg_loss", "train/grad_norm",
-                "mismatch/logprob_abs_diff_max"):
+    for key in ("rollout/reward_mean", "rollout/response_len_mean", "train/pg_loss", "train/grad_norm"):
         assert resumed[0][key] == pytest.approx(rows[2][key], rel=1e-4, abs=1e-6), key
+    _assert_mismatch_noise(resumed[0], rows[2])
     assert resumed[0]["sync/verified"] == 1.0 and resumed[0]["routing/replay_agreement"] == 1.0
 
 
@@ -388,8 +396,9 @@ def test_rl_loop_pp2_cp2_with_r3_gspo_and_resume(tmp_path):
     (ck / "latest").write_text("step_000001")
     resumed = _train(tmp_path / "resumed", *layout, "--load", str(ck), "--save", str(tmp_path / "ck2"))
     assert [r["step"] for r in resumed] == [2]
-    for key in ("rollout/reward_mean", "train/pg_loss", "train/grad_norm", "mismatch/logprob_abs_diff_max"):
+    for key in ("rollout/reward_mean", "train/pg_loss", "train/grad_norm"):
         assert resumed[0][key] == pytest.approx(rows[1][key], rel=1e-4, abs=1e-6), key
+    _assert_mismatch_noise(resumed[0], rows[1])
     assert resumed[0]["sync/verified"] == 1.0 and resumed[0]["routing/replay_agreement"] == 1.0
 
 
