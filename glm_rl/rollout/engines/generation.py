@@ -208,8 +208,8 @@ def sampling_groups(rows: list[Row], active: list[int]) -> dict[tuple, list[int]
 def sample_rows(rows: list[Row], active: list[int], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens, logprobs) on the device for every active row: one `sample_tokens` per sampling group."""
     groups = sampling_groups(rows, active)
-    uniforms = torch.tensor([counter_uniform(rows[i].req.seed, len(rows[i].output_ids)) for i in active],
-                            dtype=torch.float64)
+    uniforms = bits_to_uniform(torch.from_numpy(counter_bits_many([rows[i].req.seed for i in active],
+                                                                  [len(rows[i].output_ids) for i in active])))
     if len(groups) == 1:  # the RL case: no gather of logits rows
         return sample_tokens(logits, rows[active[0]].req.sampling, uniforms)
     tokens = torch.empty(len(active), dtype=torch.long, device=logits.device)

@@ -157,9 +157,9 @@ def _accept_greedy(logits: torch.Tensor, drafts: list[list[int]]):
     knows a."""
     best = logits.argmax(dim=-1)
     logp = torch.log_softmax(logits, dim=-1).gather(-1, best[..., None]).squeeze(-1)
-    best_host, logp_host = torch.stack([best.to(torch.float64), logp.to(torch.float64)]).tolist()  # ids < 2^53
     emitted, accepted, logprobs = [], [], []
-    for d, b, lp in zip(drafts, best_host, logp_host):
+    for d, row in zip(drafts, HostCopy(best, logp).rows()):
+        b, lp = row[:len(d) + 1], row[len(d) + 1:]
         a = 0
         while a < len(d) and d[a] == b[a]:
             a += 1

@@ -201,22 +201,21 @@ class StaticDecoder:
         return self._run("decode", span, True, ids=tokens[:, None], pos=positions[:, None])
 
     @torch.no_grad()
-    def decode_sampled(self, tokens: torch.Tensor | list[int], positions: list[int], bits,
+    def decode_sampled(self, tokens: torch.Tensor, positions: list[int], bits,
                        sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """`decode`, then `generation.sample_tokens` inside the same step (one CUDA graph per sampling params, from
         tokens in to tokens out), each row drawn at the uniform of its `counter_bits` (`bits`: ints or an int64
-        array); (tokens [n], logprobs [n], routed experts or None), graph buffers. `tokens` may be a device
-        tensor (the previous step's output): nothing here waits for the GPU, so a caller can queue this step
-        while the previous one runs (positions and bits cross in one copy from pinned memory)."""
+        array); (tokens [n], logprobs [n], routed experts or None), graph buffers. `tokens` is a device tensor
+        (the previous step's output): nothing here waits for the GPU, so a caller can queue this step while the
+        previous one runs (positions and bits cross in one copy from pinned memory)."""
         span = min(span_bucket(max(positions) + 1), self.capacity)
         pos_bits = self.to_device(np.stack([np.asarray(positions, dtype=np.int64),
                                              np.asarray(bits, dtype=np.int64)]))
-        ids = torch.as_tensor(tokens, device=self.device)[:, None]
         key = (sampling.temperature, sampling.top_k, sampling.top_p)
         eager = partial(self._sampled_step, decode=self._decode_step, sampling=sampling)
         fast = partial(self._sampled_step, decode=self._step, sampling=sampling)
-        return self._run("sampled", span, True, key=key, steps=(eager, fast), ids=ids, pos=pos_bits[0][:, None],
-                         bits=pos_bits[1])
+        return self._run("sampled", span, True, key=key, steps=(eager, fast), ids=tokens[:, None],
+                         pos=pos_bits[0][:, None], bits=pos_bits[1])
 
     @torch.no_grad()
     def verify(self, tokens: list[list[int]],
@@ -224,11 +223,9 @@ class StaticDecoder:
         """Feed S tokens per live row (rows 0..n-1) at positions start..start+S-1 (speculative decoding's verify
         forward); (logits [n, S, V], final-normed hidden states [n, S, H], routed experts [n, S, n_moe, top_k]
         or None). Outputs may be graph buffers, rewritten by the next verify: copy what must outlive it."""
-        S = len(tokens[0])
-        span = min(span_bucket(max(starts) + S), self.capacity)
-        ids_pos = self.to_device(np.stack([np.asarray(tokens, dtype=np.int64),
-                                            np.asarray(starts, dtype=np.int64)[:, None] + np.arange(S)]))
-        return self._run("verify", span, True, ids=ids_pos[0], pos=ids_pos[1])
+        span = min(span_bucket(max(starts) + len(tokens[0])), self.capacity)
+        ids, pos = self._ids_and_positions(tokens, starts)
+        return self._run("verify", span, True, ids=ids, pos=pos)
 
     @torch.no_grad()
     def verify_greedy(self, tokens: list[list[int]], starts: list[int]) -> tuple[torch.Tensor | None, ...]:
@@ -242,9 +239,7 @@ class StaticDecoder:
         top_k] or None)."""
         if len(tokens[0]) != 2:
             raise ValueError(f"verify_greedy takes [last token, one draft] per row, got {len(tokens[0])} tokens")
-        ids_pos = self.to_device(np.stack([np.asarray(tokens, dtype=np.int64),
-                                           np.asarray(starts, dtype=np.int64)[:, None] + np.arange(2)]))
-        return self.verify_greedy_queued(ids_pos[0], ids_pos[1], max(starts))
+        return self.verify_greedy_queued(*self._ids_and_positions(tokens, starts), max(starts))
 
     @torch.no_grad()
     def verify_greedy_queued(self, ids: torch.Tensor, pos: torch.Tensor, max_start: int) -> tuple:
@@ -267,6 +262,12 @@ class StaticDecoder:
             raise ValueError("StaticDecoder.mtp_forward needs the decoder built with mtp=<MtpModel>")
         span = min(span_bucket(int(positions.max()) if max_position is None else max_position), self.capacity)
         return self._run("mtp", span, graph, ids=ids, pos=positions, hidden=hidden)
+
+    def _ids_and_positions(self, tokens: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """(ids [n, S], positions start..start+S-1 [n, S]) on the device, in one copy."""
+        S = len(tokens[0])
+        return self.to_device(np.stack([np.asarray(tokens, dtype=np.int64),
+                                        np.asarray(starts, dtype=np.int64)[:, None] + np.arange(S)]))
 
     def to_device(self, array: np.ndarray) -> torch.Tensor:
         """A host array on the decoder's device in one copy that does not wait for the GPU (from pinned memory)."""
@@ -312,9 +313,8 @@ class StaticDecoder:
 
     def _greedy_spec_step(self, ids: torch.Tensor, pos: torch.Tensor, span: int):
         """`verify_greedy`'s step: the verify, the acceptance of greedy drafts and the next draft on the device."""
-        hidden, routed = self._body(ids, pos, (torch.arange(span, device=pos.device) <= pos[..., None])[:, None],
-                                    span)
-        logits = self.model.lm_head(hidden).float()
+        logits, hidden, routed = self._verify_step(ids, pos, span)
+        logits = logits.float()
         best = logits.argmax(dim=-1)                                              # [B, 2]
         logp = torch.log_softmax(logits, dim=-1).gather(-1, best[..., None]).squeeze(-1)
         mtp_logits, _ = self._mtp_step(best, pos + 1, hidden, span)              # pairs (h_t, argmax at t)
