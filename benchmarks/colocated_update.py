@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from glm_rl.rollout.engines.client import serialize_named_tensors, serialize_object
-from glm_rl.rollout.engines.embedded import deserialize_flattened, deserialize_named_tensors
+from glm_rl.rollout.engine_client import serialize_named_tensors, serialize_object
+from glm_rl.engine.engine import deserialize_flattened, deserialize_named_tensors
 from glm_rl.weights.flat import entries_to_json, plan_layout, views
 
 

@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from glm_rl.models.presets import ASSETS, TINY_CHECKPOINT, ModelSpec  # noqa: E402
-from glm_rl.rollout.engines.generation import GenerationRequest, SamplingParams, run_batch  # noqa: E402
-from glm_rl.rollout.engines.speculative import run_batch_speculative  # noqa: E402
-from glm_rl.rollout.engines.static_decode import StaticDecoder  # noqa: E402
+from glm_rl.models.glm45.presets import ASSETS, TINY_CHECKPOINT, ModelSpec  # noqa: E402
+from glm_rl.engine.generation import GenerationRequest, SamplingParams, run_batch  # noqa: E402
+from glm_rl.engine.decode.speculative import run_batch_speculative  # noqa: E402
+from glm_rl.engine.decode.static import StaticDecoder  # noqa: E402
 
 RANDOM_DEFAULTS = {"hidden": 1024, "layers": 8, "experts": 64, "top_k": 8, "ffn": 512, "vocab": 151552,
                    "heads": 8, "kv_heads": 2, "dense_ffn": 4096}
@@ -79,7 +79,7 @@ def random_model(desc: str, dtype: torch.dtype, device: str):
 
 
 def tiny_model(path: str, dtype: torch.dtype, device: str):
-    from glm_rl.models.checkpoint import load_hf_model, load_mtp
+    from glm_rl.models.glm45.checkpoint import load_hf_model, load_mtp
 
     model, tokenizer = load_hf_model(path, dtype)
     mtp = load_mtp(model)

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_decode import DTYPES, random_spec  # noqa: E402
 
-from glm_rl.models.presets import ModelSpec  # noqa: E402
+from glm_rl.models.glm45.presets import ModelSpec  # noqa: E402
 
 
 def model_flops(spec: ModelSpec, batch: int, seq: int) -> float:

@@ -7,7 +7,7 @@ registered staging buffer and writes them with one `batch_transfer_sync_write` (
 "p2p write" is the write alone). broadcast: a 2-rank gloo group (`create_weight_group`), one broadcast per
 tensor, timed until the receiver acknowledges. Best of `--reps`.
 
-Part 2 (predicted): bf16 bytes of every HF tensor (parameter counts as in `glm_rl/models/presets.py`, the MTP
+Part 2 (predicted): bf16 bytes of every HF tensor (parameter counts as in `glm_rl/models/glm45/presets.py`, the MTP
 layer left out), a simple model of the Megatron trainer layout (`plan.megatron_sources`: PP stages by layer,
 EP over the expert dim, TP over the TP dim, DP replicas) and 8-GPU engines (TP8 for dense weights, EP8 for
 experts, `plan.glm45_split_dim`), priced by `plan.predict_sync_seconds` at one `--nic-gbps` NIC per GPU, against
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from glm_rl.rollout.engines.client import create_weight_group
-from glm_rl.rollout.engines.p2p_receiver import new_transfer_engine
+from glm_rl.rollout.engine_client import create_weight_group
+from glm_rl.engine.p2p_receiver import new_transfer_engine
 from glm_rl.rollout.router import free_port
-from glm_rl.weights.plan import (EngineLayout, TensorMeta, build_plan, floor_seconds, glm45_split_dim,
+from glm_rl.weights.transfer_plan import (EngineLayout, TensorMeta, build_plan, floor_seconds, glm45_split_dim,
                                  megatron_sources, predict_sync_seconds)
 
 OUT = Path(__file__).parent / "results" / "weight_sync.json"
@@ -142,7 +142,7 @@ def main() -> None:
     p.add_argument("--nic-gbps", type=float, default=400.0, help="per-GPU NIC, Gb/s (400: one ConnectX-7 per GPU)")
     a = p.parse_args()
     torch.set_num_threads(1)
-    from glm_rl.models.presets import glm45_355b_a32b, glm45_air_106b_a12b
+    from glm_rl.models.glm45.presets import glm45_355b_a32b, glm45_air_106b_a12b
 
     m = measure(a.mib, a.tensors, a.reps)
     print(f"CPU loopback, {m['bytes'] / 2**20:.0f} MiB in {m['tensors']} fp32 tensors, best of {a.reps}")

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from glm_rl.models.presets import PRESETS, TINY_CHECKPOINT
+from glm_rl.models.glm45.presets import PRESETS, TINY_CHECKPOINT
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="RL post-training for GLM-4.5 MoE models.")
 console = Console(width=max(Console().width, 110))  # tables stay readable when piped
@@ -63,7 +63,7 @@ def eval_cmd(
 ) -> None:
     """Accuracy of a checkpoint on a prompt set (HF reference sampler)."""
     from glm_rl.evaluate import evaluate
-    from glm_rl.models.checkpoint import load_hf_model
+    from glm_rl.models.glm45.checkpoint import load_hf_model
     from glm_rl.rollout.data import load_prompts
     from glm_rl.rollout.rewards import get_reward_fn
 
@@ -102,8 +102,8 @@ def generate(
     import time
 
     from glm_rl.evaluate import chat_prompt_ids
-    from glm_rl.rollout.engines.embedded import EmbeddedEngine, EngineConfig
-    from glm_rl.rollout.engines.generation import GenerationRequest, SamplingParams, request_seed
+    from glm_rl.engine.engine import EmbeddedEngine, EngineConfig
+    from glm_rl.engine.generation import GenerationRequest, SamplingParams, request_seed
 
     if (prompt_file is None) == (not prompt):
         raise ValueError("give the prompts with --prompt TEXT (repeatable) or --prompt-file FILE (one of them)")
@@ -207,7 +207,7 @@ def _prompt_text(line: str) -> str:
     return line
 
 
-from glm_rl.plan_command import plan_command  # noqa: E402  (the command's flags live with it)
+from glm_rl.planner.command import plan_command  # noqa: E402  (the command's flags live with it)
 
 app.command("plan")(plan_command)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from glm_rl.models.presets import TINY_CHECKPOINT
+from glm_rl.models.glm45.presets import TINY_CHECKPOINT
 
 TINY_DATA = TINY_CHECKPOINT.parent / "arith"
 
@@ -239,7 +239,7 @@ class RunConfig:
             errors.append(f"--max-tokens-per-gpu {t.max_tokens_per_gpu} is below one sample's maximum length "
                           f"({r.rollout_max_prompt_len} + {r.rollout_max_response_len})")
         if r.sglang_args:
-            from glm_rl.rollout.engines.sglang_engine import contract
+            from glm_rl.rollout.sglang_engine import contract
 
             unknown = [f"--sglang-{n}" for n, _ in r.sglang_args if f"--{n}" not in contract()["server_flags"]]
             if unknown:
@@ -320,7 +320,7 @@ class RunConfig:
 
     def _check_inputs(self) -> list[str]:
         """Read the checkpoint's config and the prompt file now, so bad input fails before Ray starts."""
-        from glm_rl.models.checkpoint import CheckpointError, check_matches_preset, read_spec
+        from glm_rl.models.glm45.checkpoint import CheckpointError, check_matches_preset, read_spec
         from glm_rl.rollout.data import DataError, load_prompts
         from glm_rl.rollout.rewards import REWARDS
 

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from glm_rl.models.checkpoint import CheckpointError, check_matches_preset, read_spec
-from glm_rl.models.presets import ModelSpec
+from glm_rl.models.glm45.checkpoint import CheckpointError, check_matches_preset, read_spec
+from glm_rl.models.glm45.presets import ModelSpec
 from glm_rl.parallel import ParallelLayout, check_layout
 
 

@@ -23,9 +23,9 @@ from typing import Callable, Optional
 import typer
 
 from glm_rl.cluster import HARDWARE, Host, get_hardware, parse_hostfile, uniform_slots
-from glm_rl.models.presets import get_preset
+from glm_rl.models.glm45.presets import get_preset
 from glm_rl.parallel import LayoutError, ParallelLayout
-from glm_rl.plan import PlanError, PlanInput, make_plan
+from glm_rl.planner.estimate import PlanError, PlanInput, make_plan
 
 RAY_PORT, DASHBOARD_PORT = 6379, 8265
 # Variables every Ray worker gets (runtime env): NCCL's RDMA settings and Ray's own.

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from glm_rl.models.presets import ModelSpec
+from glm_rl.models.glm45.presets import ModelSpec
 
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128  # Megatron's default --make-vocab-size-divisible-by
 

@@ -16,9 +16,9 @@ import ray
 
 from glm_rl.config import RunConfig
 from glm_rl.ray.placement import Placement, create_placement, init_ray
-from glm_rl.rollout.engines.client import EngineClient
-from glm_rl.rollout.engines.embedded import EngineConfig, engine_actor_class
-from glm_rl.rollout.engines.sglang_engine import SGLangEngine, SGLangServerConfig
+from glm_rl.rollout.engine_client import EngineClient
+from glm_rl.engine.engine import EngineConfig, engine_actor_class
+from glm_rl.rollout.sglang_engine import SGLangEngine, SGLangServerConfig
 from glm_rl.rollout.router import RolloutEndpoints, RouterProcess
 from glm_rl.rollout.manager import RolloutManager
 from glm_rl.rollout.samples import Sample

@@ -21,7 +21,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_path():
-    from glm_rl.models.presets import TINY_CHECKPOINT
+    from glm_rl.models.glm45.presets import TINY_CHECKPOINT
 
     return TINY_CHECKPOINT
 

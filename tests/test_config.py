@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from glm_rl.config import build_parser, parse_args
-from glm_rl.models.presets import TINY_CHECKPOINT
+from glm_rl.models.glm45.presets import TINY_CHECKPOINT
 
 
 def test_defaults_are_the_tiny_demo():

@@ -21,7 +21,7 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from glm_rl.models.presets import ASSETS, TINY_CHECKPOINT  # noqa: E402
+from glm_rl.models.glm45.presets import ASSETS, TINY_CHECKPOINT  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "PYTHONPATH": str(REPO)}
@@ -64,7 +64,7 @@ def tp1_checkpoint(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]
 
 # -- round trips -----------------------------------------------------------------------------------------------
 def test_tp1_round_trip_is_bitwise(tp1_checkpoint, tmp_path):
-    from glm_rl.models.checkpoint import load_hf_model
+    from glm_rl.models.glm45.checkpoint import load_hf_model
     from glm_rl.trainer.backends.megatron.dist_checkpoint import read_meta
 
     save, out = tp1_checkpoint
@@ -106,7 +106,7 @@ def test_tp2_ep2_save_loads_at_tp1_bitwise(tmp_path):
 # -- greedy text from the converted checkpoint ---------------------------------------------------------------
 def test_generate_from_megatron_checkpoint_equals_hf_greedy(tp1_checkpoint):
     from glm_rl.evaluate import chat_prompt_ids
-    from glm_rl.models.checkpoint import load_hf_model
+    from glm_rl.models.glm45.checkpoint import load_hf_model
     from glm_rl.rollout.data import load_prompts
 
     prompts = [r.prompt for r in load_prompts(ASSETS / "arith" / "eval.jsonl")[:3]]

@@ -9,8 +9,8 @@ import urllib.request
 
 import pytest
 
-from glm_rl.models.presets import TINY_CHECKPOINT
-from glm_rl.rollout.engines import EmbeddedEngine, EngineClient, EngineConfig, EngineError
+from glm_rl.models.glm45.presets import TINY_CHECKPOINT
+from glm_rl.engine import EmbeddedEngine, EngineClient, EngineConfig, EngineError
 
 PROMPT = [1, 2, 4, 23, 13, 10, 17, 11, 5, 23]  # chat prompt of "63+4"
 
@@ -169,7 +169,7 @@ def test_api_key_required_and_routed_experts_switch():
 
 def test_engine_as_ray_actor():
     ray = pytest.importorskip("ray")
-    from glm_rl.rollout.engines import engine_actor_class
+    from glm_rl.engine import engine_actor_class
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from glm_rl.config import parse_args
-from glm_rl.rollout.engines.client import EngineClient
+from glm_rl.rollout.engine_client import EngineClient
 from glm_rl.runtime import Runtime
 from glm_rl.train import run_step
 

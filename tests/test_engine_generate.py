@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from glm_rl.evaluate import chat_prompt_ids
-from glm_rl.models.checkpoint import load_hf_model
-from glm_rl.models.presets import ASSETS, TINY_CHECKPOINT
-from glm_rl.rollout.engines import EmbeddedEngine, EngineClient, EngineConfig
+from glm_rl.models.glm45.checkpoint import load_hf_model
+from glm_rl.models.glm45.presets import ASSETS, TINY_CHECKPOINT
+from glm_rl.engine import EmbeddedEngine, EngineClient, EngineConfig
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,13 @@ import torch
 from safetensors import safe_open
 
 from glm_rl.evaluate import chat_prompt_ids
-from glm_rl.models.checkpoint import load_hf_model, load_mtp
-from glm_rl.models.presets import ASSETS, TINY_CHECKPOINT
-from glm_rl.rollout.engines import EmbeddedEngine, EngineClient, EngineConfig, tensor_checksum
-from glm_rl.rollout.engines import speculative
-from glm_rl.rollout.engines.generation import GenerationRequest, SamplingParams, run_batch
-from glm_rl.rollout.engines.speculative import run_batch_speculative, speculative_accept
-from glm_rl.rollout.engines.static_decode import StaticDecoder
+from glm_rl.models.glm45.checkpoint import load_hf_model, load_mtp
+from glm_rl.models.glm45.presets import ASSETS, TINY_CHECKPOINT
+from glm_rl.engine import EmbeddedEngine, EngineClient, EngineConfig, tensor_checksum
+from glm_rl.engine.decode import speculative
+from glm_rl.engine.generation import GenerationRequest, SamplingParams, run_batch
+from glm_rl.engine.decode.speculative import run_batch_speculative, speculative_accept
+from glm_rl.engine.decode.static import StaticDecoder
 
 
 @pytest.fixture(scope="module")

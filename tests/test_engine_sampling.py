@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from glm_rl.rollout.engines.generation import (SamplingParams, _cdf, bits_to_uniform, counter_bits,
+from glm_rl.engine.generation import (SamplingParams, _cdf, bits_to_uniform, counter_bits,
                                                counter_bits_many, counter_uniform, sample_tokens)
 
 # chi-square critical values at significance 1e-3 (tables): degrees of freedom -> value

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glm_rl.models.checkpoint import load_hf_model
-from glm_rl.models.presets import TINY_CHECKPOINT
-from glm_rl.rollout.engines.generation import GenerationRequest, SamplingParams, run_batch
-from glm_rl.rollout.engines.static_decode import StaticDecoder, batch_bucket, span_bucket
+from glm_rl.models.glm45.checkpoint import load_hf_model
+from glm_rl.models.glm45.presets import TINY_CHECKPOINT
+from glm_rl.engine.generation import GenerationRequest, SamplingParams, run_batch
+from glm_rl.engine.decode.static import StaticDecoder, batch_bucket, span_bucket
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import threading
 import pytest
 import torch
 
-from glm_rl.models.checkpoint import load_hf_model
-from glm_rl.models.presets import TINY_CHECKPOINT
-from glm_rl.rollout.engines import EngineClient, EngineError, create_weight_group, tensor_checksum
+from glm_rl.models.glm45.checkpoint import load_hf_model
+from glm_rl.models.glm45.presets import TINY_CHECKPOINT
+from glm_rl.engine import EngineClient, EngineError, create_weight_group, tensor_checksum
 from glm_rl.rollout.router import free_port
 
 PROMPT = [1, 2, 4, 23, 13, 10, 17, 11, 5, 23]
@@ -24,7 +24,7 @@ GREEDY = {"temperature": 0.0, "max_new_tokens": 8, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def client():
-    proc = subprocess.Popen([sys.executable, "-m", "glm_rl.rollout.engines.embedded", "--hf-checkpoint",
+    proc = subprocess.Popen([sys.executable, "-m", "glm_rl.engine.engine", "--hf-checkpoint",
                              str(TINY_CHECKPOINT), "--port", "0"], stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

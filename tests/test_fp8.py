@@ -25,10 +25,10 @@ from safetensors import safe_open
 
 from glm_rl.evaluate import evaluate
 from glm_rl.models import fp8
-from glm_rl.models.checkpoint import CheckpointError, load_hf_model, load_mtp
-from glm_rl.models.presets import TINY_CHECKPOINT
+from glm_rl.models.glm45.checkpoint import CheckpointError, load_hf_model, load_mtp
+from glm_rl.models.glm45.presets import TINY_CHECKPOINT
 from glm_rl.rollout.data import load_prompts
-from glm_rl.rollout.engines import EmbeddedEngine, EngineClient, EngineConfig, EngineError, tensor_checksum
+from glm_rl.engine import EmbeddedEngine, EngineClient, EngineConfig, EngineError, tensor_checksum
 from glm_rl.rollout.rewards import get_reward_fn
 from glm_rl.weights.transports import make_transport
 

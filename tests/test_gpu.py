@@ -8,11 +8,11 @@ import pytest
 
 from glm_rl.config import AlgoConfig, ModelConfig, TrainConfig
 from glm_rl.evaluate import chat_prompt_ids
-from glm_rl.models.checkpoint import load_hf_model
-from glm_rl.models.presets import TINY_CHECKPOINT
-from glm_rl.rollout.engines.client import serialize_named_tensors, tensor_checksum
-from glm_rl.rollout.engines.embedded import deserialize_named_tensors
-from glm_rl.rollout.engines.generation import GenerationRequest, SamplingParams, run_batch
+from glm_rl.models.glm45.checkpoint import load_hf_model
+from glm_rl.models.glm45.presets import TINY_CHECKPOINT
+from glm_rl.rollout.engine_client import serialize_named_tensors, tensor_checksum
+from glm_rl.engine.engine import deserialize_named_tensors
+from glm_rl.engine.generation import GenerationRequest, SamplingParams, run_batch
 
 pytestmark = pytest.mark.gpu
 
@@ -71,7 +71,7 @@ def _megatron_cuda_worker(rank: int, store: str, queue) -> None:
     """One NCCL process: the tiny checkpoint in megatron-core on CUDA (local spec and fast spec), bf16 and fp32."""
     import torch.distributed as dist
 
-    from glm_rl.models.presets import glm45_tiny
+    from glm_rl.models.glm45.presets import glm45_tiny
     from glm_rl.trainer.backends.megatron.bridge import import_hf_weights
     from glm_rl.trainer.backends.megatron.model import build_gpt_model, setup_model_parallel
 
@@ -167,7 +167,7 @@ def _static_requests(n: int, ignore_eos: bool, one_group: bool = False) -> list[
 
 
 def _run_static(model, requests, decoder=None):
-    from glm_rl.rollout.engines.generation import run_batch
+    from glm_rl.engine.generation import run_batch
 
     gates = [layer.mlp.gate for i, layer in enumerate(model.model.layers) if i >= model.config.first_k_dense_replace]
     eos = model.generation_config.eos_token_id
@@ -183,7 +183,7 @@ def test_static_decode_cuda_graphs_match_eager_and_dynamic_cache(dtype, one_grou
     fp32: rows finish at different steps (compaction, several batch buckets), logprobs <= 1e-4. bf16: 8 rows
     that never stop, so graph and eager run the same shapes: tokens equal, logprobs <= 1e-3. one_group: every
     row samples alike, so the sampler runs inside the graph ("sampled" steps)."""
-    from glm_rl.rollout.engines.static_decode import StaticDecoder
+    from glm_rl.engine.decode.static import StaticDecoder
 
     model = load_hf_model(TINY_CHECKPOINT, dtype=dtype)[0].to("cuda")
     requests = _static_requests(11 if dtype == torch.float32 else 8, ignore_eos=dtype == torch.bfloat16,
@@ -207,7 +207,7 @@ def test_static_decode_cuda_graphs_match_eager_and_dynamic_cache(dtype, one_grou
 def test_embedded_engine_on_cuda_answers_like_hf_generate():
     """EmbeddedEngine(device="cuda") over HTTP, greedy: HF generate's tokens; weights update on the GPU."""
     pytest.importorskip("aiohttp")  # the engine's HTTP server
-    from glm_rl.rollout.engines import EmbeddedEngine, EngineClient, EngineConfig
+    from glm_rl.engine import EmbeddedEngine, EngineClient, EngineConfig
 
     model, tok = load_hf_model(TINY_CHECKPOINT, dtype=torch.float32)
     model.to("cuda")
@@ -230,7 +230,7 @@ def test_embedded_engine_on_cuda_answers_like_hf_generate():
 def test_compiled_decode_step_tracks_eager_in_bf16():
     """--enable-torch-compile: one graphed decode step of the compiled decoder vs the eager static decoder after the
     same prefill (bf16; fusion changes rounding): logits within 2 % of their scale, same greedy tokens."""
-    from glm_rl.rollout.engines.static_decode import StaticDecoder
+    from glm_rl.engine.decode.static import StaticDecoder
 
     model = load_hf_model(TINY_CHECKPOINT, dtype=torch.bfloat16)[0].to("cuda")
     prompts = [tuple(range(1, 3 + i)) for i in range(5)]

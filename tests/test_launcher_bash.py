@@ -28,9 +28,9 @@ import psutil
 import pytest
 
 from glm_rl.config import TrainConfig, build_parser, split_sglang_args
-from glm_rl.models.presets import TINY_CHECKPOINT, get_preset
+from glm_rl.models.glm45.presets import TINY_CHECKPOINT, get_preset
 from glm_rl.parallel import validate_layout
-from glm_rl.rollout.engines.sglang_engine import contract
+from glm_rl.rollout.sglang_engine import contract
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHERS = REPO / "launchers"

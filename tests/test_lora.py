@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from glm_rl.config import AlgoConfig, ModelConfig, TrainConfig, parse_args
-from glm_rl.models.checkpoint import load_hf_model
+from glm_rl.models.glm45.checkpoint import load_hf_model
 from glm_rl.rollout.samples import Sample
 from glm_rl.trainer import lora
 from glm_rl.trainer.backends.torch_backend import TorchBackend

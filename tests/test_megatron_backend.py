@@ -188,8 +188,8 @@ def _check_parity(ref: dict, got: dict) -> None:
 
 
 def test_tp1_step_moves_weights_and_replays_all_tokens(tp1):
-    from glm_rl.models.checkpoint import load_hf_model
-    from glm_rl.models.presets import TINY_CHECKPOINT
+    from glm_rl.models.glm45.checkpoint import load_hf_model
+    from glm_rl.models.glm45.presets import TINY_CHECKPOINT
 
     hf, _ = load_hf_model(TINY_CHECKPOINT)
     moved = {k: (tp1["weights"][k] - v).abs().max().item() for k, v in hf.state_dict().items()}

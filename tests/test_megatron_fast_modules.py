@@ -23,8 +23,8 @@ def _worker(rank: int, world: int, store: str, out: str, ep: int) -> None:
     os.environ["TORCHDYNAMO_DISABLE"] = "1"  # megatron's torch.compile'd helpers cost ~17 s cold on CPU
     import torch.distributed as dist
 
-    from glm_rl.models.checkpoint import load_hf_model
-    from glm_rl.models.presets import glm45_tiny
+    from glm_rl.models.glm45.checkpoint import load_hf_model
+    from glm_rl.models.glm45.presets import glm45_tiny
     from glm_rl.trainer.backends.megatron.bridge import import_hf_weights
     from glm_rl.trainer.backends.megatron.fast_modules import GroupedExperts, SDPAAttention
     from glm_rl.trainer.backends.megatron.model import build_gpt_model, setup_model_parallel

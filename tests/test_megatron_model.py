@@ -25,7 +25,7 @@ MAX_DIFF = 1e-4
 def _task_batch(tokenizer, multiple: int, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids (B, T), valid (B, T)) for `n` eval problems with their correct answers, T a multiple of `multiple`."""
     from glm_rl.evaluate import chat_prompt_ids
-    from glm_rl.models.presets import ASSETS
+    from glm_rl.models.glm45.presets import ASSETS
     from glm_rl.rollout.data import load_prompts
 
     rows = load_prompts(ASSETS / "arith" / "eval.jsonl")[:n]
@@ -113,8 +113,8 @@ def _hf_reference(hf, ids: torch.Tensor, mtp: bool):
     main model's final-normed hidden states, token t+1 at position t+1 (predicts token t+2)."""
     from transformers import DynamicCache
 
-    from glm_rl.models.checkpoint import load_mtp
-    from glm_rl.rollout.engines.speculative import _mtp_forward, mtp_named_tensors
+    from glm_rl.models.glm45.checkpoint import load_mtp
+    from glm_rl.engine.decode.speculative import _mtp_forward, mtp_named_tensors
 
     with torch.no_grad():
         out = hf.model(ids)
@@ -185,8 +185,8 @@ def _worker(rank: int, store: str, out_dir: str, case: _Case) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from glm_rl.models.checkpoint import load_hf_model
-    from glm_rl.models.presets import glm45_tiny
+    from glm_rl.models.glm45.checkpoint import load_hf_model
+    from glm_rl.models.glm45.presets import glm45_tiny
     from glm_rl.trainer.backends.megatron.bridge import export_hf_weights, import_hf_weights
     from glm_rl.trainer.backends.megatron.cp_attention import gather_from_cp
     from glm_rl.trainer.backends.megatron.model import build_gpt_model, setup_model_parallel
@@ -300,7 +300,7 @@ def test_ep2_logits_match_hf_and_export_is_bitwise(tmp_path):
 def test_pp2_uneven_with_mtp_matches_hf_and_exports_every_stage(tmp_path):
     """PP2 with --decoder-first-pipeline-num-layers 1: stage 0 holds the dense layer only, stage 1 the three MoE
     layers, final norm, LM head and the MTP layer (with its own embedding copy)."""
-    from glm_rl.models.presets import glm45_tiny
+    from glm_rl.models.glm45.presets import glm45_tiny
     from glm_rl.parallel import ParallelLayout, layer_split
 
     results = _run(tmp_path, _Case(pp=2, first_stage_layers=1, mtp=True))
@@ -345,7 +345,7 @@ def test_expert_tp1_under_tp2_ep2_matches_hf(tmp_path):
 
 
 def test_layout_errors_name_the_numbers():
-    from glm_rl.models.presets import glm45_tiny
+    from glm_rl.models.glm45.presets import glm45_tiny
     from glm_rl.trainer.backends.megatron.model import MegatronLayoutError, check_spec
 
     with pytest.raises(MegatronLayoutError, match="num_attention_heads=4 .* tensor parallel size 3"):

@@ -3,7 +3,7 @@ with its numbers, all problems come back at once. Expected values are worked out
 
 import pytest
 
-from glm_rl.models.presets import get_preset
+from glm_rl.models.glm45.presets import get_preset
 from glm_rl.parallel import (
     LayoutError,
     ParallelLayout,

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from glm_rl.cli import app
 from glm_rl.cluster import H100, Host, parse_hostfile, uniform_slots
-from glm_rl.models.presets import get_preset
+from glm_rl.models.glm45.presets import get_preset
 from glm_rl.parallel import ParallelLayout
-from glm_rl.plan import PlanInput, _layer_bytes_per_token, make_plan
+from glm_rl.planner.estimate import PlanInput, _layer_bytes_per_token, make_plan
 
 RECIPE_355B = ["plan", "--model-preset", "glm45-355b-a32b", "--num-nodes", "8", "--gpus-per-node", "8",
                "--hardware", "H100", "--tensor-model-parallel-size", "8", "--pipeline-model-parallel-size", "4",
@@ -143,7 +143,7 @@ def test_stage_params_add_up_to_the_model(preset):
     """Per-GPU shares times their sharding, summed over stages, give back the preset's total (+ Megatron's
     vocab padding; + the MTP layer when it is trained)."""
     from glm_rl.parallel import padded_vocab_size
-    from glm_rl.plan import _stage_params
+    from glm_rl.planner.estimate import _stage_params
 
     spec = get_preset(preset)
     counts = spec.param_counts()
@@ -170,7 +170,7 @@ def test_stage_params_add_up_to_the_model(preset):
 def test_recompute_rules_by_hand():
     """Tiny preset, PP 2 (2 + 2 layers; layer 0 dense), 100 tokens: what each stage keeps per micro-batch."""
     from glm_rl.parallel import padded_vocab_size
-    from glm_rl.plan import _activations
+    from glm_rl.planner.estimate import _activations
 
     spec = get_preset("glm45-tiny")
     lo = ParallelLayout(pp=2, dp=1)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from glm_rl.models.presets import PRESETS, ModelSpec, get_preset
+from glm_rl.models.glm45.presets import PRESETS, ModelSpec, get_preset
 
 PUBLISHED = {"glm45-355b-a32b": (355e9, 32e9), "glm45-air-106b-a12b": (106e9, 12e9)}
 

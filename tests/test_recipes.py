@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from glm_rl.models.presets import TINY_CHECKPOINT
+from glm_rl.models.glm45.presets import TINY_CHECKPOINT
 from glm_rl.recipes.config import RECIPES, RecipeError, apply_overrides, get_recipe, validate
 
 ENV = {**os.environ, "TORCHDYNAMO_DISABLE": "1"}
@@ -118,7 +118,7 @@ def test_cli_error_is_one_line_and_exit_code_2(tmp_path):
 
 # -- plan -----------------------------------------------------------------------------------------------------
 def test_large_recipes_pass_plan_for_documented_gpu_counts():
-    from glm_rl.plan import PlanError
+    from glm_rl.planner.estimate import PlanError
     from glm_rl.recipes.planning import recipe_plan
 
     cases = [get_recipe("glm45_355b_pretrain"), get_recipe("glm45_air_106b_pretrain")]
@@ -291,7 +291,7 @@ def _full_grad(name: str, m, which: str) -> torch.Tensor:
 def _tp_worker(rank: int, store: str, out: str, tp: int, peft: str) -> None:
     import torch.distributed as dist
 
-    from glm_rl.models.checkpoint import load_hf_model, read_spec
+    from glm_rl.models.glm45.checkpoint import load_hf_model, read_spec
     from glm_rl.recipes.config import RECIPE_DATA
     from glm_rl.recipes.data import load_rows
     from glm_rl.recipes.peft import MegatronLoRA, apply_peft, merge_adapters

@@ -1,5 +1,5 @@
 """Contract tests against the pinned SGLang (0.5.23), whose names are extracted into
-glm_rl/rollout/engines/sglang_contract.json by tools/extract_sglang_contract.py.
+glm_rl/rollout/sglang_contract.json by tools/extract_sglang_contract.py.
 
 Verified: every server flag we emit exists in SGLang's launch_server parser; every field of every request body
 our client and rollout manager send exists in SGLang's request types (io_struct.py) and sampling params.
@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from glm_rl.config import RolloutConfig
-from glm_rl.models.presets import TINY_CHECKPOINT
-from glm_rl.rollout.engines.client import EngineClient
-from glm_rl.rollout.engines.sglang_engine import SGLangEngine, SGLangServerConfig, build_command, contract
+from glm_rl.models.glm45.presets import TINY_CHECKPOINT
+from glm_rl.rollout.engine_client import EngineClient
+from glm_rl.rollout.sglang_engine import SGLangEngine, SGLangServerConfig, build_command, contract
 from glm_rl.rollout.manager import RolloutManager
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"

@@ -10,8 +10,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from glm_rl.evaluate import chat_prompt_ids, evaluate
-from glm_rl.models.checkpoint import CheckpointError, check_matches_preset, load_hf_model, load_mtp
-from glm_rl.models.presets import TINY_CHECKPOINT
+from glm_rl.models.glm45.checkpoint import CheckpointError, check_matches_preset, load_hf_model, load_mtp
+from glm_rl.models.glm45.presets import TINY_CHECKPOINT
 from glm_rl.rollout.data import load_prompts
 from glm_rl.rollout.rewards import arithmetic_reward
 

@@ -3,10 +3,10 @@ loads the whole model from one shared buffer, bitwise."""
 
 import torch
 
-from glm_rl.models.checkpoint import load_hf_model
-from glm_rl.models.presets import TINY_CHECKPOINT
-from glm_rl.rollout.engines.client import EngineClient, tensor_checksum
-from glm_rl.rollout.engines.embedded import EmbeddedEngine, EngineConfig
+from glm_rl.models.glm45.checkpoint import load_hf_model
+from glm_rl.models.glm45.presets import TINY_CHECKPOINT
+from glm_rl.rollout.engine_client import EngineClient, tensor_checksum
+from glm_rl.engine.engine import EmbeddedEngine, EngineConfig
 from glm_rl.weights.flat import ALIGN, entries_to_json, flatten_module_, plan_layout, views
 
 

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from glm_rl.weights.plan import (EngineLayout, PlanError, SourceShard, TensorMeta, box_numel, build_plan,
+from glm_rl.weights.transfer_plan import (EngineLayout, PlanError, SourceShard, TensorMeta, box_numel, build_plan,
                                  floor_seconds, glm45_split_dim, megatron_sources, predict_sync_seconds,
                                  replicated_sources)
 

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from glm_rl.models.checkpoint import CheckpointError, read_spec  # noqa: E402
+from glm_rl.models.glm45.checkpoint import CheckpointError, read_spec  # noqa: E402
 from glm_rl.models.fp8 import (Fp8Error, is_quantizable, parts_of, quantization_config,  # noqa: E402
                                quantize_blockwise, scale_name, weight_files)
 

@@ -2,7 +2,7 @@
 
     pip download --no-deps sglang==0.5.23 -d /tmp/w && mkdir /tmp/sgl && unzip -q /tmp/w/sglang-*.whl -d /tmp/sgl
     pip install --target /tmp/sgl-deps msgspec psutil pybase64 triton pyzmq   # what importing server_args needs
-    PYTHONPATH=/tmp/sgl:/tmp/sgl-deps python tools/extract_sglang_contract.py --out glm_rl/rollout/engines/sglang_contract.json
+    PYTHONPATH=/tmp/sgl:/tmp/sgl-deps python tools/extract_sglang_contract.py --out glm_rl/rollout/sglang_contract.json
 
 What it records (SGLang cannot run on our CPU machines, so tests check against this instead):
 - `server_flags`: every option string of `python -m sglang.launch_server` (ServerArgs.add_cli_args), and which

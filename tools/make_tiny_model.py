@@ -37,7 +37,7 @@ from transformers.modeling_layers import MtpModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from glm_rl.evaluate import chat_prompt_ids, evaluate  # noqa: E402
-from glm_rl.models.presets import glm45_tiny  # noqa: E402
+from glm_rl.models.glm45.presets import glm45_tiny  # noqa: E402
 from glm_rl.rollout.data import PromptRow  # noqa: E402
 from glm_rl.rollout.rewards import arithmetic_reward  # noqa: E402
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Optional
 
-from glm_rl.models.presets import ASSETS, TINY_CHECKPOINT
+from glm_rl.models.glm45.presets import ASSETS, TINY_CHECKPOINT
 
 RECIPE_DATA = ASSETS / "recipes"
 PEFT_CHOICES = (None, "lora", "dora")
@@ -34,7 +34,7 @@ class RecipeError(ValueError):
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSection:
-    preset: str                               # glm_rl.models.presets name
+    preset: str                               # glm_rl.models.glm45.presets name
     hf_checkpoint: Optional[str] = None       # pretrain: HF dir for the tokenizer (weights start random)
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
 
@@ -146,7 +146,7 @@ class RecipeConfig:
 def _parallel(tp: int, pp: int, ep: int, gpus: int, sp: Optional[bool], preset: str) -> ParallelSection:
     """The layout; when PP does not divide the layers, the first and last stages take the remainder off
     (e.g. 92 layers / PP8 = [10, 12 x 6, 10]), as the model's tables do."""
-    from glm_rl.models.presets import get_preset
+    from glm_rl.models.glm45.presets import get_preset
 
     layers, first_last = get_preset(preset).num_hidden_layers, None
     if pp > 2 and layers % pp:
@@ -327,7 +327,7 @@ def apply_overrides(cfg: RecipeConfig, overrides: list[str]) -> RecipeConfig:
 # -- validation -------------------------------------------------------------------------------------------------
 def validate(cfg: RecipeConfig) -> RecipeConfig:
     """Every problem of `cfg` at once (RecipeError), before any process group or model exists."""
-    from glm_rl.models.presets import PRESETS
+    from glm_rl.models.glm45.presets import PRESETS
 
     t, p, problems = cfg.train, cfg.parallel, []
     if cfg.model.preset not in PRESETS:

@@ -1,7 +1,7 @@
 """Does a recipe's layout run on its documented GPU count? `glm-rl plan`'s trainer checks, applied to a recipe.
 
-The layout goes through Megatron's rules (`glm_rl.plan.trainer_layout`) and the heaviest pipeline stage's
-memory through `glm_rl.plan.trainer_memory` (bf16 weights, fp32 grads, distributed Adam, activations with the
+The layout goes through Megatron's rules (`glm_rl.planner.estimate.trainer_layout`) and the heaviest pipeline stage's
+memory through `glm_rl.planner.estimate.trainer_memory` (bf16 weights, fp32 grads, distributed Adam, activations with the
 recipe's recompute). There is no rollout engine in these recipes, so the engine half of `glm-rl plan` is not
 used. PEFT: the base is frozen, so grads and optimizer state are only the adapters'; they are counted from the
 adapter shapes (rank r on every targeted linear: r × (in + out) per linear, per expert for routed experts).
@@ -10,9 +10,9 @@ adapter shapes (rank r on every targeted linear: r × (in + out) per linear, per
 from __future__ import annotations
 
 from glm_rl.cluster import HARDWARE
-from glm_rl.models.presets import get_preset
+from glm_rl.models.glm45.presets import get_preset
 from glm_rl.parallel import layer_split
-from glm_rl.plan import RESERVE_GIB, PlanError, PlanInput, trainer_layout, trainer_memory
+from glm_rl.planner.estimate import RESERVE_GIB, PlanError, PlanInput, trainer_layout, trainer_memory
 from glm_rl.recipes.config import RecipeConfig
 
 GIB = 1 << 30

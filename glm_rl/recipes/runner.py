@@ -57,8 +57,8 @@ def prepare(cfg: RecipeConfig):
     """(spec, tokenizer, rows, checkpoint dir): all input checks, before any distributed work."""
     from transformers import AutoTokenizer
 
-    from glm_rl.models.checkpoint import check_matches_preset
-    from glm_rl.models.presets import get_preset
+    from glm_rl.models.glm45.checkpoint import check_matches_preset
+    from glm_rl.models.glm45.presets import get_preset
     from glm_rl.parallel import LayoutError, check_layout
 
     validate(cfg)
@@ -127,14 +127,14 @@ def build_model(cfg: RecipeConfig, spec, ckpt: Path, device: str):
                             first_stage_layers=p.decoder_first_pipeline_num_layers,
                             last_stage_layers=p.decoder_last_pipeline_num_layers, **over)
     if cfg.pretrained_checkpoint:
-        from glm_rl.models.checkpoint import load_hf_model
+        from glm_rl.models.glm45.checkpoint import load_hf_model
         from glm_rl.trainer.backends.megatron.bridge import import_hf_weights
 
         hf, _ = load_hf_model(ckpt, dtype=getattr(torch, cfg.model.dtype))
         state = hf.state_dict()
         if cfg.mtp.enabled:  # HF's model ignores the MTP layer's tensors: load them as the engine does
-            from glm_rl.models.checkpoint import load_mtp
-            from glm_rl.rollout.engines.speculative import mtp_named_tensors
+            from glm_rl.models.glm45.checkpoint import load_mtp
+            from glm_rl.engine.decode.speculative import mtp_named_tensors
 
             state |= mtp_named_tensors(load_mtp(hf), spec.num_hidden_layers)
         import_hf_weights(model, spec, state)

@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from glm_rl.rollout.engines.client import EngineClient, EngineError
+from glm_rl.rollout.engine_client import EngineClient, EngineError
 
 POLICIES = ("random", "round_robin", "cache_aware", "power_of_two")
 

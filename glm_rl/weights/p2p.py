@@ -1,13 +1,13 @@
 """P2P weight sync: every trainer rank writes its share of the weights straight into engine memory (Mooncake).
 
 Why: gather-to-rank-0-then-broadcast makes one rank's link the bottleneck; here the transfer plan
-(`weights/plan.py`) spreads the bytes over every trainer rank (sources) and every engine rank (destinations).
+(`weights/transfer_planner/estimate.py`) spreads the bytes over every trainer rank (sources) and every engine rank (destinations).
 
 One sync (`push`, run on EVERY trainer rank at once; `TrainerGroup.push_weights` does that):
 1. First push (or when the tensors change): every rank builds the same plan from the tensor metadata (names,
    shapes, the engines' dtype), the source layout (torch backend: every rank a full replica) and each engine's
    layout (`/server_info` tp_size). Rank 0 posts each engine its pieces (`POST /p2p/prepare`, see
-   `rollout/engines/p2p_receiver.py`); the engine registers one receive buffer and answers its Mooncake session
+   `engine/p2p_receiver.py`); the engine registers one receive buffer and answers its Mooncake session
    id and buffer address, which rank 0 broadcasts to the other ranks over the trainer's process group.
 2. Each rank packs its pieces bucket by bucket into one registered staging buffer (cast to the engine dtype) and
    writes each bucket with one batched one-sided write per engine (`batch_transfer_sync_write`), engines in
@@ -47,8 +47,8 @@ from typing import Any
 
 import torch
 
-from glm_rl.rollout.engines.client import parse_dtype
-from glm_rl.weights.plan import (EngineLayout, Plan, TensorMeta, Transfer, build_plan, glm45_split_dim,
+from glm_rl.rollout.engine_client import parse_dtype
+from glm_rl.weights.transfer_plan import (EngineLayout, Plan, TensorMeta, Transfer, build_plan, glm45_split_dim,
                                  local_slices, replicated_sources)
 from glm_rl.weights.transports import BroadcastTransport, Named, _Base
 
@@ -149,7 +149,7 @@ class P2PTransport(_Base):
 
     def _transfer_engine(self):
         if self._te is None:
-            from glm_rl.rollout.engines.p2p_receiver import new_transfer_engine
+            from glm_rl.engine.p2p_receiver import new_transfer_engine
 
             self._te = new_transfer_engine(self.host, self.protocol)
         return self._te

@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 
 from glm_rl.models.fp8 import dequantize_named, gloo_view, quantize_named
-from glm_rl.rollout.engines.client import EngineClient, create_weight_group, tensor_checksum
+from glm_rl.rollout.engine_client import EngineClient, create_weight_group, tensor_checksum
 from glm_rl.rollout.router import free_port
 from glm_rl.weights.bucketing import iter_buckets
 from glm_rl.weights.flat import entries_to_json

@@ -20,7 +20,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from glm_rl.algo import PolicyLossConfig, entropy_from_logits
 from glm_rl.config import AlgoConfig, ModelConfig, TrainConfig
-from glm_rl.models.checkpoint import load_hf_model
+from glm_rl.models.glm45.checkpoint import load_hf_model
 from glm_rl.rollout.samples import Sample
 from glm_rl.trainer import lora
 from glm_rl.trainer.backends.base import PolicyBackend

@@ -87,7 +87,7 @@ class MegatronBackend(PolicyBackend):
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, algo: AlgoConfig, *, temperature: float,
                  seed: int = 1234, device: str = "cpu") -> None:
         from megatron.core import parallel_state as ps
-        from glm_rl.models.checkpoint import check_matches_preset, load_hf_model, read_spec
+        from glm_rl.models.glm45.checkpoint import check_matches_preset, load_hf_model, read_spec
         from glm_rl.trainer.backends.megatron.bridge import import_hf_weights
         from glm_rl.trainer.backends.megatron.model import build_gpt_model
 
@@ -110,8 +110,8 @@ class MegatronBackend(PolicyBackend):
         self.mtp_training = train_cfg.enable_mtp_training
         mtp_state = {}
         if self.mtp_training:  # HF's model ignores the MTP layer's tensors: load them as the engine does
-            from glm_rl.models.checkpoint import load_mtp
-            from glm_rl.rollout.engines.speculative import mtp_named_tensors
+            from glm_rl.models.glm45.checkpoint import load_mtp
+            from glm_rl.engine.decode.speculative import mtp_named_tensors
 
             mtp_state = {k: v.detach().clone() for k, v in
                          mtp_named_tensors(load_mtp(hf), self.spec.num_hidden_layers).items()}

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from glm_rl.models.presets import ModelSpec
+from glm_rl.models.glm45.presets import ModelSpec
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from glm_rl.models.presets import ModelSpec
+from glm_rl.models.glm45.presets import ModelSpec
 from glm_rl.parallel import padded_vocab_size
 
 PADDED_VOCAB_LOGIT = -1e4  # logit of a padded vocab id: exp(-1e4 - max) is 0 in fp32 and bf16, and finite

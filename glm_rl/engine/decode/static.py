@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.glm4_moe.modeling_glm4_moe import apply_rotary_pos_emb
 
-from glm_rl.rollout.engines.generation import SamplingParams, bits_to_uniform, sample_tokens
+from glm_rl.engine.generation import SamplingParams, bits_to_uniform, sample_tokens
 
 log = logging.getLogger(__name__)
 

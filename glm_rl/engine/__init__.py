@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from glm_rl.rollout.engines.client import (EngineClient, EngineError, WeightGroup, create_weight_group,
+from glm_rl.rollout.engine_client import (EngineClient, EngineError, WeightGroup, create_weight_group,
                                            serialize_named_tensors, tensor_checksum)
 
 _EMBEDDED = ("EmbeddedEngine", "EmbeddedEngineActor", "EngineConfig", "engine_actor_class")
@@ -22,7 +22,7 @@ __all__ = ["EngineClient", "EngineError", "WeightGroup", "create_weight_group", 
 
 def __getattr__(name: str) -> Any:
     if name in _EMBEDDED:
-        from glm_rl.rollout.engines import embedded
+        from glm_rl.engine import engine as embedded
 
         return getattr(embedded, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,7 +21,7 @@ from typing import Any
 
 from transformers import Glm4MoeConfig
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 TINY_CHECKPOINT = ASSETS / "glm45-tiny"
 
 

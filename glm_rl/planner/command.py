@@ -1,7 +1,7 @@
 """The `glm-rl plan` command: flags -> `PlanInput`, then a table (or `--json`) and the exit code.
 
 Exit codes: 0 fits; 1 a valid layout that does not fit (the table says where); 2 a layout or input that cannot
-run at all (every reason listed). The memory model and its assumptions are in `glm_rl/plan.py`.
+run at all (every reason listed). The memory model and its assumptions are in `glm_rl/planner/estimate.py`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from rich.console import Console
 from rich.table import Table
 
 from glm_rl.cluster import get_hardware, parse_hostfile, uniform_slots
-from glm_rl.models.presets import get_preset
+from glm_rl.models.glm45.presets import get_preset
 from glm_rl.parallel import LayoutError, ParallelLayout
-from glm_rl.plan import Plan, PlanError, PlanInput, make_plan
+from glm_rl.planner.estimate import Plan, PlanError, PlanInput, make_plan
 
 HARDWARE_CHOICES = ("H100", "H200", "B200", "GB200")
 

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, Glm4MoeForCausalLM
 from transformers.modeling_layers import MtpModel
 
 from glm_rl.models.fp8 import Fp8Error, checkpoint_block_size, dequantize_checkpoint
-from glm_rl.models.presets import ModelSpec, get_preset
+from glm_rl.models.glm45.presets import ModelSpec, get_preset
 
 
 class CheckpointError(ValueError):

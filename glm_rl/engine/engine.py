@@ -9,7 +9,7 @@ Pieces (batched generation math in `generation.py`, HTTP routes in `http_server.
 - `EmbeddedEngine`: a request queue and a scheduler thread that runs BATCHES (every request waiting when a
   batch starts, up to `max_batch_size`), pause/continue, weight updates, checksums, and the HTTP server
   thread. Usable in-process (`start()` → url, `shutdown()`), as a Ray actor (`engine_actor_class()`), or as a
-  process (`python -m glm_rl.rollout.engines.embedded --hf-checkpoint DIR --port P`).
+  process (`python -m glm_rl.engine.engine --hf-checkpoint DIR --port P`).
 
 Routed experts (R3): `meta_info["routed_experts"]` is a list with one entry per position that went through the
 model — prompt_len + completion_len - 1 positions (the last generated token is never fed back) — and each entry
@@ -33,7 +33,7 @@ and add SGLang's `spec_verify_ct` / `spec_accept_length` counters; /server_info 
 Memory occupation (`release_memory_occupation` / `resume_memory_occupation`): on CPU nothing is freed; the state
 is only recorded (`server_info()["memory_released"]`) so colocated drivers can run unchanged.
 
-FP8: an FP8 checkpoint is dequantized on load (`models/checkpoint.py`); a weight update may carry block-FP8
+FP8: an FP8 checkpoint is dequantized on load (`models/glm45/checkpoint.py`); a weight update may carry block-FP8
 weights (float8_e4m3fn, each followed by its `<name>_scale_inv`, as `--rollout-fp8` sends them), which
 `load_weights` dequantizes into the engine's dtype (`models/fp8.py`). Over gloo, float8 travels as raw bytes.
 """
@@ -55,9 +55,9 @@ import torch
 
 from glm_rl.weights.flat import FlatEntry, entries_from_json, flatten_module_, views
 from glm_rl.models.fp8 import Fp8Error, dequantize_named, gloo_view
-from glm_rl.rollout.engines.client import WeightGroup, create_weight_group, parse_dtype, tensor_checksum
-from glm_rl.rollout.engines.generation import GenerationRequest, Row, run_batch
-from glm_rl.rollout.engines.speculative import SpecRow, accumulate_stats, mtp_named_tensors, run_batch_speculative
+from glm_rl.rollout.engine_client import WeightGroup, create_weight_group, parse_dtype, tensor_checksum
+from glm_rl.engine.generation import GenerationRequest, Row, run_batch
+from glm_rl.engine.decode.speculative import SpecRow, accumulate_stats, mtp_named_tensors, run_batch_speculative
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -151,8 +151,8 @@ class EmbeddedEngine:
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> str:
         """Load the model, start the scheduler and the HTTP server; returns the base url."""
-        from glm_rl.models.checkpoint import load_hf_model
-        from glm_rl.rollout.engines.http_server import HttpServer
+        from glm_rl.models.glm45.checkpoint import load_hf_model
+        from glm_rl.engine.http_server import HttpServer
 
         self.model, self.tokenizer = load_hf_model(self.config.hf_checkpoint, DTYPES[self.config.dtype])
         self.model.to(self.config.device)
@@ -170,12 +170,12 @@ class EmbeddedEngine:
         self._state = self.model.state_dict()  # detached views sharing the parameters' storage
         self.mtp = self.decoder = None
         if self.config.enable_mtp:
-            from glm_rl.models.checkpoint import load_mtp
+            from glm_rl.models.glm45.checkpoint import load_mtp
 
             self.mtp = load_mtp(self.model)
             self._state.update(mtp_named_tensors(self.mtp, cfg.num_hidden_layers))
         if self.config.static_kv_cache:  # with MTP it also holds the MTP layer's cache
-            from glm_rl.rollout.engines.static_decode import StaticDecoder
+            from glm_rl.engine.decode.static import StaticDecoder
 
             self.decoder = StaticDecoder(self.model, max_batch=self.config.max_batch_size,
                                          cuda_graph=not self.config.disable_cuda_graph,
@@ -415,7 +415,7 @@ class EmbeddedEngine:
     def p2p(self):
         """The Mooncake receive side of `--update-weight-transfer-mode p2p` (see `p2p_receiver.py`)."""
         if self._p2p is None:
-            from glm_rl.rollout.engines.p2p_receiver import P2PReceiver
+            from glm_rl.engine.p2p_receiver import P2PReceiver
 
             self._p2p = P2PReceiver(self, host=self.config.host)
         return self._p2p

@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from aiohttp import web
 
-from glm_rl.rollout.engines.embedded import WeightError
-from glm_rl.rollout.engines.generation import GenerationRequest, SamplingParams, request_seed
+from glm_rl.engine.engine import WeightError
+from glm_rl.engine.generation import GenerationRequest, SamplingParams, request_seed
 
 if TYPE_CHECKING:
-    from glm_rl.rollout.engines.embedded import EmbeddedEngine, EngineConfig
+    from glm_rl.engine.engine import EmbeddedEngine, EngineConfig
 
 
 class BadRequest(ValueError):
@@ -193,7 +193,7 @@ def _version(body: dict) -> int | None:
 
 
 def _update_from_tensor(engine: "EmbeddedEngine") -> Callable[[dict], Any]:
-    from glm_rl.rollout.engines.embedded import deserialize_flattened, deserialize_named_tensors
+    from glm_rl.engine.engine import deserialize_flattened, deserialize_named_tensors
 
     def run(body: dict) -> Any:
         payloads = _require(body, "serialized_named_tensors", list)

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from glm_rl.rollout.engines.client import parse_dtype
+from glm_rl.rollout.engine_client import parse_dtype
 
 if TYPE_CHECKING:
-    from glm_rl.rollout.engines.embedded import EmbeddedEngine
+    from glm_rl.engine.engine import EmbeddedEngine
 
 
 def new_transfer_engine(host: str, protocol: str):
@@ -62,7 +62,7 @@ class P2PReceiver:
         return self._te
 
     def prepare(self, tensors: list[dict], buffer_bytes: int, protocol: str = "tcp") -> dict[str, Any]:
-        from glm_rl.rollout.engines.embedded import WeightError
+        from glm_rl.engine.engine import WeightError
 
         pieces = _validate(self.engine._state, tensors, buffer_bytes, WeightError)
         with self._lock:
@@ -78,7 +78,7 @@ class P2PReceiver:
                     "num_tensors": len(pieces)}
 
     def commit(self, weight_version: int | None) -> dict[str, Any]:
-        from glm_rl.rollout.engines.embedded import WeightError
+        from glm_rl.engine.engine import WeightError
 
         with self._lock:
             if self._buffer is None:

@@ -49,7 +49,7 @@ import torch
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
-from glm_rl.rollout.engines.generation import (GenerationRequest, HostCopy, Row, new_rows, SamplingParams,
+from glm_rl.engine.generation import (GenerationRequest, HostCopy, Row, new_rows, SamplingParams,
                                                _filter_logits, _RouterCapture, _step_rows, _survivors)
 
 

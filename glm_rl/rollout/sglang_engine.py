@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from glm_rl.rollout.engines.client import EngineClient
+from glm_rl.rollout.engine_client import EngineClient
 
 SGLANG_VERSION = "0.5.23"
 CONTRACT_PATH = Path(__file__).with_name("sglang_contract.json")

@@ -32,7 +32,7 @@ milliseconds. Then a per-GPU memory estimate for the heaviest pipeline stage, fr
   GPU needs max(training peak, engine pool) plus both processes' runtime reserve.
 - reserve: RESERVE_GIB per process (CUDA context, NCCL buffers, CUDA graphs, allocator slack).
 
-Weight sync: the P2P transfer plan (`glm_rl.weights.plan`) over the model's HF tensors, priced at one NIC per
+Weight sync: the P2P transfer plan (`glm_rl.weights.transfer_plan`) over the model's HF tensors, priced at one NIC per
 GPU. p2p: the busiest NIC of the plan. broadcast: one source sends a full copy (a lower bound for gather then
 broadcast). tensor (colocated CUDA IPC): the same cross-node bytes as p2p, then a device-memory copy of each
 engine rank's share. floor: every delivered byte spread evenly over the smaller side's NICs.
@@ -45,7 +45,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from glm_rl.cluster import GIB, Hardware
-from glm_rl.models.presets import ModelSpec
+from glm_rl.models.glm45.presets import ModelSpec
 from glm_rl.parallel import ParallelLayout, layer_split, padded_vocab_size, validate_layout
 
 RESERVE_GIB = 3.0          # per process on a GPU
@@ -264,7 +264,7 @@ def hf_tensor_metas(spec: ModelSpec) -> tuple:
     import torch
     from transformers import Glm4MoeForCausalLM
 
-    from glm_rl.weights.plan import TensorMeta
+    from glm_rl.weights.transfer_plan import TensorMeta
 
     k = spec.first_k_dense_replace
     small = dataclasses.replace(spec, num_hidden_layers=min(spec.num_hidden_layers, k + 1))
@@ -289,7 +289,7 @@ def _layer_key(name: str) -> tuple:
 
 def predict_sync(p: PlanInput, lo: ParallelLayout, trainer_gpus: int, engines: int) -> dict:
     """Predicted seconds per transport for one weight sync, and the physical floor."""
-    from glm_rl.weights.plan import (EngineLayout, build_plan, floor_seconds, glm45_split_dim, megatron_sources,
+    from glm_rl.weights.transfer_plan import (EngineLayout, build_plan, floor_seconds, glm45_split_dim, megatron_sources,
                                      predict_sync_seconds)
 
     tensors = hf_tensor_metas(p.spec)

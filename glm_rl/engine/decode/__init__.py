@@ -1,0 +1,1 @@
+"""Decode loops of the embedded engine."""

@@ -1,0 +1,1 @@
+"""`glm-rl plan`: parallel layout, per-GPU memory and predicted weight-sync time."""
