@@ -10,7 +10,7 @@ tensor, timed until the receiver acknowledges. Best of `--reps`.
 Part 2 (predicted): bf16 bytes of every HF tensor (parameter counts as in `glm_rl/models/glm45/presets.py`, the MTP
 layer left out), a simple model of the Megatron trainer layout (`plan.megatron_sources`: PP stages by layer,
 EP over the expert dim, TP over the TP dim, DP replicas) and 8-GPU engines (TP8 for dense weights, EP8 for
-experts, `plan.glm45_split_dim`), priced by `plan.predict_sync_seconds` at one `--nic-gbps` NIC per GPU, against
+experts, `glm45.hf_names.split_dim`), priced by `plan.predict_sync_seconds` at one `--nic-gbps` NIC per GPU, against
 the physical floor (all bytes spread evenly over the smaller side's NICs) and a single-source broadcast.
 
 Usage: python benchmarks/weight_sync.py [--mib 128 --tensors 4 --reps 3 --nic-gbps 400]
@@ -31,8 +31,8 @@ import torch
 from glm_rl.rollout.engine_client import create_weight_group
 from glm_rl.engine.p2p_receiver import new_transfer_engine
 from glm_rl.rollout.router import free_port
-from glm_rl.weights.transfer_plan import (EngineLayout, TensorMeta, build_plan, floor_seconds, glm45_split_dim,
-                                 megatron_sources, predict_sync_seconds)
+from glm_rl.models.glm45.hf_names import split_dim
+from glm_rl.weights.transfer_plan import (EngineLayout, TensorMeta, build_plan, floor_seconds, megatron_sources, predict_sync_seconds)
 
 OUT = Path(__file__).parent / "results" / "weight_sync.json"
 
@@ -120,8 +120,8 @@ def hf_tensors(spec) -> list[TensorMeta]:
 def predict(name: str, spec, *, trainer_gpus: int, tp: int, pp: int, ep: int, engines: int, engine_gpus: int,
             nic_bytes_s: float) -> dict:
     tensors = hf_tensors(spec)
-    sources = megatron_sources(tensors, world=trainer_gpus, tp=tp, pp=pp, ep=ep, num_layers=spec.num_hidden_layers)
-    layouts = [EngineLayout(e, engine_gpus, glm45_split_dim) for e in range(engines)]
+    sources = megatron_sources(tensors, world=trainer_gpus, tp=tp, pp=pp, ep=ep, num_layers=spec.num_hidden_layers, split=split_dim)
+    layouts = [EngineLayout(e, engine_gpus, split_dim) for e in range(engines)]
     plan = build_plan(tensors, sources, layouts, chunk_bytes=256 << 20)
     model_bytes = sum(m.itemsize * int(torch.Size(m.shape).numel()) for m in tensors)
     n_dst = engines * engine_gpus

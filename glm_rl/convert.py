@@ -37,75 +37,12 @@ from pathlib import Path
 import torch
 
 from glm_rl.models.glm45.checkpoint import CheckpointError, check_matches_preset, read_spec
+from glm_rl.models.glm45.hf_names import ConvertError, fuse, has_mtp_layer, unfuse
 from glm_rl.models.glm45.presets import ModelSpec
 from glm_rl.parallel import ParallelLayout, check_layout
 
 
-class ConvertError(ValueError):
-    """Input a conversion refuses, named in one message (raised before any heavy work)."""
-
-
 # -- HF files ↔ the bridge's (state_dict) names ---------------------------------------------------------------
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
-
-
-def _mtp_copies(spec: ModelSpec) -> dict[str, str]:
-    """MTP-layer file names that hold copies of main-model tensors → the main tensor's name."""
-    out = {}
-    for j in range(spec.num_nextn_predict_layers):
-        p = f"model.layers.{spec.num_hidden_layers + j}."
-        out |= {p + "embed_tokens.weight": "model.embed_tokens.weight", p + "shared_head.head.weight": "lm_head.weight"}
-    return out
-
-
-def has_mtp_layer(names, spec: ModelSpec) -> bool:
-    prefix = f"model.layers.{spec.num_hidden_layers}."
-    return spec.num_nextn_predict_layers > 0 and any(n.startswith(prefix) for n in names)
-
-
-def fuse(disk: dict[str, torch.Tensor], spec: ModelSpec, where: str) -> dict[str, torch.Tensor]:
-    """File names → the bridge's names: per-expert weights stacked, MTP copies of main tensors dropped."""
-    out, experts = {}, {}
-    for name, t in disk.items():
-        if m := _EXPERT.match(name):
-            experts.setdefault(m[1], {})[int(m[2]), m[3]] = t
-        else:
-            out[name] = t
-    for prefix, parts in experts.items():
-        want = {(j, p) for j in range(spec.n_routed_experts) for p in ("gate", "up", "down")}
-        if set(parts) != want:
-            raise ConvertError(f"{where}: {prefix}.* holds {len(parts)} expert tensors, expected "
-                               f"{spec.n_routed_experts} experts × gate/up/down; missing "
-                               f"{sorted(want - set(parts))[:3]}, unexpected {sorted(set(parts) - want)[:3]}")
-        n = spec.n_routed_experts
-        out[prefix + ".gate_up_proj"] = torch.stack([torch.cat([parts[j, "gate"], parts[j, "up"]]) for j in range(n)])
-        out[prefix + ".down_proj"] = torch.stack([parts[j, "down"] for j in range(n)])
-    for copy, main in _mtp_copies(spec).items():
-        if copy in out:
-            if main not in out or not torch.equal(out[copy], out[main]):
-                raise ConvertError(f"{where}: {copy} differs from {main}; Megatron's MTP layer shares the main "
-                                   "model's embedding / output layer, so this checkpoint cannot be represented")
-            del out[copy]
-    return out
-
-
-def unfuse(state: dict[str, torch.Tensor], spec: ModelSpec, template_names: set[str]) -> dict[str, torch.Tensor]:
-    """Inverse of `fuse`: the bridge's names → file names (MTP copies written where the template has them)."""
-    out = {}
-    for name, t in state.items():
-        if name.endswith(".mlp.experts.gate_up_proj"):
-            prefix = name.removesuffix(".gate_up_proj")
-            for j, (gate, up) in enumerate(x.chunk(2, dim=0) for x in t):
-                out[f"{prefix}.{j}.gate_proj.weight"], out[f"{prefix}.{j}.up_proj.weight"] = gate, up
-        elif name.endswith(".mlp.experts.down_proj"):
-            prefix = name.removesuffix(".down_proj")
-            out |= {f"{prefix}.{j}.down_proj.weight": x for j, x in enumerate(t)}
-        else:
-            out[name] = t
-    for copy, main in _mtp_copies(spec).items():
-        if copy in template_names and main in out:
-            out[copy] = out[main].clone()  # its own storage: safetensors refuses shared tensors
-    return out
 
 
 def read_hf_state(path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:

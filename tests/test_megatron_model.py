@@ -114,7 +114,8 @@ def _hf_reference(hf, ids: torch.Tensor, mtp: bool):
     from transformers import DynamicCache
 
     from glm_rl.models.glm45.checkpoint import load_mtp
-    from glm_rl.engine.decode.speculative import _mtp_forward, mtp_named_tensors
+    from glm_rl.engine.decode.speculative import _mtp_forward
+    from glm_rl.models.glm45.hf_names import mtp_named_tensors
 
     with torch.no_grad():
         out = hf.model(ids)

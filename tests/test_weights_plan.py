@@ -6,8 +6,9 @@ import itertools
 
 import pytest
 
+from glm_rl.models.glm45.hf_names import split_dim
 from glm_rl.weights.transfer_plan import (EngineLayout, PlanError, SourceShard, TensorMeta, box_numel, build_plan,
-                                 floor_seconds, glm45_split_dim, megatron_sources, predict_sync_seconds,
+                                 floor_seconds, megatron_sources, predict_sync_seconds,
                                  replicated_sources)
 
 # float32 bytes: 64, 96, 32, 128, 64 (total 384)
@@ -60,7 +61,7 @@ def test_engine_tp2_resharding_covers_each_slice_exactly():
     sources = [SourceShard(0, tensors[0].name, ((0, 4), (0, 4))), SourceShard(1, tensors[0].name, ((4, 8), (0, 4))),
                SourceShard(0, tensors[1].name, ((0, 4), (0, 2))), SourceShard(1, tensors[1].name, ((0, 4), (2, 8))),
                SourceShard(0, tensors[2].name), SourceShard(1, tensors[2].name)]
-    plan = build_plan(tensors, sources, [EngineLayout(0, tp_size=2, split=glm45_split_dim)])
+    plan = build_plan(tensors, sources, [EngineLayout(0, tp_size=2, split=split_dim)])
     q, o, norm = tensors
     for r in (0, 1):
         got = plan.for_engine(0, r)
@@ -84,7 +85,7 @@ def test_uncovered_tensor_is_named():
     with pytest.raises(PlanError, match=r"model\.layers\.3\.mlp\.experts\.down_proj.*\(2, 4\)"):
         build_plan(tensors, sources, [EngineLayout(0)])
     with pytest.raises(PlanError, match="does not split into 3"):
-        build_plan(tensors, replicated_sources(tensors, [0]), [EngineLayout(0, tp_size=3, split=glm45_split_dim)])
+        build_plan(tensors, replicated_sources(tensors, [0]), [EngineLayout(0, tp_size=3, split=split_dim)])
 
 
 def test_megatron_model_layout_and_pricing():
@@ -93,11 +94,11 @@ def test_megatron_model_layout_and_pricing():
                TensorMeta("model.layers.0.mlp.experts.down_proj", (4, 4, 2), "bfloat16"),
                TensorMeta("model.layers.1.mlp.experts.down_proj", (4, 4, 2), "bfloat16"),
                TensorMeta("lm_head.weight", (8, 4), "bfloat16")]
-    src = megatron_sources(tensors, world=4, tp=1, pp=2, ep=2, num_layers=2)
+    src = megatron_sources(tensors, world=4, tp=1, pp=2, ep=2, num_layers=2, split=split_dim)
     held = {(s.rank, s.name): s.box for s in src}
     assert held[(1, tensors[1].name)] == ((2, 4), (0, 4), (0, 2)) and (2, tensors[1].name) not in held
     assert held[(3, tensors[2].name)] == ((2, 4), (0, 4), (0, 2)) and (3, "lm_head.weight") in held
-    plan = build_plan(tensors, src, [EngineLayout(0, tp_size=2, split=glm45_split_dim)])
+    plan = build_plan(tensors, src, [EngineLayout(0, tp_size=2, split=split_dim)])
     assert set(plan.bytes_per_source().values()) == {64}  # 256 B over 4 sources, each rank sends its part
     assert predict_sync_seconds(plan, source_bandwidth=32.0) == pytest.approx(128 / 32)  # 2 dest links busiest
     assert floor_seconds(plan.total_bytes, 2, 32.0) == pytest.approx(4.0)

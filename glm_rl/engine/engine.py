@@ -57,7 +57,8 @@ from glm_rl.weights.flat import FlatEntry, entries_from_json, flatten_module_, v
 from glm_rl.models.fp8 import Fp8Error, dequantize_named, gloo_view
 from glm_rl.rollout.engine_client import WeightGroup, create_weight_group, parse_dtype, tensor_checksum
 from glm_rl.engine.generation import GenerationRequest, Row, run_batch
-from glm_rl.engine.decode.speculative import SpecRow, accumulate_stats, mtp_named_tensors, run_batch_speculative
+from glm_rl.engine.decode.speculative import SpecRow, accumulate_stats, run_batch_speculative
+from glm_rl.models.glm45.hf_names import mtp_named_tensors
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

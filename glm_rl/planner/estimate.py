@@ -254,49 +254,20 @@ def engine_memory(p: PlanInput, engine_gpus_each: int) -> dict:
 
 
 # -- weight sync ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=4)
-def hf_tensor_metas(spec: ModelSpec) -> tuple:
-    """Every HF tensor of the model as bf16, in HF's own names and shapes (HF leaves the MTP layer out).
-    HF builds one dense and one MoE layer on the meta device; the other layers repeat those two (building all
-    92 layers of the 355B, even on meta, takes seconds)."""
-    import dataclasses
-
-    import torch
-    from transformers import Glm4MoeForCausalLM
-
-    from glm_rl.weights.transfer_plan import TensorMeta
-
-    k = spec.first_k_dense_replace
-    small = dataclasses.replace(spec, num_hidden_layers=min(spec.num_hidden_layers, k + 1))
-    with torch.device("meta"):
-        state = Glm4MoeForCausalLM(small.to_hf_config()).state_dict()
-    out = []
-    for name, t in state.items():
-        m = re.match(r"model\.layers\.(\d+)\.(.*)", name)
-        if not m:
-            out.append(TensorMeta(name, tuple(t.shape), "bfloat16"))
-            continue
-        template, rest = int(m.group(1)), m.group(2)
-        copies = range(template, template + 1) if template < k else range(k, spec.num_hidden_layers)
-        out += [TensorMeta(f"model.layers.{i}.{rest}", tuple(t.shape), "bfloat16") for i in copies]
-    return tuple(sorted(out, key=lambda m: (_layer_key(m.name), m.name)))
-
-
-def _layer_key(name: str) -> tuple:
-    m = re.match(r"model\.layers\.(\d+)\.", name)
-    return (1, int(m.group(1))) if m else ((0, 0) if "embed" in name else (2, 0))
 
 
 def predict_sync(p: PlanInput, lo: ParallelLayout, trainer_gpus: int, engines: int) -> dict:
     """Predicted seconds per transport for one weight sync, and the physical floor."""
-    from glm_rl.weights.transfer_plan import (EngineLayout, build_plan, floor_seconds, glm45_split_dim, megatron_sources,
+    from glm_rl.weights.transfer_plan import (EngineLayout, build_plan, floor_seconds, megatron_sources,
                                      predict_sync_seconds)
+
+    from glm_rl.models.glm45.hf_names import hf_tensor_metas, split_dim
 
     tensors = hf_tensor_metas(p.spec)
     per = p.rollout_num_gpus_per_engine
     sources = megatron_sources(tensors, world=trainer_gpus, tp=lo.tp, pp=lo.pp, ep=lo.ep,
-                               num_layers=p.spec.num_hidden_layers)
-    plan = build_plan(tensors, sources, [EngineLayout(e, per, glm45_split_dim) for e in range(engines)],
+                               num_layers=p.spec.num_hidden_layers, split=split_dim)
+    plan = build_plan(tensors, sources, [EngineLayout(e, per, split_dim) for e in range(engines)],
                       chunk_bytes=SYNC_CHUNK_BYTES)
     nic = p.hardware.nic_bytes_s
     model_bytes = sum(t.itemsize * _numel(t.shape) for t in tensors)
@@ -378,4 +349,4 @@ def _fit_problems(p: PlanInput, trainer: dict, engine: dict, total: float, host:
 
 
 __all__ = ["PlanInput", "Plan", "PlanError", "make_plan", "split_gpus", "trainer_layout",
-           "trainer_memory", "engine_memory", "predict_sync", "hf_tensor_metas", "RESERVE_GIB"]
+           "trainer_memory", "engine_memory", "predict_sync", "RESERVE_GIB"]

@@ -134,7 +134,7 @@ def build_model(cfg: RecipeConfig, spec, ckpt: Path, device: str):
         state = hf.state_dict()
         if cfg.mtp.enabled:  # HF's model ignores the MTP layer's tensors: load them as the engine does
             from glm_rl.models.glm45.checkpoint import load_mtp
-            from glm_rl.engine.decode.speculative import mtp_named_tensors
+            from glm_rl.models.glm45.hf_names import mtp_named_tensors
 
             state |= mtp_named_tensors(load_mtp(hf), spec.num_hidden_layers)
         import_hf_weights(model, spec, state)

@@ -48,8 +48,8 @@ from typing import Any
 import torch
 
 from glm_rl.rollout.engine_client import parse_dtype
-from glm_rl.weights.transfer_plan import (EngineLayout, Plan, TensorMeta, Transfer, build_plan, glm45_split_dim,
-                                 local_slices, replicated_sources)
+from glm_rl.models.glm45.hf_names import split_dim
+from glm_rl.weights.transfer_plan import (EngineLayout, Plan, TensorMeta, Transfer, build_plan, local_slices, replicated_sources)
 from glm_rl.weights.transports import BroadcastTransport, Named, _Base
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class P2PTransport(_Base):
         """Read the engines' layouts (rank 0, shared with all ranks); fall back to broadcast for SGLang."""
         info = _guard(lambda: self._each(lambda c: c.server_info())) if self.rank == 0 else None
         info = _unwrap(self.coord.broadcast(info))
-        self.engines = [EngineLayout(i, int(s.get("tp_size", 1)), glm45_split_dim) for i, s in enumerate(info)]
+        self.engines = [EngineLayout(i, int(s.get("tp_size", 1)), split_dim) for i, s in enumerate(info)]
         dtypes = {s.get("dtype") for s in info}
         if len(dtypes) != 1:
             raise RuntimeError(f"p2p: engines run different dtypes {sorted(map(str, dtypes))}")

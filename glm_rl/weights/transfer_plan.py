@@ -15,7 +15,7 @@ Layout format (everything in HF names and HF shapes, i.e. after the trainer's mi
 - Engines: `EngineLayout(engine, tp_size, split)`: engine rank r of `tp_size` needs, for every tensor, the
   r-th of `tp_size` equal slices along `split(name, shape)` (column-parallel q/k/v/gate/up: dim 0, row-parallel
   o/down: dim 1, experts: dim 0 = EP, vocab-parallel embed / lm_head: dim 0), or the whole tensor when `split`
-  returns None (norms, router). `glm45_split_dim` is that table for GLM-4.5 in HF names.
+  returns None (norms, router); `glm_rl.models.glm45.hf_names.split_dim` is that table for GLM-4.5.
 
 Algorithm: every (engine rank, needed box) is cut along every source box boundary inside it, so each piece is
 held whole by at least one source (none: `PlanError` naming the tensor and the uncovered box); pieces larger
@@ -224,27 +224,13 @@ def replicated_sources(tensors: Sequence[TensorMeta], ranks: Iterable[int]) -> l
     return [SourceShard(r, m.name) for r in ranks for m in tensors]
 
 
-def glm45_split_dim(name: str, shape: tuple[int, ...]) -> int | None:
-    """GLM-4.5 (HF names) tensor-parallel / expert-parallel split dim, None for replicated tensors."""
-    if ".mlp.experts." in name:  # fused [E, ...] expert tensors: expert parallel
-        return 0
-    if len(shape) == 0:
-        return None
-    leaf = name.split(".")[-2] if "." in name else name
-    if leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "embed_tokens") or name == "lm_head.weight":
-        return 0
-    if leaf in ("o_proj", "down_proj"):
-        return 1
-    return None
-
-
 def layer_of(name: str) -> int | None:
     parts = name.split(".")
     return int(parts[2]) if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() else None
 
 
 def megatron_sources(tensors: Sequence[TensorMeta], *, world: int, tp: int, pp: int, ep: int, num_layers: int,
-                     split: SplitFn = glm45_split_dim) -> list[SourceShard]:
+                     split: SplitFn) -> list[SourceShard]:
     """A simple model of Megatron's layout: rank = stage * (world // pp) + i; layers are cut into `pp` equal
     stages (embeddings on the first, final norm + LM head on the last); inside a stage, expert tensors are
     split over `ep` ranks along dim 0 (i % ep) and repeated over world // pp // ep expert-DP replicas, other

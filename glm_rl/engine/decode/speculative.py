@@ -24,7 +24,7 @@ only the positions of tokens that stay in the sequence ([L - 1][n_moe][top_k] in
 rows also carry SGLang's speculation counters (`spec_verify_ct`, ...; acceptance length = completion_tokens /
 spec_verify_ct, SGLang's definition, which counts the prefill's token too).
 
-Weight names (`mtp_named_tensors`): the MTP layer's tensors under the checkpoint's names
+Weight names (`glm_rl.models.glm45.hf_names.mtp_named_tensors`): the MTP layer's tensors under the checkpoint's names
 `model.layers.{num_hidden_layers + j}.*` — `enorm`, `hnorm`, `eh_proj`, `shared_head.norm` (HF's
 `post_norm`) and the decoder layer (`mtp_block.*` in HF) with the in-memory names the main model's
 `state_dict()` uses (fused `mlp.experts.gate_up_proj` / `down_proj`), so a trainer that exports
@@ -66,19 +66,6 @@ class SpecRow(Row):
         return {"spec_verify_ct": self.verify_ct, "spec_draft_token_num": self.draft_tokens,
                 "spec_accept_token_num": self.accepted_tokens,
                 "spec_accept_length": n / self.verify_ct if self.verify_ct else float(n > 0)}
-
-
-def mtp_named_tensors(mtp, num_hidden_layers: int) -> dict[str, torch.Tensor]:
-    """The MTP module's tensors under checkpoint names (see the module docstring), sharing its storage."""
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in mtp.state_dict().items():
-        if not name.startswith("layers."):
-            continue  # embed_tokens / shared_head: the main model's own tensors
-        _, j, rest = name.split(".", 2)
-        rest = rest.removeprefix("mtp_block.")
-        rest = "shared_head.norm." + rest.removeprefix("post_norm.") if rest.startswith("post_norm.") else rest
-        out[f"model.layers.{num_hidden_layers + int(j)}.{rest}"] = tensor
-    return out
 
 
 def accumulate_stats(stats: dict[str, Any], rows: Iterable[Row]) -> None:

@@ -111,7 +111,7 @@ class MegatronBackend(PolicyBackend):
         mtp_state = {}
         if self.mtp_training:  # HF's model ignores the MTP layer's tensors: load them as the engine does
             from glm_rl.models.glm45.checkpoint import load_mtp
-            from glm_rl.engine.decode.speculative import mtp_named_tensors
+            from glm_rl.models.glm45.hf_names import mtp_named_tensors
 
             mtp_state = {k: v.detach().clone() for k, v in
                          mtp_named_tensors(load_mtp(hf), self.spec.num_hidden_layers).items()}
