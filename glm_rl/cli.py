@@ -102,8 +102,8 @@ def generate(
     import time
 
     from glm_rl.evaluate import chat_prompt_ids
-    from glm_rl.engine.engine import EmbeddedEngine, EngineConfig
-    from glm_rl.engine.generation import GenerationRequest, SamplingParams, request_seed
+    from glm_rl.engine import EmbeddedEngine, EngineConfig
+    from glm_rl.engine.batch import GenerationRequest, SamplingParams, request_seed
 
     if (prompt_file is None) == (not prompt):
         raise ValueError("give the prompts with --prompt TEXT (repeatable) or --prompt-file FILE (one of them)")

@@ -2,6 +2,10 @@
 sync, checkpoints), built once from the config and passed to the loop. Start-up order matters: placement
 first (so trainer ranks and engines land where the layout says), engines before the router (it health-checks
 them), trainers before the sync group (rank 0 is the broadcast source).
+
+Each component gets its own sections: the engines an `EngineLauncher` (ray/engines.py), the rollout manager
+the `rollout` section, the trainer group `TrainerSections`, the weight sync the `sync` section. Routing replay
+is read once: `engines_return_routed_experts` decides what engines and rollout requests carry.
 """
 
 from __future__ import annotations
@@ -14,15 +18,14 @@ from pathlib import Path
 
 import ray
 
-from glm_rl.config import RunConfig
+from glm_rl.config import RunConfig, engines_return_routed_experts
+from glm_rl.ray.engines import EngineLauncher, engine_launcher
 from glm_rl.ray.placement import Placement, create_placement, init_ray
 from glm_rl.rollout.engine_client import EngineClient
-from glm_rl.engine.engine import EngineConfig, engine_actor_class
-from glm_rl.rollout.sglang_engine import SGLangEngine, SGLangServerConfig
-from glm_rl.rollout.router import RolloutEndpoints, RouterProcess
 from glm_rl.rollout.manager import RolloutManager
+from glm_rl.rollout.router import RolloutEndpoints, RouterProcess
 from glm_rl.rollout.samples import Sample
-from glm_rl.trainer.group import TrainerGroup
+from glm_rl.trainer.group import TrainerGroup, TrainerSections
 
 log = logging.getLogger(__name__)
 
@@ -36,34 +39,35 @@ class Runtime:
     router: RouterProcess
     rollout_manager: object
     trainers: TrainerGroup
+    launcher: EngineLauncher  # to restart an engine as it was started
     weight_version: int = 0
-    engine_cfg: EngineConfig | SGLangServerConfig | None = None  # to restart an engine as it was started
-    share: float = 1.0                                            # of a placement bundle, per actor
+    share: float = 1.0        # of a placement bundle, per actor
 
     @classmethod
-    def start(cls, cfg: RunConfig) -> "Runtime":
+    def start(cls, cfg: RunConfig) -> Runtime:
         n_t, n_e = cfg.train.num_trainer_ranks, cfg.rollout.num_engines
         init_ray(cfg.ray_address, num_cpus=n_t + n_e + 2)
         import torch
 
         placement = create_placement(n_t, n_e, cfg.colocate, use_gpu=torch.cuda.is_available())
         share = 0.5 if cfg.colocate else 1.0
-        engine_cfg = _engine_config(cfg, use_gpu=placement.use_gpu)
-        engines = [_launch_engine(placement, b, share, engine_cfg) for b in placement.engine_bundles]
-        trainers = TrainerGroup(cfg, placement, share)
+        routed = engines_return_routed_experts(cfg.algo.routing_replay)
+        launcher = engine_launcher(cfg.rollout, cfg.model, routed_experts=routed, seed=cfg.seed,
+                                   colocate=cfg.colocate, use_gpu=placement.use_gpu)
+        engines = [launcher.launch(placement, b, share) for b in placement.engine_bundles]
+        trainers = TrainerGroup(TrainerSections(cfg.model, cfg.train, cfg.algo, cfg.megatron, cfg.lora,
+                                                temperature=cfg.rollout.rollout_temperature, seed=cfg.seed),
+                                placement, share)
         urls = ray.get([e.start.remote() for e in engines])
         router = RouterProcess(urls, api_key=cfg.rollout.engine_api_key)
         router.start()
-        embedded = isinstance(engine_cfg, EngineConfig)  # SGLang needs R3's flag per request: direct path
+        # routed experts through the router only from engines that return them unasked (it drops the flag)
         endpoints = RolloutEndpoints(router.url, api_key=cfg.rollout.engine_api_key,
-                                     engines_return_routing=embedded and cfg.algo.use_rollout_routing_replay)
+                                     engines_return_routing=launcher.returns_routing_by_default)
         manager = ray.remote(RolloutManager).options(num_cpus=0).remote(
-            cfg.rollout, cfg.model.hf_checkpoint, endpoints.generate, seed=cfg.seed,
-            return_routed_experts=cfg.algo.use_rollout_routing_replay)
-        trainers.setup_sync(cfg.sync.update_weight_transfer_mode, urls, cfg.rollout.engine_api_key,
-                            cfg.sync.update_weight_buffer_size)
-        return cls(cfg, placement, engines, urls, router, manager, trainers,
-                   engine_cfg=engine_cfg, share=share)
+            cfg.rollout, cfg.model.hf_checkpoint, endpoints.generate, seed=cfg.seed, return_routed_experts=routed)
+        trainers.setup_sync(cfg.sync, urls, cfg.rollout.engine_api_key)
+        return cls(cfg, placement, engines, urls, router, manager, trainers, launcher, share=share)
 
     # -- stages ----------------------------------------------------------------------------------------------
     def rollout(self, step: int) -> tuple[list[Sample], dict]:
@@ -71,7 +75,7 @@ class Runtime:
 
     def sync_weights(self, version: int) -> dict:
         t0 = time.time()
-        result = self.trainers.push_weights(version, self.cfg.sync.check_weight_update_equal)
+        result = self.trainers.push_weights(version)
         self.weight_version = version
         return {"sync/verified": float(result["verified"]), "sync/bytes": float(result["bytes"]),
                 "sync/tensors": float(result["tensors"]), "perf/sync_push_s": time.time() - t0}
@@ -90,12 +94,10 @@ class Runtime:
                 pass
             self.router.remove_worker(self.engine_urls[i])
             bundle = self.placement.engine_bundles[i]
-            self.engines[i] = _launch_engine(self.placement, bundle, self.share, self.engine_cfg)
+            self.engines[i] = self.launcher.launch(self.placement, bundle, self.share)
             self.engine_urls[i] = ray.get(self.engines[i].start.remote())
             self.router.add_worker(self.engine_urls[i])
-        s = self.cfg.sync
-        self.trainers.setup_sync(s.update_weight_transfer_mode, self.engine_urls, self.cfg.rollout.engine_api_key,
-                                 s.update_weight_buffer_size)
+        self.trainers.setup_sync(self.cfg.sync, self.engine_urls, self.cfg.rollout.engine_api_key)
         self.sync_weights(self.weight_version)  # the restarted engine gets the current weights (verified)
         return {"engines/restarted": float(len(dead))}
 
@@ -129,27 +131,3 @@ class Runtime:
             except Exception as e:  # keep tearing down the rest
                 log.warning("shutdown step failed: %s", e)
 
-
-def _engine_config(cfg: RunConfig, use_gpu: bool = False) -> EngineConfig | SGLangServerConfig:
-    """The engines' config; an embedded engine runs on the GPU of its placement bundle when there is one (Ray
-    sets the actor's CUDA_VISIBLE_DEVICES, so "cuda" is that GPU)."""
-    r3 = cfg.algo.use_rollout_routing_replay
-    if cfg.rollout.rollout_engine == "sglang":
-        return SGLangServerConfig(model_path=cfg.model.hf_checkpoint, port=0, api_key=cfg.rollout.engine_api_key,
-                                  tp_size=cfg.rollout.rollout_num_gpus_per_engine, random_seed=cfg.seed,
-                                  enable_return_routed_experts=r3, enable_memory_saver=cfg.colocate,
-                                  speculative_num_steps=cfg.rollout.speculative_num_steps if cfg.rollout.enable_mtp else 0,
-                                  speculative_num_draft_tokens=cfg.rollout.speculative_num_steps + 1,
-                                  extra_args=cfg.rollout.sglang_args)
-    return EngineConfig(hf_checkpoint=cfg.model.hf_checkpoint, dtype=cfg.model.dtype,
-                        device="cuda" if use_gpu else "cpu", api_key=cfg.rollout.engine_api_key, seed=cfg.seed,
-                        record_routed_experts=r3, return_routed_experts_by_default=r3,
-                        enable_mtp=cfg.rollout.enable_mtp,
-                        speculative_num_steps=cfg.rollout.speculative_num_steps)
-
-
-def _launch_engine(placement: Placement, bundle: int, share: float, engine_cfg):
-    if isinstance(engine_cfg, SGLangServerConfig):
-        options = placement.actor_options(bundle, share) | {"num_gpus": share * engine_cfg.tp_size}
-        return ray.remote(SGLangEngine).options(**options).remote(engine_cfg)
-    return engine_actor_class().options(**placement.actor_options(bundle, share)).remote(engine_cfg)

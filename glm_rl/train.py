@@ -41,16 +41,16 @@ def train(cfg: RunConfig) -> Path:
     return out
 
 
-def run_step(cfg: RunConfig, rt: "Runtime", step: int) -> dict:
+def run_step(cfg: RunConfig, rt: Runtime, step: int) -> dict:
     t0 = time.time()
     health = rt.ensure_engines()                                 # restart dead engines, give them weights
     samples, metrics = rt.rollout(step)                          # engines, through the router
-    steps.assign_advantages(samples, cfg)                        # GRPO / GSPO / Dr.GRPO
+    steps.assign_advantages(samples, cfg.algo, cfg.rollout.n_samples_per_prompt)  # GRPO / GSPO / Dr.GRPO
     t1 = time.time()
-    metrics |= steps.old_logprobs(samples, cfg, rt.trainers)     # recompute (R2 record / R3 replay)
-    metrics |= steps.corrections(samples, cfg)                   # TIS / MIS, mismatch metrics
+    metrics |= steps.old_logprobs(samples, cfg.algo, rt.trainers)  # recompute (R2 record / R3 replay)
+    metrics |= steps.corrections(samples, cfg.algo)              # TIS / MIS, mismatch metrics
     t2 = time.time()
-    metrics |= steps.train(samples, cfg, rt.trainers)            # one optimizer step per global batch
+    metrics |= steps.train(samples, cfg.train, rt.trainers)      # one optimizer step per global batch
     t3 = time.time()
     metrics |= rt.sync_weights(version=step + 1)                 # trainer → engines, verified
     t4 = time.time()

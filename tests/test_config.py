@@ -1,12 +1,17 @@
 """`glm-rl train` flags: parsed once into the typed config, validated with the offending values named."""
 
+import argparse
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
-from glm_rl.config import build_parser, parse_args
+import glm_rl
+from glm_rl.config import RoutingReplay, build_parser, engines_return_routed_experts, parse_args
 from glm_rl.models.glm45.presets import TINY_CHECKPOINT
+
+SNAPSHOTS = Path(__file__).parent / "snapshots"
 
 
 def test_defaults_are_the_tiny_demo():
@@ -33,6 +38,42 @@ def test_every_flag_has_help():
     for action in build_parser()._actions:
         if action.option_strings and action.dest != "help":
             assert action.help, action.option_strings
+
+
+def _flag_lines() -> str:
+    """Every `glm-rl train` flag, one per line: its spelling, kind (choices / bool / value type) and default."""
+    lines = []
+    for a in build_parser()._actions:
+        if not a.option_strings or a.dest == "help":
+            continue
+        kind = "choices=" + ",".join(map(str, a.choices)) if a.choices else (
+            "bool" if isinstance(a, argparse.BooleanOptionalAction) else a.metavar)
+        default = repr(a.default).replace(str(Path(glm_rl.__file__).parent), "<glm_rl>")
+        lines.append(f"{' '.join(a.option_strings)}  {kind}  default={default}")
+    return "\n".join(lines) + "\n"
+
+
+def test_flags_snapshot(update_snapshots):
+    """The flag names users (and the launchers) type never change by accident: the config's sections can move,
+    the flags stay (regenerate with `pytest --update-snapshots` when a flag is meant to change, and review)."""
+    path = SNAPSHOTS / "train_flags.txt"
+    if update_snapshots:
+        path.write_text(_flag_lines())
+    assert path.exists(), f"no committed snapshot {path.name}: run pytest --update-snapshots and review it"
+    assert _flag_lines() == path.read_text()
+
+
+@pytest.mark.parametrize("flags,replay,routed", [
+    ([], RoutingReplay.R3, True),
+    (["--no-use-rollout-routing-replay", "--use-routing-replay"], RoutingReplay.R2, False),
+    (["--no-use-rollout-routing-replay"], RoutingReplay.OFF, False),
+])
+def test_routing_replay_is_one_decision(flags, replay, routed):
+    """R2 / R3 come from two slime flags; the parsed config holds one enum, and engines return routed experts
+    exactly for R3."""
+    algo = parse_args(flags).algo
+    assert algo.routing_replay is replay
+    assert engines_return_routed_experts(algo.routing_replay) is routed
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -67,7 +108,7 @@ def test_mtp_training_with_context_parallel(tmp_path):
     MTP layer, GLM-4.5's; a checkpoint with two is refused, named, before any work."""
     flags = ["--backend", "megatron", "--num-trainer-ranks", "2", "--context-parallel-size", "2", "--enable-mtp",
              "--enable-mtp-training"]
-    assert parse_args(flags).train.context_parallel_size == 2
+    assert parse_args(flags).megatron.context_parallel_size == 2
     two = tmp_path / "two_mtp_layers"
     shutil.copytree(TINY_CHECKPOINT, two)
     cfg = json.loads((two / "config.json").read_text())
@@ -98,27 +139,30 @@ def test_sglang_pass_through_flags():
 
 
 # -- --backend megatron: the Megatron flags, validated at parse time --------------------------------------------
-def test_megatron_flags_reach_the_train_section():
+def test_megatron_flags_reach_the_megatron_section():
     cfg = parse_args(["--backend", "megatron", "--num-trainer-ranks", "4", "--tensor-model-parallel-size", "2",
                       "--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "allgather",
                       "--optimizer-cpu-offload", "--recompute-granularity", "full", "--recompute-method", "uniform",
                       "--recompute-num-layers", "1", "--global-batch-size", "16"])
-    t = cfg.train
-    assert (t.backend, t.tensor_model_parallel_size, t.expert_model_parallel_size) == ("megatron", 2, 2)
-    assert t.sequence_parallel is None and t.sequence_parallel_on  # auto: on with TP > 1
-    assert (t.dp_size, t.layout().dp, t.layout().etp) == (2, 2, 1)
-    assert t.optimizer_cpu_offload and t.recompute_num_layers == 1
-    assert parse_args(["--backend", "megatron", "--num-trainer-ranks", "1"]).train.sequence_parallel_on is False
+    t, m = cfg.train, cfg.megatron
+    assert (t.backend, m.tensor_model_parallel_size, m.expert_model_parallel_size) == ("megatron", 2, 2)
+    assert m.sequence_parallel is None and m.sequence_parallel_on  # auto: on with TP > 1
+    layout = m.layout(t.num_trainer_ranks)
+    assert (cfg.dp_size, layout.dp, layout.etp) == (2, 2, 1)
+    assert m.optimizer_cpu_offload and m.recompute_num_layers == 1
+    assert parse_args(["--backend", "megatron", "--num-trainer-ranks", "1"]).megatron.sequence_parallel_on is False
 
 
 def test_megatron_pipeline_and_context_parallel_layouts_parse():
     """PP and CP run in the RL loop (test_megatron_backend.py): the layouts parse, DP = world / (TP x PP x CP)."""
     pp = parse_args(["--backend", "megatron", "--pipeline-model-parallel-size", "2",
-                     "--decoder-first-pipeline-num-layers", "1"]).train
-    assert (pp.dp_size, pp.layout().pp, pp.layout().decoder_first_pipeline_num_layers) == (1, 2, 1)
+                     "--decoder-first-pipeline-num-layers", "1"])
+    lay = pp.megatron.layout(pp.train.num_trainer_ranks)
+    assert (pp.dp_size, lay.pp, lay.decoder_first_pipeline_num_layers) == (1, 2, 1)
     cp = parse_args(["--backend", "megatron", "--num-trainer-ranks", "8", "--context-parallel-size", "2",
-                     "--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2"]).train
-    assert (cp.dp_size, cp.layout().cp, cp.layout().dp) == (1, 2, 1)
+                     "--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2"])
+    lay = cp.megatron.layout(cp.train.num_trainer_ranks)
+    assert (cp.dp_size, lay.cp, lay.dp) == (1, 2, 1)
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -5,6 +5,7 @@ Real Ray actors, real sglang-router, real engines; the kill is a real `ray.kill`
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 import ray
@@ -53,3 +54,22 @@ def test_engine_killed_mid_rollout(runtime):
     assert after["sync/verified"] == 1.0 and after["engines/restarted"] == 0.0
     assert after["rollout/num_samples"] == after["train/num_samples"] == cfg.samples_per_rollout
     assert after["routing/replay_agreement"] == 1.0
+
+
+def test_engine_launchers_follow_the_replay_decision():
+    """Both engine kinds are `RolloutEngine`s to the runtime; the launcher derives every engine-side routing
+    setting from `engines_return_routed_experts`, and says whether routed experts survive the router."""
+    from glm_rl.engine import EmbeddedEngine
+    from glm_rl.ray.engines import RolloutEngine, engine_launcher
+    from glm_rl.rollout.sglang_engine import SGLangEngine
+
+    assert issubclass(EmbeddedEngine, RolloutEngine) and issubclass(SGLangEngine, RolloutEngine)
+    for routed in (True, False):
+        cfg = parse_args([] if routed else ["--no-use-rollout-routing-replay"])
+        kw = dict(routed_experts=routed, seed=cfg.seed, colocate=False, use_gpu=False)
+        embedded = engine_launcher(cfg.rollout, cfg.model, **kw)
+        assert embedded.config.record_routed_experts is embedded.config.return_routed_experts_by_default is routed
+        assert embedded.returns_routing_by_default is routed  # R3 requests may go through the router
+        sglang = engine_launcher(replace(cfg.rollout, rollout_engine="sglang"), cfg.model, **kw)
+        assert sglang.config.enable_return_routed_experts is routed
+        assert sglang.returns_routing_by_default is False  # the router drops the flag: R3 goes to engines directly

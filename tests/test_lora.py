@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from glm_rl.config import AlgoConfig, ModelConfig, TrainConfig, parse_args
+from glm_rl.config import AlgoConfig, LoraConfig, ModelConfig, TrainConfig, parse_args
 from glm_rl.models.glm45.checkpoint import load_hf_model
 from glm_rl.rollout.samples import Sample
 from glm_rl.trainer import lora
@@ -148,7 +148,7 @@ def test_config_errors_name_the_flag(argv, message):
 
 def test_config_accepts_lora_flags():
     cfg = parse_args(["--lora-rank", "8", "--lora-alpha", "32", "--target-modules", "q_proj, v_proj,experts",
-                      "--use-dora", "--lora-dropout", "0.1"]).train
+                      "--use-dora", "--lora-dropout", "0.1"]).lora
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.use_dora, cfg.lora_dropout) == \
         (8, 32.0, ("q_proj", "v_proj", "experts"), True, 0.1)
 
@@ -170,10 +170,11 @@ def make_samples(n: int, seed: int = 0) -> list[Sample]:
     return out
 
 
-def lora_backend(**train) -> TorchBackend:
+def lora_backend(**adapters) -> TorchBackend:
     torch.manual_seed(0)
-    cfg = TrainConfig(lr=1e-2, lora_rank=4, lora_alpha=8, target_modules=",".join(lora.TARGETS), **train)
-    return TorchBackend(ModelConfig(), cfg, AlgoConfig(use_rollout_routing_replay=False), temperature=1.0)
+    cfg = LoraConfig(lora_rank=4, lora_alpha=8, target_modules=",".join(lora.TARGETS), **adapters)
+    return TorchBackend(ModelConfig(), TrainConfig(lr=1e-2), AlgoConfig(use_rollout_routing_replay=False),
+                        lora_cfg=cfg, temperature=1.0)
 
 
 @pytest.fixture(scope="module")

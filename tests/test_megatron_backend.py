@@ -31,18 +31,19 @@ def _worker(rank: int, world: int, store: str, out_path: str, layout: dict, algo
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from glm_rl.config import AlgoConfig, ModelConfig, TrainConfig
+    from glm_rl.config import AlgoConfig, MegatronConfig, ModelConfig, TrainConfig
     from glm_rl.trainer.backends.megatron.backend import MegatronBackend
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        train = TrainConfig(backend="megatron", num_trainer_ranks=world, lr=1e-2, max_tokens_per_gpu=64, **layout)
-        b = MegatronBackend(ModelConfig(), train, AlgoConfig(**algo), temperature=1.0)
+        train = TrainConfig(backend="megatron", num_trainer_ranks=world, lr=1e-2, max_tokens_per_gpu=64)
+        megatron = MegatronConfig(**layout)
+        b = MegatronBackend(ModelConfig(), train, AlgoConfig(**algo), megatron_cfg=megatron, temperature=1.0)
         samples = make_samples(8)
         # DP ranks get 6 and 2 samples: unequal micro-batch counts, so the lighter rank runs pad batches to keep
         # the expert all-to-alls paired (the loss is normalised globally, so any split gives the same step)
-        shard = samples if train.dp_size == 1 else [samples[:6], samples[6:]][ps.get_data_parallel_rank()]
+        shard = samples if megatron.dp_size(world) == 1 else [samples[:6], samples[6:]][ps.get_data_parallel_rank()]
         tokens = float(sum(s.token_mask.sum() for s in samples))
         # R2 on the initial weights: record in the old-logprob pass, replay it in a training pass (its
         # optimizer step skipped, so the R3 step below starts from the same weights)
@@ -409,7 +410,7 @@ def _mtp_worker(rank: int, store: str, out_path: str) -> None:
     os.environ["TORCHDYNAMO_DISABLE"] = "1"
     import torch.distributed as dist
 
-    from glm_rl.config import AlgoConfig, ModelConfig, TrainConfig
+    from glm_rl.config import AlgoConfig, MegatronConfig, ModelConfig, TrainConfig
     from glm_rl.trainer.backends.megatron.backend import MegatronBackend
 
     torch.set_num_threads(1)
@@ -418,9 +419,9 @@ def _mtp_worker(rank: int, store: str, out_path: str) -> None:
         out = {}
         for mtp in (False, True):
             # clipping off: one norm over all parameters (MTP included, as megatron's) would couple the two
-            train = TrainConfig(backend="megatron", num_trainer_ranks=1, lr=0.0, clip_grad=1e9,
-                                enable_mtp_training=mtp)
-            b = MegatronBackend(ModelConfig(), train, AlgoConfig(use_rollout_routing_replay=True), temperature=1.0)
+            train = TrainConfig(backend="megatron", num_trainer_ranks=1, lr=0.0, clip_grad=1e9)
+            b = MegatronBackend(ModelConfig(), train, AlgoConfig(use_rollout_routing_replay=True),
+                                megatron_cfg=MegatronConfig(enable_mtp_training=mtp), temperature=1.0)
             samples = make_samples(8)
             res = b.logprobs(samples)
             for s in samples:

@@ -11,8 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from glm_rl.config import AlgoConfig, ModelConfig, TrainConfig
+from glm_rl.config import AlgoConfig, ModelConfig, RoutingReplay, TrainConfig
 from glm_rl.rollout.samples import Sample
+from glm_rl.trainer.backends.base import TrainerBackend, routing_source
 from glm_rl.trainer.backends.torch_backend import TorchBackend
 from glm_rl.trainer.batching import pack_micro_batches, split_for_dp
 
@@ -115,6 +116,25 @@ def test_r3_replay_changes_logprobs_and_reports_agreement():
     assert r3["replay_total"] == sum(s.num_positions for s in samples) * 3
     assert r3["replay_agree"] < r3["replay_total"]  # random engine routing disagrees with the model's
     assert max(np.abs(plain["old"][i] - r3["old"][i]).max() for i in range(6)) > 1e-3
+
+
+def test_replayed_routing_follows_the_replay_mode():
+    """R3 replays the engine's routing in every pass; R2 replays the trainer's own record in training only (the
+    old-logprob pass records it); off replays nothing."""
+    s = make_samples(1)[0]
+    s.trainer_routing = s.routed_experts.copy()
+    for phase in ("logprob", "train"):
+        assert routing_source(RoutingReplay.R3, phase)(s) is s.routed_experts
+        assert routing_source(RoutingReplay.OFF, phase) is None
+    assert routing_source(RoutingReplay.R2, "logprob") is None
+    assert routing_source(RoutingReplay.R2, "train")(s) is s.trainer_routing
+
+
+def test_both_backends_meet_the_trainer_backend_contract():
+    from glm_rl.trainer.backends.megatron.backend import MegatronBackend
+
+    assert isinstance(backend(4096), TrainerBackend)
+    assert issubclass(MegatronBackend, TrainerBackend)  # its instances need megatron's process groups
 
 
 def test_r2_records_then_replays_identically():

@@ -57,12 +57,7 @@ def plan_command(
     try:
         hw = get_hardware(hardware)
         nodes, per_node = _cluster(num_nodes, gpus_per_node, hostfile, hw.gpus_per_node)
-        for flag, value, choices in (("--recompute-granularity", recompute_granularity, (None, "full", "selective")),
-                                     ("--recompute-method", recompute_method, ("uniform", "block")),
-                                     ("--update-weight-transfer-mode", update_weight_transfer_mode,
-                                      ("tensor", "broadcast", "p2p"))):
-            if value not in choices:
-                raise PlanError([f"{flag} {value!r}: expected one of {', '.join(c for c in choices if c)}"])
+        _check_choices(recompute_granularity, recompute_method, update_weight_transfer_mode)
         tp = tensor_model_parallel_size
         layout = ParallelLayout(tp=tp, pp=pipeline_model_parallel_size, cp=context_parallel_size,
                                 ep=expert_model_parallel_size, etp=expert_tensor_parallel_size,
@@ -80,18 +75,32 @@ def plan_command(
         plan = make_plan(inp, with_sync=not skip_sync,
                          progress=None if as_json else lambda msg: print(msg, file=sys.stderr, flush=True))
     except (LayoutError, PlanError, ValueError) as e:
-        problems = getattr(e, "problems", None) or [str(e)]
-        if as_json:
-            typer.echo(json.dumps({"fits": False, "valid": False, "problems": problems}))
-        else:
-            typer.echo(f"invalid plan for {model_preset}:\n" + "\n".join(f"  - {p}" for p in problems), err=True)
-        raise typer.Exit(2)
+        _report_invalid(model_preset, getattr(e, "problems", None) or [str(e)], as_json)
+        raise typer.Exit(2) from None
     if as_json:
         typer.echo(json.dumps(plan.to_dict() | {"valid": True}, indent=2))
     else:
         render(plan)
     if not plan.fits:
         raise typer.Exit(1)
+
+
+def _check_choices(recompute_granularity: str | None, recompute_method: str, update_weight_transfer_mode: str) -> None:
+    """The string flags with a fixed set of values (typer takes them as plain strings)."""
+    for flag, value, choices in (("--recompute-granularity", recompute_granularity, (None, "full", "selective")),
+                                 ("--recompute-method", recompute_method, ("uniform", "block")),
+                                 ("--update-weight-transfer-mode", update_weight_transfer_mode,
+                                  ("tensor", "broadcast", "p2p"))):
+        if value not in choices:
+            raise PlanError([f"{flag} {value!r}: expected one of {', '.join(c for c in choices if c)}"])
+
+
+def _report_invalid(model_preset: str, problems: list[str], as_json: bool) -> None:
+    """Exit-2 output: every reason the plan cannot run (stdout JSON, or a list on stderr)."""
+    if as_json:
+        typer.echo(json.dumps({"fits": False, "valid": False, "problems": problems}))
+    else:
+        typer.echo(f"invalid plan for {model_preset}:\n" + "\n".join(f"  - {p}" for p in problems), err=True)
 
 
 def _cluster(num_nodes: int | None, gpus_per_node: int | None, hostfile: Path | None,

@@ -7,12 +7,16 @@ full batch, whatever the split (tested).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from glm_rl.rollout.samples import Sample
+
+# the routing a pass replays, read off each sample (trainer/backends/base.py: `routing_source`)
+RoutingSource = Callable[[Sample], "np.ndarray | None"]
 
 
 def split_for_dp(samples: list[Sample], world_size: int) -> list[list[Sample]]:
@@ -54,7 +58,7 @@ class MicroBatch:
     loss_mask: torch.Tensor        # (B, T) float, positions whose target is a response token
     rollout_logp: torch.Tensor     # (B, T) engine's logprobs on response targets, 0 elsewhere
     advantages: torch.Tensor       # (B, T) sample advantage on response targets
-    routed_experts: torch.Tensor | None  # (B, T, n_moe, k) engine's routing (R3), or None
+    routed_experts: torch.Tensor | None  # (B, T, n_moe, k) the routing to replay (R3 / R2), or None
     extra: dict[str, torch.Tensor]       # (B, T) old_logprobs / ref_logprobs / token_weights when set
 
     def per_sample(self, x: torch.Tensor) -> list[np.ndarray]:
@@ -62,9 +66,9 @@ class MicroBatch:
         return [x[i][self.loss_mask[i].bool()].detach().cpu().numpy() for i in range(len(self.samples))]
 
 
-def collate(samples: list[Sample], pad_id: int, routing: str | None = None) -> MicroBatch:
-    """Pad samples into a MicroBatch; `routing` names the Sample field to replay ("routed_experts" for R3,
-    "trainer_routing" for R2) or None."""
+def collate(samples: list[Sample], pad_id: int, routing: RoutingSource | None = None) -> MicroBatch:
+    """Pad samples into a MicroBatch; `routing` reads the routing to replay off a sample (the engine's for R3,
+    the trainer's recorded one for R2), or None."""
     T = max(s.num_positions for s in samples)
     B = len(samples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -82,10 +86,10 @@ def collate(samples: list[Sample], pad_id: int, routing: str | None = None) -> M
         rollout_logp[i, p - 1:n] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
         advantages[i, p - 1:n] = s.advantage
         if routing:
-            chosen = getattr(s, routing)
+            chosen = routing(s)
             if chosen is None or chosen.shape[0] != n:
                 got = None if chosen is None else chosen.shape
-                raise ValueError(f"sample {s.index}: {routing} {got}, expected {n} positions")
+                raise ValueError(f"sample {s.index}: {routing.__name__} {got}, expected {n} positions")
             if routed is None:
                 routed = torch.zeros((B, T, *chosen.shape[1:]), dtype=torch.long)
                 routed[:] = torch.arange(routed.shape[-1])  # pad rows: any valid distinct experts

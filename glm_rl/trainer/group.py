@@ -8,29 +8,45 @@ stage's TP-rank-0, CP-rank-0 rank, which holds the logprobs and the loss), so no
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 import torch
 import torch.distributed as dist
 
-from glm_rl.config import RunConfig
+from glm_rl.config import AlgoConfig, LoraConfig, MegatronConfig, ModelConfig, SyncConfig, TrainConfig
 from glm_rl.ray.placement import Placement
 from glm_rl.rollout.router import free_port
 from glm_rl.rollout.samples import Sample
+from glm_rl.trainer.backends.base import TrainerBackend
 from glm_rl.trainer.backends.torch_backend import TorchBackend
 
 
-def make_backend(cfg: RunConfig, device: str):
-    """The backend --backend names (megatron is imported only when chosen)."""
-    kw = dict(temperature=cfg.rollout.rollout_temperature, device=device)
-    match cfg.train.backend:
+@dataclass(frozen=True)
+class TrainerSections:
+    """The config sections a trainer rank reads, and nothing else of the run's config."""
+
+    model: ModelConfig
+    train: TrainConfig
+    algo: AlgoConfig
+    megatron: MegatronConfig
+    lora: LoraConfig
+    temperature: float  # the rollout's sampling temperature: logprobs are taken under it
+    seed: int
+
+
+def make_backend(c: TrainerSections, device: str) -> TrainerBackend:
+    """The backend --backend names, with its own section (megatron is imported only when chosen)."""
+    match c.train.backend:
         case "torch":
-            return TorchBackend(cfg.model, cfg.train, cfg.algo, **kw)
+            return TorchBackend(c.model, c.train, c.algo, lora_cfg=c.lora, temperature=c.temperature, device=device)
         case "megatron":
             from glm_rl.trainer.backends.megatron.backend import MegatronBackend
 
-            return MegatronBackend(cfg.model, cfg.train, cfg.algo, seed=cfg.seed, **kw)
+            return MegatronBackend(c.model, c.train, c.algo, megatron_cfg=c.megatron, temperature=c.temperature,
+                                   seed=c.seed, device=device)
         case other:
             raise ValueError(f"--backend {other!r} unknown; valid: torch, megatron")
 
@@ -38,16 +54,16 @@ def make_backend(cfg: RunConfig, device: str):
 class TrainerActor:
     """One rank: joins the trainer process group and owns a backend."""
 
-    def __init__(self, cfg: RunConfig, rank: int, world_size: int, master: str) -> None:
+    def __init__(self, sections: TrainerSections, rank: int, world_size: int, master: str) -> None:
         torch.set_num_threads(1)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(sections.seed)
         self.rank = rank
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=master,
                                 rank=rank, world_size=world_size)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.backend = make_backend(cfg, device)
+        self.backend: TrainerBackend = make_backend(sections, device)
         self.sync = None
-        self.rollout_fp8 = cfg.sync.rollout_fp8  # setup_sync's callers pass only the transport's endpoints
+        self.sync_cfg: SyncConfig | None = None
 
     def dp_coords(self) -> tuple[int, bool]:
         """(data-parallel rank, whether this rank reports for it)."""
@@ -69,18 +85,19 @@ class TrainerActor:
         return torch.get_rng_state().numpy().tobytes()
 
     # weight sync runs on rank 0, which holds a full replica (data parallel); p2p runs on every rank (a source each)
-    def setup_sync(self, mode: str, engine_urls: list[str], api_key: str | None, bucket_bytes: int) -> None:
-        from glm_rl.weights.transports import make_transport
+    def setup_sync(self, sync: SyncConfig, engine_urls: list[str], api_key: str | None) -> None:
+        from glm_rl.weights.modes import make_transport
 
         if self.sync is not None:  # rebuilt after an engine restart
             self.sync.close()
-        self.sync = make_transport(mode, engine_urls, api_key, bucket_bytes, fp8=self.rollout_fp8)
-        if mode == "tensor" and not self.rollout_fp8:  # colocated: share the whole model as one buffer
+        mode, self.sync_cfg = sync.update_weight_transfer_mode, sync
+        self.sync = make_transport(mode, engine_urls, api_key, sync.update_weight_buffer_size, fp8=sync.rollout_fp8)
+        if mode == "tensor" and not sync.rollout_fp8:  # colocated: share the whole model as one buffer
             self.sync.flat = self.backend.flatten_weights()
         self.sync.prepare()
 
-    def push_weights(self, version: int, verify: bool) -> dict:
-        return self.sync.push(self.backend.named_tensors(), version, verify)
+    def push_weights(self, version: int) -> dict:
+        return self.sync.push(self.backend.named_tensors(), version, self.sync_cfg.check_weight_update_equal)
 
     def export_weights(self) -> None:
         """Take part in a collective weight export without sending (megatron: TP/EP gathers need every rank)."""
@@ -93,54 +110,55 @@ class TrainerActor:
 
 
 class TrainerGroup:
-    def __init__(self, cfg: RunConfig, placement: Placement, share: float) -> None:
-        n = cfg.train.num_trainer_ranks
+    def __init__(self, sections: TrainerSections, placement: Placement, share: float) -> None:
+        n = sections.train.num_trainer_ranks
         master = f"tcp://127.0.0.1:{free_port()}"
         options = {}
-        if cfg.train.backend == "megatron" and not torch.cuda.is_available():
+        if sections.train.backend == "megatron" and not torch.cuda.is_available():
             # megatron's jit_fuser is torch.compile, chosen when megatron is imported (17 s cold per process on
             # CPU for tiny fused ops): the actor process must start with dynamo off (FACTS.md, cpu_shims.py).
             options["runtime_env"] = {"env_vars": {"TORCHDYNAMO_DISABLE": "1"}}
         remote = ray.remote(TrainerActor)
         self.actors = [remote.options(**placement.actor_options(placement.trainer_bundles[r], share), **options)
-                       .remote(cfg, r, n, master) for r in range(n)]
+                       .remote(sections, r, n, master) for r in range(n)]
         coords = ray.get([a.dp_coords.remote() for a in self.actors])
         self.dp_rank = [dp for dp, _ in coords]              # the shard each actor trains on
         self.reporters = [i for i, (_, lead) in enumerate(coords) if lead]  # one per DP rank
         self.dp_size = len(self.reporters)
-        self.collective_export = cfg.train.backend == "megatron"
+        self.collective_export = sections.train.backend == "megatron"
 
     @property
     def rank0(self):
         return self.actors[0]
 
-    def setup_sync(self, mode: str, engine_urls: list[str], api_key: str | None, bucket_bytes: int) -> None:
+    def setup_sync(self, sync: SyncConfig, engine_urls: list[str], api_key: str | None) -> None:
         """Weight-sync sources: every rank for p2p (each sends its share of the plan), else rank 0 alone."""
-        self._sync_ranks = list(range(len(self.actors))) if mode == "p2p" else [0]
-        ray.get([self.actors[r].setup_sync.remote(mode, engine_urls, api_key, bucket_bytes)
-                 for r in self._sync_ranks])
+        self._sync_ranks = list(range(len(self.actors))) if sync.update_weight_transfer_mode == "p2p" else [0]
+        ray.get([self.actors[r].setup_sync.remote(sync, engine_urls, api_key) for r in self._sync_ranks])
 
-    def push_weights(self, version: int, verify: bool) -> dict:
-        """Push on every source rank at once; rank 0's result (it commits and verifies). With a collective
-        export (megatron), the other ranks run the export alongside without sending."""
-        pushes = [self.actors[r].push_weights.remote(version, verify) for r in self._sync_ranks]
+    def push_weights(self, version: int) -> dict:
+        """Push on every source rank at once (verified when --check-weight-update-equal); rank 0's result (it
+        commits and verifies). With a collective export (megatron), the other ranks run the export alongside
+        without sending."""
+        pushes = [self.actors[r].push_weights.remote(version) for r in self._sync_ranks]
         helpers = [a.export_weights.remote() for r, a in enumerate(self.actors)
                    if self.collective_export and r not in self._sync_ranks]
         ray.get(helpers)
         return ray.get(pushes)[0]
 
-    def _per_dp(self, method: str, shards: list[list[Sample]], *args) -> list[dict]:
-        """Call `method` on every actor with its DP rank's shard; the reporting ranks' results, by DP rank."""
+    def _per_dp(self, call: Callable[[ray.actor.ActorHandle, list[Sample]], ray.ObjectRef],
+                shards: list[list[Sample]]) -> list[dict]:
+        """`call(actor, shard)` on every actor with its DP rank's shard; the reporting ranks' results, by DP rank."""
         if len(shards) != self.dp_size:
             raise ValueError(f"{len(shards)} sample shards for {self.dp_size} data-parallel ranks")
-        results = ray.get([getattr(a, method).remote(shards[dp], *args) for a, dp in zip(self.actors, self.dp_rank)])
+        results = ray.get([call(a, shards[dp]) for a, dp in zip(self.actors, self.dp_rank)])
         return [results[i] for i in self.reporters]
 
     def logprobs(self, shards: list[list[Sample]]) -> list[dict]:
-        return self._per_dp("logprobs", shards)
+        return self._per_dp(lambda a, shard: a.logprobs.remote(shard), shards)
 
-    def train_step(self, shards: list[list[Sample]], global_tokens: int) -> list[dict]:
-        return self._per_dp("train_step", shards, global_tokens)
+    def train_step(self, shards: list[list[Sample]], global_tokens: float) -> list[dict]:
+        return self._per_dp(lambda a, shard: a.train_step.remote(shard, global_tokens), shards)
 
     def save(self, path: Path) -> None:
         ray.get([a.save.remote(str(path)) for a in self.actors])

@@ -1,7 +1,8 @@
 """The driver-side stages of one RL step that touch samples: advantages, old logprobs, corrections, train.
 
 They run in the driver on whole batches (so MIS normalises over the batch and metrics are global) and hand
-per-rank shards to the trainer group.
+per-rank shards to the trainer group. Each takes the config section it reads (`algo`, or `train` for the
+optimizer steps), not the run's whole config.
 """
 
 from __future__ import annotations
@@ -10,25 +11,26 @@ import numpy as np
 import torch
 
 from glm_rl.algo import compute_advantages, mis_weights, mismatch_metrics, tis_weights
-from glm_rl.config import RunConfig
+from glm_rl.config import AlgoConfig, TrainConfig
 from glm_rl.rollout.samples import Sample
 from glm_rl.trainer.batching import split_for_dp
 
 
-def assign_advantages(samples: list[Sample], cfg: RunConfig) -> None:
+def assign_advantages(samples: list[Sample], algo: AlgoConfig, group_size: int) -> None:
+    """Per-sample advantages over groups of `group_size` (--n-samples-per-prompt) contiguous samples."""
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
     kw = {}
-    if cfg.algo.advantage_estimator in ("grpo", "gspo"):
-        kw["normalize_std"] = cfg.algo.normalize_advantage_std
-    adv = compute_advantages(cfg.algo.advantage_estimator, rewards, cfg.rollout.n_samples_per_prompt, **kw)
+    if algo.advantage_estimator in ("grpo", "gspo"):
+        kw["normalize_std"] = algo.normalize_advantage_std
+    adv = compute_advantages(algo.advantage_estimator, rewards, group_size, **kw)
     for s, a in zip(samples, adv.tolist()):
         s.advantage = a
 
 
-def old_logprobs(samples: list[Sample], cfg: RunConfig, trainers) -> dict[str, float]:
+def old_logprobs(samples: list[Sample], algo: AlgoConfig, trainers) -> dict[str, float]:
     """Old logprobs per sample: recomputed by the trainer (default) or the engine's (--use-rollout-logprobs)."""
     metrics: dict[str, float] = {}
-    if cfg.algo.use_rollout_logprobs and cfg.algo.kl_loss_coef == 0:
+    if algo.use_rollout_logprobs and algo.kl_loss_coef == 0:
         for s in samples:
             s.old_logprobs = np.asarray(s.rollout_logprobs, dtype=np.float32)
         return metrics
@@ -42,7 +44,7 @@ def old_logprobs(samples: list[Sample], cfg: RunConfig, trainers) -> dict[str, f
         for i, chosen in res["routing"].items():
             by_index[i].trainer_routing = chosen
     total = sum(r["replay_total"] for r in results)
-    if cfg.algo.use_rollout_logprobs:
+    if algo.use_rollout_logprobs:
         for s in samples:
             s.old_logprobs = np.asarray(s.rollout_logprobs, dtype=np.float32)
     if total:
@@ -50,19 +52,19 @@ def old_logprobs(samples: list[Sample], cfg: RunConfig, trainers) -> dict[str, f
     return metrics
 
 
-def _padded(samples: list[Sample], name: str) -> torch.Tensor:
-    width = max(len(s.response_ids) for s in samples)
-    out = torch.zeros((len(samples), width))
-    for i, s in enumerate(samples):
-        values = getattr(s, name)
+def _padded(rows: list, width: int) -> torch.Tensor:
+    """(len(rows), width): each row's per-response-token values, zero-padded on the right."""
+    out = torch.zeros((len(rows), width))
+    for i, values in enumerate(rows):
         out[i, :len(values)] = torch.tensor(np.asarray(values, dtype=np.float32))
     return out
 
 
-def corrections(samples: list[Sample], cfg: RunConfig) -> dict[str, float]:
+def corrections(samples: list[Sample], a: AlgoConfig) -> dict[str, float]:
     """Train/rollout mismatch metrics, then TIS or MIS weights per response token (batch-level)."""
-    a = cfg.algo
-    old, rollout = _padded(samples, "old_logprobs"), _padded(samples, "rollout_logprobs")  # (B, T)
+    width = max(len(s.response_ids) for s in samples)
+    old = _padded([s.old_logprobs for s in samples], width)  # (B, T)
+    rollout = _padded([s.rollout_logprobs for s in samples], width)  # (B, T)
     mask = torch.zeros_like(old)
     for i, s in enumerate(samples):
         mask[i, :len(s.response_ids)] = 1.0
@@ -82,9 +84,9 @@ def corrections(samples: list[Sample], cfg: RunConfig) -> dict[str, float]:
     return metrics
 
 
-def train(samples: list[Sample], cfg: RunConfig, trainers) -> dict[str, float]:
+def train(samples: list[Sample], train_cfg: TrainConfig, trainers) -> dict[str, float]:
     """One optimizer step per global batch; loss normalised by the global batch's response-token count."""
-    gbs = cfg.train.global_batch_size or len(samples)
+    gbs = train_cfg.global_batch_size or len(samples)
     sums: dict[str, float] = {}
     tokens_total = 0.0
     grad_norms = []

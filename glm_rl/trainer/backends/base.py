@@ -1,50 +1,128 @@
-"""The RL step both trainer backends share: old-logprob recompute with routing replay, and the training step.
+"""The trainer backend contract (`TrainerBackend`), and the RL step both backends share (`PolicyBackend`).
 
-A backend differs in how it runs the model and reduces gradients, not in what one step computes; keeping the
-step (and the per-micro-batch loss, `micro_batch_loss`) here means the torch backend (the numerical reference)
-and the Megatron backend cannot drift apart. A subclass sets `model`, `ref_model` (or None), `replay` (R2 / R3:
-`record`, `replay`, `off`, `mode`, `recorded`, `take_agreement`), `algo`, `loss_cfg`, `opt` (with `step()`),
-`device`, and implements:
+`TrainerBackend` is what a trainer rank (trainer/group.py) calls; both backends satisfy it (tested). The step
+itself — old-logprob recompute with routing replay, and the training step with the per-micro-batch loss
+(`micro_batch_loss`) — lives in `PolicyBackend`: a backend differs in how it runs the model and reduces
+gradients, not in what one step computes, so the torch backend (the numerical reference) and the Megatron
+backend cannot drift apart. A subclass sets `model`, `ref_model` (or None), `replay` (`ReplayHooks`), `algo`,
+`loss_cfg`, `opt` (with `step()`) and `device`, and implements the hooks at the end of `PolicyBackend`
+(`_micro_batches`, `_zero_grads`, `_reduce_grads_and_clip`, and `_forward` unless it overrides the passes that
+call it: `_forward_pass` for old / reference logprobs and `_train_pass` for forward + backward — the Megatron
+backend runs both through megatron's pipeline schedule, where only the last stage sees logprobs — and `_count`
+to sum replay agreement over ranks that split one sample's tokens or layers).
 
-    _forward(model, mb, with_entropy) -> (logp (B, T), entropy (B, T) | None)
-    _micro_batches(samples, phase)     -> list[MicroBatch]   (phase: "logprob" | "train")
-    _zero_grads()
-    _reduce_grads_and_clip()           -> grad norm (after the data-parallel reduction)
-
-It may instead override how micro-batches are driven through the model — `_forward_pass` (old / reference
-logprobs) and `_train_pass` (forward + backward of `micro_batch_loss`); the Megatron backend runs both through
-megatron's pipeline schedule, where only the last stage sees logprobs — and `_count` (sum replay agreement over
-ranks that split one sample's tokens or layers).
+Which routing a pass replays follows `AlgoConfig.routing_replay` (`routing_source`): R3 the engine's choice in
+every pass, R2 the trainer's own choice recorded in the old-logprob pass, replayed in training.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from glm_rl.algo import policy_loss
+from glm_rl.config.algo import AlgoConfig, RoutingReplay
 from glm_rl.rollout.samples import Sample
-from glm_rl.trainer.batching import MicroBatch
+from glm_rl.trainer.batching import MicroBatch, RoutingSource
 
 LossFn = Callable[[torch.Tensor, "torch.Tensor | None", MicroBatch], torch.Tensor]
+Phase = Literal["logprob", "train"]
+
+
+@runtime_checkable
+class TrainerBackend(Protocol):
+    """One trainer rank's model, optimizer and weight export, as a trainer rank (`TrainerActor`) drives it.
+    Built from the model / train / algo sections plus its own (torch: `lora`, megatron: `megatron`)."""
+
+    def dp_coords(self) -> tuple[int, bool]:
+        """(data-parallel rank = the sample shard this rank trains on, whether this rank reports for it)."""
+        ...
+
+    def logprobs(self, samples: list[Sample]) -> dict[str, Any]:
+        """{"old", "ref": {sample index: (response,) logprobs}, "routing": {index: (positions, n_moe, k)} (R2's
+        record), "replay_agree", "replay_total": ints}; a rank that does not report returns empty dicts."""
+        ...
+
+    def train_step(self, samples: list[Sample], global_tokens: float) -> dict[str, float]:
+        """One optimizer step on this DP rank's shard; token-mean metrics, "n_tokens", "train/grad_norm"."""
+        ...
+
+    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor) for every weight the engines load (a collective for sharded backends)."""
+        ...
+
+    def flatten_weights(self) -> tuple[torch.Tensor, list]:
+        """(one buffer, layout) holding every engine weight, for the colocated `tensor` sync; a backend that
+        cannot share one raises NotImplementedError (the config refuses that pairing at parse time)."""
+        ...
+
+    def save(self, path: Path) -> None: ...
+
+    def load(self, path: Path) -> None: ...
+
+
+class ReplayHooks(Protocol):
+    """The routing-replay state a backend installs on its routers (trainer/routing_replay.py, megatron/replay.py)."""
+
+    mode: str
+    num_moe_layers: int
+
+    def record(self, valid: torch.Tensor) -> None: ...
+
+    def replay(self, forced: torch.Tensor, valid: torch.Tensor) -> None: ...
+
+    def off(self) -> None: ...
+
+    def recorded(self) -> torch.Tensor: ...
+
+    def take_agreement(self) -> tuple[int, int]: ...
+
+
+def routed_experts(s: Sample) -> np.ndarray | None:
+    """R3: the experts the rollout engine chose."""
+    return s.routed_experts
+
+
+def trainer_routing(s: Sample) -> np.ndarray | None:
+    """R2: the trainer's own choice, recorded in the old-logprob pass."""
+    return s.trainer_routing
+
+
+def routing_source(replay: RoutingReplay, phase: Phase) -> RoutingSource | None:
+    """The routing a `phase` pass replays under `replay`, or None (the pass routes with its own weights)."""
+    match replay:
+        case RoutingReplay.R3:
+            return routed_experts
+        case RoutingReplay.R2:
+            return trainer_routing if phase == "train" else None
+        case RoutingReplay.OFF:
+            return None
+        case _:
+            raise ValueError(f"routing replay {replay!r} unknown")
 
 
 class PolicyBackend:
-    def _routing_field(self, phase: str) -> str | None:
-        """Which sample field holds the routing to replay: the engine's (R3) or, when training, R2's record."""
-        if self.algo.use_rollout_routing_replay:
-            return "routed_experts"
-        if self.algo.use_routing_replay and phase == "train":
-            return "trainer_routing"
-        return None
+    """The shared RL step; subclasses set the attributes below and implement the hooks at the end."""
 
-    def _set_replay(self, mb: MicroBatch, phase: str) -> None:
+    model: torch.nn.Module
+    ref_model: torch.nn.Module | None
+    replay: ReplayHooks
+    algo: AlgoConfig
+    device: str
+
+    def _routing_source(self, phase: Phase) -> RoutingSource | None:
+        return routing_source(self.algo.routing_replay, phase)
+
+    def _set_replay(self, mb: MicroBatch, phase: Phase) -> None:
+        """Replay the micro-batch's routing when it carries one; R2's old-logprob pass records instead."""
         if mb.routed_experts is not None:
             self.replay.replay(mb.routed_experts, mb.valid)
-        elif self.algo.use_routing_replay and phase == "logprob":
+        elif self.algo.routing_replay is RoutingReplay.R2 and phase == "logprob":
             self.replay.record(mb.valid)
         else:
             self.replay.off()
@@ -146,6 +224,23 @@ class PolicyBackend:
         if total:  # replayed routing vs the current weights' own choice (drifts with later optimizer steps)
             out["routing/train_replay_agreement"] = agree / total
         return out
+
+
+    # -- hooks a backend implements ---------------------------------------------------------------------------------
+    def _forward(self, model, mb: MicroBatch, with_entropy: bool = False):
+        """(logp (B, T), entropy (B, T) | None) of `mb`'s targets (used by the default passes)."""
+        raise NotImplementedError
+
+    def _micro_batches(self, samples: list[Sample], phase: Phase) -> list[MicroBatch]:
+        """Samples packed by --max-tokens-per-gpu, each micro-batch carrying `_routing_source(phase)`'s routing."""
+        raise NotImplementedError
+
+    def _zero_grads(self) -> None:
+        raise NotImplementedError
+
+    def _reduce_grads_and_clip(self) -> float:
+        """Sum gradients over data-parallel ranks, clip by --clip-grad; the global grad norm."""
+        raise NotImplementedError
 
 
 def _to(x: torch.Tensor | None, device: str) -> torch.Tensor | None:

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from glm_rl.algo import PolicyLossConfig, entropy_from_logits
-from glm_rl.config import AlgoConfig, ModelConfig, TrainConfig
+from glm_rl.config import AlgoConfig, LoraConfig, ModelConfig, TrainConfig
 from glm_rl.models.glm45.checkpoint import load_hf_model
 from glm_rl.rollout.samples import Sample
 from glm_rl.trainer import lora
-from glm_rl.trainer.backends.base import PolicyBackend
+from glm_rl.trainer.backends.base import Phase, PolicyBackend
 from glm_rl.trainer.batching import MicroBatch, collate, pack_micro_batches
 from glm_rl.trainer.routing_replay import RoutingReplay
 
@@ -35,16 +35,19 @@ def loss_config(algo: AlgoConfig) -> PolicyLossConfig:
 
 
 class TorchBackend(PolicyBackend):
+    """A `TrainerBackend` over the HF model; `lora_cfg` (default: none) wraps it with adapters."""
+
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, algo: AlgoConfig, *,
-                 temperature: float, device: str = "cpu") -> None:
+                 lora_cfg: LoraConfig | None = None, temperature: float, device: str = "cpu") -> None:
+        lora_cfg = lora_cfg or LoraConfig()
         dtype = getattr(torch, model_cfg.dtype)
         self.model, tokenizer = load_hf_model(model_cfg.hf_checkpoint, dtype=dtype, preset=model_cfg.model_preset)
         self.model.to(device).train()
-        self.lora = train_cfg.lora_rank > 0
+        self.lora = lora_cfg.enabled
         self.flat = None  # (buffer, layout) once `flatten_weights` ran (colocated tensor sync)
         if self.lora:  # same seed on every rank (the actor seeds torch first), so every replica starts equal
-            lora.apply_lora(self.model, train_cfg.lora_rank, train_cfg.lora_alpha, train_cfg.lora_targets,
-                            dora=train_cfg.use_dora, dropout=train_cfg.lora_dropout, seed=torch.initial_seed())
+            lora.apply_lora(self.model, lora_cfg.lora_rank, lora_cfg.lora_alpha, lora_cfg.lora_targets,
+                            dora=lora_cfg.use_dora, dropout=lora_cfg.lora_dropout, seed=torch.initial_seed())
         self.pad_id = tokenizer.pad_token_id
         self.cfg, self.algo, self.device = train_cfg, algo, device
         self.temperature = temperature if temperature > 0 else 1.0
@@ -80,8 +83,8 @@ class TorchBackend(PolicyBackend):
             p.grad = g
         return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad))
 
-    def _micro_batches(self, samples: list[Sample], phase: str) -> list[MicroBatch]:
-        routing = self._routing_field(phase)
+    def _micro_batches(self, samples: list[Sample], phase: Phase) -> list[MicroBatch]:
+        routing = self._routing_source(phase)
         return [collate(group, self.pad_id, routing)
                 for group in pack_micro_batches(samples, self.cfg.max_tokens_per_gpu)]
 

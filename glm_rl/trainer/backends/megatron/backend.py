@@ -38,7 +38,7 @@ algorithms and metrics are shared (base.py, including the per-micro-batch loss).
   copy of the word embeddings, kept equal to the first stage's (optim.py; tested). With CP megatron normalises
   each CP rank's MTP loss by that rank's own MTP tokens; the scale is set per CP rank so the CP sum is the
   micro-batch's MTP token mean, and the metrics are summed over CP peers first: CP gives CP1's step and figures
-  (`_weigh_mtp`; tested). One scale serves every MTP layer, so CP takes one MTP layer (GLM-4.5's; config.py).
+  (`_weigh_mtp`; tested). One scale serves every MTP layer, so CP takes one MTP layer (GLM-4.5's; config/run.py).
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from glm_rl.config import AlgoConfig, ModelConfig, TrainConfig
+from glm_rl.config import AlgoConfig, MegatronConfig, ModelConfig, RoutingReplay, TrainConfig
 from glm_rl.rollout.samples import Sample
-from glm_rl.trainer.backends.base import PolicyBackend
+from glm_rl.trainer.backends.base import Phase, PolicyBackend
 from glm_rl.trainer.backends.megatron.logprobs import vocab_parallel_logprobs
 from glm_rl.trainer.backends.megatron.optim import Optimizer, reduce_grads_and_clip
 from glm_rl.trainer.backends.megatron.pipeline import PIPELINE_CONFIG
@@ -60,17 +60,17 @@ from glm_rl.trainer.backends.torch_backend import loss_config
 from glm_rl.trainer.batching import MicroBatch, collate, pack_micro_batches
 
 
-def init_parallel(train_cfg: TrainConfig, seed: int) -> None:
+def init_parallel(megatron_cfg: MegatronConfig, world_size: int, seed: int) -> None:
     """Megatron parallel state + model-parallel RNG on the initialised default group (model.py applies the CPU
     shims first)."""
     from glm_rl.trainer.backends.megatron.model import setup_model_parallel
 
-    lay = train_cfg.layout()
+    lay = megatron_cfg.layout(world_size)
     setup_model_parallel(tp=lay.tp, ep=lay.ep, pp=lay.pp, cp=lay.cp, etp=lay.etp, seed=seed)
 
 
-def _model_overrides(t: TrainConfig) -> dict:
-    """TransformerConfig fields the train flags set (build_gpt_model passes them through), plus what the
+def _model_overrides(t: MegatronConfig) -> dict:
+    """TransformerConfig fields the megatron flags set (build_gpt_model passes them through), plus what the
     pipeline schedule needs (pipeline.PIPELINE_CONFIG)."""
     over = dict(sequence_parallel=t.sequence_parallel_on, moe_token_dispatcher_type=t.moe_token_dispatcher_type,
                 first_stage_layers=t.decoder_first_pipeline_num_layers,
@@ -84,30 +84,31 @@ def _model_overrides(t: TrainConfig) -> dict:
 
 
 class MegatronBackend(PolicyBackend):
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, algo: AlgoConfig, *, temperature: float,
-                 seed: int = 1234, device: str = "cpu") -> None:
+    """A `TrainerBackend` over megatron-core's GPTModel; `megatron_cfg` (default: one rank, no parallelism) sets
+    the layout and Megatron's options."""
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, algo: AlgoConfig, *,
+                 megatron_cfg: MegatronConfig | None = None, temperature: float, seed: int = 1234,
+                 device: str = "cpu") -> None:
         from megatron.core import parallel_state as ps
+
         from glm_rl.models.glm45.checkpoint import check_matches_preset, load_hf_model, read_spec
         from glm_rl.trainer.backends.megatron.bridge import import_hf_weights
         from glm_rl.trainer.backends.megatron.model import build_gpt_model
 
+        m = megatron_cfg or MegatronConfig()
         ckpt = model_cfg.hf_checkpoint
         self.spec = check_matches_preset(ckpt, model_cfg.model_preset) if model_cfg.model_preset else read_spec(ckpt)
-        init_parallel(train_cfg, seed)
+        init_parallel(m, train_cfg.num_trainer_ranks, seed)
         self.cfg, self.algo, self.device = train_cfg, algo, device
         self.dtype = getattr(torch, model_cfg.dtype)
         self.temperature = temperature if temperature > 0 else 1.0
         self.loss_cfg = loss_config(algo)
-        self.tp, self.tp_rank, self.tp_group = (ps.get_tensor_model_parallel_world_size(),
-                                                ps.get_tensor_model_parallel_rank(),
-                                                ps.get_tensor_model_parallel_group())
-        self.cp, self.cp_group = ps.get_context_parallel_world_size(), ps.get_context_parallel_group()
-        self.cp_rank = ps.get_context_parallel_rank()
-        self.pp_group = ps.get_pipeline_model_parallel_group()
-        self.sp = train_cfg.sequence_parallel_on
+        self._parallel_groups()
+        self.sp = m.sequence_parallel_on
         hf, tokenizer = load_hf_model(ckpt, dtype=self.dtype)  # the HF model: the one reader of the checkpoint
         hf_state, self.pad_id = hf.state_dict(), tokenizer.pad_token_id
-        self.mtp_training = train_cfg.enable_mtp_training
+        self.mtp_training = m.enable_mtp_training
         mtp_state = {}
         if self.mtp_training:  # HF's model ignores the MTP layer's tensors: load them as the engine does
             from glm_rl.models.glm45.checkpoint import load_mtp
@@ -117,22 +118,20 @@ class MegatronBackend(PolicyBackend):
                          mtp_named_tensors(load_mtp(hf), self.spec.num_hidden_layers).items()}
         # the engine's dtype per tensor: megatron keeps torch norms in fp32 under bf16, HF (and so the engine) not
         self.hf_dtypes = {name: t.dtype for name, t in {**hf_state, **mtp_state}.items()}
-        replay = algo.use_rollout_routing_replay or algo.use_routing_replay
         self._mtp_scale = _LossScale(device)  # the schedule's MTP loss scale, set per micro-batch in training
 
         def build(routing_replay: bool, mtp: bool = False):
             # MTP training: megatron's `mtp_detach_heads` feeds the MTP layer detached hidden states, embeddings
             # and LM-head weight, so its loss trains the MTP layer alone (the backbone's gradients are unchanged)
-            over = dict(mtp_loss_scaling_factor=train_cfg.mtp_loss_scaling_factor, mtp_detach_heads=True,
+            over = dict(mtp_loss_scaling_factor=m.mtp_loss_scaling_factor, mtp_detach_heads=True,
                         mtp_grad_scale_func=self._mtp_scale) if mtp else {}
             model = build_gpt_model(self.spec, tp=self.tp, ep=ps.get_expert_model_parallel_world_size(),
                                     params_dtype=self.dtype, moe_enable_routing_replay=routing_replay,
-                                    fast=device.startswith("cuda"), mtp=mtp, **over,
-                                    **_model_overrides(train_cfg))
+                                    fast=device.startswith("cuda"), mtp=mtp, **over, **_model_overrides(m))
             import_hf_weights(model, self.spec, {**hf_state, **mtp_state} if mtp else hf_state)
             return model.to(device)
 
-        self.model = build(replay, mtp=self.mtp_training).train()
+        self.model = build(algo.routing_replay is not RoutingReplay.OFF, mtp=self.mtp_training).train()
         self.mtp_layers = self.model.config.mtp_num_layers or 0
         self._mtp_batches, self._mtp_figures = 0, []  # this step's: see _weigh_mtp
         # this stage's decoder routers only: the engine's routing (R3) covers the main layers, not the MTP layer's
@@ -142,9 +141,19 @@ class MegatronBackend(PolicyBackend):
         self.ref_model = build(False).requires_grad_(False) if algo.kl_loss_coef > 0 else None
         del hf, hf_state, mtp_state
         self.opt = Optimizer(self.model, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
-                             betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-                             cpu_offload=train_cfg.optimizer_cpu_offload,
-                             fp32_master=train_cfg.use_precision_aware_optimizer)
+                             betas=(train_cfg.adam_beta1, train_cfg.adam_beta2), cpu_offload=m.optimizer_cpu_offload,
+                             fp32_master=m.use_precision_aware_optimizer)
+
+    def _parallel_groups(self) -> None:
+        """This rank's TP / CP / PP sizes, ranks and groups, from megatron's parallel state."""
+        from megatron.core import parallel_state as ps
+
+        self.tp, self.tp_rank, self.tp_group = (ps.get_tensor_model_parallel_world_size(),
+                                                ps.get_tensor_model_parallel_rank(),
+                                                ps.get_tensor_model_parallel_group())
+        self.cp, self.cp_group = ps.get_context_parallel_world_size(), ps.get_context_parallel_group()
+        self.cp_rank = ps.get_context_parallel_rank()
+        self.pp_group = ps.get_pipeline_model_parallel_group()
 
     def dp_coords(self) -> tuple[int, bool]:
         """(data-parallel rank = the sample shard this rank trains on, whether it reports for its DP rank): the
@@ -234,7 +243,7 @@ class MegatronBackend(PolicyBackend):
 
         share = float(mb.loss_mask.sum()) / self._global_tokens
         counts = _mtp_token_counts(mb.loss_mask, self.mtp_layers, self.cp_rank, self.cp)  # (layer, [own, all])
-        own, whole = counts[0].tolist()  # one scale serves all layers: config.py refuses >1 MTP layer with CP
+        own, whole = counts[0].tolist()  # one scale serves all layers: the config refuses >1 MTP layer with CP
         self._mtp_scale.value = share * num_micro_batches * own / max(whole, 1.0)
         self._mtp_batches += share > 0
         # megatron's tracker now holds this micro-batch's figures on this rank: per layer its MTP token mean
@@ -261,17 +270,17 @@ class MegatronBackend(PolicyBackend):
                 # top-1 accuracy of the MTP head on t+2 (what speculative decoding's acceptance rests on)
                 "train/mtp_accuracy": float(f[..., 2].sum() / f[..., 3].sum().clamp(min=1))}
 
-    def _micro_batches(self, samples: list[Sample], phase: str) -> list[MicroBatch]:
+    def _micro_batches(self, samples: list[Sample], phase: Phase) -> list[MicroBatch]:
         """Packed by --max-tokens-per-gpu, padded for SP and CP, and topped up with pad batches so every rank runs
         as many as the busiest one (expert all-to-alls are collectives)."""
-        routing = self._routing_field(phase)
+        routing = self._routing_source(phase)
         multiple = (self.tp if self.sp else 1) * (2 * self.cp if self.cp > 1 else 1)
         mbs = [_pad_to(collate(g, self.pad_id, routing), multiple, self.pad_id)
                for g in pack_micro_batches(samples, self.cfg.max_tokens_per_gpu)]
         count = torch.tensor([len(mbs)], device=self.device)  # on the device: NCCL reduces device tensors only
         if dist.is_initialized():
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        k = (self.replay.num_moe_layers, self.spec.num_experts_per_tok) if routing else None
+        k = (self.replay.num_moe_layers, self.spec.num_experts_per_tok) if routing is not None else None
         return mbs + [_pad_batch(multiple, self.pad_id, k) for _ in range(int(count) - len(mbs))]
 
     def _count(self, agree: int, total: int) -> tuple[int, int]:
@@ -305,6 +314,11 @@ class MegatronBackend(PolicyBackend):
         from glm_rl.trainer.backends.megatron.bridge import export_hf_weights
 
         return [(n, t.to(self.hf_dtypes[n])) for n, t in export_hf_weights(self.model, self.spec)]
+
+    def flatten_weights(self):
+        """Not supported: the colocated `tensor` sync shares the torch backend's HF weights as one buffer (the
+        config refuses --update-weight-transfer-mode tensor with --backend megatron)."""
+        raise NotImplementedError("--update-weight-transfer-mode tensor needs --backend torch")
 
     def save(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
