@@ -5,8 +5,8 @@
 A sender process holds the trainer's weights of a GLM-4.5-shaped model (default ≈1.06 B parameters, bf16) on
 the GPU; the receiver process (the engine's side) holds its own copy and loads what arrives. Two paths:
 - flat (what `TensorTransport` does once the trainer's weights are flattened, `glm_rl/weights/flat.py`): the
-  whole model is ONE CUDA IPC handle plus a layout; the receiver decodes it with the engine's
-  `deserialize_flattened` and, its own weights being flattened with the same layout, copies it in one go;
+  whole model is ONE CUDA IPC handle plus a layout; the receiver decodes it with `deserialize_flattened`
+  (`glm_rl/weights/wire.py`, what the engine uses) and, its own weights being flattened with the same layout, copies it in one go;
 - per-tensor buckets (the path before flattening): one IPC handle per tensor, `--bucket-mb` per message.
 Baseline: one `copy_` of a flat buffer of the same bytes on the same device.
 Prints a table and writes JSON (benchmarks/results/colocated_update.json).
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from glm_rl.rollout.engine_client import serialize_named_tensors, serialize_object
-from glm_rl.engine.engine import deserialize_flattened, deserialize_named_tensors
 from glm_rl.weights.flat import entries_to_json, plan_layout, views
+from glm_rl.weights.wire import (deserialize_flattened, deserialize_named_tensors, serialize_flattened,
+                                 serialize_named_tensors)
 
 
 def glm45_shapes(hidden: int, layers: int, experts: int, ffn: int, vocab: int = 151552) -> dict[str, tuple]:
@@ -71,7 +71,7 @@ def receiver(shapes, conn) -> None:
         if kind == "flat":
             flat, layout = deserialize_flattened(payload)
             assert layout == entries
-            own.copy_(flat)  # EmbeddedEngine.load_flattened: same layout → one copy
+            own.copy_(flat)  # EngineWeights.load_flattened: same layout → one copy
         else:
             for name, t in deserialize_named_tensors(payload):
                 params[name].copy_(t)
@@ -109,7 +109,7 @@ def main() -> None:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         if kind == "flat":
-            parent.send(("flat", serialize_object({"flattened_tensor": flat, "metadata": layout})))
+            parent.send(("flat", serialize_flattened(flat, layout)))
             assert parent.recv() == "ok"
         else:
             for names in plan:

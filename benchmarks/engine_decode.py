@@ -4,14 +4,14 @@
     python benchmarks/engine_decode.py --random-model default --device cuda --dtype bfloat16   # GPU box
     python benchmarks/engine_decode.py --random-model hidden=1024,layers=8,experts=64,top_k=8,ffn=512
 
-1. Throughput: the same prompts through the engine's generation path (`generation.run_batch`, what
+1. Throughput: the same prompts through the engine's generation path (`glm_rl.engine.decode.run_batch`, what
    EmbeddedEngine runs per batch, without HTTP) with its default decoder (static KV cache, CUDA graphs on GPU:
-   static_decode.py; graphs are captured in a first untimed run, as an engine does at its first batches, and
+   decode/static.py; graphs are captured in a first untimed run, as an engine does at its first batches, and
    that run's time is reported apart), with HF's DynamicCache path of the same code (`static_kv_cache=False`),
    and through HF `generate`, at each batch size: sampling at
    temperature 1 (no top-k / top-p; HF's default top_k=50 turned off), eos ignored, exactly `--new-tokens`
    tokens per row; tokens/s = batch x new tokens / wall time (prefill included, as a user sees it).
-2. MTP at batch 1: prompts one at a time through `run_batch` and `speculative.run_batch_speculative`, both
+2. MTP at batch 1: prompts one at a time through `run_batch` without and with `mtp` (speculative decoding), both
    over the engine's static-cache decoders
    (temperature `--mtp-temperature`, default greedy, stopping at eos): tokens/s of each, the speedup, the
    acceptance length (completion tokens / verify forwards, SGLang's definition), and the cost of one verify
@@ -37,8 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from glm_rl.models.glm45.presets import ASSETS, TINY_CHECKPOINT, ModelSpec  # noqa: E402
-from glm_rl.engine.generation import GenerationRequest, SamplingParams, run_batch  # noqa: E402
-from glm_rl.engine.decode.speculative import run_batch_speculative  # noqa: E402
+from glm_rl.engine.batch import GenerationRequest, SamplingParams  # noqa: E402
+from glm_rl.engine.decode import run_batch  # noqa: E402
 from glm_rl.engine.decode.static import StaticDecoder  # noqa: E402
 
 RANDOM_DEFAULTS = {"hidden": 1024, "layers": 8, "experts": 64, "top_k": 8, "ffn": 512, "vocab": 151552,
@@ -121,9 +121,7 @@ def engine_generate(model, prompts, sampling: SamplingParams, eos, mtp=None, num
     requests = [GenerationRequest(rid=str(i), input_ids=tuple(p), sampling=sampling, seed=i)
                 for i, p in enumerate(prompts)]
     common = dict(eos_ids=eos, pad_id=0, gates=[], should_abort=lambda: False)
-    if mtp is None:
-        return run_batch(model, requests, decoder=decoder, **common)
-    return run_batch_speculative(model, mtp, requests, num_steps=num_steps, decoder=decoder, **common)
+    return run_batch(model, requests, decoder=decoder, mtp=mtp, num_steps=num_steps, **common)
 
 
 def hf_generate(model, prompts, new_tokens: int):
@@ -156,7 +154,7 @@ def throughput(args, model, prompts_of, eos) -> list[dict]:
         rows.append({"batch": b, "new_tokens": args.new_tokens, "engine_tok_s": tokens / t_engine,
                      "engine_dynamic_cache_tok_s": tokens / t_dynamic, "hf_generate_tok_s": tokens / t_hf,
                      "engine_over_hf": t_hf / t_engine, "dynamic_cache_over_hf": t_hf / t_dynamic,
-                     "engine_first_run_s": first, "cuda_graphs": len(decoder._graphs)})
+                     "engine_first_run_s": first, "cuda_graphs": len(decoder.graphs.captured)})
     return rows
 
 

@@ -10,7 +10,8 @@ import urllib.request
 import pytest
 
 from glm_rl.models.glm45.presets import TINY_CHECKPOINT
-from glm_rl.engine import EmbeddedEngine, EngineClient, EngineConfig, EngineError
+from glm_rl.engine import EmbeddedEngine, EngineConfig
+from glm_rl.rollout.engine_client import EngineClient, EngineError
 
 PROMPT = [1, 2, 4, 23, 13, 10, 17, 11, 5, 23]  # chat prompt of "63+4"
 

@@ -13,7 +13,8 @@ import torch
 from glm_rl.evaluate import chat_prompt_ids
 from glm_rl.models.glm45.checkpoint import load_hf_model
 from glm_rl.models.glm45.presets import ASSETS, TINY_CHECKPOINT
-from glm_rl.engine import EmbeddedEngine, EngineClient, EngineConfig
+from glm_rl.engine import EmbeddedEngine, EngineConfig
+from glm_rl.rollout.engine_client import EngineClient
 
 
 @pytest.fixture(scope="module")

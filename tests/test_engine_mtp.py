@@ -25,11 +25,14 @@ from safetensors import safe_open
 from glm_rl.evaluate import chat_prompt_ids
 from glm_rl.models.glm45.checkpoint import load_hf_model, load_mtp
 from glm_rl.models.glm45.presets import ASSETS, TINY_CHECKPOINT
-from glm_rl.engine import EmbeddedEngine, EngineClient, EngineConfig, tensor_checksum
-from glm_rl.engine.decode import speculative
-from glm_rl.engine.generation import GenerationRequest, SamplingParams, run_batch
-from glm_rl.engine.decode.speculative import run_batch_speculative, speculative_accept
+from glm_rl.engine import EmbeddedEngine, EngineConfig
+from glm_rl.engine.batch import GenerationRequest, SamplingParams
+from glm_rl.engine.decode import run_batch, spec_rules
+from glm_rl.engine.decode.spec_rules import speculative_accept
 from glm_rl.engine.decode.static import StaticDecoder
+from glm_rl.engine.decode.static_speculative import StaticSpeculation
+from glm_rl.rollout.engine_client import EngineClient
+from glm_rl.weights.wire import tensor_checksum
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def client(static):
     url = engine.start()
     if static and engine.decoder is None:
         engine.shutdown()
-        pytest.skip("embedded.py builds no StaticDecoder when enable_mtp is on (yet)")
+        pytest.skip("the engine builds no StaticDecoder when enable_mtp is on (yet)")
     yield EngineClient(url, timeout=60)
     engine.shutdown()
 
@@ -80,7 +83,7 @@ def _run(hf, requests, num_steps: int | None, decoder=None, should_abort=lambda:
     common = dict(eos_ids=model.generation_config.eos_token_id, pad_id=0, gates=gates, should_abort=should_abort)
     if num_steps is None:
         return run_batch(model, requests, **common)
-    return run_batch_speculative(model, mtp, requests, num_steps=num_steps, decoder=decoder, **common)
+    return run_batch(model, requests, mtp=mtp, num_steps=num_steps, decoder=decoder, **common)
 
 
 def _chi2_pvalue(counts: dict, probs: dict, n: int, min_expected: float = 5.0) -> float:
@@ -147,15 +150,15 @@ def test_drafts_are_the_mtp_layers_full_sequence_predictions(hf, eval_prompts, d
     second draft equals the layer run once more on (its own output state, the first draft)."""
     model, mtp, _ = hf
     seen: list = []
-    draft_row = speculative._draft_row
+    draft_row = spec_rules.draft_row
 
     def record(logits, row, *best):
         token, q = draft_row(logits, row, *best)
         seen.append((row, len(row.output_ids), logits.clone(), token))
         return token, q
 
-    monkeypatch.setattr(speculative, "_draft_row", record)
-    monkeypatch.setattr(speculative._StaticSpec, "fused_greedy", False)  # drafts through `_draft_row`
+    monkeypatch.setattr(spec_rules, "draft_row", record)
+    monkeypatch.setattr(StaticSpeculation, "fused_greedy", False)  # drafts through `draft_row`
     _run(hf, _requests(eval_prompts[:8], temperature=0.0, max_new_tokens=16), num_steps, decoder)
     assert len(seen) > 8 * num_steps
     worst, first = 0.0, {}
@@ -330,9 +333,9 @@ def test_fused_greedy_step_equals_the_general_loop(hf, eval_prompts, monkeypatch
     assert calls and len({len(r.output_ids) for r in fused}) > 3
     dynamic = _run(hf, greedy, 1)
     _assert_same_rows(dynamic, fused)
-    monkeypatch.setattr(speculative._StaticSpec, "fused_greedy", False)
+    monkeypatch.setattr(StaticSpeculation, "fused_greedy", False)
     _assert_same_rows(_run(hf, greedy, 1, StaticDecoder(model, max_batch=16, mtp=mtp)), fused)
-    monkeypatch.setattr(speculative._StaticSpec, "fused_greedy", True)
+    monkeypatch.setattr(StaticSpeculation, "fused_greedy", True)
 
     def abort_after(n):
         calls = iter(range(10 ** 6))

@@ -1,12 +1,13 @@
-"""The engine's batched sampler (generation.sample_tokens): inverse-CDF at counter-based uniforms must draw exactly
+"""The engine's batched sampler (sampling.sample_tokens): inverse-CDF at counter-based uniforms must draw exactly
 from softmax(filtered logits / T), and a row's draw must depend only on its own (seed, step)."""
 
 from __future__ import annotations
 
 import torch
 
-from glm_rl.engine.generation import (SamplingParams, _cdf, bits_to_uniform, counter_bits,
-                                               counter_bits_many, counter_uniform, sample_tokens)
+from glm_rl.engine.batch import SamplingParams
+from glm_rl.engine.sampling import (bits_to_uniform, cdf, counter_bits, counter_bits_many, counter_uniform,
+                                    sample_tokens)
 
 # chi-square critical values at significance 1e-3 (tables): degrees of freedom -> value
 CHI2_CRIT = {2: 13.816, 5: 20.515}
@@ -93,7 +94,7 @@ def test_vectorised_counter_bits_equal_the_scalar_ones():
 
 
 def test_blocked_cdf_equals_the_flat_scan_and_skips_zero_probability_tokens():
-    """Vocab-long rows are scanned in blocks (`_cdf`); the sums equal a flat float64 scan to rounding, and a token
+    """Vocab-long rows are scanned in blocks (`cdf`); the sums equal a flat float64 scan to rounding, and a token
     of probability 0 — here every block's first and last token, and a padded tail — is never drawn."""
     torch.manual_seed(0)
     V = 5 * 1024 + 300
@@ -102,7 +103,7 @@ def test_blocked_cdf_equals_the_flat_scan_and_skips_zero_probability_tokens():
     logits[:, 1023::1024] = float("-inf")
     probs = torch.softmax(logits, -1)
     flat = probs.double().cumsum(-1)
-    assert (_cdf(probs) - flat).abs().max().item() < 1e-12
+    assert (cdf(probs) - flat).abs().max().item() < 1e-12
     n = 4000
     rows = logits[:1].expand(n, -1)
     tokens = sample_tokens(rows, SamplingParams(temperature=1.0), _uniforms((i, 0) for i in range(n)))[0]

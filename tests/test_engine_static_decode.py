@@ -1,4 +1,4 @@
-"""The static-KV-cache decoder (static_decode.py) against HF's DynamicCache path of the same engine code, on the
+"""The static-KV-cache decoder (decode/static.py) against HF's DynamicCache path of the same engine code, on the
 shipped tiny checkpoint (fp32, CPU: the decoder runs without CUDA graphs here; tests/test_gpu.py covers graphs)."""
 
 from __future__ import annotations
@@ -8,8 +8,10 @@ import torch
 
 from glm_rl.models.glm45.checkpoint import load_hf_model
 from glm_rl.models.glm45.presets import TINY_CHECKPOINT
-from glm_rl.engine.generation import GenerationRequest, SamplingParams, run_batch
-from glm_rl.engine.decode.static import StaticDecoder, batch_bucket, span_bucket
+from glm_rl.engine.batch import GenerationRequest, SamplingParams
+from glm_rl.engine.decode import run_batch
+from glm_rl.engine.decode.graphs import batch_bucket, span_bucket
+from glm_rl.engine.decode.static import StaticDecoder
 
 
 @pytest.fixture(scope="module")

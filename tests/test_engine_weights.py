@@ -15,8 +15,10 @@ import torch
 
 from glm_rl.models.glm45.checkpoint import load_hf_model
 from glm_rl.models.glm45.presets import TINY_CHECKPOINT
-from glm_rl.engine import EngineClient, EngineError, create_weight_group, tensor_checksum
+from glm_rl.rollout.engine_client import EngineClient, EngineError
 from glm_rl.rollout.router import free_port
+from glm_rl.weights.group import create_weight_group
+from glm_rl.weights.wire import tensor_checksum
 
 PROMPT = [1, 2, 4, 23, 13, 10, 17, 11, 5, 23]
 GREEDY = {"temperature": 0.0, "max_new_tokens": 8, "ignore_eos": True}
@@ -24,7 +26,7 @@ GREEDY = {"temperature": 0.0, "max_new_tokens": 8, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def client():
-    proc = subprocess.Popen([sys.executable, "-m", "glm_rl.engine.engine", "--hf-checkpoint",
+    proc = subprocess.Popen([sys.executable, "-m", "glm_rl.engine", "--hf-checkpoint",
                              str(TINY_CHECKPOINT), "--port", "0"], stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

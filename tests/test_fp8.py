@@ -28,9 +28,11 @@ from glm_rl.models import fp8
 from glm_rl.models.glm45.checkpoint import CheckpointError, load_hf_model, load_mtp
 from glm_rl.models.glm45.presets import TINY_CHECKPOINT
 from glm_rl.rollout.data import load_prompts
-from glm_rl.engine import EmbeddedEngine, EngineClient, EngineConfig, EngineError, tensor_checksum
+from glm_rl.engine import EmbeddedEngine, EngineConfig
+from glm_rl.rollout.engine_client import EngineClient, EngineError
 from glm_rl.rollout.rewards import get_reward_fn
-from glm_rl.weights.transports import make_transport
+from glm_rl.weights.modes import make_transport
+from glm_rl.weights.wire import tensor_checksum
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "convert_hf_to_fp8.py"
 EVAL = TINY_CHECKPOINT.parent / "arith" / "eval.jsonl"
@@ -262,7 +264,7 @@ def test_rollout_fp8_sync_into_embedded_engine(engine, converted, mode):
     finally:
         transport.close()
     # the engine now holds bitwise what loading the converted FP8 checkpoint gives
-    assert engine.checksums(None)["checksums"] == reference
+    assert engine.weights.checksums(None)["checksums"] == reference
 
     client = EngineClient(engine.url, timeout=60)
     prompt = [1, 2, 4, 23, 13, 10, 17, 11, 5, 23]

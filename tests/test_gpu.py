@@ -10,9 +10,9 @@ from glm_rl.config import AlgoConfig, ModelConfig, TrainConfig
 from glm_rl.evaluate import chat_prompt_ids
 from glm_rl.models.glm45.checkpoint import load_hf_model
 from glm_rl.models.glm45.presets import TINY_CHECKPOINT
-from glm_rl.rollout.engine_client import serialize_named_tensors, tensor_checksum
-from glm_rl.engine.engine import deserialize_named_tensors
-from glm_rl.engine.generation import GenerationRequest, SamplingParams, run_batch
+from glm_rl.engine.batch import GenerationRequest, SamplingParams
+from glm_rl.engine.decode import run_batch
+from glm_rl.weights.wire import deserialize_named_tensors, serialize_named_tensors, tensor_checksum
 
 pytestmark = pytest.mark.gpu
 
@@ -167,8 +167,6 @@ def _static_requests(n: int, ignore_eos: bool, one_group: bool = False) -> list[
 
 
 def _run_static(model, requests, decoder=None):
-    from glm_rl.engine.generation import run_batch
-
     gates = [layer.mlp.gate for i, layer in enumerate(model.model.layers) if i >= model.config.first_k_dense_replace]
     eos = model.generation_config.eos_token_id
     return run_batch(model, requests, eos_ids=[eos] if isinstance(eos, int) else eos, pad_id=0, gates=gates,
@@ -194,8 +192,9 @@ def test_static_decode_cuda_graphs_match_eager_and_dynamic_cache(dtype, one_grou
     if dtype == torch.float32:
         runs["dynamic"] = _run_static(model, requests)
     # graphs run in bf16 (torch's grouped GEMM without host sync); fp32 keeps the static cache, eagerly
-    assert bool(graphed._graphs) == (dtype == torch.bfloat16)
-    assert {key[0] for key in graphed._graphs} == ({"sampled"} if one_group else {"decode"} if graphed._graphs else set())
+    assert bool(graphed.graphs.captured) == (dtype == torch.bfloat16)
+    captured = graphed.graphs.captured
+    assert {key[0] for key in captured} == ({"sampled"} if one_group else {"decode"} if captured else set())
     tol = 1e-4 if dtype == torch.float32 else 1e-3
     for name, rows in runs.items():
         for a, b in zip(runs["graph"], rows):
@@ -207,7 +206,8 @@ def test_static_decode_cuda_graphs_match_eager_and_dynamic_cache(dtype, one_grou
 def test_embedded_engine_on_cuda_answers_like_hf_generate():
     """EmbeddedEngine(device="cuda") over HTTP, greedy: HF generate's tokens; weights update on the GPU."""
     pytest.importorskip("aiohttp")  # the engine's HTTP server
-    from glm_rl.engine import EmbeddedEngine, EngineClient, EngineConfig
+    from glm_rl.engine import EmbeddedEngine, EngineConfig
+    from glm_rl.rollout.engine_client import EngineClient
 
     model, tok = load_hf_model(TINY_CHECKPOINT, dtype=torch.float32)
     model.to("cuda")
@@ -220,8 +220,8 @@ def test_embedded_engine_on_cuda_answers_like_hf_generate():
         out = client.generate(input_ids=prompt, sampling_params={"temperature": 0.0, "max_new_tokens": 12})
         assert out["output_ids"] == ref[0, len(prompt):].tolist()
         name, weight = "lm_head.weight", model.lm_head.weight.detach().cpu() * 0.5
-        engine.load_weights([(name, weight)], weight_version=7)
-        assert engine.checksums([name])["checksums"][name] == tensor_checksum(weight)
+        engine.weights.load([(name, weight)], weight_version=7)
+        assert engine.weights.checksums([name])["checksums"][name] == tensor_checksum(weight)
         assert engine.model.lm_head.weight.device.type == "cuda"
     finally:
         engine.shutdown()
@@ -241,7 +241,7 @@ def test_compiled_decode_step_tracks_eager_in_bf16():
         logits, _ = decoder.prefill(prompts, pad_id=0)
         step, _ = decoder.decode(logits.argmax(-1).tolist(), [len(p) for p in prompts])
         out.append(step.float().clone())
-    assert decoder.compiled and decoder._graphs
+    assert decoder.compiled and decoder.graphs.captured
     scale = out[0].abs().max()
     assert (out[1] - out[0]).abs().max() <= 0.02 * scale
     assert torch.equal(out[1].argmax(-1), out[0].argmax(-1))

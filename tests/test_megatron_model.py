@@ -114,7 +114,7 @@ def _hf_reference(hf, ids: torch.Tensor, mtp: bool):
     from transformers import DynamicCache
 
     from glm_rl.models.glm45.checkpoint import load_mtp
-    from glm_rl.engine.decode.speculative import _mtp_forward
+    from glm_rl.engine.decode.speculative import mtp_forward as _mtp_forward
     from glm_rl.models.glm45.hf_names import mtp_named_tensors
 
     with torch.no_grad():

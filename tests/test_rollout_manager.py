@@ -9,7 +9,7 @@ import pytest
 from glm_rl.config import RolloutConfig
 from glm_rl.models.glm45.presets import TINY_CHECKPOINT
 from glm_rl.rollout.engine_client import EngineClient
-from glm_rl.engine.engine import EmbeddedEngine, EngineConfig
+from glm_rl.engine import EmbeddedEngine, EngineConfig
 from glm_rl.rollout.manager import RolloutManager
 from glm_rl.rollout.rewards import arithmetic_reward
 
@@ -64,7 +64,7 @@ def test_data_position_resumes(engine):
 
 
 def test_mtp_acceptance_length_reaches_rollout_metrics():
-    from glm_rl.engine.engine import EmbeddedEngine, EngineConfig
+    from glm_rl.engine import EmbeddedEngine, EngineConfig
 
     eng = EmbeddedEngine(EngineConfig(hf_checkpoint=str(TINY_CHECKPOINT), enable_mtp=True,
                                       return_routed_experts_by_default=True))

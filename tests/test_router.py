@@ -10,7 +10,8 @@ import aiohttp
 import pytest
 
 from glm_rl.models.glm45.presets import TINY_CHECKPOINT
-from glm_rl.engine import EmbeddedEngine, EngineClient, EngineConfig, EngineError
+from glm_rl.engine import EmbeddedEngine, EngineConfig
+from glm_rl.rollout.engine_client import EngineClient, EngineError
 from glm_rl.rollout.router import RolloutEndpoints, RouterConfig, RouterProcess, router_command
 
 PROMPTS = [[1, 2, 4, 23, 13, 10, 17, 11, 5, 23], [1, 2, 4, 16, 18, 18, 10, 15, 19, 5, 23]]

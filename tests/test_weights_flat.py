@@ -5,9 +5,10 @@ import torch
 
 from glm_rl.models.glm45.checkpoint import load_hf_model
 from glm_rl.models.glm45.presets import TINY_CHECKPOINT
-from glm_rl.rollout.engine_client import EngineClient, tensor_checksum
-from glm_rl.engine.engine import EmbeddedEngine, EngineConfig
+from glm_rl.engine import EmbeddedEngine, EngineConfig
+from glm_rl.rollout.engine_client import EngineClient
 from glm_rl.weights.flat import ALIGN, entries_to_json, flatten_module_, plan_layout, views
+from glm_rl.weights.wire import tensor_checksum
 
 
 def test_layout_is_aligned_and_disjoint():

@@ -16,10 +16,12 @@ import torch
 
 from glm_rl.models.glm45.checkpoint import load_hf_model
 from glm_rl.models.glm45.presets import TINY_CHECKPOINT
-from glm_rl.engine import EngineClient, create_weight_group, tensor_checksum
-from glm_rl.engine.engine import EmbeddedEngine, EngineConfig
+from glm_rl.engine import EmbeddedEngine, EngineConfig
+from glm_rl.rollout.engine_client import EngineClient
 from glm_rl.rollout.router import free_port
+from glm_rl.weights.group import create_weight_group
 from glm_rl.weights.p2p import P2PTransport
+from glm_rl.weights.wire import tensor_checksum
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +87,7 @@ def test_two_sources_into_two_engines_bitwise_over_two_syncs(engines):
 
 
 def test_dead_engine_fails_within_the_timeout():
-    proc = subprocess.Popen([sys.executable, "-m", "glm_rl.engine.engine", "--hf-checkpoint",
+    proc = subprocess.Popen([sys.executable, "-m", "glm_rl.engine", "--hf-checkpoint",
                              str(TINY_CHECKPOINT), "--port", "0"], stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

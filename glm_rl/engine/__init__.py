@@ -1,28 +1,35 @@
-"""Rollout engines behind SGLang's native HTTP API, and the client that drives them.
+"""The embedded rollout engine: a torch engine over the HF GLM-4.5 model behind SGLang's native HTTP API.
 
-- `client`: `EngineClient`, `serialize_named_tensors`, `create_weight_group` / `WeightGroup`, `tensor_checksum`
-  (light imports: torch, urllib; aiohttp on first async call).
-- `embedded`: `EngineConfig`, `EmbeddedEngine` (torch engine over the HF model), `engine_actor_class` /
-  `EmbeddedEngineActor` (Ray).
-  Imports transformers, so it is loaded only when one of its names is used.
+- `config`: `EngineConfig`. `engine`: `EmbeddedEngine`, the scheduler (batches, pause / resume, answers).
+- `weights`: `EngineWeights`, every weight-update path (tensor, flat buffer, gloo group, Mooncake P2P via
+  `p2p_receiver`), checksums and FP8 dequantization.
+- `batch` (requests and rows), `sampling` (how tokens are drawn), `decode/` (the decode paths and
+  `decode.run_batch`, which picks one).
+- `http_parse` / `http_server`: the HTTP front. `actor`: `engine_actor_class` (Ray). `__main__`:
+  `python -m glm_rl.engine --hf-checkpoint DIR`.
+The client (`EngineClient`) is `glm_rl.rollout.engine_client`; the wire formats both sides share are
+`glm_rl.weights.wire`.
+
+`EngineConfig`, `EmbeddedEngine` and `engine_actor_class` are importable from here; the last two load the
+engine (transformers, aiohttp) on first use only.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from glm_rl.rollout.engine_client import (EngineClient, EngineError, WeightGroup, create_weight_group,
-                                           serialize_named_tensors, tensor_checksum)
+from glm_rl.engine.config import EngineConfig
 
-_EMBEDDED = ("EmbeddedEngine", "EmbeddedEngineActor", "EngineConfig", "engine_actor_class")
-
-__all__ = ["EngineClient", "EngineError", "WeightGroup", "create_weight_group", "serialize_named_tensors",
-           "tensor_checksum", *_EMBEDDED]
+__all__ = ["EmbeddedEngine", "EngineConfig", "engine_actor_class"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _EMBEDDED:
-        from glm_rl.engine import engine as embedded
+    if name == "EmbeddedEngine":
+        from glm_rl.engine.engine import EmbeddedEngine
 
-        return getattr(embedded, name)
+        return EmbeddedEngine
+    if name == "engine_actor_class":
+        from glm_rl.engine.actor import engine_actor_class
+
+        return engine_actor_class
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

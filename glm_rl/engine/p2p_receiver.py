@@ -9,8 +9,8 @@ Protocol (routes in `http_server.py`; the trainer side is `glm_rl/weights/p2p.py
    layout keeps the buffer; a new layout replaces it.
 2. Sources write their pieces straight into the buffer (one-sided writes; the engine's Python is not involved).
 3. `POST /p2p/commit {"weight_version": v}`: every tensor is viewed (one piece) or assembled (several) from the
-   buffer and loaded through `EmbeddedEngine.load_weights`, as the other transports do — so the version bump and
-   `/weights_checksum` behave the same. The buffer stays registered for the next sync.
+   buffer and loaded through `EngineWeights.load` (`weights.py`), as the other transports do — so the version
+   bump and `/weights_checksum` behave the same. The buffer stays registered for the next sync.
 4. `POST /p2p/close`: unregister and free the buffer.
 
 Why a staging buffer and not the parameters themselves: the parameters must not change while a batch decodes
@@ -22,30 +22,23 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from glm_rl.rollout.engine_client import parse_dtype
+from glm_rl.weights.mooncake import new_transfer_engine
+from glm_rl.weights.wire import WeightError, parse_dtype
 
-if TYPE_CHECKING:
-    from glm_rl.engine.engine import EmbeddedEngine
-
-
-def new_transfer_engine(host: str, protocol: str):
-    """A Mooncake TransferEngine with peer-to-peer handshake (no metadata server) on `host`; its session id is
-    f"{host}:{te.get_rpc_port()}". (`initialize_ext` / `allocate_managed_buffer` segfault in 0.3.13: unused.)"""
-    from mooncake.engine import TransferEngine
-
-    te = TransferEngine()
-    if te.initialize(host, "P2PHANDSHAKE", protocol, "") != 0:
-        raise RuntimeError(f"Mooncake TransferEngine.initialize({host!r}, {protocol!r}) failed")
-    return te
+Load = Callable[[list[tuple[str, torch.Tensor]], int | None], dict[str, Any]]
 
 
 class P2PReceiver:
-    def __init__(self, engine: "EmbeddedEngine", host: str) -> None:
-        self.engine = engine
+    """One engine's receive buffer: `state` are the engine's named weights (checked against, never written
+    here); `load(named, weight_version)` swaps a commit in (`EngineWeights.load`)."""
+
+    def __init__(self, state: dict[str, torch.Tensor], load: Load, host: str) -> None:
+        self.state, self.load = state, load
         self.host = "127.0.0.1" if host in ("", "0.0.0.0") else host
         self._lock = threading.Lock()
         self._te = None
@@ -62,9 +55,7 @@ class P2PReceiver:
         return self._te
 
     def prepare(self, tensors: list[dict], buffer_bytes: int, protocol: str = "tcp") -> dict[str, Any]:
-        from glm_rl.engine.engine import WeightError
-
-        pieces = _validate(self.engine._state, tensors, buffer_bytes, WeightError)
+        pieces = _validate(self.state, tensors, buffer_bytes)
         with self._lock:
             te = self._transfer_engine(protocol)
             if self._layout != tensors or self._buffer is None or self._buffer.numel() != buffer_bytes:
@@ -78,16 +69,14 @@ class P2PReceiver:
                     "num_tensors": len(pieces)}
 
     def commit(self, weight_version: int | None) -> dict[str, Any]:
-        from glm_rl.engine.engine import WeightError
-
         with self._lock:
             if self._buffer is None:
                 raise WeightError("p2p commit before /p2p/prepare")
             named = [(name, self._tensor(name, plist)) for name, plist in self._pieces.items()]
-            return self.engine.load_weights(named, weight_version)
+            return self.load(named, weight_version)
 
     def _tensor(self, name: str, pieces: list) -> torch.Tensor:
-        target = self.engine._state[name]
+        target = self.state[name]
         full = tuple((0, d) for d in target.shape)
         views = [(box, self._buffer[off:off + n].view(target.dtype).view([b - a for a, b in box]))
                  for box, off, n in pieces]
@@ -109,32 +98,33 @@ class P2PReceiver:
         return {"success": True, "message": "p2p buffer released"}
 
 
-def _validate(state: dict[str, torch.Tensor], tensors: Any, buffer_bytes: Any, error: type) -> dict[str, list]:
+def _validate(state: dict[str, torch.Tensor], tensors: Any, buffer_bytes: Any) -> dict[str, list]:
     """{name: [(box, offset, nbytes)]} after checking each piece against the engine's weights."""
     if not isinstance(buffer_bytes, int) or buffer_bytes < 0:
-        raise error(f"buffer_bytes: expected a non-negative int, got {buffer_bytes!r}")
+        raise WeightError(f"buffer_bytes: expected a non-negative int, got {buffer_bytes!r}")
     if not isinstance(tensors, list):
-        raise error("tensors: expected a list of pieces")
+        raise WeightError("tensors: expected a list of pieces")
     pieces: dict[str, list] = {}
     for i, p in enumerate(tensors):
         name = p.get("name") if isinstance(p, dict) else None
         if name not in state:
-            raise error(f"tensors[{i}]: unknown weight name {name!r}")
+            raise WeightError(f"tensors[{i}]: unknown weight name {name!r}")
         target = state[name]
         if list(p.get("shape", [])) != list(target.shape) or parse_dtype(p.get("dtype", "?")) != target.dtype:
-            raise error(f"tensors[{i}] {name!r}: {p.get('dtype')} {p.get('shape')} does not match the engine's "
-                        f"{target.dtype} {list(target.shape)}")
+            raise WeightError(f"tensors[{i}] {name!r}: {p.get('dtype')} {p.get('shape')} does not match the "
+                              f"engine's {target.dtype} {list(target.shape)}")
         box = tuple(tuple(r) for r in p.get("box", ()))
         if len(box) != target.dim() or not all(0 <= a < b <= d for (a, b), d in zip(box, target.shape)):
-            raise error(f"tensors[{i}] {name!r}: box {p.get('box')} outside shape {list(target.shape)}")
+            raise WeightError(f"tensors[{i}] {name!r}: box {p.get('box')} outside shape {list(target.shape)}")
         nbytes = math.prod(b - a for a, b in box) * target.element_size()
         off = p.get("offset")
         if p.get("nbytes") != nbytes or not isinstance(off, int) or off < 0 or off + nbytes > buffer_bytes:
-            raise error(f"tensors[{i}] {name!r}: offset {off} + nbytes {p.get('nbytes')} (expected {nbytes}) "
-                        f"outside the {buffer_bytes}-byte buffer")
+            raise WeightError(f"tensors[{i}] {name!r}: offset {off} + nbytes {p.get('nbytes')} (expected "
+                              f"{nbytes}) outside the {buffer_bytes}-byte buffer")
         pieces.setdefault(name, []).append((box, off, nbytes))
     for name, plist in pieces.items():
         if sum(n for _, _, n in plist) != state[name].numel() * state[name].element_size():
-            raise error(f"{name!r}: pieces cover {sum(n for _, _, n in plist)} of "
-                        f"{state[name].numel() * state[name].element_size()} bytes (this engine has one TP rank)")
+            raise WeightError(f"{name!r}: pieces cover {sum(n for _, _, n in plist)} of "
+                              f"{state[name].numel() * state[name].element_size()} bytes (this engine has one TP "
+                              f"rank)")
     return pieces

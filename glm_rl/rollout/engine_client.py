@@ -1,35 +1,23 @@
-"""Client side of the engine HTTP API, plus the helpers a trainer shares with the engine.
+"""Client side of the engine HTTP API (SGLang's native API; our embedded engine speaks the same subset).
 
-Why one module: everything a caller of an engine needs (SGLang's native API, our embedded engine speaks the same
-subset) sits here, so the rollout manager and the weight transports import one place:
 - `EngineClient`: sync calls (urllib, no extra dependency) mirroring the endpoints, and `agenerate` (aiohttp)
   for many concurrent /generate requests from a rollout manager.
-- `serialize_named_tensors`: the `update_weights_from_tensor` payload (colocated CPU path: shared-memory
-  tensors travel by name, not by value).
-- `create_weight_group` / `WeightGroup`: the torch.distributed group for `update_weights_from_distributed`.
-  The trainer (rank 0, the source) and every engine (rank = rank_offset) build it with this same function:
-  a TCPStore + `ProcessGroupGloo`, never touching the default process group.
-- `tensor_checksum`: the digest `/weights_checksum` returns, so the trainer can compare bit-for-bit.
+- `generate_payload`: the /generate body.
+Weight payloads are encoded by `glm_rl.weights.wire` (the engine decodes them with the same module); the
+`update_weights_from_distributed` group is `glm_rl.weights.group`.
 """
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import datetime
-import hashlib
-import io
 import json
-import threading
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable
+from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing  # noqa: F401 - registers the tensor reductions on ForkingPickler
-from multiprocessing.reduction import ForkingPickler
+
+from glm_rl.weights.wire import serialize_flattened, serialize_named_tensors
 
 
 class EngineError(RuntimeError):
@@ -40,94 +28,6 @@ class EngineError(RuntimeError):
         self.url, self.status, self.message = url, status, message
 
 
-# -- weights helpers shared by trainer and engine -----------------------------------------------------------
-def tensor_checksum(t: torch.Tensor) -> str:
-    """sha256 hex digest of the tensor's raw bytes (cast to the engine's dtype first to compare)."""
-    data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(memoryview(data)).hexdigest()
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """'float32' / 'torch.float32' / 'bf16'-style names → torch dtype (ValueError naming it otherwise)."""
-    key = str(name).removeprefix("torch.")
-    key = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(key, key)
-    dtype = getattr(torch, key, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
-    return dtype
-
-
-# torch's sharing strategy is process-global: this lock keeps concurrent serialisations (one thread per engine)
-# from restoring it under each other's feet.
-_SHARING_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _file_system_sharing() -> Iterator[None]:
-    """Use torch's "file_system" sharing strategy while pickling (shared-memory files are named, not fds)."""
-    with _SHARING_LOCK:
-        before = torch.multiprocessing.get_sharing_strategy()
-        torch.multiprocessing.set_sharing_strategy("file_system")
-        try:
-            yield
-        finally:
-            torch.multiprocessing.set_sharing_strategy(before)
-
-
-def serialize_object(obj: Any) -> str:
-    """base64 of a ForkingPickler pickle: CPU tensors in shared memory travel by name, CUDA ones as IPC handles."""
-    buf = io.BytesIO()
-    with _file_system_sharing():
-        ForkingPickler(buf).dump(obj)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def serialize_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """base64 of a ForkingPickler pickle of [(name, tensor)]: CPU tensors move to shared memory (as in
-    torch.multiprocessing) and travel by name; keep them alive until the engine has answered."""
-    return serialize_object([(str(n), t) for n, t in named_tensors])
-
-
-@dataclass
-class WeightGroup:
-    """One rank's handle on a weights-update group (rank 0 is the source)."""
-
-    name: str
-    rank: int
-    world_size: int
-    store: Any
-    pg: Any
-
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        """Broadcast `tensor` from `src` in place (contiguous CPU tensors); returns it."""
-        if not tensor.is_contiguous():
-            raise ValueError(f"group {self.name!r}: broadcast needs a contiguous tensor")
-        opts = dist.BroadcastOptions()
-        opts.rootRank, opts.rootTensor = src, 0
-        self.pg.broadcast([tensor], opts).wait()
-        return tensor
-
-
-def create_weight_group(master_address: str, master_port: int, *, rank: int, world_size: int, group_name: str,
-                        backend: str = "gloo", timeout_s: float = 600.0) -> WeightGroup:
-    """Join (rank 0: host) the group `group_name`; blocks until all `world_size` ranks have joined.
-
-    Rank 0 hosts the TCPStore at master_address:master_port. The default process group is never used, so a
-    trainer that already runs torch.distributed can build this beside it.
-    """
-    if backend != "gloo":
-        raise ValueError(f"create_weight_group: backend {backend!r} unsupported (gloo only)")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"create_weight_group: rank {rank} outside world_size {world_size}")
-    timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(master_address, int(master_port), world_size, is_master=(rank == 0), timeout=timeout,
-                          wait_for_workers=False)
-    prefixed = dist.PrefixStore(f"glm_rl_weights/{group_name}", store)
-    pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
-    return WeightGroup(group_name, rank, world_size, store, pg)
-
-
-# -- the client -------------------------------------------------------------------------------------------
 def generate_payload(input_ids: list[int] | list[list[int]], sampling_params: dict[str, Any] | None = None, *,
                      return_logprob: bool = False, return_routed_experts: bool = False,
                      rid: str | list[str] | None = None) -> dict[str, Any]:
@@ -246,7 +146,7 @@ class EngineClient:
         """The whole model as one shared buffer (`load_format` "flattened_bucket"; layout from
         `glm_rl.weights.flat.entries_to_json`). Keep `flat` alive until the engine has answered."""
         return self.post("/update_weights_from_tensor", {
-            "serialized_named_tensors": [serialize_object({"flattened_tensor": flat, "metadata": layout})],
+            "serialized_named_tensors": [serialize_flattened(flat, layout)],
             "load_format": "flattened_bucket", "flush_cache": flush_cache, "weight_version": weight_version})
 
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,

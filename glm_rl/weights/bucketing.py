@@ -3,7 +3,7 @@ so a sync holds at most one bucket of extra memory at a time."""
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 

@@ -1,7 +1,7 @@
 """P2P weight sync: every trainer rank writes its share of the weights straight into engine memory (Mooncake).
 
 Why: gather-to-rank-0-then-broadcast makes one rank's link the bottleneck; here the transfer plan
-(`weights/transfer_planner/estimate.py`) spreads the bytes over every trainer rank (sources) and every engine rank (destinations).
+(`weights/transfer_plan.py`) spreads the bytes over every trainer rank (sources) and every engine rank (destinations).
 
 One sync (`push`, run on EVERY trainer rank at once; `TrainerGroup.push_weights` does that):
 1. First push (or when the tensors change): every rank builds the same plan from the tensor metadata (names,
@@ -47,10 +47,19 @@ from typing import Any
 
 import torch
 
-from glm_rl.rollout.engine_client import parse_dtype
 from glm_rl.models.glm45.hf_names import split_dim
-from glm_rl.weights.transfer_plan import (EngineLayout, Plan, TensorMeta, Transfer, build_plan, local_slices, replicated_sources)
-from glm_rl.weights.transports import BroadcastTransport, Named, _Base
+from glm_rl.weights.mooncake import new_transfer_engine
+from glm_rl.weights.transfer_plan import (
+    EngineLayout,
+    Plan,
+    TensorMeta,
+    Transfer,
+    build_plan,
+    local_slices,
+    replicated_sources,
+)
+from glm_rl.weights.transports import BaseTransport, BroadcastTransport, Named
+from glm_rl.weights.wire import parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +104,7 @@ class Coordinator:
         self.pg.broadcast([t], opts).wait()
 
 
-class P2PTransport(_Base):
+class P2PTransport(BaseTransport):
     """The `p2p` WeightTransport of one trainer rank (see the module docstring)."""
 
     def __init__(self, engine_urls: list[str], api_key: str | None, bucket_bytes: int, *, rank: int = 0,
@@ -149,8 +158,6 @@ class P2PTransport(_Base):
 
     def _transfer_engine(self):
         if self._te is None:
-            from glm_rl.engine.p2p_receiver import new_transfer_engine
-
             self._te = new_transfer_engine(self.host, self.protocol)
         return self._te
 

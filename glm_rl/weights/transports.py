@@ -12,6 +12,10 @@ The transport runs inside trainer rank 0 (a full replica under data parallelism)
 `fp8` (`--rollout-fp8`: BF16 / FP32 training, FP8 rollout): each bucket's linear weights are sent block-quantized
 (float8_e4m3fn + `<name>_scale_inv`, `models/fp8.py`; raw bytes over gloo) and engines dequantize them on load.
 Verification then expects, for those tensors, the dequantization of the very bytes sent, in the source dtype.
+
+`BaseTransport` holds what every transport shares (clients, thread pool, fp8 wire form, verification); the third
+transport, `p2p`, builds on it in `p2p.py`, and `modes.make_transport` picks one per
+`--update-weight-transfer-mode`.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from typing import Protocol
 import torch
 
 from glm_rl.models.fp8 import dequantize_named, gloo_view, quantize_named
-from glm_rl.rollout.engine_client import EngineClient, create_weight_group, tensor_checksum
+from glm_rl.rollout.engine_client import EngineClient
 from glm_rl.rollout.router import free_port
 from glm_rl.weights.bucketing import iter_buckets
 from glm_rl.weights.flat import entries_to_json
+from glm_rl.weights.group import create_weight_group
+from glm_rl.weights.wire import tensor_checksum
 
 Named = list[tuple[str, torch.Tensor]]
 log = logging.getLogger(__name__)
@@ -39,7 +45,9 @@ class WeightTransport(Protocol):
     def close(self) -> None: ...
 
 
-class _Base:
+class BaseTransport:
+    """What every transport shares: one client per engine, a thread pool, the fp8 wire form, verification."""
+
     def __init__(self, engine_urls: list[str], api_key: str | None, bucket_bytes: int, fp8: bool = False) -> None:
         self.clients = [EngineClient(u, api_key=api_key, timeout=600) for u in engine_urls]
         self.bucket_bytes = bucket_bytes
@@ -81,7 +89,7 @@ class _Base:
         return {"verified": verified, "bytes": nbytes, "tensors": len(named), "seconds": time.time() - t0}
 
 
-class TensorTransport(_Base):
+class TensorTransport(BaseTransport):
     flat = None  # (buffer, layout) when the trainer's weights are flattened: one handle for the whole model
 
     def push(self, named: Named, version: int, verify: bool) -> dict:
@@ -102,7 +110,7 @@ class TensorTransport(_Base):
         return self._finish(named, version, verify, t0, held)
 
 
-class BroadcastTransport(_Base):
+class BroadcastTransport(BaseTransport):
     group_name = "glm_rl_weights"
 
     def prepare(self) -> None:
@@ -147,19 +155,3 @@ def _shareable(t: torch.Tensor) -> torch.Tensor:
     sync). CPU: a shared-memory copy, so the trainer's own storage never moves."""
     return t.detach() if t.is_cuda else t.detach().clone().share_memory_()
 
-
-def make_transport(mode: str, engine_urls: list[str], api_key: str | None, bucket_bytes: int,
-                   fp8: bool = False) -> WeightTransport:
-    match mode:
-        case "tensor":
-            return TensorTransport(engine_urls, api_key, bucket_bytes, fp8=fp8)
-        case "broadcast":
-            return BroadcastTransport(engine_urls, api_key, bucket_bytes, fp8=fp8)
-        case "p2p":  # every trainer rank is a source: call it on every rank (TrainerGroup does)
-            from glm_rl.weights.p2p import P2PTransport
-
-            if fp8:
-                raise ValueError("--rollout-fp8 is not supported with --update-weight-transfer-mode p2p yet")
-            return P2PTransport.for_this_rank(engine_urls, api_key, bucket_bytes)
-        case _:
-            raise ValueError(f"unknown --update-weight-transfer-mode {mode!r}; valid: tensor, broadcast, p2p")

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 
-from glm_rl.engine.engine import EmbeddedEngine, EngineConfig
+from glm_rl.engine import EmbeddedEngine, EngineConfig
 
 p = argparse.ArgumentParser()
 p.add_argument("--model-path", required=True)
