@@ -17,8 +17,8 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from glm_rl.config import RolloutConfig
-from glm_rl.evaluate import chat_prompt_ids
 from glm_rl.rollout.data import PromptRow, load_prompts
+from glm_rl.rollout.data import prompt_ids as chat_prompt_ids  # text or chat messages, through the chat template
 from glm_rl.rollout.rewards import get_reward_fn
 from glm_rl.rollout.samples import Sample
 
