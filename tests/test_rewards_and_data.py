@@ -30,7 +30,7 @@ def test_parse_tells_malformed_apart():
 
 def test_unknown_reward():
     with pytest.raises(ValueError, match="unknown reward 'math'.*arithmetic"):
-        get_reward_fn("math")
+        get_reward_fn("nope")
 
 
 def test_load_prompts(tmp_path):
