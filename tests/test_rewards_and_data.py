@@ -29,7 +29,7 @@ def test_parse_tells_malformed_apart():
 
 
 def test_unknown_reward():
-    with pytest.raises(ValueError, match="unknown reward 'math'.*arithmetic"):
+    with pytest.raises(ValueError, match="unknown reward 'nope'.*arithmetic"):
         get_reward_fn("nope")
 
 
