@@ -6,7 +6,8 @@ A sender process holds the trainer's weights of a GLM-4.5-shaped model (default 
 the GPU; the receiver process (the engine's side) holds its own copy and loads what arrives. Two paths:
 - flat (what `TensorTransport` does once the trainer's weights are flattened, `glm_rl/weights/flat.py`): the
   whole model is ONE CUDA IPC handle plus a layout; the receiver decodes it with `deserialize_flattened`
-  (`glm_rl/weights/wire.py`, what the engine uses) and, its own weights being flattened with the same layout, copies it in one go;
+  (`glm_rl/weights/wire.py`, what the engine uses) and, its own weights being flattened with the same layout,
+  copies it in one go;
 - per-tensor buckets (the path before flattening): one IPC handle per tensor, `--bucket-mb` per message.
 Baseline: one `copy_` of a flat buffer of the same bytes on the same device.
 Prints a table and writes JSON (benchmarks/results/colocated_update.json).

@@ -32,7 +32,8 @@ from glm_rl.weights.group import create_weight_group
 from glm_rl.weights.mooncake import new_transfer_engine
 from glm_rl.rollout.router import free_port
 from glm_rl.models.glm45.hf_names import split_dim
-from glm_rl.weights.transfer_plan import (EngineLayout, TensorMeta, build_plan, floor_seconds, megatron_sources, predict_sync_seconds)
+from glm_rl.weights.transfer_plan import (EngineLayout, TensorMeta, build_plan, floor_seconds, megatron_sources,
+                                          predict_sync_seconds)
 
 OUT = Path(__file__).parent / "results" / "weight_sync.json"
 
@@ -120,13 +121,15 @@ def hf_tensors(spec) -> list[TensorMeta]:
 def predict(name: str, spec, *, trainer_gpus: int, tp: int, pp: int, ep: int, engines: int, engine_gpus: int,
             nic_bytes_s: float) -> dict:
     tensors = hf_tensors(spec)
-    sources = megatron_sources(tensors, world=trainer_gpus, tp=tp, pp=pp, ep=ep, num_layers=spec.num_hidden_layers, split=split_dim)
+    sources = megatron_sources(tensors, world=trainer_gpus, tp=tp, pp=pp, ep=ep, num_layers=spec.num_hidden_layers,
+                               split=split_dim)
     layouts = [EngineLayout(e, engine_gpus, split_dim) for e in range(engines)]
     plan = build_plan(tensors, sources, layouts, chunk_bytes=256 << 20)
     model_bytes = sum(m.itemsize * int(torch.Size(m.shape).numel()) for m in tensors)
     n_dst = engines * engine_gpus
     return {"model": name, "params": model_bytes // 2, "model_bytes": model_bytes, "trainer_gpus": trainer_gpus,
-            "trainer_layout": f"TP{tp} PP{pp} EP{ep}", "engines": f"{engines} x {engine_gpus} GPUs (TP{engine_gpus}/EP{engine_gpus})",
+            "trainer_layout": f"TP{tp} PP{pp} EP{ep}",
+            "engines": f"{engines} x {engine_gpus} GPUs (TP{engine_gpus}/EP{engine_gpus})",
             "bytes_delivered": plan.total_bytes, "max_source_bytes": max(plan.bytes_per_source().values()),
             "max_dest_bytes": max(plan.bytes_per_destination().values()),
             "predicted_s": predict_sync_seconds(plan, nic_bytes_s),
@@ -147,9 +150,11 @@ def main() -> None:
     m = measure(a.mib, a.tensors, a.reps)
     print(f"CPU loopback, {m['bytes'] / 2**20:.0f} MiB in {m['tensors']} fp32 tensors, best of {a.reps}")
     print(f"{'transport':<28}{'seconds':>10}{'GB/s':>8}")
-    for label, k in (("p2p (pack + write)", "p2p"), ("p2p (write only)", "p2p_write"), ("broadcast (gloo)", "broadcast")):
+    for label, k in (("p2p (pack + write)", "p2p"), ("p2p (write only)", "p2p_write"),
+                     ("broadcast (gloo)", "broadcast")):
         print(f"{label:<28}{m[k + '_s']:>10.3f}{m[k + '_gbps']:>8.2f}")
-    print(f"p2p / broadcast throughput: {m['ratio_p2p_over_broadcast']:.2f} (write only {m['ratio_p2p_write_over_broadcast']:.2f})")
+    print(f"p2p / broadcast throughput: {m['ratio_p2p_over_broadcast']:.2f} "
+          f"(write only {m['ratio_p2p_write_over_broadcast']:.2f})")
 
     nic = a.nic_gbps * 1e9 / 8
     preds = [predict("GLM-4.5-Air", glm45_air_106b_a12b(), trainer_gpus=32, tp=1, pp=4, ep=8, engines=4,

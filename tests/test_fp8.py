@@ -182,7 +182,8 @@ def test_loader_dequantizes_fp8_checkpoint(converted):
     with safe_open(converted / "model.safetensors", framework="pt") as f:
         def deq(name):
             return fp8.dequantize_blockwise(f.get_tensor(name), f.get_tensor(fp8.scale_name(name)))
-        assert torch.equal(state["model.layers.0.self_attn.q_proj.weight"], deq("model.layers.0.self_attn.q_proj.weight"))
+        q_proj = "model.layers.0.self_attn.q_proj.weight"
+        assert torch.equal(state[q_proj], deq(q_proj))
         fused = torch.cat([deq("model.layers.2.mlp.experts.5.gate_proj.weight"),
                            deq("model.layers.2.mlp.experts.5.up_proj.weight")])
         assert torch.equal(state["model.layers.2.mlp.experts.gate_up_proj"][5], fused)
@@ -227,7 +228,8 @@ def test_eval_cli_runs_fp8_checkpoint(converted, tmp_path):
     prompts = tmp_path / "few.jsonl"
     prompts.write_text("".join(EVAL.read_text().splitlines(keepends=True)[:20]))
     out = subprocess.run([sys.executable, "-m", "glm_rl.cli", "eval", "--hf-checkpoint", str(converted),
-                          "--prompt-data", str(prompts), "--temperature", "0", "--json"], capture_output=True, text=True)
+                          "--prompt-data", str(prompts), "--temperature", "0", "--json"],
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1])["n"] == 20
 
