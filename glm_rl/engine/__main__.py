@@ -15,7 +15,8 @@ from glm_rl.engine.engine import EmbeddedEngine
 
 
 def parse_config(argv: list[str] | None = None) -> EngineConfig:
-    p = argparse.ArgumentParser(description="EmbeddedEngine: a torch rollout engine over the HF GLM-4.5 model, "
+    p = argparse.ArgumentParser(prog="python -m glm_rl.engine",
+                                description="EmbeddedEngine: a torch rollout engine over the HF GLM-4.5 model, "
                                             "behind SGLang's native HTTP API.")
     p.add_argument("--hf-checkpoint", required=True)
     p.add_argument("--host", default="127.0.0.1")

@@ -47,7 +47,8 @@ import torch
 
 from glm_rl.engine.batch import GenerationRequest, Row, SpecRow, accumulate_stats
 from glm_rl.engine.config import DTYPES, EngineConfig
-from glm_rl.engine.decode import StaticDecoder, run_batch
+from glm_rl.engine.decode import run_batch
+from glm_rl.engine.decode.static import StaticDecoder
 from glm_rl.engine.http_server import HttpServer
 from glm_rl.engine.weights import EngineWeights
 from glm_rl.models.glm45.checkpoint import load_hf_model, load_mtp
