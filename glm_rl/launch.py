@@ -8,17 +8,25 @@ module: the recipes differ only in a table (`Recipe`), and living in the package
 Every command is a `list[str]`; `--dry-run` prints them (snapshot-tested). Steps whose output already exists
 (FP8 checkpoint, torch_dist checkpoint) are skipped. The `glm-rl train` flags are the names
 `glm_rl/config.py` parses.
+
+Hosts come from a hostfile whose names are checked (`HOST_RE`) before anything runs, and every remote command is
+`REMOTE_SHELL -- HOST WORDS...`, every word quoted: a name cannot reach ssh as an option nor a shell as syntax. Ray runs
+with token auth (`--ray-auth-mode`, default token) on every node: local commands carry `RAY_AUTH_MODE`, and each
+remote `ray start` reads the launcher's token from stdin (never from a command line, which `ps` and `--dry-run`
+show). launchers/lib/common.sh, the bash launcher, does the same.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shlex
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import typer
 
@@ -28,6 +36,10 @@ from glm_rl.parallel import LayoutError, ParallelLayout
 from glm_rl.planner.estimate import PlanError, PlanInput, make_plan
 
 RAY_PORT, DASHBOARD_PORT = 6379, 8265
+AUTH_MODES = ("token", "disabled")
+# A host name or an IP address: letters, digits, '.', '-', ':', '_', never a leading '-' (ssh would take it for an
+# option) nor anything a shell interprets. launchers/lib/common.sh applies the same rule.
+HOST_RE = re.compile(r"[A-Za-z0-9_:][A-Za-z0-9_.:-]{0,252}")
 # Variables every Ray worker gets (runtime env): NCCL's RDMA settings and Ray's own.
 RUNTIME_ENV = {"NCCL_CUMEM_ENABLE": "0", "NCCL_NVLS_ENABLE": "0", "NCCL_IB_TIMEOUT": "22",
                "NCCL_DEBUG": "WARN", "TORCH_NCCL_AVOID_RECORD_STREAMS": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1",
@@ -64,6 +76,7 @@ class Options:
     hostfile: str | None = None
     head: str | None = None       # head address without a hostfile (single node)
     remote_shell: str = "ssh"
+    ray_auth_mode: str = "token"  # RAY_AUTH_MODE on every node: token or disabled
     dry_run: bool = False
 
 
@@ -113,6 +126,7 @@ def cluster(opts: Options) -> tuple[list[Host], int]:
     """Hosts and GPUs per node: from the hostfile (its host count must equal --num-nodes), else named node0..."""
     hw = get_hardware(opts.hardware)
     if opts.hostfile:
+        check_host_names(opts.hostfile)
         hosts = parse_hostfile(opts.hostfile)
         if len(hosts) != opts.num_nodes:
             raise LaunchError(f"--hostfile {opts.hostfile} lists {len(hosts)} hosts but --num-nodes is "
@@ -123,12 +137,26 @@ def cluster(opts: Options) -> tuple[list[Host], int]:
     return [Host(opts.head or "127.0.0.1", hw.gpus_per_node)], hw.gpus_per_node
 
 
+def check_host_names(path: str) -> None:
+    """Every host of the hostfile matches HOST_RE; the error names the line. Runs before the hostfile is parsed,
+    so a hostile name is refused before anything takes it for a host."""
+    if not Path(path).is_file():
+        return  # parse_hostfile says so
+    for number, raw in enumerate(Path(path).read_text().splitlines(), 1):
+        words = raw.split("#", 1)[0].split()
+        if words and not HOST_RE.fullmatch(words[0]):
+            raise LaunchError(f"hostfile {path}:{number}: '{words[0]}' is not a host name or IP address "
+                              "(letters, digits, '.', '-', ':', '_'; not starting with '-')")
+
+
 def check_recipe(recipe: Recipe, opts: Options, gpus_per_node: int) -> tuple[ParallelLayout, PlanInput]:
     """The layout for this node count, checked by `glm-rl plan` (no sync pricing): LaunchError says why not."""
     if opts.num_nodes < 1:
         raise LaunchError(f"--num-nodes must be >= 1 (got {opts.num_nodes})")
     if opts.algorithm not in ("gspo", "grpo"):
         raise LaunchError(f"--algorithm {opts.algorithm!r}: expected gspo or grpo")
+    if opts.ray_auth_mode not in AUTH_MODES:
+        raise LaunchError(f"--ray-auth-mode / RAY_AUTH_MODE {opts.ray_auth_mode!r}: expected token or disabled")
     hw = get_hardware(opts.hardware)
     layout = recipe.layout_for_gpus(opts.num_nodes * gpus_per_node)
     inp = PlanInput(spec=get_preset(recipe.preset), hardware=hw, num_nodes=opts.num_nodes,
@@ -179,15 +207,31 @@ def prepare_commands(recipe: Recipe, opts: Options, gpus_per_node: int,
     return cmds
 
 
-def ray_commands(hosts: list[Host], gpus_per_node: int, remote_shell: str = "ssh") -> list[list[str]]:
+def remote_words(argv: list[str], auth_mode: str = "token") -> list[str]:
+    """What a host runs, as words its shell gets joined by spaces (ssh's contract): Ray's auth mode; in token mode
+    the token, read from stdin (`run` sends it); then the command, every word quoted."""
+    words = [f"export RAY_AUTH_MODE={shlex.quote(auth_mode)};"]
+    if auth_mode == "token":
+        words.append("IFS= read -r RAY_AUTH_TOKEN && export RAY_AUTH_TOKEN;")
+    return words + [shlex.quote(w) for w in argv]
+
+
+def remote_command(remote_shell: str, host: str, argv: list[str], auth_mode: str = "token") -> list[str]:
+    """`argv` on `host`: `--` ends the remote shell's options, so the host is never read as one."""
+    return [*shlex.split(remote_shell), "--", host, *remote_words(argv, auth_mode)]
+
+
+def ray_commands(hosts: list[Host], gpus_per_node: int, remote_shell: str = "ssh",
+                 auth_mode: str = "token") -> list[list[str]]:
     """Ray head here (run the launcher on the hostfile's first host), workers over the remote shell."""
     head = hosts[0].name
-    cmds = [["ray", "start", "--head", "--port", str(RAY_PORT), "--num-gpus",
+    cmds = [["env", f"RAY_AUTH_MODE={auth_mode}", "ray", "start", "--head", "--port", str(RAY_PORT), "--num-gpus",
              str(gpus_per_node), "--dashboard-host", "0.0.0.0", "--dashboard-port", str(DASHBOARD_PORT),
              "--disable-usage-stats"]]
     for h in hosts[1:]:
-        cmds.append(shlex.split(remote_shell) + [h.name, "ray", "start", "--address", f"{head}:{RAY_PORT}",
-                                                 "--num-gpus", str(gpus_per_node), "--disable-usage-stats"])
+        cmds.append(remote_command(remote_shell, h.name, ["ray", "start", "--address", f"{head}:{RAY_PORT}",
+                                                          "--num-gpus", str(gpus_per_node), "--disable-usage-stats"],
+                                   auth_mode))
     return cmds
 
 
@@ -220,10 +264,10 @@ def train_args(recipe: Recipe, opts: Options, layout: ParallelLayout, inp: PlanI
     return args
 
 
-def submit_command(head: str, args: list[str]) -> list[str]:
+def submit_command(head: str, args: list[str], auth_mode: str = "token") -> list[str]:
     env = {"env_vars": RUNTIME_ENV}
-    return ["ray", "job", "submit", "--address", f"http://{head}:{DASHBOARD_PORT}", "--runtime-env-json",
-            json.dumps(env, sort_keys=True), "--", "glm-rl", "train", *args]
+    return ["env", f"RAY_AUTH_MODE={auth_mode}", "ray", "job", "submit", "--address", f"http://{head}:{DASHBOARD_PORT}",
+            "--runtime-env-json", json.dumps(env, sort_keys=True), "--", "glm-rl", "train", *args]
 
 
 def commands(recipe: Recipe, opts: Options,
@@ -232,8 +276,9 @@ def commands(recipe: Recipe, opts: Options,
     hosts, per_node = cluster(opts)
     layout, inp = check_recipe(recipe, opts, per_node)
     head = hosts[0].name
-    return (prepare_commands(recipe, opts, per_node, exists) + ray_commands(hosts, per_node, opts.remote_shell)
-            + [submit_command(head, train_args(recipe, opts, layout, inp, head))])
+    return (prepare_commands(recipe, opts, per_node, exists)
+            + ray_commands(hosts, per_node, opts.remote_shell, opts.ray_auth_mode)
+            + [submit_command(head, train_args(recipe, opts, layout, inp, head), opts.ray_auth_mode)])
 
 
 # -- running --------------------------------------------------------------------------------------------------
@@ -256,6 +301,23 @@ def wait_for_nodes(address: str, count: int, timeout_s: float = 300.0) -> None:
         ray.shutdown()
 
 
+def auth_token(auth_mode: str) -> str | None:
+    """The token every node gets (token mode): RAY_AUTH_TOKEN, else the file at RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token, where Ray itself looks."""
+    if auth_mode != "token":
+        return None
+    token = os.environ.get("RAY_AUTH_TOKEN", "")
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        token = path.read_text().strip() if path.is_file() else ""
+        if not token:
+            raise LaunchError(f"RAY_AUTH_MODE=token but no token at {path}: run `ray get-auth-token --generate` "
+                              "(or pass --ray-auth-mode disabled on a trusted network)")
+    if len(token.split()) != 1:
+        raise LaunchError("the Ray auth token is not one word (one line, no spaces)")
+    return token
+
+
 def run(recipe: Recipe, opts: Options) -> None:
     cmds = commands(recipe, opts)
     if opts.dry_run:
@@ -263,11 +325,15 @@ def run(recipe: Recipe, opts: Options) -> None:
             print(shlex.join(cmd))
         return
     hosts, _ = cluster(opts)
+    token = auth_token(opts.ray_auth_mode)
+    os.environ["RAY_AUTH_MODE"] = opts.ray_auth_mode  # wait_for_nodes connects from this process
+    remote = [*shlex.split(opts.remote_shell), "--"]
     for i, cmd in enumerate(cmds, 1):
         print(f"[{i}/{len(cmds)}] {shlex.join(cmd)}", flush=True)
-        if cmd[:2] == ["ray", "job"]:
+        if cmd[2:5] == ["ray", "job", "submit"]:
             wait_for_nodes(f"{hosts[0].name}:{RAY_PORT}", len(hosts))
-        subprocess.run(cmd, check=True)
+        stdin = f"{token}\n" if token and cmd[:len(remote)] == remote else None  # for remote_words' `read`
+        subprocess.run(cmd, check=True, input=stdin, text=True)
 
 
 def make_app(recipe: Recipe) -> typer.Typer:
@@ -281,21 +347,23 @@ def make_app(recipe: Recipe) -> typer.Typer:
              enable_mis: bool = typer.Option(False, "--enable-mis", help="masked importance sampling"),
              rollout_fp8: bool = typer.Option(False, "--rollout-fp8", help="FP8 rollout (converts once)"),
              algorithm: str = typer.Option("gspo", help="gspo or grpo"),
-             hf_checkpoint: Optional[str] = typer.Option(None, help=f"HF checkpoint (default models/{recipe.hf_name})"),
+             hf_checkpoint: str | None = typer.Option(None, help=f"HF checkpoint (default models/{recipe.hf_name})"),
              work_dir: str = typer.Option("runs", help="converted checkpoints, saves and outputs go here"),
              prompt_data: str = typer.Option("data/prompts.jsonl", help="JSONL prompts"),
-             hostfile: Optional[str] = typer.Option(None, help="MPI hostfile (`host slots=N`); first host = head"),
-             remote_shell: str = typer.Option("ssh", help="command that runs a command on a host"),
+             hostfile: str | None = typer.Option(None, help="MPI hostfile (`host slots=N`); first host = head"),
+             remote_shell: str = typer.Option("ssh", help="runs a command on a host, as REMOTE_SHELL -- HOST LINE"),
+             ray_auth_mode: str = typer.Option("token", envvar="RAY_AUTH_MODE",
+                                               help="token (this host's token goes to every node) or disabled"),
              dry_run: bool = typer.Option(False, "--dry-run", help="print every command, run none")) -> None:
         opts = Options(num_nodes=num_nodes, hardware=hardware, enable_mtp=enable_mtp, enable_mis=enable_mis,
                        rollout_fp8=rollout_fp8, algorithm=algorithm, hf_checkpoint=hf_checkpoint,
                        work_dir=work_dir, prompt_data=prompt_data, hostfile=hostfile, remote_shell=remote_shell,
-                       dry_run=dry_run)
+                       ray_auth_mode=ray_auth_mode, dry_run=dry_run)
         try:
             run(recipe, opts)
         except (LaunchError, ValueError) as e:
             typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
 
     return app
 

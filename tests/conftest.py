@@ -33,3 +33,28 @@ def pytest_addoption(parser):
 @pytest.fixture
 def update_snapshots(request):
     return request.config.getoption("--update-snapshots")
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster():
+    """Two "hosts" on this machine (network namespaces joined by a veth pair) with a Ray head on the first and a
+    Ray worker node on the second, token auth on: a `netns.TwoNodeCluster` (tests/netns.py says how to use it).
+    Skipped, with the reason, where namespaces cannot be made (not root, no iproute2)."""
+    from netns import NetnsUnavailable, TwoNodeCluster, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = TwoNodeCluster()
+    try:
+        cluster.start()
+    except NetnsUnavailable as e:
+        cluster.close()
+        pytest.skip(str(e))
+    except BaseException:
+        cluster.close()
+        raise
+    try:
+        yield cluster
+    finally:
+        cluster.close()

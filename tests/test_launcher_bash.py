@@ -163,6 +163,9 @@ def test_355b_recipe(inputs):
     tmp, env, flags, _ = inputs
     starts, train, job_env = dry_run(R355B, tmp / "h64", {**env, "NCCL_SOCKET_IFNAME": "ib0"}, *flags)
     assert len(starts) == 8 and "--head" in starts[0] and all("--address\\ 10.0.0.1:6379" in s for s in starts[1:])
+    assert [shlex.split(s)[:3] for s in starts] == [[env["GLM_RL_RSH"], "--", f"10.0.0.{i}"] for i in range(1, 9)]
+    auth = "export RAY_AUTH_MODE=token; IFS= read -r RAY_AUTH_TOKEN && export RAY_AUTH_TOKEN; ray start "
+    assert all(shlex.split(s)[3].startswith(auth) for s in starts)  # the token comes on stdin, never printed
     assert all("--num-gpus\\ 8" in s for s in starts)
     ns, sglang = parsed(train)
     check_recipe(ns, sglang, 64)
@@ -199,7 +202,8 @@ def test_stop_is_scoped_and_names_no_directory_on_a_command_line(inputs):
     proc = run(RAIR, "--stop", "--hostfile", str(tmp / "h32"), "--ray-temp-dir", str(tmp / "rt"), env=env)
     assert proc.returncode == 0, proc.stderr
     lines = calls.read_text().splitlines()
-    assert sorted(line.split()[0] for line in lines) == [f"10.0.0.{i}" for i in range(1, 5)]
+    assert all(line.split()[0] == "--" for line in lines)  # nothing after it is read as an option
+    assert sorted(line.split()[1] for line in lines) == [f"10.0.0.{i}" for i in range(1, 5)]
     assert all(line.endswith("python -") and str(tmp / "rt") not in line for line in lines)
     assert "ray stop" not in calls.read_text()
 
@@ -210,15 +214,15 @@ def test_a_node_that_fails_to_start_stops_the_others(inputs):
     tmp, env, flags, calls = inputs
     rsh = tmp / "flaky_rsh"
     rsh.write_text(f'#!/bin/sh\necho "$@" >> {shlex.quote(str(calls))}\n'
-                   'case "$1 $2" in "10.0.0.3 "*"ray start"*) echo "boom" >&2; exit 1 ;; esac\n')
+                   'case "$2 $3" in "10.0.0.3 "*"ray start"*) echo "boom" >&2; exit 1 ;; esac\n')
     rsh.chmod(0o755)
     proc = run(RAIR, "--hostfile", str(tmp / "h32"), *flags, "--stop-on-exit", env={**env, "GLM_RL_RSH": str(rsh)})
     assert proc.returncode == 2
     assert "[10.0.0.3] boom" in proc.stdout and "ray start failed on 10.0.0.3" in proc.stderr
     assert "error: some nodes did not start" in proc.stderr
     lines = calls.read_text().splitlines()
-    starts = [line.split()[0] for line in lines if "ray start" in line]
-    stops = [line.split()[0] for line in lines if line.endswith("python -")]
+    starts = [line.split()[1] for line in lines if "ray start" in line]
+    stops = [line.split()[1] for line in lines if line.endswith("python -")]
     assert starts[0] == "10.0.0.1" and sorted(starts) == sorted(stops) == [f"10.0.0.{i}" for i in range(1, 5)]
     assert "ray job submit" not in proc.stdout + proc.stderr
 

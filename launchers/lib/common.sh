@@ -34,7 +34,7 @@ inputs (flag, or the environment variable in brackets):
   --rm-type NAME        [GLM_RL_RM_TYPE]        reward (default: arithmetic)
   --output-dir DIR      [GLM_RL_OUTPUT_DIR]     default: outputs/${RECIPE_NAME}
 cluster:
-  --rsh CMD             [GLM_RL_RSH]            remote shell, run as: CMD HOST 'command' (default: ssh -o BatchMode=yes)
+  --rsh CMD             [GLM_RL_RSH]            remote shell: CMD -- HOST 'command' (default: ssh -o BatchMode=yes)
   --remote-setup CMD    [GLM_RL_REMOTE_SETUP]   shell run on each host first (e.g. activate a venv)
   --ray-port N          [GLM_RL_RAY_PORT]       head GCS port (default 6379)
   --dashboard-port N    [GLM_RL_DASHBOARD_PORT] job-submission port (default 8265)
@@ -47,13 +47,17 @@ cluster:
   --stop                                        stop the Ray nodes of the hostfile (only those under --ray-temp-dir)
   --stop-on-exit                                stop them when the launcher exits (done, failed or interrupted)
   --dry-run                                     print the commands instead of running them
-environment: RAY_AUTH_MODE (default token; the token must be on every host, as ~/.ray/auth_token or at
-  RAY_AUTH_TOKEN_PATH), GLM_RL_RAY_START_ARGS (extra words for every ray start), NCCL_* GLOO_* TORCH_NCCL_* UCX_*
-  MC_* RAY_DEDUP_LOGS (passed to the job).
+environment: RAY_AUTH_MODE (default token: the token here — RAY_AUTH_TOKEN, or the file at RAY_AUTH_TOKEN_PATH or
+  ~/.ray/auth_token — goes to every host's ray start on stdin), GLM_RL_RAY_START_ARGS (extra words for every
+  ray start), NCCL_* GLOO_* TORCH_NCCL_* UCX_* MC_* RAY_DEDUP_LOGS (passed to the job).
 EOF
 }
 
 # -- hostfile ------------------------------------------------------------------------------------------------
+# A host is a name or an IP address: letters, digits, '.', '-', ':' and '_', never a leading '-' (ssh would read
+# it as an option) nor anything a shell would interpret. glm_rl/launch.py applies the same rule.
+GLM_HOST_RE='^[A-Za-z0-9_:][A-Za-z0-9_.:-]{0,252}$'
+
 # Fills GLM_HOSTS and GLM_SLOTS. "HOST slots=N [max_slots=M]" per line; anything else names its line number.
 glm_read_hostfile() {
   local file="$1" lineno=0 line host field n
@@ -65,7 +69,10 @@ glm_read_hostfile() {
     read -r -a fields <<<"$line"
     ((${#fields[@]})) || continue
     host="${fields[0]}"; n=""
-    [[ "$host" != *=* ]] || glm_die "hostfile $file:$lineno: expected 'HOST slots=N', got '$line'"
+    # "slots=8" alone is a missing host; "-o...=..." is a hostile one (next check)
+    [[ "$host" == -* || "$host" != *=* ]] || glm_die "hostfile $file:$lineno: expected 'HOST slots=N', got '$line'"
+    [[ "$host" =~ $GLM_HOST_RE ]] || glm_die "hostfile $file:$lineno: '$host' is not a host name or IP address" \
+      "(letters, digits, '.', '-', ':', '_'; not starting with '-')"
     for field in "${fields[@]:1}"; do
       case "$field" in
         slots=*) n="${field#slots=}" ;;
@@ -120,6 +127,7 @@ glm_parse_args() {
 glm_check_inputs() {
   local name value
   [[ -n "$HOSTFILE" ]] || glm_die "no hostfile: pass --hostfile FILE or set GLM_RL_HOSTFILE"
+  export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
   glm_read_hostfile "$HOSTFILE"
   ((${#RSH[@]})) || glm_die "--rsh is empty"
   command -v "${RSH[0]}" >/dev/null || glm_die "remote shell '${RSH[0]}' (--rsh / GLM_RL_RSH) not found on PATH"
@@ -148,24 +156,44 @@ glm_check_inputs() {
     glm_die "$RECIPE_NAME needs $RECIPE_GPUS GPUs but $HOSTFILE has $total slots over ${#GLM_HOSTS[@]} hosts" \
       "(fix the hostfile, or pass --no-gpu-check and override the layout after --)"
   fi
-  export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
-  if [[ "$RAY_AUTH_MODE" == token && -z "${RAY_AUTH_TOKEN:-}" ]]; then
+  [[ "$RAY_AUTH_MODE" == token || "$RAY_AUTH_MODE" == disabled ]] ||
+    glm_die "RAY_AUTH_MODE must be token or disabled (got '$RAY_AUTH_MODE')"
+  GLM_AUTH_TOKEN=""
+  if [[ "$RAY_AUTH_MODE" == token ]]; then
     local token="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
-    [[ -s "$token" ]] || glm_die "RAY_AUTH_MODE=token but no token at $token: run \`ray get-auth-token --generate\`" \
-      "and copy it to every host (or set RAY_AUTH_MODE=disabled on a trusted network)"
+    GLM_AUTH_TOKEN="${RAY_AUTH_TOKEN:-}"
+    if [[ -z "$GLM_AUTH_TOKEN" ]]; then
+      [[ -s "$token" ]] || glm_die "RAY_AUTH_MODE=token but no token at $token: run" \
+        "\`ray get-auth-token --generate\` (or set RAY_AUTH_MODE=disabled on a trusted network)"
+      GLM_AUTH_TOKEN="$(<"$token")"; token="the token at $token"
+    else
+      token="RAY_AUTH_TOKEN"
+    fi
+    [[ "$GLM_AUTH_TOKEN" =~ ^[[:graph:]]+$ ]] || glm_die "$token is not one word (one line, no spaces)"
   fi
 }
 
 # -- commands ------------------------------------------------------------------------------------------------
 glm_quote() { local out; printf -v out '%q ' "$@"; printf '%s' "${out% }"; }
 
-# The shell line a host runs: environment Ray's auth needs, the user's setup, then the command.
+# The shell line a host runs: Ray's auth mode, with --token the token read from stdin (token mode: it never
+# appears on a command line), the user's setup, then the command, every word quoted.
 glm_remote_line() {
-  local line
-  line="export RAY_AUTH_MODE=$(glm_quote "${RAY_AUTH_MODE:-token}")"
-  [[ -z "${RAY_AUTH_TOKEN_PATH:-}" ]] || line+="; export RAY_AUTH_TOKEN_PATH=$(glm_quote "$RAY_AUTH_TOKEN_PATH")"
+  local line with_token=0
+  [[ "$1" != --token ]] || { with_token=1; shift; }
+  line="export RAY_AUTH_MODE=$(glm_quote "$RAY_AUTH_MODE")"
+  if ((with_token)) && [[ "$RAY_AUTH_MODE" == token ]]; then
+    line+="; IFS= read -r RAY_AUTH_TOKEN && export RAY_AUTH_TOKEN"
+  fi
   [[ -z "$REMOTE_SETUP" ]] || line+="; $REMOTE_SETUP"
   printf '%s; %s' "$line" "$(glm_quote "$@")"
+}
+
+# The token line glm_remote_line --token reads (nothing when auth is disabled). Run as the first command of a
+# pipeline (a subshell of its own): a remote shell that exits without reading must not kill it with SIGPIPE.
+glm_token_stdin() {
+  trap '' PIPE
+  [[ "$RAY_AUTH_MODE" != token ]] || printf '%s\n' "$GLM_AUTH_TOKEN" 2>/dev/null || true
 }
 
 # `ray start` for node $1 (0 = head).
@@ -190,11 +218,18 @@ glm_ray_start_args() {
   printf '%s\0' "${args[@]}" "${RAY_START_EXTRA[@]}"
 }
 
-glm_run_on() {  # host, command words...: through the remote shell, output prefixed with the host
+# host, command words...: through the remote shell (`--` before the host: nothing reaches it as an option), the
+# token on stdin, output prefixed with the host.
+glm_run_on() {
   local host="$1"; shift
-  local line; line="$(glm_remote_line "$@")"
-  if ((DRY_RUN)); then echo "$(glm_quote "${RSH[@]}" "$host") $(glm_quote "$line")"; return 0; fi
-  "${RSH[@]}" "$host" "$line" </dev/null 2>&1 | sed -u "s/^/[$host] /"
+  local line; line="$(glm_remote_line --token "$@")"
+  if ((DRY_RUN)); then echo "$(glm_quote "${RSH[@]}" -- "$host") $(glm_quote "$line")"; return 0; fi
+  glm_token_stdin | "${RSH[@]}" -- "$host" "$line" 2>&1 | glm_prefix "$host"
+}
+
+glm_prefix() {  # each line of stdin as "[$1] line" (the host is data here, never part of a sed program)
+  local l
+  while IFS= read -r l || [[ -n "$l" ]]; do printf '[%s] %s\n' "$1" "$l"; done
 }
 
 glm_start_node() {
@@ -211,9 +246,9 @@ glm_stop_node() {
   local line; line="$(glm_remote_line python -)"
   local dir64; dir64="$(printf '%s' "$RAY_TEMP_DIR/node$i" | base64 -w0)"
   local argv="import base64, sys; sys.argv[1:] = [base64.b64decode('$dir64').decode(), '$port']"
-  if ((DRY_RUN)); then echo "$(glm_quote "${RSH[@]}" "$host") $(glm_quote "$line") < ($argv; stop_ray_node.py)"
+  if ((DRY_RUN)); then echo "$(glm_quote "${RSH[@]}" -- "$host") $(glm_quote "$line") < ($argv; stop_ray_node.py)"
                         return 0; fi
-  { echo "$argv"; cat "$GLM_LIB_DIR/stop_ray_node.py"; } | "${RSH[@]}" "$host" "$line" 2>&1 | sed -u "s/^/[$host] /"
+  { echo "$argv"; cat "$GLM_LIB_DIR/stop_ray_node.py"; } | "${RSH[@]}" -- "$host" "$line" 2>&1 | glm_prefix "$host"
 }
 
 glm_stop_all() {  # every host at once (a raylet whose GCS is gone exits by itself anyway)
