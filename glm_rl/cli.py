@@ -42,7 +42,8 @@ def train(ctx: typer.Context) -> None:
     from glm_rl.config import parse_args
 
     cfg = parse_args(list(ctx.args))  # validated before anything starts
-    from glm_rl.train import summarize, train as run_train
+    from glm_rl.train import summarize
+    from glm_rl.train import train as run_train
 
     out = run_train(cfg)
     s = summarize(out)
@@ -101,9 +102,9 @@ def generate(
     With --megatron-path: greedy text from a torch_dist checkpoint (Megatron's model, same output as HF)."""
     import time
 
-    from glm_rl.evaluate import chat_prompt_ids
     from glm_rl.engine import EmbeddedEngine, EngineConfig
     from glm_rl.engine.batch import GenerationRequest, SamplingParams, request_seed
+    from glm_rl.evaluate import chat_prompt_ids
 
     if (prompt_file is None) == (not prompt):
         raise ValueError("give the prompts with --prompt TEXT (repeatable) or --prompt-file FILE (one of them)")

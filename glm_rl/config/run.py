@@ -81,7 +81,8 @@ class RunConfig:
         samples = self.samples_per_rollout
         gbs = t.global_batch_size or samples
         if samples % gbs:
-            errors.append(f"--global-batch-size {gbs} must divide rollout-batch-size x n-samples-per-prompt = {samples}")
+            errors.append(f"--global-batch-size {gbs} must divide rollout-batch-size x n-samples-per-prompt = "
+                          f"{samples}")
         if gbs % self.dp_size:
             errors.append(f"--global-batch-size {gbs} must be divisible by the data-parallel size {self.dp_size} "
                           f"(--num-trainer-ranks {t.num_trainer_ranks}"
@@ -165,7 +166,8 @@ class RunConfig:
 
         m, errors = self.model, []
         try:
-            spec = check_matches_preset(m.hf_checkpoint, m.model_preset) if m.model_preset else read_spec(m.hf_checkpoint)
+            ckpt = m.hf_checkpoint
+            spec = check_matches_preset(ckpt, m.model_preset) if m.model_preset else read_spec(ckpt)
             if self.train.backend == "megatron":
                 errors += self._check_layout(spec)
                 cp = self.megatron.context_parallel_size
