@@ -7,7 +7,7 @@ module: the recipes differ only in a table (`Recipe`), and living in the package
 
 Every command is a `list[str]`; `--dry-run` prints them (snapshot-tested). Steps whose output already exists
 (FP8 checkpoint, torch_dist checkpoint) are skipped. The `glm-rl train` flags are the names
-`glm_rl/config.py` parses.
+`glm_rl/config/` parses.
 
 Hosts come from a hostfile whose names are checked (`HOST_RE`) before anything runs, and every remote command is
 `REMOTE_SHELL -- HOST WORDS...`, every word quoted: a name cannot reach ssh as an option nor a shell as syntax. Ray runs
@@ -236,7 +236,7 @@ def ray_commands(hosts: list[Host], gpus_per_node: int, remote_shell: str = "ssh
 
 
 def train_args(recipe: Recipe, opts: Options, layout: ParallelLayout, inp: PlanInput, head: str) -> list[str]:
-    """The `glm-rl train` flags of this run (names as glm_rl/config.py parses them)."""
+    """The `glm-rl train` flags of this run (names as glm_rl/config/ parses them)."""
     p, hw = paths(recipe, opts), inp.hardware.name
     world = inp.num_nodes * inp.gpus_per_node
     engines = world // inp.rollout_num_gpus_per_engine

@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from glm_rl.config import TrainConfig, build_parser, split_sglang_args
+from glm_rl.config import MegatronConfig, TrainConfig, build_parser, split_sglang_args
 from glm_rl.models.glm45.presets import TINY_CHECKPOINT, get_preset
 from glm_rl.parallel import validate_layout
 from glm_rl.rollout.sglang_engine import contract
@@ -148,15 +148,17 @@ def parsed(train: list[str]) -> tuple[dict, tuple]:
 def check_recipe(ns: dict, sglang: tuple, gpus: int) -> None:
     """The layout is valid for the preset, the GPUs add up, every --sglang-* flag exists in the pinned SGLang."""
     train = TrainConfig(**{k.split(".", 1)[1]: v for k, v in ns.items() if k.startswith("train.")})
+    megatron = MegatronConfig(**{k.split(".", 1)[1]: v for k, v in ns.items() if k.startswith("megatron.")})
     spec = get_preset(ns["model.model_preset"])
     assert train.num_trainer_ranks == gpus
-    assert validate_layout(spec, train.layout(), world_size=gpus, seq_len=train.max_tokens_per_gpu) == []
+    layout = megatron.layout(train.num_trainer_ranks)
+    assert validate_layout(spec, layout, world_size=gpus, seq_len=train.max_tokens_per_gpu) == []
     assert ns["colocate"] and ns["rollout.num_engines"] * ns["rollout.rollout_num_gpus_per_engine"] == gpus
     assert ns["rollout.rollout_engine"] == "sglang"
     assert [n for n, _ in sglang if f"--{n}" not in contract()["server_flags"]] == []
     gbs = ns["train.global_batch_size"]
     assert (ns["rollout.rollout_batch_size"] * ns["rollout.n_samples_per_prompt"]) % gbs == 0
-    assert gbs % train.dp_size == 0
+    assert gbs % megatron.dp_size(train.num_trainer_ranks) == 0
 
 
 def test_355b_recipe(inputs):
@@ -169,7 +171,7 @@ def test_355b_recipe(inputs):
     assert all("--num-gpus\\ 8" in s for s in starts)
     ns, sglang = parsed(train)
     check_recipe(ns, sglang, 64)
-    t = {k.split(".", 1)[1]: v for k, v in ns.items() if k.startswith("train.")}
+    t = {k.split(".", 1)[1]: v for k, v in ns.items() if k.startswith(("train.", "megatron."))}
     assert (t["tensor_model_parallel_size"], t["pipeline_model_parallel_size"], t["context_parallel_size"],
             t["expert_model_parallel_size"], t["expert_tensor_parallel_size"]) == (8, 4, 2, 16, 1)
     assert t["sequence_parallel"] and t["optimizer_cpu_offload"] and t["max_tokens_per_gpu"] == 16384
@@ -189,8 +191,8 @@ def test_air_recipe_and_overrides(inputs):
     ns, sglang = parsed(train)
     check_recipe(ns, sglang, 32)
     assert ns["model.model_preset"] == "glm45-air-106b-a12b"
-    assert (ns["train.tensor_model_parallel_size"], ns["train.pipeline_model_parallel_size"],
-            ns["train.expert_model_parallel_size"], ns["train.decoder_last_pipeline_num_layers"]) == (1, 4, 8, 10)
+    assert (ns["megatron.tensor_model_parallel_size"], ns["megatron.pipeline_model_parallel_size"],
+            ns["megatron.expert_model_parallel_size"], ns["megatron.decoder_last_pipeline_num_layers"]) == (1, 4, 8, 10)
     assert ns["load"] == str(tmp / "resume") and ns["ref_load"] == str(tmp / "ref")
     assert train[-2:] == ["--num-rollout", "3"] and ns["num_rollout"] == 3  # extra flags come last and win
 

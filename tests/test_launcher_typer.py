@@ -74,14 +74,14 @@ def test_train_command_parses_through_run_config(name, tmp_path):
     ns = vars(build_parser().parse_args(rest))  # argparse exits on any flag config.py does not know
     sections = {s: cls(**{k.split(".", 1)[1]: v for k, v in ns.items() if k.startswith(s + ".")})
                 for s, cls in SECTIONS.items()}
-    t, r = sections["train"], sections["rollout"]
+    t, r, m = sections["train"], sections["rollout"], sections["megatron"]
     assert t.backend == "megatron" and r.rollout_engine == "sglang" and ns["colocate"]
     assert t.num_trainer_ranks == nodes * (4 if extra.get("hardware") == "GB200" else 8)
-    t.layout()  # the layout TrainConfig derives is whole
+    m.layout(t.num_trainer_ranks)  # the layout the megatron section derives is whole
     assert dict(sglang)["mem-fraction-static"] is not None
     assert sections["algo"].advantage_estimator == extra.get("algorithm", "gspo")
     if extra.get("enable_mtp"):
-        assert r.enable_mtp and t.enable_mtp_training
+        assert r.enable_mtp and m.enable_mtp_training
     # RunConfig.validate() as a whole needs CUDA (--rollout-engine sglang) and the checkpoints on disk; its
     # Megatron-flag checks run here. KNOWN GAP: DeepEP is not installable on CPU, so its refusal is expected;
     # any other refusal fails.
@@ -132,7 +132,7 @@ def test_p2p_air_example_plans_and_parses(tmp_path):
     rest, _ = split_sglang_args(submit[submit.index("train") + 1:])
     ns = vars(build_parser().parse_args(rest))
     assert ns["sync.update_weight_transfer_mode"] == "p2p" and not ns["colocate"]
-    assert ns["train.pipeline_model_parallel_size"] == 4 and ns["train.expert_model_parallel_size"] == 8
+    assert ns["megatron.pipeline_model_parallel_size"] == 4 and ns["megatron.expert_model_parallel_size"] == 8
     missing = subprocess.run(["bash", str(script)], env={"PATH": os.environ["PATH"]}, capture_output=True, text=True)
     assert missing.returncode == 2 and "set HF_CHECKPOINT" in missing.stderr
 
