@@ -30,7 +30,7 @@ import torch
 
 from glm_rl.weights.group import create_weight_group
 from glm_rl.weights.mooncake import new_transfer_engine
-from glm_rl.rollout.router import free_port
+from glm_rl.ray.addresses import free_port
 from glm_rl.models.glm45.hf_names import split_dim
 from glm_rl.weights.transfer_plan import (EngineLayout, TensorMeta, build_plan, floor_seconds, megatron_sources,
                                           predict_sync_seconds)

@@ -10,8 +10,10 @@ is read once: `engines_return_routed_experts` decides what engines and rollout r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +21,12 @@ from pathlib import Path
 import ray
 
 from glm_rl.config import RunConfig, engines_return_routed_experts
+from glm_rl.ray.addresses import node_ip
 from glm_rl.ray.engines import EngineLauncher, engine_launcher
 from glm_rl.ray.placement import Placement, create_placement, init_ray
 from glm_rl.rollout.engine_client import EngineClient
 from glm_rl.rollout.manager import RolloutManager
-from glm_rl.rollout.router import RolloutEndpoints, RouterProcess
+from glm_rl.rollout.router import RolloutEndpoints, RouterConfig, RouterProcess
 from glm_rl.rollout.samples import Sample
 from glm_rl.trainer.group import TrainerGroup, TrainerSections
 
@@ -40,34 +43,50 @@ class Runtime:
     rollout_manager: object
     trainers: TrainerGroup
     launcher: EngineLauncher  # to restart an engine as it was started
+    api_key: str              # the run's secret: engines, router and weight sync use it
     weight_version: int = 0
     share: float = 1.0        # of a placement bundle, per actor
 
     @classmethod
     def start(cls, cfg: RunConfig) -> Runtime:
+        """Start every part in order. Each part registers its own undo as it starts, so a start that fails
+        stops what it had started (router process, engines, trainers, placement group) and leaves nothing."""
+        with contextlib.ExitStack() as undo:
+            rt = cls._start(cfg, undo)
+            undo.pop_all()
+            return rt
+
+    @classmethod
+    def _start(cls, cfg: RunConfig, undo: contextlib.ExitStack) -> Runtime:
         n_t, n_e = cfg.train.num_trainer_ranks, cfg.rollout.num_engines
         init_ray(cfg.ray_address, num_cpus=n_t + n_e + 2)
         import torch
 
+        api_key = cfg.rollout.engine_api_key or secrets.token_urlsafe(32)  # per run: engines refuse strangers
         placement = create_placement(n_t, n_e, cfg.colocate, use_gpu=torch.cuda.is_available())
+        undo.callback(ray.util.remove_placement_group, placement.pg)
         share = 0.5 if cfg.colocate else 1.0
         routed = engines_return_routed_experts(cfg.algo.routing_replay)
         launcher = engine_launcher(cfg.rollout, cfg.model, routed_experts=routed, seed=cfg.seed,
-                                   colocate=cfg.colocate, use_gpu=placement.use_gpu)
-        engines = [launcher.launch(placement, b, share) for b in placement.engine_bundles]
+                                   colocate=cfg.colocate, use_gpu=placement.use_gpu, api_key=api_key)
+        engines = []
+        undo.callback(_kill_all, engines)
+        engines += [launcher.launch(placement, b, share) for b in placement.engine_bundles]
         trainers = TrainerGroup(TrainerSections(cfg.model, cfg.train, cfg.algo, cfg.megatron, cfg.lora,
                                                 temperature=cfg.rollout.rollout_temperature, seed=cfg.seed),
-                                placement, share)
+                                placement, share, on_start=lambda actors: undo.callback(_kill_all, actors))
         urls = ray.get([e.start.remote() for e in engines])
-        router = RouterProcess(urls, api_key=cfg.rollout.engine_api_key)
+        router = RouterProcess(RouterConfig(worker_urls=tuple(urls), api_key=api_key, host=node_ip()))
+        undo.callback(router.stop)
         router.start()
         # routed experts through the router only from engines that return them unasked (it drops the flag)
-        endpoints = RolloutEndpoints(router.url, api_key=cfg.rollout.engine_api_key,
+        endpoints = RolloutEndpoints(router.url, api_key=api_key,
                                      engines_return_routing=launcher.returns_routing_by_default)
         manager = ray.remote(RolloutManager).options(num_cpus=0).remote(
             cfg.rollout, cfg.model.hf_checkpoint, endpoints.generate, seed=cfg.seed, return_routed_experts=routed)
-        trainers.setup_sync(cfg.sync, urls, cfg.rollout.engine_api_key)
-        return cls(cfg, placement, engines, urls, router, manager, trainers, launcher, share=share)
+        undo.callback(_kill_all, [manager])
+        trainers.setup_sync(cfg.sync, urls, api_key)
+        return cls(cfg, placement, engines, urls, router, manager, trainers, launcher, api_key, share=share)
 
     # -- stages ----------------------------------------------------------------------------------------------
     def rollout(self, step: int) -> tuple[list[Sample], dict]:
@@ -97,7 +116,7 @@ class Runtime:
             self.engines[i] = self.launcher.launch(self.placement, bundle, self.share)
             self.engine_urls[i] = ray.get(self.engines[i].start.remote())
             self.router.add_worker(self.engine_urls[i])
-        self.trainers.setup_sync(self.cfg.sync, self.engine_urls, self.cfg.rollout.engine_api_key)
+        self.trainers.setup_sync(self.cfg.sync, self.engine_urls, self.api_key)
         self.sync_weights(self.weight_version)  # the restarted engine gets the current weights (verified)
         return {"engines/restarted": float(len(dead))}
 
@@ -124,10 +143,19 @@ class Runtime:
         return int(state["step"])
 
     def shutdown(self) -> None:
+        """Stop everything the run started, each part even when another fails: trainers, router, engines (their
+        own shutdown first: an SGLang engine stops its process group), then the actors and the placement group."""
         for stop in (self.trainers.shutdown, self.router.stop,
-                     lambda: ray.get([e.shutdown.remote() for e in self.engines])):
+                     lambda: ray.get([e.shutdown.remote() for e in self.engines], timeout=60),
+                     lambda: _kill_all([*self.engines, *self.trainers.actors, self.rollout_manager]),
+                     lambda: ray.util.remove_placement_group(self.placement.pg)):
             try:
                 stop()
             except Exception as e:  # keep tearing down the rest
                 log.warning("shutdown step failed: %s", e)
 
+
+def _kill_all(actors: list) -> None:
+    for actor in actors:
+        with contextlib.suppress(Exception):  # already gone
+            ray.kill(actor)

@@ -66,7 +66,7 @@ def test_engine_launchers_follow_the_replay_decision():
     assert issubclass(EmbeddedEngine, RolloutEngine) and issubclass(SGLangEngine, RolloutEngine)
     for routed in (True, False):
         cfg = parse_args([] if routed else ["--no-use-rollout-routing-replay"])
-        kw = dict(routed_experts=routed, seed=cfg.seed, colocate=False, use_gpu=False)
+        kw = dict(routed_experts=routed, seed=cfg.seed, colocate=False, use_gpu=False, api_key="k")
         embedded = engine_launcher(cfg.rollout, cfg.model, **kw)
         assert embedded.config.record_routed_experts is embedded.config.return_routed_experts_by_default is routed
         assert embedded.returns_routing_by_default is routed  # R3 requests may go through the router

@@ -368,7 +368,7 @@ def test_torchrun_tp2_matches_single_process(tmp_path):
     norms step for step: adapters, gradient sync and optimizer agree across layouts."""
     args = ["--recipe", "glm45_tiny_finetune", "peft=dora", "train.train_iters=3", "train.global_batch_size=4",
             "train.micro_batch_size=2", "data.seq_length=48"]
-    from glm_rl.rollout.router import free_port
+    from glm_rl.ray.addresses import free_port
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                 str(free_port())]
@@ -397,7 +397,7 @@ _PRETRAIN = ["--recipe", "glm45_tiny_pretrain", f"pretrained_checkpoint={TINY_CH
 
 
 def _torchrun(nproc: int) -> list[str]:
-    from glm_rl.rollout.router import free_port
+    from glm_rl.ray.addresses import free_port
 
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
             str(free_port())]

@@ -18,7 +18,7 @@ from glm_rl.models.glm45.checkpoint import load_hf_model
 from glm_rl.models.glm45.presets import TINY_CHECKPOINT
 from glm_rl.engine import EmbeddedEngine, EngineConfig
 from glm_rl.rollout.engine_client import EngineClient
-from glm_rl.rollout.router import free_port
+from glm_rl.ray.addresses import free_port
 from glm_rl.weights.group import create_weight_group
 from glm_rl.weights.p2p import P2PTransport
 from glm_rl.weights.wire import tensor_checksum

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from glm_rl.ray.addresses import node_ip
 from glm_rl.weights.mooncake import new_transfer_engine
 from glm_rl.weights.wire import WeightError, parse_dtype
 
@@ -39,7 +40,7 @@ class P2PReceiver:
 
     def __init__(self, state: dict[str, torch.Tensor], load: Load, host: str) -> None:
         self.state, self.load = state, load
-        self.host = "127.0.0.1" if host in ("", "0.0.0.0") else host
+        self.host = node_ip() if host in ("", "0.0.0.0") else host  # an address other nodes reach
         self._lock = threading.Lock()
         self._te = None
         self._protocol: str | None = None

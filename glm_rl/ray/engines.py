@@ -11,6 +11,7 @@ which kind it holds.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -61,7 +62,8 @@ class EmbeddedLauncher:
         return self.config.return_routed_experts_by_default
 
     def launch(self, placement: Placement, bundle: int, share: float) -> ray.actor.ActorHandle:
-        return engine_actor_class().options(**placement.actor_options(bundle, share)).remote(self.config)
+        config = dataclasses.replace(self.config, host=placement.node_ip(bundle))  # reachable from any node
+        return engine_actor_class().options(**placement.actor_options(bundle, share)).remote(config)
 
 
 @dataclass(frozen=True)
@@ -74,19 +76,21 @@ class SGLangLauncher:
 
     def launch(self, placement: Placement, bundle: int, share: float) -> ray.actor.ActorHandle:
         options = placement.actor_options(bundle, share) | {"num_gpus": share * self.config.tp_size}
-        return ray.remote(SGLangEngine).options(**options).remote(self.config)
+        config = dataclasses.replace(self.config, host=placement.node_ip(bundle))  # reachable from any node
+        return ray.remote(SGLangEngine).options(**options).remote(config)
 
 
 def engine_launcher(rollout: RolloutConfig, model: ModelConfig, *, routed_experts: bool, seed: int,
-                    colocate: bool, use_gpu: bool) -> EngineLauncher:
+                    colocate: bool, use_gpu: bool, api_key: str) -> EngineLauncher:
     """The launcher --rollout-engine names. `routed_experts`: engines must return the experts each token was
     routed to (`engines_return_routed_experts`). An embedded engine runs on the GPU of its placement bundle when
-    there is one (Ray sets the actor's CUDA_VISIBLE_DEVICES, so "cuda" is that GPU)."""
+    there is one (Ray sets the actor's CUDA_VISIBLE_DEVICES, so "cuda" is that GPU). `api_key`: the run's
+    secret, which every engine endpoint but /health requires."""
     match rollout.rollout_engine:
         case "sglang":
             steps = rollout.speculative_num_steps
             return SGLangLauncher(SGLangServerConfig(
-                model_path=model.hf_checkpoint, port=0, api_key=rollout.engine_api_key,
+                model_path=model.hf_checkpoint, port=0, api_key=api_key,
                 tp_size=rollout.rollout_num_gpus_per_engine, random_seed=seed,
                 enable_return_routed_experts=routed_experts, enable_memory_saver=colocate,
                 speculative_num_steps=steps if rollout.enable_mtp else 0, speculative_num_draft_tokens=steps + 1,
@@ -94,7 +98,7 @@ def engine_launcher(rollout: RolloutConfig, model: ModelConfig, *, routed_expert
         case "embedded":
             return EmbeddedLauncher(EngineConfig(
                 hf_checkpoint=model.hf_checkpoint, dtype=model.dtype, device="cuda" if use_gpu else "cpu",
-                api_key=rollout.engine_api_key, seed=seed, record_routed_experts=routed_experts,
+                api_key=api_key, seed=seed, record_routed_experts=routed_experts,
                 return_routed_experts_by_default=routed_experts, enable_mtp=rollout.enable_mtp,
                 speculative_num_steps=rollout.speculative_num_steps))
         case other:

@@ -15,6 +15,8 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from glm_rl.ray.addresses import node_ip
+
 log = logging.getLogger(__name__)
 
 
@@ -28,6 +30,11 @@ class Placement:
     def strategy(self, bundle: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=bundle)
 
+    def node_ip(self, bundle: int) -> str:
+        """The address of the node `bundle` was placed on (a zero-CPU task run there reports it)."""
+        task = ray.remote(num_cpus=0)(_node_ip).options(scheduling_strategy=self.strategy(bundle))
+        return ray.get(task.remote())
+
     def actor_options(self, bundle: int, share: float) -> dict:
         """Ray options for an actor on `bundle`, taking `share` of its resources (colocated actors split it)."""
         res = {"num_cpus": share, "num_gpus": share if self.use_gpu else 0}
@@ -35,12 +42,15 @@ class Placement:
 
 
 def init_ray(address: str | None, num_cpus: int) -> None:
+    """Join the cluster at `address` (its resources are its own: no num_cpus / num_gpus), or start a private
+    one-node Ray — `address="local"`, so a cluster someone else runs on this machine is never
+    joined by accident."""
     if ray.is_initialized():
         return
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 def create_placement(n_trainers: int, n_engines: int, colocate: bool, use_gpu: bool,
@@ -58,6 +68,10 @@ def create_placement(n_trainers: int, n_engines: int, colocate: bool, use_gpu: b
     trainers = list(range(n_trainers))
     engines = [i % n_trainers for i in range(n_engines)] if colocate else list(range(n_trainers, n_bundles))
     return Placement(pg, trainers, engines, use_gpu)
+
+
+def _node_ip() -> str:
+    return node_ip()
 
 
 def _ready(pg: PlacementGroup, timeout: float) -> bool:

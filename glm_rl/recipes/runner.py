@@ -97,9 +97,9 @@ def init_distributed() -> None:
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend)
         return
-    from glm_rl.rollout.router import free_port
+    from glm_rl.ray.addresses import LOOPBACK, free_port
 
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    dist.init_process_group(backend, init_method=f"tcp://{LOOPBACK}:{free_port(LOOPBACK)}", rank=0, world_size=1)
 
 
 def build_model(cfg: RecipeConfig, spec, ckpt: Path, device: str):

@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from glm_rl.ray.addresses import free_port
 from glm_rl.rollout.engine_client import EngineClient, EngineError
 
 POLICIES = ("random", "round_robin", "cache_aware", "power_of_two")
@@ -59,12 +60,6 @@ class RouterConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"RouterConfig.policy must be one of {POLICIES}, got {self.policy!r}")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def router_command(config: RouterConfig, *, port: int, prometheus_port: int,

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from glm_rl.config import AlgoConfig, LoraConfig, MegatronConfig, ModelConfig, SyncConfig, TrainConfig
+from glm_rl.ray.addresses import bind_gloo_to, free_port, host_for_url, node_ip
 from glm_rl.ray.placement import Placement
-from glm_rl.rollout.router import free_port
 from glm_rl.rollout.samples import Sample
 from glm_rl.trainer.backends.base import TrainerBackend
 from glm_rl.trainer.backends.torch_backend import TorchBackend
@@ -54,16 +54,26 @@ def make_backend(c: TrainerSections, device: str) -> TrainerBackend:
 class TrainerActor:
     """One rank: joins the trainer process group and owns a backend."""
 
-    def __init__(self, sections: TrainerSections, rank: int, world_size: int, master: str) -> None:
+    def __init__(self, sections: TrainerSections, rank: int, world_size: int) -> None:
         torch.set_num_threads(1)
         torch.manual_seed(sections.seed)
-        self.rank = rank
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=master,
-                                rank=rank, world_size=world_size)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.backend: TrainerBackend = make_backend(sections, device)
+        self.rank, self.world_size, self.sections = rank, world_size, sections
+        self.backend: TrainerBackend | None = None
         self.sync = None
         self.sync_cfg: SyncConfig | None = None
+        bind_gloo_to(node_ip())
+
+    def rendezvous(self) -> str:
+        """Rank 0: the process group's address, on this rank's node (a port free there now)."""
+        host = node_ip()
+        return f"tcp://{host_for_url(host)}:{free_port(host)}"
+
+    def setup(self, master: str) -> None:
+        """Join the trainer process group at `master`, then build the backend (its groups need the world)."""
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=master,
+                                rank=self.rank, world_size=self.world_size)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.backend = make_backend(self.sections, device)
 
     def dp_coords(self) -> tuple[int, bool]:
         """(data-parallel rank, whether this rank reports for it)."""
@@ -110,9 +120,10 @@ class TrainerActor:
 
 
 class TrainerGroup:
-    def __init__(self, sections: TrainerSections, placement: Placement, share: float) -> None:
+    def __init__(self, sections: TrainerSections, placement: Placement, share: float,
+                 on_start: Callable[[list], None] | None = None) -> None:
+        """`on_start(actors)` is called as soon as the actors exist (the runtime registers their cleanup)."""
         n = sections.train.num_trainer_ranks
-        master = f"tcp://127.0.0.1:{free_port()}"
         options = {}
         if sections.train.backend == "megatron" and not torch.cuda.is_available():
             # megatron's jit_fuser is torch.compile, chosen when megatron is imported (17 s cold per process on
@@ -120,7 +131,11 @@ class TrainerGroup:
             options["runtime_env"] = {"env_vars": {"TORCHDYNAMO_DISABLE": "1"}}
         remote = ray.remote(TrainerActor)
         self.actors = [remote.options(**placement.actor_options(placement.trainer_bundles[r], share), **options)
-                       .remote(sections, r, n, master) for r in range(n)]
+                       .remote(sections, r, n) for r in range(n)]
+        if on_start is not None:
+            on_start(self.actors)
+        master = ray.get(self.actors[0].rendezvous.remote())  # rank 0's node, not the driver's
+        ray.get([a.setup.remote(master) for a in self.actors])
         coords = ray.get([a.dp_coords.remote() for a in self.actors])
         self.dp_rank = [dp for dp, _ in coords]              # the shard each actor trains on
         self.reporters = [i for i, (_, lead) in enumerate(coords) if lead]  # one per DP rank

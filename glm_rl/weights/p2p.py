@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from glm_rl.ray.addresses import node_ip
 from glm_rl.models.glm45.hf_names import split_dim
 from glm_rl.weights.mooncake import new_transfer_engine
 from glm_rl.weights.transfer_plan import (
@@ -135,6 +136,7 @@ class P2PTransport(BaseTransport):
             kw.setdefault("rank", dist.get_rank())
             kw.setdefault("world_size", dist.get_world_size())
             kw.setdefault("pg", dist.group.WORLD)
+        kw.setdefault("host", node_ip())  # Mooncake's local hostname: engines on other nodes reach it
         return cls(engine_urls, api_key, bucket_bytes, **kw)
 
     # -- setup -------------------------------------------------------------------------------------------

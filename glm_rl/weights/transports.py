@@ -28,8 +28,8 @@ from typing import Protocol
 import torch
 
 from glm_rl.models.fp8 import dequantize_named, gloo_view, quantize_named
+from glm_rl.ray.addresses import free_port, node_ip
 from glm_rl.rollout.engine_client import EngineClient
-from glm_rl.rollout.router import free_port
 from glm_rl.weights.bucketing import iter_buckets
 from glm_rl.weights.flat import entries_to_json
 from glm_rl.weights.group import create_weight_group
@@ -115,11 +115,12 @@ class BroadcastTransport(BaseTransport):
 
     def prepare(self) -> None:
         """Build the group: engines join over HTTP (threads) while this rank hosts it as rank 0."""
-        port = free_port()
+        host = node_ip()  # this (source) rank's node: engines on other nodes connect to it
+        port = free_port(host)
         world = 1 + len(self.clients)
-        joins = [self.pool.submit(c.init_weights_update_group, "127.0.0.1", port, 1 + i, world, self.group_name)
+        joins = [self.pool.submit(c.init_weights_update_group, host, port, 1 + i, world, self.group_name)
                  for i, c in enumerate(self.clients)]
-        self.group = create_weight_group("127.0.0.1", port, rank=0, world_size=world, group_name=self.group_name)
+        self.group = create_weight_group(host, port, rank=0, world_size=world, group_name=self.group_name)
         for j in joins:
             j.result()
 
