@@ -63,7 +63,8 @@ class Runtime:
         import torch
 
         api_key = cfg.rollout.engine_api_key or secrets.token_urlsafe(32)  # per run: engines refuse strangers
-        placement = create_placement(n_t, n_e, cfg.colocate, use_gpu=torch.cuda.is_available())
+        placement = create_placement(n_t, n_e, cfg.colocate, use_gpu=torch.cuda.is_available(),
+                                     strategy=cfg.placement_strategy)
         undo.callback(ray.util.remove_placement_group, placement.pg)
         share = 0.5 if cfg.colocate else 1.0
         routed = engines_return_routed_experts(cfg.algo.routing_replay)

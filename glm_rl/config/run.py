@@ -11,6 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from glm_rl.config.algo import AlgoConfig, RoutingReplay
 from glm_rl.config.fields import opt
@@ -39,6 +40,9 @@ class RunConfig:
     save_interval: int | None = opt(None, "save every N steps (and at the end); None = only at the end")
     colocate: bool = opt(False, "trainer ranks and engines share placement bundles")
     ray_address: str | None = opt(None, "join this Ray cluster instead of starting a local one")
+    placement_strategy: Literal["PACK", "SPREAD"] = opt(
+        "PACK", "Ray placement of the trainer / engine bundles (in rank order): PACK fills a node before the next; "
+                "SPREAD puts consecutive bundles on different nodes")
     seed: int = opt(1234, "seed for data order, sampling and init")
     use_tensorboard: bool = opt(False, "also write TensorBoard scalars")
     report: bool = opt(True, "write <output-dir>/report.png at the end")

@@ -54,10 +54,10 @@ def init_ray(address: str | None, num_cpus: int) -> None:
 
 
 def create_placement(n_trainers: int, n_engines: int, colocate: bool, use_gpu: bool,
-                     timeout_s: float = 120.0) -> Placement:
+                     timeout_s: float = 120.0, strategy: str = "PACK") -> Placement:
     n_bundles = n_trainers if colocate else n_trainers + n_engines
     bundle = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
-    pg = placement_group([dict(bundle) for _ in range(n_bundles)], strategy="PACK")
+    pg = placement_group([dict(bundle) for _ in range(n_bundles)], strategy=strategy)
     t0 = time.time()
     while not _ready(pg, 5.0):
         waited = time.time() - t0

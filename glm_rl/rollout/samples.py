@@ -19,6 +19,14 @@ class Sample:
     finish_reason: str = "stop"
     weight_version: int = 0
     routed_experts: np.ndarray | None = None  # (len(tokens) - 1, n_moe_layers, top_k), engine's choice (R3)
+    # what the prompt row carried (the reward function and custom generate functions read them)
+    label: str | None = None
+    metadata: dict | None = None
+    tools: list | None = None
+    # multi-turn: 1 on response tokens the model generated, 0 on appended tool observations (None: all 1);
+    # rollout_logprobs holds 0.0 at masked positions
+    loss_mask: list[int] | None = None
+    response_text: str | None = None  # what the reward grades (None: the decoded response_ids)
     # set by the driver between the old-logprob pass and training (one value per response token)
     old_logprobs: np.ndarray | None = None
     trainer_routing: np.ndarray | None = None  # R2: the trainer's own choice in the old-logprob pass
