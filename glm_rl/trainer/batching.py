@@ -3,6 +3,12 @@
 Loss normalisation is global: every rank scales its per-token loss by 1 / (response tokens in the whole
 optimizer step), so summing gradients over ranks and micro-batches gives exactly the token-mean gradient of the
 full batch, whatever the split (tested).
+
+Multi-turn samples (`Sample.loss_mask`, glm_rl/rollout/agentic/) carry appended tool observations inside
+`response_ids`: those positions stay in the sequence (the model reads them) but their `loss_mask` is 0, so the
+loss, its token count and every per-token correction ignore them, exactly as if they were prompt-side context
+(tested). Per-sample values (`MicroBatch.per_sample`) still cover every response position, one per response
+token, observations included, so they line up with `response_ids`.
 """
 
 from __future__ import annotations
@@ -55,15 +61,27 @@ class MicroBatch:
     input_ids: torch.Tensor        # (B, T) tokens[:-1], right-padded
     targets: torch.Tensor          # (B, T) tokens[1:]
     valid: torch.Tensor            # (B, T) bool, real positions
-    loss_mask: torch.Tensor        # (B, T) float, positions whose target is a response token
+    loss_mask: torch.Tensor        # (B, T) float, positions whose target is a generated response token
     rollout_logp: torch.Tensor     # (B, T) engine's logprobs on response targets, 0 elsewhere
     advantages: torch.Tensor       # (B, T) sample advantage on response targets
     routed_experts: torch.Tensor | None  # (B, T, n_moe, k) the routing to replay (R3 / R2), or None
     extra: dict[str, torch.Tensor]       # (B, T) old_logprobs / ref_logprobs / token_weights when set
 
     def per_sample(self, x: torch.Tensor) -> list[np.ndarray]:
-        """Split a (B, T) tensor back into each sample's response-target values."""
-        return [x[i][self.loss_mask[i].bool()].detach().cpu().numpy() for i in range(len(self.samples))]
+        """Split a (B, T) tensor back into each sample's response-target values (one per response token,
+        masked observation tokens included)."""
+        return [x[i, len(s.prompt_ids) - 1:s.num_positions].detach().cpu().numpy()
+                for i, s in enumerate(self.samples)]
+
+
+def response_loss_mask(s: Sample) -> np.ndarray:
+    """(len(response_ids),) float32: 1 on generated tokens, 0 on appended observations (`Sample.loss_mask`)."""
+    n = len(s.response_ids)
+    if s.loss_mask is None:
+        return np.ones(n, dtype=np.float32)
+    if len(s.loss_mask) != n:
+        raise ValueError(f"sample {s.index}: loss_mask has {len(s.loss_mask)} entries, response_ids {n}")
+    return np.asarray(s.loss_mask, dtype=np.float32)
 
 
 def collate(samples: list[Sample], pad_id: int, routing: RoutingSource | None = None) -> MicroBatch:
@@ -82,7 +100,7 @@ def collate(samples: list[Sample], pad_id: int, routing: RoutingSource | None = 
         tokens = torch.tensor(s.tokens)
         n, p = s.num_positions, len(s.prompt_ids)
         input_ids[i, :n], targets[i, :n], valid[i, :n] = tokens[:-1], tokens[1:], True
-        loss_mask[i, p - 1:n] = 1.0
+        loss_mask[i, p - 1:n] = torch.from_numpy(response_loss_mask(s))
         rollout_logp[i, p - 1:n] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
         advantages[i, p - 1:n] = s.advantage
         if routing:

@@ -13,7 +13,7 @@ import torch
 from glm_rl.algo import compute_advantages, mis_weights, mismatch_metrics, tis_weights
 from glm_rl.config import AlgoConfig, TrainConfig
 from glm_rl.rollout.samples import Sample
-from glm_rl.trainer.batching import split_for_dp
+from glm_rl.trainer.batching import response_loss_mask, split_for_dp
 
 
 def assign_advantages(samples: list[Sample], algo: AlgoConfig, group_size: int) -> None:
@@ -61,13 +61,14 @@ def _padded(rows: list, width: int) -> torch.Tensor:
 
 
 def corrections(samples: list[Sample], a: AlgoConfig) -> dict[str, float]:
-    """Train/rollout mismatch metrics, then TIS or MIS weights per response token (batch-level)."""
+    """Train/rollout mismatch metrics, then TIS or MIS weights per response token (batch-level); generated
+    tokens only (`Sample.loss_mask`): appended observations count in neither the metrics nor the loss."""
     width = max(len(s.response_ids) for s in samples)
     old = _padded([s.old_logprobs for s in samples], width)  # (B, T)
     rollout = _padded([s.rollout_logprobs for s in samples], width)  # (B, T)
     mask = torch.zeros_like(old)
     for i, s in enumerate(samples):
-        mask[i, :len(s.response_ids)] = 1.0
+        mask[i, :len(s.response_ids)] = torch.from_numpy(response_loss_mask(s))
     metrics = mismatch_metrics(old, rollout, mask)
     weights = None
     if a.enable_mis:
