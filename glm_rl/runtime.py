@@ -24,6 +24,7 @@ from glm_rl.config import RunConfig, engines_return_routed_experts
 from glm_rl.ray.addresses import node_ip
 from glm_rl.ray.engines import EngineLauncher, engine_launcher
 from glm_rl.ray.placement import Placement, create_placement, init_ray
+from glm_rl.rollout.abort import AbortEngines
 from glm_rl.rollout.engine_client import EngineClient
 from glm_rl.rollout.manager import RolloutManager
 from glm_rl.rollout.router import RolloutEndpoints, RouterConfig, RouterProcess
@@ -84,14 +85,20 @@ class Runtime:
         endpoints = RolloutEndpoints(router.url, api_key=api_key,
                                      engines_return_routing=launcher.returns_routing_by_default)
         manager = ray.remote(RolloutManager).options(num_cpus=0).remote(
-            cfg.rollout, cfg.model.hf_checkpoint, endpoints.generate, seed=cfg.seed, return_routed_experts=routed)
+            cfg.rollout, cfg.model.hf_checkpoint, endpoints.generate, seed=cfg.seed, return_routed_experts=routed,
+            eval_cfg=cfg.eval, abort=AbortEngines(router.url, api_key))
         undo.callback(_kill_all, [manager])
         trainers.setup_sync(cfg.sync, urls, api_key)
+        _write_placement(Path(cfg.output_dir), trainers, urls, router.url)
         return cls(cfg, placement, engines, urls, router, manager, trainers, launcher, api_key, share=share)
 
     # -- stages ----------------------------------------------------------------------------------------------
     def rollout(self, step: int) -> tuple[list[Sample], dict]:
         return ray.get(self.rollout_manager.generate.remote(step))
+
+    def evaluate(self, step: int) -> dict:
+        """The eval sets on the engines at their current weights (`step`: steps trained so far)."""
+        return ray.get(self.rollout_manager.evaluate.remote(step))
 
     def sync_weights(self, version: int) -> dict:
         t0 = time.time()
@@ -160,3 +167,12 @@ def _kill_all(actors: list) -> None:
     for actor in actors:
         with contextlib.suppress(Exception):  # already gone
             ray.kill(actor)
+
+
+def _write_placement(out: Path, trainers: TrainerGroup, engine_urls: list[str], router_url: str) -> None:
+    """Where each part runs (node address per trainer rank, engine and router URLs): placement.json."""
+    ips = ray.get([a.node_ip.remote() for a in trainers.actors])
+    where = {"driver": node_ip(), "router": router_url, "trainer_ranks": ips, "engines": engine_urls}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "placement.json").write_text(json.dumps(where, indent=1))
+    log.info("placement: %s", where)

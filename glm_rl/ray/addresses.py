@@ -49,6 +49,14 @@ def host_for_url(host: str) -> str:
         return host
 
 
+def local_address_toward(remote: str) -> str:
+    """The local address this host uses to reach `remote` (the routing table decides; no packet is sent)."""
+    family = socket.AF_INET6 if ":" in remote else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((remote, 9))  # UDP connect only picks the route
+        return s.getsockname()[0]
+
+
 def interface_of(ip: str) -> str | None:
     """The network interface holding `ip`, or None (psutil reads the host's interface table)."""
     import psutil

@@ -63,6 +63,9 @@ class TrainerActor:
         self.sync_cfg: SyncConfig | None = None
         bind_gloo_to(node_ip())
 
+    def node_ip(self) -> str:
+        return node_ip()
+
     def rendezvous(self) -> str:
         """Rank 0: the process group's address, on this rank's node (a port free there now)."""
         host = node_ip()

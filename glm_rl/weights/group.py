@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from glm_rl.ray.addresses import local_address_toward
+
 
 @dataclass
 class WeightGroup:
@@ -50,5 +52,10 @@ def create_weight_group(master_address: str, master_port: int, *, rank: int, wor
     store = dist.TCPStore(master_address, int(master_port), world_size, is_master=(rank == 0), timeout=timeout,
                           wait_for_workers=False)
     prefixed = dist.PrefixStore(f"glm_rl_weights/{group_name}", store)
-    pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = timeout
+    # gloo's default device binds to what the hostname resolves to (often loopback): bind to the address that
+    # reaches the master instead, so ranks on other nodes can connect back
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local_address_toward(master_address))]
+    pg = dist.ProcessGroupGloo(prefixed, rank, world_size, opts)
     return WeightGroup(group_name, rank, world_size, store, pg)
