@@ -36,32 +36,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from glm_rl.models.glm45.presets import ASSETS, TINY_CHECKPOINT, ModelSpec  # noqa: E402
 from glm_rl.engine.batch import GenerationRequest, SamplingParams  # noqa: E402
 from glm_rl.engine.decode import run_batch  # noqa: E402
 from glm_rl.engine.decode.static import StaticDecoder  # noqa: E402
+from glm_rl.models.glm45.presets import ASSETS, TINY_CHECKPOINT  # noqa: E402
 
-RANDOM_DEFAULTS = {"hidden": 1024, "layers": 8, "experts": 64, "top_k": 8, "ffn": 512, "vocab": 151552,
-                   "heads": 8, "kv_heads": 2, "dense_ffn": 4096}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _models import random_spec  # noqa: E402  (the spec builder the benchmarks share)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def random_spec(desc: str) -> ModelSpec:
-    """A GLM-4.5-shaped spec from 'default', 'k=v,...' or positional numbers (in the order of RANDOM_DEFAULTS)."""
-    values = dict(RANDOM_DEFAULTS)
-    if desc != "default":
-        for i, part in enumerate(p for p in desc.split(",") if p):
-            key, _, value = part.rpartition("=")
-            key = key or list(RANDOM_DEFAULTS)[i]
-            if key not in RANDOM_DEFAULTS:
-                raise SystemExit(f"--random-model: unknown field {key!r}; fields: {', '.join(RANDOM_DEFAULTS)}")
-            values[key] = int(value)
-    v = values
-    return ModelSpec(name="random", vocab_size=v["vocab"], hidden_size=v["hidden"], intermediate_size=v["dense_ffn"],
-                     num_hidden_layers=v["layers"], first_k_dense_replace=1, num_attention_heads=v["heads"],
-                     num_key_value_heads=v["kv_heads"], head_dim=v["hidden"] // v["heads"],
-                     n_routed_experts=v["experts"], num_experts_per_tok=v["top_k"], routed_scaling_factor=2.5,
-                     moe_intermediate_size=v["ffn"], use_qk_norm=True, max_position_embeddings=4096)
 
 
 def random_model(desc: str, dtype: torch.dtype, device: str):
