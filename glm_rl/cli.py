@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -54,41 +53,68 @@ def train(ctx: typer.Context) -> None:
 @app.command("eval")
 def eval_cmd(
     hf_checkpoint: Path = typer.Option(TINY_CHECKPOINT, help="HF checkpoint directory"),
-    prompt_data: Path = typer.Option(TINY_DATA / "eval.jsonl", help="JSONL with `prompt` and `label`"),
-    rm_type: str = typer.Option("arithmetic", help="rule-based reward"),
+    prompt_data: Path = typer.Option(TINY_DATA / "eval.jsonl", help="JSONL, Parquet or a datasets directory"),
+    input_key: str = typer.Option("prompt", help="the prompt's field (a string or chat messages)"),
+    label_key: str = typer.Option("label", help="the label's field"),
+    metadata_key: str = typer.Option("metadata", help="the metadata field (reaches the reward function)"),
+    tool_key: str = typer.Option("tools", help="the tool-schema field (handed to the chat template)"),
+    apply_chat_template: bool = typer.Option(True, help="render prompts with the checkpoint's chat template"),
+    rm_type: str = typer.Option("arithmetic", help="rule grader (see `glm-rl train --help`, --rm-type)"),
     temperature: float = typer.Option(1.0, help="sampling temperature (0 = greedy)"),
     max_new_tokens: int = typer.Option(16),
     seed: int = typer.Option(0),
-    preset: Optional[str] = typer.Option(None, help="check the checkpoint against this preset first"),
+    preset: str | None = typer.Option(None, help="check the checkpoint against this preset first"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Accuracy of a checkpoint on a prompt set (HF reference sampler)."""
+    """Accuracy of a checkpoint on a prompt set (HF reference sampler; prompts rendered as the rollout does)."""
     from glm_rl.evaluate import evaluate
     from glm_rl.models.glm45.checkpoint import load_hf_model
     from glm_rl.rollout.data import load_prompts
-    from glm_rl.rollout.rewards import get_reward_fn
+    from glm_rl.rollout.rewards import get_reward_fn, is_rule
+    from glm_rl.rollout.rewards.rule import unknown_rm_type_message
 
+    if not is_rule(rm_type):
+        raise ValueError(unknown_rm_type_message(rm_type) + " (glm-rl eval grades with rule graders)")
     reward_fn = get_reward_fn(rm_type)
-    rows = load_prompts(prompt_data)
+    rows = load_prompts(prompt_data, input_key, label_key, metadata_key=metadata_key, tool_key=tool_key,
+                        apply_chat_template=apply_chat_template)
     model, tokenizer = load_hf_model(hf_checkpoint, preset=preset)
     result = evaluate(model, tokenizer, rows, reward_fn, temperature=temperature,
-                      max_new_tokens=max_new_tokens, seed=seed)
+                      max_new_tokens=max_new_tokens, seed=seed, apply_chat_template=apply_chat_template)
     summary = {"accuracy": result.accuracy, "n": result.n, "temperature": temperature}
     typer.echo(json.dumps(summary) if as_json else
                f"accuracy {result.accuracy:.3f} on {result.n} prompts at temperature {temperature}")
 
 
+@app.command("reward-server")
+def reward_server(
+    rm_type: str = typer.Option("math", help="the rule grader to serve (arithmetic, math, dapo, deepscaler, f1, "
+                                             "random, boxed_<grader>)"),
+    custom_rm_path: str | None = typer.Option(None, help="serve this function (package.module.function) instead"),
+    group_rm: bool = typer.Option(False, "--group-rm", help="the custom function scores a group at a time"),
+    host: str = typer.Option("127.0.0.1", help="address to bind"),
+    port: int = typer.Option(8000, help="0 picks a free port (printed at start)"),
+    reward_key: str = typer.Option("reward", help="the key of the reward in each reply"),
+    math_timeout_s: float = typer.Option(5.0, help="math graders: time limit of one comparison"),
+) -> None:
+    """Serve a grader over HTTP for `glm-rl train --rm-type remote_rm --rm-url http://HOST:PORT/reward`."""
+    from glm_rl.rollout.rewards.server import serve
+
+    serve(rm_type, custom_rm_path=custom_rm_path, group_rm=group_rm, host=host, port=port, reward_key=reward_key,
+          math_timeout_s=math_timeout_s)
+
+
 @app.command()
 def generate(
-    prompt_file: Optional[Path] = typer.Option(None, help="JSONL with `prompt` per line, or plain text lines"),
-    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="a prompt (repeatable), instead of a file"),
+    prompt_file: Path | None = typer.Option(None, help="JSONL with `prompt` per line, or plain text lines"),
+    prompt: list[str] | None = typer.Option(None, "--prompt", help="a prompt (repeatable), instead of a file"),
     hf_checkpoint: Path = typer.Option(TINY_CHECKPOINT, "--hf-checkpoint", "--hf-model",
                                        help="HF checkpoint directory (with --megatron-path: its tokenizer)"),
-    megatron_path: Optional[Path] = typer.Option(
+    megatron_path: Path | None = typer.Option(
         None, help="greedy decoding straight from this Megatron torch_dist checkpoint (`glm-rl convert import`)"),
     enable_mtp: bool = typer.Option(False, "--enable-mtp", help="MTP speculative decoding"),
     speculative_num_steps: int = typer.Option(1, help="MTP drafts per verify forward (with --enable-mtp)"),
-    temperature: Optional[float] = typer.Option(None, help="sampling temperature (0 = greedy) [default: 1.0; "
+    temperature: float | None = typer.Option(None, help="sampling temperature (0 = greedy) [default: 1.0; "
                                                 "greedy with --megatron-path]"),
     top_p: float = typer.Option(1.0),
     top_k: int = typer.Option(-1),
@@ -221,14 +247,14 @@ app.add_typer(convert_app, name="convert")
 def convert_import(
     hf_model: Path = typer.Option(..., help="HF GLM-4.5 checkpoint directory"),
     megatron_path: Path = typer.Option(..., help="torch_dist output directory (new or empty)"),
-    model_preset: Optional[str] = typer.Option(None, help="check the HF config against this preset first"),
+    model_preset: str | None = typer.Option(None, help="check the HF config against this preset first"),
     tensor_model_parallel_size: int = typer.Option(1, help="TP of the ranks that write (any layout loads it)"),
     pipeline_model_parallel_size: int = typer.Option(1),
     context_parallel_size: int = typer.Option(1),
     expert_model_parallel_size: int = typer.Option(1),
     expert_tensor_parallel_size: int = typer.Option(1),
-    decoder_first_pipeline_num_layers: Optional[int] = typer.Option(None),
-    decoder_last_pipeline_num_layers: Optional[int] = typer.Option(None),
+    decoder_first_pipeline_num_layers: int | None = typer.Option(None),
+    decoder_last_pipeline_num_layers: int | None = typer.Option(None),
 ) -> None:
     """HF checkpoint -> Megatron torch_dist (spawns the layout's ranks on this host; torchrun: see tools/)."""
     from glm_rl.convert import check_import, import_checkpoint
@@ -261,9 +287,9 @@ def convert_export(
 def recipe(
     ctx: typer.Context,
     name: str = typer.Option(..., "--recipe", help="recipe name, e.g. glm45_tiny_pretrain (see glm_rl/recipes)"),
-    pretrained_checkpoint: Optional[Path] = typer.Option(
+    pretrained_checkpoint: Path | None = typer.Option(
         None, help="HF checkpoint dir to start from (finetune; pretrain: continued pretraining)"),
-    output_dir: Optional[Path] = typer.Option(None, help="run dir (default: checkpoint.save, else runs/NAME)"),
+    output_dir: Path | None = typer.Option(None, help="run dir (default: checkpoint.save, else runs/NAME)"),
 ) -> None:
     """Pretrain / SFT / LoRA / DoRA recipe on the Megatron model; extra args are dotted `key=value` overrides
     (e.g. `train.global_batch_size=128 peft=lora`). Runs under `torchrun --nproc-per-node N`."""
@@ -291,7 +317,7 @@ def main() -> None:
         app()
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
         console.print(f"[red]error:[/red] {e}")
-        raise SystemExit(2)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from tqdm import tqdm
 
 from glm_rl.config import RunConfig
 from glm_rl.metrics import MetricsWriter, console_line, write_report
+from glm_rl.replay import ReplayRuntime
+from glm_rl.rollout.debug_data import save_rollout
 from glm_rl.runtime import Runtime
 from glm_rl.trainer import steps
 
@@ -21,13 +23,19 @@ def train(cfg: RunConfig) -> Path:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.to_json())
-    rt = Runtime.start(cfg)
+    rt = (ReplayRuntime if cfg.debug.load_debug_rollout_data else Runtime).start(cfg)  # replay: trainers only
     try:
         start = rt.resume()
-        writer = MetricsWriter(out, cfg.use_tensorboard, append=start > 0)
+        writer = MetricsWriter(out, cfg.log, append=start > 0, run_config=json.loads(cfg.to_json()))
+        if start == 0 and cfg.eval.due(0, cfg.num_rollout):                # --eval-before-train
+            row = {"step": 0} | rt.evaluate(0)
+            writer.write(row)
+            tqdm.write(console_line(row))
         for step in tqdm(range(start, cfg.num_rollout), desc="RL steps", initial=start, total=cfg.num_rollout,
                          dynamic_ncols=True):
             metrics = run_step(cfg, rt, step)
+            if cfg.eval.due(step + 1, cfg.num_rollout):                     # --eval-interval, and the last step
+                metrics |= rt.evaluate(step + 1)
             writer.write(metrics)
             tqdm.write(console_line(metrics))
             if cfg.save_interval and (step + 1) % cfg.save_interval == 0 and step + 1 < cfg.num_rollout:
@@ -41,10 +49,12 @@ def train(cfg: RunConfig) -> Path:
     return out
 
 
-def run_step(cfg: RunConfig, rt: Runtime, step: int) -> dict:
+def run_step(cfg: RunConfig, rt: Runtime | ReplayRuntime, step: int) -> dict:
     t0 = time.time()
     health = rt.ensure_engines()                                 # restart dead engines, give them weights
     samples, metrics = rt.rollout(step)                          # engines, through the router
+    if cfg.debug.save_debug_rollout_data:                        # before the driver adds advantages
+        save_rollout(cfg.debug.path(cfg.debug.save_debug_rollout_data, step), step, samples, metrics)
     steps.assign_advantages(samples, cfg.algo, cfg.rollout.n_samples_per_prompt)  # GRPO / GSPO / Dr.GRPO
     t1 = time.time()
     metrics |= steps.old_logprobs(samples, cfg.algo, rt.trainers)  # recompute (R2 record / R3 replay)
@@ -62,6 +72,7 @@ def run_step(cfg: RunConfig, rt: Runtime, step: int) -> dict:
 def summarize(output_dir: Path, window: int = 5) -> dict:
     """First / last `window` steps' mean reward of a finished run (for the README and tests)."""
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "rollout/reward_mean" in r]  # not the eval-only row of --eval-before-train
     rewards = [r["rollout/reward_mean"] for r in rows]
     first, last = rewards[:window], rewards[-window:]
     return {"steps": len(rows), "reward_first": sum(first) / len(first), "reward_last": sum(last) / len(last)}

@@ -10,6 +10,9 @@ Each section is a frozen dataclass handed only to the component that owns it:
 - `megatron` (megatron.py) Megatron's parallel layout and options: the Megatron backend
 - `lora`     (lora.py)     LoRA / DoRA adapters: the torch backend
 - `sync`     (sync.py)     weight transfer to the engines: the trainer group, whole
+- `eval`     (eval.py)     eval sets and their sampling: the rollout manager's evaluation
+- `log`      (log.py)      TensorBoard and W&B: the metrics writer
+- `debug`    (debug.py)    rollout dumps (save) and train-only replays (load): the driver
 - `RunConfig` (run.py)     the sections, run-wide flags (steps, output, checkpoints, seed, colocation) and the
                            checks across sections; `parser.py` turns argv into it.
 
@@ -20,7 +23,10 @@ users know them: `--rollout-batch-size`, `--n-samples-per-prompt`, `--eps-clip-h
 """
 
 from glm_rl.config.algo import AlgoConfig, RoutingReplay, engines_return_routed_experts
+from glm_rl.config.debug import DebugConfig
+from glm_rl.config.eval import EvalConfig
 from glm_rl.config.fields import opt
+from glm_rl.config.log import LogConfig
 from glm_rl.config.lora import LoraConfig
 from glm_rl.config.megatron import MegatronConfig
 from glm_rl.config.model import ModelConfig
@@ -30,6 +36,6 @@ from glm_rl.config.run import RunConfig
 from glm_rl.config.sync import SyncConfig
 from glm_rl.config.train import TrainConfig
 
-__all__ = ["SECTIONS", "TINY_DATA", "AlgoConfig", "LoraConfig", "MegatronConfig", "ModelConfig", "RolloutConfig",
-           "RoutingReplay", "RunConfig", "SyncConfig", "TrainConfig", "build_parser", "engines_return_routed_experts",
-           "opt", "parse_args", "split_sglang_args"]
+__all__ = ["SECTIONS", "TINY_DATA", "AlgoConfig", "DebugConfig", "EvalConfig", "LogConfig", "LoraConfig",
+           "MegatronConfig", "ModelConfig", "RolloutConfig", "RoutingReplay", "RunConfig", "SyncConfig", "TrainConfig",
+           "build_parser", "engines_return_routed_experts", "opt", "parse_args", "split_sglang_args"]

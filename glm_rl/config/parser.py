@@ -1,7 +1,8 @@
 """argv → a validated `RunConfig`: one argparse group per section, the flag named after the field.
 
 Booleans are `--flag` / `--no-flag` (`bool | None` fields stay None, "auto", when neither is given); Literal
-fields become choices. `--sglang-<flag> [value]` pairs are taken out of argv first and passed to SGLang.
+fields become choices; `tuple[str, ...]` fields take one or more words (`--eval-prompt-data NAME PATH ...`).
+`--sglang-<flag> [value]` pairs are taken out of argv first and passed to SGLang.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import dataclasses
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from glm_rl.config.algo import AlgoConfig
+from glm_rl.config.debug import DebugConfig
+from glm_rl.config.eval import EvalConfig
+from glm_rl.config.log import LogConfig
 from glm_rl.config.lora import LoraConfig
 from glm_rl.config.megatron import MegatronConfig
 from glm_rl.config.model import ModelConfig
@@ -21,7 +25,8 @@ from glm_rl.config.train import TrainConfig
 
 # section name → its dataclass, in --help order (the flags' order is the one `glm-rl train --help` always had)
 SECTIONS = {"model": ModelConfig, "rollout": RolloutConfig, "algo": AlgoConfig, "train": TrainConfig,
-            "megatron": MegatronConfig, "lora": LoraConfig, "sync": SyncConfig}
+            "megatron": MegatronConfig, "lora": LoraConfig, "sync": SyncConfig, "eval": EvalConfig, "log": LogConfig,
+            "debug": DebugConfig}
 
 
 def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any, dest: str) -> None:
@@ -32,6 +37,10 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any,
                             help=help_text)
         return
     args = get_args(hint)
+    if get_origin(hint) is tuple:  # tuple[str, ...]: one or more words, kept as a tuple (the config is frozen)
+        parser.add_argument(flag, dest=dest, nargs="+", type=args[0], default=f.default, help=help_text,
+                            metavar=f.metadata.get("metavar", args[0].__name__.upper()))
+        return
     if get_origin(hint) is Literal:
         parser.add_argument(flag, dest=dest, choices=args, default=f.default, help=help_text)
         return
@@ -96,6 +105,7 @@ def parse_args(argv: list[str]) -> RunConfig:
     argv, sglang_args = split_sglang_args(argv)
     ns = vars(build_parser().parse_args(argv))
     ns["rollout.sglang_args"] = sglang_args
+    ns = {k: tuple(v) if isinstance(v, list) else v for k, v in ns.items()}
     sections = {name: cls(**{k.split(".", 1)[1]: v for k, v in ns.items() if k.startswith(name + ".")})
                 for name, cls in SECTIONS.items()}
     top = {k: v for k, v in ns.items() if "." not in k}

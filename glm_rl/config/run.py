@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Literal
 
 from glm_rl.config.algo import AlgoConfig, RoutingReplay
+from glm_rl.config.debug import DebugConfig
+from glm_rl.config.eval import EvalConfig
 from glm_rl.config.fields import opt
+from glm_rl.config.log import LogConfig
 from glm_rl.config.lora import LoraConfig
 from glm_rl.config.megatron import MegatronConfig
 from glm_rl.config.model import ModelConfig
@@ -32,6 +35,9 @@ class RunConfig:
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     num_rollout: int = opt(60, "RL steps (rollout + train + sync)")
     output_dir: str = opt("outputs/tiny-demo", "everything a run writes goes here")
     save: str | None = opt(None, "checkpoint directory (default: <output-dir>/checkpoints)")
@@ -44,7 +50,6 @@ class RunConfig:
         "PACK", "Ray placement of the trainer / engine bundles (in rank order): PACK fills a node before the next; "
                 "SPREAD puts consecutive bundles on different nodes")
     seed: int = opt(1234, "seed for data order, sampling and init")
-    use_tensorboard: bool = opt(False, "also write TensorBoard scalars")
     report: bool = opt(True, "write <output-dir>/report.png at the end")
 
     @property
@@ -189,13 +194,15 @@ class RunConfig:
     def _check_inputs(self) -> list[str]:
         """Read the checkpoint's config and the prompt file now, so bad input fails before Ray starts."""
         from glm_rl.rollout.data import DataError, load_prompts
-        from glm_rl.rollout.rewards import REWARDS
 
         errors = self._check_model()
         try:
-            load_prompts(self.rollout.prompt_data)
+            load_prompts(self.rollout.prompt_data, **self.rollout.data_args())
         except DataError as e:
             errors.append(str(e))
-        if self.rollout.rm_type not in REWARDS:
-            errors.append(f"--rm-type {self.rollout.rm_type!r} unknown; valid: {', '.join(sorted(REWARDS))}")
-        return errors
+        return errors + self._check_task()
+
+    def _check_task(self) -> list[str]:
+        """Rewards, dynamic sampling, hooks, eval sets, logging and rollout dumps (each section's own checks)."""
+        return (self.rollout.errors() + self.eval.errors(self.rollout) + self.log.errors()
+                + self.debug.errors(self.num_rollout, self.eval.enabled))

@@ -147,13 +147,16 @@ def emit_tokens(row: Row, tokens: list[int], logprobs: list[float]) -> int:
     return len(tokens)
 
 
-def survivors(rows: list[Row], active: list[int], should_abort: Callable[[], bool]) -> list[int]:
-    """Batch indices (into `active`) of the rows still decoding; all rows are aborted if `should_abort()`."""
+def survivors(rows: list[Row], active: list[int], should_abort: Callable[[], Any]) -> list[int]:
+    """Batch indices (into `active`) of the rows still decoding. `should_abort()` True aborts every row
+    (pause_generation); a collection of rids aborts those rows only (/abort_request)."""
     keep = [b for b, i in enumerate(active) if rows[i].finish is None]
-    if keep and should_abort():
+    verdict = should_abort() if keep else False
+    if verdict:
         for b in keep:
-            rows[active[b]].finish = {"type": "abort", "message": "aborted by pause_generation"}
-        keep = []
+            if verdict is True or rows[active[b]].req.rid in verdict:
+                rows[active[b]].finish = {"type": "abort", "message": "aborted"}
+        keep = [b for b in keep if rows[active[b]].finish is None]
     return keep
 
 

@@ -20,6 +20,8 @@ Pause semantics: `pause(mode="abort")` (SGLang's default mode) stops taking batc
 its next decode step (its requests return what they generated so far with finish_reason "abort") and answers
 every queued request with an empty "abort"; `pause(mode="in_place")` stops taking batches and lets the running
 batch finish. Both return once no batch is running; requests that arrive while paused wait for `resume()`.
+`abort_request(rid | abort_all)` (SGLang's /abort_request) aborts requests without pausing: matching queued ones
+answer an empty "abort", matching running rows end at their next decode step (`batch.survivors`).
 
 Decoding: over a preallocated KV cache, CUDA-graphed on GPU (`decode/static.py`; `static_kv_cache=False` selects
 HF's DynamicCache path, `disable_cuda_graph` keeps the static cache without graphs).
@@ -64,6 +66,7 @@ class EmbeddedEngine:
         self._waiting: deque[tuple[GenerationRequest, Future]] = deque()
         self._running, self._running_tokens = 0, 0
         self._paused = self._abort_running = self._stopping = False
+        self._abort_rids: frozenset[str] = frozenset()  # /abort_request of running rows (this batch)
         self._memory_released = False
         self._auto_seed = 0
         self.weights: EngineWeights | None = None  # made by start(), with the model
@@ -145,7 +148,7 @@ class EmbeddedEngine:
                 return None
             n = min(len(self._waiting), self.config.max_batch_size)
             batch = [self._waiting.popleft() for _ in range(n)]
-            self._running, self._abort_running = n, False
+            self._running, self._abort_running, self._abort_rids = n, False, frozenset()
             self._running_tokens = sum(len(r.input_ids) + r.sampling.max_new_tokens for r, _ in batch)
             return batch
 
@@ -179,7 +182,8 @@ class EmbeddedEngine:
 
     def _run_batch(self, requests: list[GenerationRequest]) -> list[Row]:
         return run_batch(self.model, requests, eos_ids=self.eos_ids, pad_id=self.pad_id, gates=self.gates,
-                         should_abort=lambda: self._abort_running, decoder=self.decoder, mtp=self.mtp,
+                         should_abort=lambda: self._abort_running or self._abort_rids,
+                         decoder=self.decoder, mtp=self.mtp,
                          num_steps=self.config.speculative_num_steps)
 
     def _response(self, row: Row, version: int) -> dict[str, Any]:
@@ -215,6 +219,21 @@ class EmbeddedEngine:
         for req, fut in aborted:
             fut.set_result(self._aborted_response(req))
         return {"success": True, "message": f"paused ({mode})", "num_aborted_queued": len(aborted)}
+
+    def abort_request(self, rid: str = "", abort_all: bool = False) -> dict[str, Any]:
+        """SGLang's /abort_request: matching queued requests (`rid`, or every one with `abort_all`) are answered
+        with an empty "abort"; matching running rows end at their next decode step with what they generated
+        (finish_reason "abort"). Unknown rids are ignored, as in SGLang."""
+        with self._cond:
+            hit = [(r, f) for r, f in self._waiting if abort_all or r.rid == rid]
+            self._waiting = deque((r, f) for r, f in self._waiting if not (abort_all or r.rid == rid))
+            if abort_all:
+                self._abort_running = self._running > 0
+            elif rid:
+                self._abort_rids = self._abort_rids | {rid}
+        for req, fut in hit:
+            fut.set_result(self._aborted_response(req))
+        return {"success": True, "num_aborted_queued": len(hit)}
 
     def resume(self) -> dict[str, Any]:
         with self._cond:

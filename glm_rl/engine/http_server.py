@@ -6,10 +6,11 @@ as `ServedEngine`. The server runs its own event loop in a daemon thread; blocki
 updates, pause) run in the loop's thread pool, so `/health` answers meanwhile.
 
 Routes: GET /health, /health_generate, /server_info (+ /get_server_info), /model_info (+ /get_model_info),
-/get_load; POST /generate, /flush_cache, /pause_generation, /continue_generation, /update_weights_from_tensor,
-/init_weights_update_group, /update_weights_from_distributed, /destroy_weights_update_group, /weights_checksum
-(our extension), /release_memory_occupation, /resume_memory_occupation, /p2p/prepare + /p2p/commit + /p2p/close
-(our extension: Mooncake P2P weight sync, see `p2p_receiver.py`). Weight routes go to the engine's
+/get_load; POST /generate, /flush_cache, /pause_generation, /continue_generation, /abort_request (`rid` or
+`abort_all`), /update_weights_from_tensor, /init_weights_update_group, /update_weights_from_distributed,
+/destroy_weights_update_group, /weights_checksum (our extension), /release_memory_occupation,
+/resume_memory_occupation, /p2p/prepare + /p2p/commit + /p2p/close (our extension: Mooncake P2P weight sync, see
+`p2p_receiver.py`). Weight routes go to the engine's
 `EngineWeights` (`weights.py`).
 
 Weight updates accept SGLang's `flush_cache` and ignore it (`/flush_cache` too): the KV cache lives only as long
@@ -57,6 +58,7 @@ class ServedEngine(Protocol):
     def server_info(self) -> dict[str, Any]: ...
     def load(self) -> list[dict[str, int]]: ...
     def pause(self, mode: str = "abort") -> dict[str, Any]: ...
+    def abort_request(self, rid: str = "", abort_all: bool = False) -> dict[str, Any]: ...
     def resume(self) -> dict[str, Any]: ...
     def set_memory_released(self, released: bool) -> dict[str, Any]: ...
 
@@ -124,6 +126,7 @@ def _post_routes(engine: ServedEngine) -> dict[str, Callable[[dict], Any]]:
         "/p2p/close": lambda b: w.p2p.close(),
         "/pause_generation": lambda b: engine.pause(b.get("mode") or "abort"),
         "/continue_generation": lambda b: engine.resume(),
+        "/abort_request": lambda b: engine.abort_request(b.get("rid") or "", bool(b.get("abort_all"))),
         "/release_memory_occupation": lambda b: engine.set_memory_released(True),
         "/resume_memory_occupation": lambda b: engine.set_memory_released(False),
     }

@@ -12,6 +12,18 @@
 
 Functions reach engines only through `ctx.generate` (SGLang /generate body → answer; the router, or the R3
 path the run needs), never through raw URLs.
+
+What the framework does around them (glm_rl/rollout/generation.py, groups.py, manager.py):
+- `sampling_params` carries temperature, top_p, top_k, max_new_tokens and a `sampling_seed` derived from (run
+  seed, step, sample index); rids of the plain path are "s<step>-<index>".
+- A returned list joins the sample's group; a group must keep `--n-samples-per-prompt` samples in all
+  (advantages are per group). Errors (a raise, a wrong type, logprobs or loss mask of the wrong length, missing
+  routed experts under R3) name the function and the sample.
+- Dynamic sampling: once enough groups passed the filter, the surplus still in flight is aborted. `ctx.generate`
+  then returns the engine's answer with finish_reason "abort", or raises `generation.RolloutAborted` for a request
+  not yet sent; either way the group is discarded, so a function may let it propagate.
+- Eval (`--eval-prompt-data`) calls the same function with the eval sampling params and
+  `ctx.return_routed_experts` False.
 """
 
 from __future__ import annotations

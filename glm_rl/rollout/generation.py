@@ -1,0 +1,190 @@
+"""One sample's generation: the SGLang /generate request (retried), or the user's custom generate function.
+
+`SampleGenerator` is what the rollout manager calls per sample and what a `--custom-generate-function-path` hook
+reaches the engines through (`GenerateContext.generate` is `SampleGenerator.generate`):
+- requests are seeded by (run seed, step, sample index), so a re-issued or resumed request samples the same;
+- a request whose engine failed or answered "abort" (a pause during an engine restart) is re-issued, except
+  while the manager aborts its own surplus requests (dynamic sampling): then an "abort" answer is returned as
+  is, a request not yet sent raises `RolloutAborted`, and each is counted in `counters.aborted`;
+- a hook's result is checked (a Sample or a non-empty list of them, one logprob per response token, a loss
+  mask as long, routed experts when R3 needs them) and every failure names the function and the sample.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from glm_rl.config import RolloutConfig
+from glm_rl.rollout.hooks import GenerateContext
+from glm_rl.rollout.samples import Sample
+
+GenerateFn = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+HOOK_FLAG = "--custom-generate-function-path"
+
+
+class RolloutAborted(RuntimeError):
+    """A request the manager no longer wants (surplus of dynamic sampling): never sent."""
+
+
+class HookError(RuntimeError):
+    """A custom generate / rollout function that raised or returned something unusable; names it and the sample."""
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How the samples of one kind of request are drawn: training rollouts, or one eval set."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    max_new_tokens: int
+    routed: bool  # ask for routed experts (R3 training only)
+    rid_prefix: str  # "s" for training ("s3-17"), "e<step>-<set>-" style for eval
+    seed_offset: int = 0  # keeps eval seeds apart from training seeds
+
+
+@dataclass
+class Counters:
+    retried: int = 0  # requests re-issued after an engine failure
+    aborted: int = 0  # surplus requests aborted (dynamic sampling)
+    spec_tokens: int = 0  # MTP: completion tokens ...
+    spec_verify: int = 0  # ... and verify forwards
+
+
+class SampleGenerator:
+    def __init__(
+        self,
+        cfg: RolloutConfig,
+        tokenizer: Any,
+        generate: GenerateFn,
+        *,
+        seed: int,
+        custom_fn: Callable[..., Awaitable[Any]] | None = None,
+    ) -> None:
+        self.cfg, self.tokenizer, self.generate_fn, self.seed = cfg, tokenizer, generate, seed
+        self.custom_fn = custom_fn
+        self.counters = Counters()
+        self.aborting = False
+
+    # -- requests ----------------------------------------------------------------------------------------------
+    def sampling_params(self, spec: SamplingSpec, step: int, index: int) -> dict[str, Any]:
+        return {
+            "temperature": spec.temperature,
+            "top_p": spec.top_p,
+            "top_k": spec.top_k,
+            "max_new_tokens": spec.max_new_tokens,
+            "sampling_seed": self.seed * 1_000_003 + spec.seed_offset + step * 10_007 + index,
+        }
+
+    def rid(self, spec: SamplingSpec, step: int, index: int) -> str:
+        return f"{spec.rid_prefix}{step}-{index}"
+
+    def payload(self, prompt_ids: list[int], spec: SamplingSpec, step: int, index: int) -> dict[str, Any]:
+        """The SGLang /generate body of one sample."""
+        return {
+            "input_ids": prompt_ids,
+            "sampling_params": self.sampling_params(spec, step, index),
+            "return_logprob": True,
+            "return_routed_experts": spec.routed,
+            "rid": self.rid(spec, step, index),
+        }
+
+    async def generate(self, payload: dict[str, Any], attempts: int = 6) -> dict[str, Any]:
+        """One /generate answer, re-issued on failure (the same rid and seed give the same sample)."""
+        error: Exception | None = None
+        for attempt in range(attempts):
+            if self.aborting:
+                self.counters.aborted += 1
+                raise RolloutAborted(f"request {payload.get('rid')} aborted (surplus of dynamic sampling)")
+            try:
+                out = await self.generate_fn(payload)
+            except asyncio.CancelledError:
+                self.counters.aborted += int(self.aborting)
+                raise
+            except Exception as e:  # connection refused / reset, HTTP 5xx from a dying engine
+                if self.aborting:  # our own abort cut it: not worth a retry
+                    self.counters.aborted += 1
+                    raise RolloutAborted(f"request {payload.get('rid')} aborted (surplus of dynamic sampling)") from e
+                error = e
+            else:
+                if out["meta_info"]["finish_reason"]["type"] != "abort":
+                    return out
+                if self.aborting:
+                    self.counters.aborted += 1
+                    return out
+                error = RuntimeError(f"request {payload.get('rid')} aborted")
+            self.counters.retried += 1
+            await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
+        raise RuntimeError(f"request {payload.get('rid')} failed {attempts} times; last error: {error}")
+
+    def context(self, step: int, routed: bool) -> GenerateContext:
+        return GenerateContext(
+            rollout=self.cfg,
+            tokenizer=self.tokenizer,
+            generate=self.generate,
+            return_routed_experts=routed,
+            step=step,
+            seed=self.seed,
+        )
+
+    # -- samples -----------------------------------------------------------------------------------------------
+    async def sample(self, template: Sample, spec: SamplingSpec, step: int) -> list[Sample]:
+        """The sample(s) for `template` (prompt, label, metadata, tools set; no response yet)."""
+        if self.custom_fn is not None:
+            return await self._custom(template, spec, step)
+        out = await self.generate(self.payload(template.prompt_ids, spec, step, template.index))
+        return [self.from_answer(template, out, spec.routed)]
+
+    def from_answer(self, template: Sample, out: dict[str, Any], routed: bool) -> Sample:
+        meta = out["meta_info"]
+        if "spec_verify_ct" in meta:  # MTP speculative decoding: tokens per verify forward
+            self.counters.spec_tokens += int(meta["completion_tokens"])
+            self.counters.spec_verify += int(meta["spec_verify_ct"])
+        experts = np.asarray(meta["routed_experts"], dtype=np.int16) if routed else None
+        return dataclasses.replace(
+            template,
+            response_ids=list(out["output_ids"]),
+            rollout_logprobs=[float(lp[0]) for lp in meta.get("output_token_logprobs", [])],
+            finish_reason=meta["finish_reason"]["type"],
+            weight_version=int(meta.get("weight_version", 0)),
+            routed_experts=experts,
+        )
+
+    async def _custom(self, template: Sample, spec: SamplingSpec, step: int) -> list[Sample]:
+        path, rid = self.cfg.custom_generate_function_path, self.rid(spec, step, template.index)
+        params = self.sampling_params(spec, step, template.index)
+        try:
+            result = await self.custom_fn(self.context(step, spec.routed), dataclasses.replace(template), params)
+        except (RolloutAborted, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            raise HookError(f"{HOOK_FLAG} {path} raised on sample {rid}: {e!r}") from e
+        return check_hook_samples(result, f"{HOOK_FLAG} {path}", f"sample {rid}", spec.routed)
+
+
+def check_hook_samples(result: Any, who: str, what: str, routed: bool) -> list[Sample]:
+    """`result` (a Sample or a list of them) as a list, each checked; HookError naming `who` and `what`."""
+    items = result if isinstance(result, list) else [result]
+    if not items or not all(isinstance(s, Sample) for s in items):
+        got = (
+            f"a list of {[type(s).__name__ for s in items][:4]}" if isinstance(result, list) else type(result).__name__
+        )
+        raise HookError(f"{who} returned {got} for {what}; expected a Sample or a non-empty list of Samples")
+    for s in items:
+        n = len(s.response_ids)
+        if len(s.rollout_logprobs) != n:
+            raise HookError(f"{who}, {what}: {len(s.rollout_logprobs)} rollout_logprobs for {n} response tokens")
+        if s.loss_mask is not None and len(s.loss_mask) != n:
+            raise HookError(f"{who}, {what}: loss_mask has {len(s.loss_mask)} entries for {n} response tokens")
+        if routed and s.routed_experts is None:
+            raise HookError(
+                f"{who}, {what}: routed_experts is None, but R3 replays the engine's routing (ask "
+                "with ctx.return_routed_experts and keep meta_info['routed_experts'])"
+            )
+    return items
