@@ -48,7 +48,8 @@ def test_engine_killed_mid_rollout(runtime):
     assert any(w["url"] == rt.engine_urls[0] for w in rt.router.workers())
     assert all(w["url"] != old_url for w in rt.router.workers())
     # the restarted engine holds the trainer's current weights (version and bitwise checksums)
-    assert EngineClient(rt.engine_urls[0]).model_info()["weight_version"] == rt.weight_version == 1
+    info = EngineClient(rt.engine_urls[0], api_key=rt.api_key).model_info()  # the run's secret: not /health
+    assert info["weight_version"] == rt.weight_version == 1
 
     after = run_step(cfg, rt, 2)
     assert after["sync/verified"] == 1.0 and after["engines/restarted"] == 0.0

@@ -1,7 +1,8 @@
 """Weight updates into an EmbeddedEngine running in ANOTHER process (the real colocated / distributed setups).
 
-update_weights_from_tensor: shared-memory CPU tensors travel by name. update_weights_from_distributed: the test
-process is the trainer, rank 0 of a gloo group built with the same `create_weight_group` the engine uses.
+update_weights_from_tensor: shared-memory CPU tensors travel by name (the engine has an API key, as in a run,
+so the client sends `glm_rl.tensors.v1` with shm buffers). update_weights_from_distributed: the test process is
+the trainer, rank 0 of a gloo group built with the same `create_weight_group` the engine uses.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import torch
 
 from glm_rl.models.glm45.checkpoint import load_hf_model
 from glm_rl.models.glm45.presets import TINY_CHECKPOINT
-from glm_rl.rollout.engine_client import EngineClient, EngineError
 from glm_rl.ray.addresses import free_port
+from glm_rl.rollout.engine_client import EngineClient, EngineError
 from glm_rl.weights.group import create_weight_group
 from glm_rl.weights.wire import tensor_checksum
 
@@ -27,11 +28,11 @@ GREEDY = {"temperature": 0.0, "max_new_tokens": 8, "ignore_eos": True}
 @pytest.fixture(scope="module")
 def client():
     proc = subprocess.Popen([sys.executable, "-m", "glm_rl.engine", "--hf-checkpoint",
-                             str(TINY_CHECKPOINT), "--port", "0"], stdout=subprocess.PIPE, text=True)
+                             str(TINY_CHECKPOINT), "--port", "0", "--api-key", "k"], stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         assert line.startswith("READY "), f"engine process did not start: {line!r}"
-        yield EngineClient(line.split()[1], timeout=60)
+        yield EngineClient(line.split()[1], api_key="k", timeout=60)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -29,7 +29,8 @@ class EngineConfig:
     # R3 behind sglang-router: the router drops `return_routed_experts` from the request body but passes the
     # answer through, so an engine started for R3 returns the routing unless a request says false.
     return_routed_experts_by_default: bool = False
-    weight_group_timeout_s: float = 600.0
+    # a weights-update group join (and each broadcast in it) that does not complete in this time fails with 400
+    weight_group_timeout_s: float = 30.0
     # MTP speculative decoding (decode/speculative.py): draft with the checkpoint's MTP layer, verify in one
     # forward; the MTP layer's weights join the engine's weight names as `model.layers.{num_hidden_layers}.*`.
     enable_mtp: bool = False

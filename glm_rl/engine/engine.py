@@ -54,6 +54,7 @@ from glm_rl.engine.decode.static import StaticDecoder
 from glm_rl.engine.http_server import HttpServer
 from glm_rl.engine.weights import EngineWeights
 from glm_rl.models.glm45.checkpoint import load_hf_model, load_mtp
+from glm_rl.weights.wire import FORMAT as WIRE_FORMAT
 
 
 class EmbeddedEngine:
@@ -265,6 +266,9 @@ class EmbeddedEngine:
                 "num_moe_layers": len(self.gates), "top_k": self.model.config.num_experts_per_tok,
                 "paused": paused, "memory_released": self._memory_released,
                 "weight_groups": self.weights.group_names(), "stats": stats, "load": self.load(),
+                # update_weights_from_tensor: our JSON format; by reference and SGLang's pickle only with the key
+                "weight_wire": {"format": WIRE_FORMAT, "by_reference": bool(self.config.api_key),
+                                "pickle": bool(self.config.api_key)},
                 "speculative_algorithm": "MTP" if self.mtp is not None else None,
                 "speculative_num_steps": self.config.speculative_num_steps if self.mtp is not None else 0,
                 "avg_spec_accept_length": stats.get("avg_spec_accept_length")}

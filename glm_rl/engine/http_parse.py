@@ -4,11 +4,15 @@ Why apart from the server: parsing is pure (no aiohttp, no engine), so every che
 (`BadRequest` → HTTP 400, or the status it carries) and can be read and tested on its own. Semantics follow
 SGLang's /generate: `input_ids` one prompt or a batch of them (text prompts are not supported), per-row or shared
 `sampling_params` and `rid`, unset max_new_tokens = 128 clipped to the context, and a request's seed from its
-`sampling_seed`, else its `rid`, else a fresh key (`batch.request_seed`).
+`sampling_seed`, else its `rid`, else a fresh key (`batch.request_seed`). Sampling numbers must be finite and in
+SGLang's ranges (NaN / Infinity, which Python's JSON reads, are refused by name), and a body nests at most
+`MAX_JSON_DEPTH` containers deep (a deeper one is a 400, never the decoder's RecursionError).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +29,46 @@ class BadRequest(ValueError):
         self.status = status
 
 
+# -- bodies ----------------------------------------------------------------------------------------------------
+MAX_JSON_DEPTH = 32  # containers nested in a request body; ours need 4 (deeper answers 400, never a RecursionError)
+
+
+def parse_json_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict:
+    """A request body: one JSON object ({} for an empty body) nested at most `max_depth` deep. (Its size is
+    capped before this, by the server: `EngineConfig.max_request_bytes` → 413.)"""
+    if not raw.strip():
+        return {}
+    too_deep = BadRequest(f"body: JSON nested deeper than {max_depth} levels")
+    try:
+        body = json.loads(raw)
+    except RecursionError:  # the C decoder stops at the interpreter's recursion limit, safely
+        raise too_deep from None
+    except ValueError as e:
+        raise BadRequest(f"body: malformed JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise BadRequest("body: expected a JSON object")
+    if raw.count(b"[") + raw.count(b"{") > max_depth and not _depth_within(body, max_depth):
+        raise too_deep
+    return body
+
+
+def _depth_within(obj: dict | list, limit: int) -> bool:
+    """Whether parsed JSON nests at most `limit` containers deep; level by level, without recursion (a list of
+    scalars, e.g. token ids, costs one C-level pass)."""
+    level, depth = [obj], 1
+    while level:
+        if depth > limit:
+            return False
+        deeper = []
+        for o in level:
+            items = list(o.values()) if isinstance(o, dict) else o
+            kinds = set(map(type, items))
+            if list in kinds or dict in kinds:
+                deeper.extend(x for x in items if isinstance(x, (list, dict)))
+        level, depth = deeper, depth + 1
+    return True
+
+
 # -- fields ----------------------------------------------------------------------------------------------------
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
@@ -39,6 +83,14 @@ def _field(d: dict, key: str, default: Any, kind: str, where: str) -> Any:
     if not ok:
         raise BadRequest(f"{where}{key}: expected {kind}, got {value!r}")
     return value
+
+
+def _float(d: dict, key: str, default: float, where: str) -> float:
+    value = _field(d, key, default, "number", where)
+    try:
+        return float(value)
+    except OverflowError:  # an int too large for a float
+        raise BadRequest(f"{where}{key}: must be finite, got an integer of {len(str(value))} digits") from None
 
 
 def _check_ids(ids: Any, where: str, vocab_size: int, allow_empty: bool = False) -> tuple[int, ...]:
@@ -60,18 +112,21 @@ def parse_sampling(sp: Any, where: str, vocab_size: int,
     if not isinstance(sp, dict):
         raise BadRequest(f"{where}: expected an object")
     w = f"{where}."
-    temperature = float(_field(sp, "temperature", 1.0, "number", w))
-    top_p = float(_field(sp, "top_p", 1.0, "number", w))
+    temperature = _float(sp, "temperature", 1.0, w)
+    top_p = _float(sp, "top_p", 1.0, w)
     max_new = _field(sp, "max_new_tokens", default_max_new, "int", w)
-    if temperature < 0:
-        raise BadRequest(f"{w}temperature: must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
+    top_k = _field(sp, "top_k", -1, "int", w)
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise BadRequest(f"{w}temperature: must be a finite number >= 0, got {temperature}")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
         raise BadRequest(f"{w}top_p: must be in (0, 1], got {top_p}")
+    if top_k != -1 and top_k < 1:
+        raise BadRequest(f"{w}top_k: must be -1 (off) or >= 1, got {top_k}")
     if max_new <= 0:
         raise BadRequest(f"{w}max_new_tokens: must be >= 1, got {max_new}")
     stop = sp.get("stop_token_ids")
     stop_ids = () if stop is None else _check_ids(stop, f"{w}stop_token_ids", vocab_size, allow_empty=True)
-    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=_field(sp, "top_k", -1, "int", w),
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
                             max_new_tokens=max_new, stop_token_ids=stop_ids,
                             ignore_eos=_field(sp, "ignore_eos", False, "bool", w),
                             skip_special_tokens=_field(sp, "skip_special_tokens", True, "bool", w))

@@ -15,17 +15,23 @@ Routes: GET /health, /health_generate, /server_info (+ /get_server_info), /model
 
 Weight updates accept SGLang's `flush_cache` and ignore it (`/flush_cache` too): the KV cache lives only as long
 as one batch, so there is no prefix cache to flush. `update_weights_from_tensor` loads entry 0 of
-`serialized_named_tensors` (the TP-rank-0 entry; this engine has one rank).
+`serialized_named_tensors` (the TP-rank-0 entry; this engine has one rank), in `glm_rl.tensors.v1` (JSON, never
+unpickled; `weights/wire.py`). Only with an API key set (the caller then proved it) does the engine open buffers
+by reference (shared memory, CUDA IPC) or take SGLang's pickled form, and that through a tensor-only unpickler.
 
-Errors: bad input → 400 (413 for bodies over `max_request_bytes`) with `{"object": "error", "message": ...}`
-naming the field; a missing / wrong API key → 401 (every route but /health*, which SGLang also leaves
-open: sglang-router health-checks workers without the key); anything unexpected → 500. The server stays up.
+Security: with `api_key` set (a run always sets its per-run secret), every route but /health* needs it — the
+admin ones included: weights, groups, P2P, pause / continue, memory, flush_cache; SGLang also leaves /health*
+open (sglang-router health-checks workers without the key). A weights-update group join waits at most
+`weight_group_timeout_s`, then answers 400 and frees its thread.
+
+Errors: bad input → 400 (413 for bodies over `max_request_bytes`; JSON nested deeper than
+`http_parse.MAX_JSON_DEPTH` is a 400 too) with `{"object": "error", "message": ...}` naming the field; a missing
+/ wrong API key → 401; anything unexpected → 500. The server stays up.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 import threading
@@ -38,9 +44,9 @@ from aiohttp import web
 
 from glm_rl.engine.batch import GenerationRequest, SamplingParams
 from glm_rl.engine.config import EngineConfig
-from glm_rl.engine.http_parse import BadRequest, parse_generate, parse_version, require
+from glm_rl.engine.http_parse import BadRequest, parse_generate, parse_json_body, parse_version, require
 from glm_rl.engine.weights import EngineWeights
-from glm_rl.weights.wire import WeightError, deserialize_flattened, deserialize_named_tensors
+from glm_rl.weights.wire import WeightError, decode_flattened, decode_named_tensors
 
 
 class ServedEngine(Protocol):
@@ -70,16 +76,7 @@ def _error(status: int, message: str) -> web.Response:
 
 # -- handlers --------------------------------------------------------------------------------------------------
 async def _json_body(request: web.Request) -> dict:
-    raw = await request.read()  # raises 413 over client_max_size
-    if not raw.strip():
-        return {}
-    try:
-        body = json.loads(raw)
-    except ValueError as e:
-        raise BadRequest(f"body: malformed JSON ({e})") from None
-    if not isinstance(body, dict):
-        raise BadRequest("body: expected a JSON object")
-    return body
+    return parse_json_body(await request.read())  # read() raises 413 over client_max_size
 
 
 def _blocking(fn: Callable[[dict], Any]):
@@ -91,17 +88,20 @@ def _blocking(fn: Callable[[dict], Any]):
     return handler
 
 
-def _update_from_tensor(weights: EngineWeights) -> Callable[[dict], Any]:
+def _update_from_tensor(weights: EngineWeights, trusted: bool) -> Callable[[dict], Any]:
+    """`trusted`: the engine has an API key, so the middleware has checked the caller's (SGLang's pickled form
+    and by-reference buffers are decoded only then; `weights/wire.py`)."""
     def run(body: dict) -> Any:
         payloads = require(body, "serialized_named_tensors", list)
         load_format = body.get("load_format")
         if load_format not in (None, "flattened_bucket"):
             raise BadRequest(f"load_format: null or 'flattened_bucket' supported, got {load_format!r}")
         if not payloads or not isinstance(payloads[0], str):
-            raise BadRequest("serialized_named_tensors: expected a non-empty list of base64 strings")
+            raise BadRequest("serialized_named_tensors: expected a non-empty list of strings")
         if load_format == "flattened_bucket":
-            return weights.load_flattened(*deserialize_flattened(payloads[0]), parse_version(body))
-        return weights.load(deserialize_named_tensors(payloads[0]), parse_version(body))  # tp rank 0's entry
+            return weights.load_flattened(*decode_flattened(payloads[0], trusted=trusted), parse_version(body))
+        named = decode_named_tensors(payloads[0], trusted=trusted)  # tp rank 0's entry
+        return weights.load(named, parse_version(body))
     return run
 
 
@@ -109,7 +109,7 @@ def _post_routes(engine: ServedEngine) -> dict[str, Callable[[dict], Any]]:
     """The blocking POST routes: weight updates (`engine.weights`), pause / continue, memory occupation."""
     w = engine.weights
     return {
-        "/update_weights_from_tensor": _update_from_tensor(w),
+        "/update_weights_from_tensor": _update_from_tensor(w, trusted=bool(engine.config.api_key)),
         "/init_weights_update_group": lambda b: w.init_group(
             master_address=require(b, "master_address", str), master_port=require(b, "master_port", int),
             rank_offset=require(b, "rank_offset", int), world_size=require(b, "world_size", int),
@@ -224,6 +224,9 @@ class HttpServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.config.host, self.config.port))
         logging.getLogger("aiohttp.server").addFilter(self._filter)
+        if not self.config.api_key and self.config.host not in ("127.0.0.1", "localhost", "::1"):
+            logging.getLogger(__name__).warning("engine on %s:%d has no API key: anyone who reaches it can pause it "
+                                                "or replace its weights", self.config.host, self.config.port)
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._serve(sock), self._loop).result(timeout=30)
         return sock.getsockname()[:2]

@@ -34,13 +34,15 @@ class EngineWeights:
     """The model's named tensors, their version, and every update path into them (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, *, lock: threading.Lock, host: str,
-                 group_timeout_s: float = 600.0) -> None:
+                 group_timeout_s: float = 30.0) -> None:
         self.lock = lock                   # the engine's model lock: held by every batch and every load
         self.version = 0
         self.flat = flatten_module_(model)
         self.state = model.state_dict()    # detached views sharing the parameters' storage
         self.host, self.group_timeout_s = host, group_timeout_s
         self._groups: dict[str, WeightGroup] = {}
+        self._joining: set[str] = set()    # group names whose join is in progress
+        self._join_lock = threading.Lock()
         self._p2p: P2PReceiver | None = None
 
     def add_mtp(self, mtp: torch.nn.Module, num_hidden_layers: int) -> None:
@@ -100,13 +102,24 @@ class EngineWeights:
 
     def init_group(self, *, master_address: str, master_port: int, rank_offset: int, world_size: int,
                    group_name: str, backend: str = "gloo") -> dict[str, Any]:
-        if group_name in self._groups:
-            raise WeightError(f"group_name {group_name!r} already exists")
+        """Join a weights-update group. A join that does not complete within `group_timeout_s` (every rank,
+        the trainer's source too) fails with WeightError and frees the server thread that waited."""
         if backend != "gloo":
             raise WeightError(f"backend {backend!r} is not supported by the CPU engine (use 'gloo')")
-        self._groups[group_name] = create_weight_group(
-            master_address, master_port, rank=rank_offset, world_size=world_size, group_name=group_name,
-            timeout_s=self.group_timeout_s)
+        with self._join_lock:  # claim the name: a second join of it (done or in progress) is refused at once
+            if group_name in self._groups or group_name in self._joining:
+                raise WeightError(f"group_name {group_name!r} already exists")
+            self._joining.add(group_name)
+        try:
+            self._groups[group_name] = create_weight_group(
+                master_address, master_port, rank=rank_offset, world_size=world_size, group_name=group_name,
+                timeout_s=self.group_timeout_s)
+        except (RuntimeError, ValueError) as e:  # torch's DistStoreError / DistNetworkError are RuntimeErrors
+            reason = (str(e).splitlines() or [""])[0]
+            raise WeightError(f"group_name {group_name!r}: join failed or timed out after "
+                              f"{self.group_timeout_s:g} s ({type(e).__name__}: {reason})") from None
+        finally:
+            self._joining.discard(group_name)
         return {"success": True, "message": f"joined {group_name!r} as rank {rank_offset} of {world_size}"}
 
     def update_from_distributed(self, *, names: list[str], dtypes: list[str], shapes: list[list[int]],

@@ -3,7 +3,9 @@
 - `EngineClient`: sync calls (urllib, no extra dependency) mirroring the endpoints, and `agenerate` (aiohttp)
   for many concurrent /generate requests from a rollout manager.
 - `generate_payload`: the /generate body.
-Weight payloads are encoded by `glm_rl.weights.wire` (the engine decodes them with the same module); the
+Weight payloads are encoded by `glm_rl.weights.wire` (the engine decodes them with the same module): an engine
+whose /server_info names our `weight_wire` format gets it (its buffers by reference when the engine has an API
+key, which this client then sends; else inline bytes), anything else (SGLang) its pickled form. The
 `update_weights_from_distributed` group is `glm_rl.weights.group`.
 """
 
@@ -17,7 +19,13 @@ from typing import Any
 
 import torch
 
-from glm_rl.weights.wire import serialize_flattened, serialize_named_tensors
+from glm_rl.weights.wire import (
+    FORMAT,
+    encode_flattened,
+    encode_named_tensors,
+    serialize_flattened,
+    serialize_named_tensors,
+)
 
 
 class EngineError(RuntimeError):
@@ -45,6 +53,23 @@ class EngineClient:
 
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 300.0) -> None:
         self.url, self.api_key, self.timeout = url.rstrip("/"), api_key, timeout
+        self._wire: tuple[bool, bool] | None = None  # (our JSON format?, by reference?), asked once
+
+    def weight_wire(self) -> tuple[bool, bool]:
+        """(whether the engine takes `glm_rl.weights.wire.FORMAT`, whether by reference), from /server_info;
+        an engine that does not say so (SGLang, or no answer) gets SGLang's pickled form."""
+        if self._wire is not None:
+            return self._wire
+        try:
+            info = self.server_info()
+        except EngineError as e:
+            if e.status is None:  # unreachable: ask again next time
+                return False, False
+            info = None
+        wire = info.get("weight_wire") if isinstance(info, dict) else None
+        ours = isinstance(wire, dict) and wire.get("format") == FORMAT
+        self._wire = (ours, bool(ours and wire.get("by_reference") and self.api_key))
+        return self._wire
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
@@ -137,16 +162,22 @@ class EngineClient:
 
     def update_weights_from_tensor(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
                                    weight_version: int | None = None, flush_cache: bool = True) -> Any:
+        ours, by_reference = self.weight_wire()
+        payload = encode_named_tensors(named_tensors, by_reference=by_reference) if ours else \
+            serialize_named_tensors(named_tensors)
         return self.post("/update_weights_from_tensor", {
-            "serialized_named_tensors": [serialize_named_tensors(named_tensors)], "load_format": None,
+            "serialized_named_tensors": [payload], "load_format": None,
             "flush_cache": flush_cache, "weight_version": weight_version})
 
     def update_weights_from_flat(self, flat: torch.Tensor, layout: list[list], weight_version: int | None = None,
                                  flush_cache: bool = True) -> Any:
         """The whole model as one shared buffer (`load_format` "flattened_bucket"; layout from
         `glm_rl.weights.flat.entries_to_json`). Keep `flat` alive until the engine has answered."""
+        ours, by_reference = self.weight_wire()
+        payload = encode_flattened(flat, layout, by_reference=by_reference) if ours else \
+            serialize_flattened(flat, layout)
         return self.post("/update_weights_from_tensor", {
-            "serialized_named_tensors": [serialize_flattened(flat, layout)],
+            "serialized_named_tensors": [payload],
             "load_format": "flattened_bucket", "flush_cache": flush_cache, "weight_version": weight_version})
 
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,

@@ -33,7 +33,7 @@ from glm_rl.rollout.engine_client import EngineClient
 from glm_rl.weights.bucketing import iter_buckets
 from glm_rl.weights.flat import entries_to_json
 from glm_rl.weights.group import create_weight_group
-from glm_rl.weights.wire import tensor_checksum
+from glm_rl.weights.wire import shared_copy, tensor_checksum
 
 Named = list[tuple[str, torch.Tensor]]
 log = logging.getLogger(__name__)
@@ -153,6 +153,7 @@ class BroadcastTransport(BaseTransport):
 
 def _shareable(t: torch.Tensor) -> torch.Tensor:
     """CUDA: the tensor itself travels as an IPC handle (no copy; the trainer does not write it during the
-    sync). CPU: a shared-memory copy, so the trainer's own storage never moves."""
-    return t.detach() if t.is_cuda else t.detach().clone().share_memory_()
+    sync). CPU: one copy, into named shared memory (`wire.shared_copy`), so the trainer's own storage never
+    moves."""
+    return t.detach() if t.is_cuda else shared_copy(t)
 
