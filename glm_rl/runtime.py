@@ -6,6 +6,11 @@ them), trainers before the sync group (rank 0 is the broadcast source).
 Each component gets its own sections: the engines an `EngineLauncher` (ray/engines.py), the rollout manager
 the `rollout` section, the trainer group `TrainerSections`, the weight sync the `sync` section. Routing replay
 is read once: `engines_return_routed_experts` decides what engines and rollout requests carry.
+
+Faults: engines that die at any moment of a step are restored by `EngineRecovery` (recovery.py) from every stage
+that uses them (step start, rollout, eval, weight sync); a dead trainer rank raises `TrainerRankDied`.
+Checkpoints are written and found by `checkpoint.py` (durable, checked). `shutdown` is bounded in time and
+ignores SIGINT / SIGTERM while it runs, so a second signal never leaves half the run behind.
 """
 
 from __future__ import annotations
@@ -14,18 +19,21 @@ import contextlib
 import json
 import logging
 import secrets
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 
+from glm_rl.checkpoint import CheckpointDir, CheckpointError, find_checkpoint
 from glm_rl.config import RunConfig, engines_return_routed_experts
 from glm_rl.ray.addresses import node_ip
 from glm_rl.ray.engines import EngineLauncher, engine_launcher
 from glm_rl.ray.placement import Placement, create_placement, init_ray
+from glm_rl.reaper import start_reaper
+from glm_rl.recovery import EngineRecovery
 from glm_rl.rollout.abort import AbortEngines
-from glm_rl.rollout.engine_client import EngineClient
 from glm_rl.rollout.manager import RolloutManager
 from glm_rl.rollout.router import RolloutEndpoints, RouterConfig, RouterProcess
 from glm_rl.rollout.samples import Sample
@@ -47,11 +55,18 @@ class Runtime:
     api_key: str              # the run's secret: engines, router and weight sync use it
     weight_version: int = 0
     share: float = 1.0        # of a placement bundle, per actor
+    recovery: EngineRecovery = field(init=False)
+    _step_faults: tuple[int, int] = (0, 0)  # (restarted, redone) when the step began
+
+    def __post_init__(self) -> None:
+        self.recovery = EngineRecovery(self)
 
     @classmethod
     def start(cls, cfg: RunConfig) -> Runtime:
         """Start every part in order. Each part registers its own undo as it starts, so a start that fails
-        stops what it had started (router process, engines, trainers, placement group) and leaves nothing."""
+        stops what it had started (router process, engines, trainers, placement group) and leaves nothing.
+        A reaper process (reaper.py) stops what is left if the driver itself is killed."""
+        start_reaper()
         with contextlib.ExitStack() as undo:
             rt = cls._start(cfg, undo)
             undo.pop_all()
@@ -63,7 +78,7 @@ class Runtime:
         init_ray(cfg.ray_address, num_cpus=n_t + n_e + 2)
         import torch
 
-        api_key = cfg.rollout.engine_api_key or secrets.token_urlsafe(32)  # per run: engines refuse strangers
+        api_key = cfg.rollout.engine_api_key or secrets.token_hex(32)  # per run (hex: never a leading "-")
         placement = create_placement(n_t, n_e, cfg.colocate, use_gpu=torch.cuda.is_available(),
                                      strategy=cfg.placement_strategy)
         undo.callback(ray.util.remove_placement_group, placement.pg)
@@ -86,7 +101,7 @@ class Runtime:
                                      engines_return_routing=launcher.returns_routing_by_default)
         manager = ray.remote(RolloutManager).options(num_cpus=0).remote(
             cfg.rollout, cfg.model.hf_checkpoint, endpoints.generate, seed=cfg.seed, return_routed_experts=routed,
-            eval_cfg=cfg.eval, abort=AbortEngines(router.url, api_key))
+            eval_cfg=cfg.eval, abort=AbortEngines(router.url, api_key), agentic=cfg.agentic)
         undo.callback(_kill_all, [manager])
         trainers.setup_sync(cfg.sync, urls, api_key)
         _write_placement(Path(cfg.output_dir), trainers, urls, router.url)
@@ -94,56 +109,66 @@ class Runtime:
 
     # -- stages ----------------------------------------------------------------------------------------------
     def rollout(self, step: int) -> tuple[list[Sample], dict]:
-        return ray.get(self.rollout_manager.generate.remote(step))
+        """One rollout batch; if engines die so that it fails, they are restored and the batch generated again
+        from the same data position (same prompts, same seeds). Reports the data position after it."""
+        manager = self.rollout_manager
+        position = ray.get(manager.data_state.remote())
+        samples, metrics = self.recovery.retry(lambda: ray.get(manager.generate.remote(step)),
+                                               f"the rollout of step {step + 1}",
+                                               lambda: ray.get(manager.load_data_state.remote(position)))
+        data = ray.get(manager.data_state.remote())
+        return samples, metrics | {f"data/{k}": float(v) for k, v in data.items() if k in ("epoch", "offset")}
 
     def evaluate(self, step: int) -> dict:
         """The eval sets on the engines at their current weights (`step`: steps trained so far)."""
-        return ray.get(self.rollout_manager.evaluate.remote(step))
+        return self.recovery.retry(lambda: ray.get(self.rollout_manager.evaluate.remote(step)), f"eval at {step}")
 
     def sync_weights(self, version: int) -> dict:
+        """Push the trainer's weights as `version` (verified); engines that die meanwhile are restored."""
         t0 = time.time()
-        result = self.trainers.push_weights(version)
-        self.weight_version = version
+        self.weight_version = version  # what the trainer holds from now on: a restarted engine gets it too
+        result = self.recovery.push(version)
         return {"sync/verified": float(result["verified"]), "sync/bytes": float(result["bytes"]),
-                "sync/tensors": float(result["tensors"]), "perf/sync_push_s": time.time() - t0}
+                "sync/tensors": float(result["tensors"]), "engines/dead": float(len(result.get("dead", []))),
+                "perf/sync_push_s": time.time() - t0} | self.step_faults()  # the last stage: the step's counts
 
     def ensure_engines(self) -> dict:
-        """Restart every engine that fails its health check: a new actor on the same bundle, re-registered
-        with the router, the weight-sync group rebuilt, and the current weights pushed to it."""
-        dead = [i for i, url in enumerate(self.engine_urls) if not EngineClient(url, timeout=5).health()]
-        if not dead:
-            return {"engines/restarted": 0.0}
-        for i in dead:
-            log.warning("engine %d at %s failed its health check: restarting it", i, self.engine_urls[i])
-            try:
-                ray.kill(self.engines[i])
-            except Exception:  # already gone
-                pass
-            self.router.remove_worker(self.engine_urls[i])
-            bundle = self.placement.engine_bundles[i]
-            self.engines[i] = self.launcher.launch(self.placement, bundle, self.share)
-            self.engine_urls[i] = ray.get(self.engines[i].start.remote())
-            self.router.add_worker(self.engine_urls[i])
-        self.trainers.setup_sync(self.cfg.sync, self.engine_urls, self.api_key)
-        self.sync_weights(self.weight_version)  # the restarted engine gets the current weights (verified)
-        return {"engines/restarted": float(len(dead))}
+        """A step begins: restore every engine that does not answer /health (a new actor on the same bundle,
+        given the current weights, then re-registered with the router)."""
+        self._step_faults = (self.recovery.restarted, self.recovery.redone)
+        return {"engines/restarted": float(self.recovery.ensure())}
+
+    def step_faults(self) -> dict:
+        """Since the step began: engines restarted, rollout / eval calls run again after a restore."""
+        restarted, redone = self._step_faults
+        return {"engines/restarted": float(self.recovery.restarted - restarted),
+                "rollout/redone": float(self.recovery.redone - redone)}
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def save(self, step: int) -> None:
-        path = self.cfg.save_dir / f"step_{step:06d}"
-        self.trainers.save(path)
+        """Write step `step` durably (checkpoint.py); on failure `latest` still names the previous checkpoint,
+        and the CheckpointError says so."""
+        ckpt = CheckpointDir(self.cfg.save_dir)
         state = {"step": step, "weight_version": self.weight_version,
                  "data": ray.get(self.rollout_manager.data_state.remote())}
-        (path / "state.json").write_text(json.dumps(state))
-        (self.cfg.save_dir / "latest").write_text(path.name)
+        try:
+            path = ckpt.save(step, self.trainers.save, state)
+        except CheckpointError as e:
+            latest = ckpt.latest()
+            raise CheckpointError(f"saving step {step} failed: {e}; "
+                                  + (f"{latest} is still the latest checkpoint" if latest else "no checkpoint yet")
+                                  ) from None
         log.info("saved %s", path)
 
     def resume(self) -> int:
-        """Step to start from: 0, or the step of the latest checkpoint under --load (then weights are pushed)."""
+        """Step to start from: 0, or the step of the checkpoint --load names (checked; then weights are pushed)."""
         load = self.cfg.load or self.cfg.ref_load
-        if not load or not (Path(load) / "latest").is_file():
+        if not load:
             return 0
-        path = Path(load) / (Path(load) / "latest").read_text().strip()
+        path, message = find_checkpoint(Path(load), self.cfg.train.num_trainer_ranks)
+        log.warning(message)
+        if path is None:
+            return 0
         state = json.loads((path / "state.json").read_text())
         self.trainers.load(path)
         ray.get(self.rollout_manager.load_data_state.remote(state["data"]))
@@ -151,16 +176,32 @@ class Runtime:
         return int(state["step"])
 
     def shutdown(self) -> None:
-        """Stop everything the run started, each part even when another fails: trainers, router, engines (their
-        own shutdown first: an SGLang engine stops its process group), then the actors and the placement group."""
-        for stop in (self.trainers.shutdown, self.router.stop,
-                     lambda: ray.get([e.shutdown.remote() for e in self.engines], timeout=60),
-                     lambda: _kill_all([*self.engines, *self.trainers.actors, self.rollout_manager]),
-                     lambda: ray.util.remove_placement_group(self.placement.pg)):
-            try:
-                stop()
-            except Exception as e:  # keep tearing down the rest
-                log.warning("shutdown step failed: %s", e)
+        """Stop everything the run started, each part even when another fails, each bounded in time: trainers,
+        router, engines (their own shutdown first: an SGLang engine stops its process group), then the actors
+        and the placement group. SIGINT / SIGTERM are ignored meanwhile (restored after)."""
+        with _signals_ignored():
+            for stop in (lambda: self.trainers.shutdown(timeout_s=10), self.router.stop,
+                         lambda: ray.get([e.shutdown.remote() for e in self.engines], timeout=15),
+                         lambda: _kill_all([*self.engines, *self.trainers.actors, self.rollout_manager]),
+                         lambda: ray.util.remove_placement_group(self.placement.pg)):
+                try:
+                    stop()
+                except Exception as e:  # keep tearing down the rest
+                    log.warning("shutdown step failed: %s", e)
+
+
+@contextlib.contextmanager
+def _signals_ignored():
+    """SIGINT / SIGTERM ignored inside (main thread only: elsewhere signals cannot be set and are left)."""
+    try:
+        saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread
+        saved = {}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def _kill_all(actors: list) -> None:

@@ -13,6 +13,7 @@ Each section is a frozen dataclass handed only to the component that owns it:
 - `eval`     (eval.py)     eval sets and their sampling: the rollout manager's evaluation
 - `log`      (log.py)      TensorBoard and W&B: the metrics writer
 - `debug`    (debug.py)    rollout dumps (save) and train-only replays (load): the driver
+- `agentic`  (agentic.py)  the built-in tool loop (tools, turns, context, sandbox limits): the generate hook
 - `RunConfig` (run.py)     the sections, run-wide flags (steps, output, checkpoints, seed, colocation) and the
                            checks across sections; `parser.py` turns argv into it.
 
@@ -22,6 +23,7 @@ users know them: `--rollout-batch-size`, `--n-samples-per-prompt`, `--eps-clip-h
 `RunConfig.validate`, naming the offending values, before any process starts.
 """
 
+from glm_rl.config.agentic import AgenticConfig
 from glm_rl.config.algo import AlgoConfig, RoutingReplay, engines_return_routed_experts
 from glm_rl.config.debug import DebugConfig
 from glm_rl.config.eval import EvalConfig

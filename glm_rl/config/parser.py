@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from glm_rl.config.agentic import AgenticConfig
 from glm_rl.config.algo import AlgoConfig
 from glm_rl.config.debug import DebugConfig
 from glm_rl.config.eval import EvalConfig
@@ -26,7 +27,7 @@ from glm_rl.config.train import TrainConfig
 # section name → its dataclass, in --help order (the flags' order is the one `glm-rl train --help` always had)
 SECTIONS = {"model": ModelConfig, "rollout": RolloutConfig, "algo": AlgoConfig, "train": TrainConfig,
             "megatron": MegatronConfig, "lora": LoraConfig, "sync": SyncConfig, "eval": EvalConfig, "log": LogConfig,
-            "debug": DebugConfig}
+            "debug": DebugConfig, "agentic": AgenticConfig}
 
 
 def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any, dest: str) -> None:

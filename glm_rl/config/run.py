@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from glm_rl.config.agentic import AgenticConfig
 from glm_rl.config.algo import AlgoConfig, RoutingReplay
 from glm_rl.config.debug import DebugConfig
 from glm_rl.config.eval import EvalConfig
@@ -38,6 +39,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    agentic: AgenticConfig = field(default_factory=AgenticConfig)
     num_rollout: int = opt(60, "RL steps (rollout + train + sync)")
     output_dir: str = opt("outputs/tiny-demo", "everything a run writes goes here")
     save: str | None = opt(None, "checkpoint directory (default: <output-dir>/checkpoints)")
@@ -72,10 +74,25 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Raise ValueError naming the offending flags; returns self for chaining."""
         errors = (self._check_sizes() + self._check_algo() + self._check_rollout() + self._check_backend()
-                  + self.lora.errors(self.train.backend) + self._check_inputs())
+                  + self.lora.errors(self.train.backend) + self._check_inputs() + self._check_paths())
         if errors:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
         return self
+
+    def _check_paths(self) -> list[str]:
+        """--output-dir and --save are (or can be made) writable directories; --load names a complete, undamaged
+        checkpoint (or none: the run starts fresh). Each problem is one line naming the file (checkpoint.py)."""
+        from glm_rl.checkpoint import CheckpointError, find_checkpoint, writable_dir_problem
+
+        dirs = [(self.output_dir, "--output-dir")] + ([(self.save, "--save")] if self.save else [])
+        errors = [p for p in (writable_dir_problem(d, flag) for d, flag in dirs) if p]
+        load = self.load or self.ref_load
+        if load:
+            try:
+                find_checkpoint(Path(load), self.train.num_trainer_ranks)
+            except CheckpointError as e:
+                errors.append(str(e))
+        return errors
 
     def _check_sizes(self) -> list[str]:
         """Counts, and the batch arithmetic: samples per rollout / global batch / DP ranks."""

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from glm_rl.config import RolloutConfig
+from glm_rl.config import AgenticConfig, RolloutConfig
 from glm_rl.rollout.hooks import GenerateContext
 from glm_rl.rollout.samples import Sample
 
@@ -66,8 +66,10 @@ class SampleGenerator:
         *,
         seed: int,
         custom_fn: Callable[..., Awaitable[Any]] | None = None,
+        agentic: AgenticConfig | None = None,
     ) -> None:
         self.cfg, self.tokenizer, self.generate_fn, self.seed = cfg, tokenizer, generate, seed
+        self.agentic = agentic
         self.custom_fn = custom_fn
         self.counters = Counters()
         self.aborting = False
@@ -131,6 +133,7 @@ class SampleGenerator:
             return_routed_experts=routed,
             step=step,
             seed=self.seed,
+            agentic=self.agentic,
         )
 
     # -- samples -----------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from glm_rl.config import RolloutConfig
+from glm_rl.config import AgenticConfig, RolloutConfig
 
 GenerateFn = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -45,3 +45,4 @@ class GenerateContext:
     return_routed_experts: bool      # R3: requests must ask for routed experts, samples must carry them
     step: int
     seed: int
+    agentic: AgenticConfig | None = None  # the built-in tool loop's section (`--max-turns`, `--tools-path`, ...)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from transformers import AutoTokenizer
 
-from glm_rl.config import EvalConfig, RolloutConfig
+from glm_rl.config import AgenticConfig, EvalConfig, RolloutConfig
 from glm_rl.rollout import filters
 from glm_rl.rollout.data import PromptRow, load_prompts, prompt_ids
 from glm_rl.rollout.dynamic import Collector, CollectStats
@@ -70,14 +70,16 @@ class PromptStream:
 
 class RolloutManager:
     def __init__(self, cfg: RolloutConfig, hf_checkpoint: str, generate: GenerateFn, *, seed: int,
-                 return_routed_experts: bool, eval_cfg: EvalConfig | None = None, abort: AbortFn | None = None):
+                 return_routed_experts: bool, eval_cfg: EvalConfig | None = None, abort: AbortFn | None = None,
+                 agentic: AgenticConfig | None = None):
         self.cfg, self.seed, self.routed, self.abort_fn = cfg, seed, return_routed_experts, abort
         self.tokenizer = AutoTokenizer.from_pretrained(hf_checkpoint)
         self.rewarder = build_rewarder(cfg.rm_type, **cfg.rewarder_args())
         self.stream = PromptStream(load_prompts(cfg.prompt_data, **cfg.data_args()), seed, cfg.rollout_shuffle)
         hook = cfg.custom_generate_function_path
         self.gen = SampleGenerator(cfg, self.tokenizer, generate, seed=seed,
-                                   custom_fn=load_function(hook, "--custom-generate-function-path") if hook else None)
+                                   custom_fn=load_function(hook, "--custom-generate-function-path") if hook else None,
+                                   agentic=agentic)
         path = cfg.dynamic_sampling_filter_path
         self.filter = filters.load_filter(path) if path else None
         self.rollout_fn = load_function(cfg.rollout_function_path, "--rollout-function-path") \
