@@ -119,7 +119,7 @@ def _post_routes(engine: ServedEngine) -> dict[str, Callable[[dict], Any]]:
             shapes=require(b, "shapes", list), group_name=require(b, "group_name", str),
             weight_version=parse_version(b)),
         "/destroy_weights_update_group": lambda b: w.destroy_group(require(b, "group_name", str)),
-        "/weights_checksum": lambda b: w.checksums(b.get("names")),
+        "/weights_checksum": lambda b: w.checksums(b.get("names"), b.get("algo", "sha256")),
         "/p2p/prepare": lambda b: w.p2p.prepare(require(b, "tensors", list), require(b, "buffer_bytes", int),
                                                 b.get("protocol") or "tcp"),
         "/p2p/commit": lambda b: w.p2p.commit(parse_version(b)),

@@ -84,8 +84,9 @@ class EngineWeights:
                     "weight_version": self.version}
         return self.load(views(flat, entries), weight_version)
 
-    def checksums(self, names: list[str] | None) -> dict[str, Any]:
-        """sha256 of each named tensor (all of them for None), with the version they belong to."""
+    def checksums(self, names: list[str] | None, algo: str = "sha256") -> dict[str, Any]:
+        """The digest (`algo`: sha256 or d128, `wire.tensor_checksum`) of each named tensor (all of them for
+        None), with the version they belong to."""
         if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
             raise WeightError(f"names: expected a list of weight names, got {names!r}")
         names = list(self.state) if names is None else names
@@ -94,7 +95,7 @@ class EngineWeights:
             raise WeightError(f"unknown weight name(s) {unknown}")
         with self.lock:
             return {"weight_version": self.version,
-                    "checksums": {n: tensor_checksum(self.state[n]) for n in names}}
+                    "checksums": {n: tensor_checksum(self.state[n], algo) for n in names}}
 
     # -- weights-update groups (update_weights_from_distributed) -----------------------------------------------
     def group_names(self) -> list[str]:

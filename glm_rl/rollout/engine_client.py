@@ -199,8 +199,9 @@ class EngineClient:
     def destroy_weights_update_group(self, group_name: str) -> Any:
         return self.post("/destroy_weights_update_group", {"group_name": group_name})
 
-    def weights_checksum(self, names: list[str] | None = None) -> dict[str, Any]:
-        return self.post("/weights_checksum", {} if names is None else {"names": names})
+    def weights_checksum(self, names: list[str] | None = None, algo: str = "sha256") -> dict[str, Any]:
+        body: dict[str, Any] = {} if algo == "sha256" else {"algo": algo}  # SGLang-shaped body by default
+        return self.post("/weights_checksum", body if names is None else body | {"names": names})
 
 
 def _decode(raw: bytes) -> Any:

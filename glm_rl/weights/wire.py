@@ -44,6 +44,7 @@ import torch
 import torch.multiprocessing  # noqa: F401 - registers the tensor reductions on ForkingPickler
 from torch.multiprocessing import reductions
 
+from glm_rl.weights.digest import tensor_digest
 from glm_rl.weights.flat import FlatEntry, entries_from_json
 
 FORMAT = "glm_rl.tensors.v1"
@@ -54,8 +55,22 @@ class WeightError(ValueError):
     """A weight update or checksum request the engine refuses (bad payload, unknown name, wrong shape, bad group)."""
 
 
-def tensor_checksum(t: torch.Tensor) -> str:
-    """sha256 hex digest of the tensor's raw bytes (cast to the engine's dtype first to compare)."""
+CHECKSUM_ALGOS = ("sha256", "d128")
+
+
+def checksum_algo(tensors: Iterable[torch.Tensor]) -> str:
+    """The digest both sides of a verification use: `d128` (computed on the device, `weights/digest.py`) when
+    the source holds CUDA tensors, else sha256 of the bytes on the host (fast there, and the CPU's default)."""
+    return "d128" if any(t.is_cuda for t in tensors) else "sha256"
+
+
+def tensor_checksum(t: torch.Tensor, algo: str = "sha256") -> str:
+    """Digest of the tensor's raw bytes (cast to the engine's dtype first to compare): sha256 hex of the bytes
+    (copied to the host), or `d128:` + the device-side digest."""
+    if algo == "d128":
+        return "d128:" + tensor_digest(t)
+    if algo != "sha256":
+        raise WeightError(f"algo: expected one of {CHECKSUM_ALGOS}, got {algo!r}")
     data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
     return hashlib.sha256(memoryview(data)).hexdigest()
 
