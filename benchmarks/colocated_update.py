@@ -39,28 +39,43 @@ from glm_rl.weights.wire import (
     shared_copy,
 )
 
-PATHS = {"flat": ("flat", "json"), "named": ("named", "json"), "flat_pickle": ("flat", "pickle"),
-         "named_pickle": ("named", "pickle")}
+PATHS = {
+    "flat": ("flat", "json"),
+    "named": ("named", "json"),
+    "flat_pickle": ("flat", "pickle"),
+    "named_pickle": ("named", "pickle"),
+}
 
 
 def glm45_shapes(hidden: int, layers: int, experts: int, ffn: int, vocab: int = 151552) -> dict[str, tuple]:
     """HF names and shapes of a GLM-4.5-shaped model (first layer dense, the rest MoE, 8 q-heads per kv-head)."""
     head_dim, kv = 128, max(1, hidden // 1024)
     q = 8 * kv * head_dim
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
-              "model.norm.weight": (hidden,)}
+    shapes = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "lm_head.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes |= {p + "self_attn.q_proj.weight": (q, hidden), p + "self_attn.k_proj.weight": (kv * head_dim, hidden),
-                   p + "self_attn.v_proj.weight": (kv * head_dim, hidden), p + "self_attn.o_proj.weight": (hidden, q),
-                   p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)}
+        shapes |= {
+            p + "self_attn.q_proj.weight": (q, hidden),
+            p + "self_attn.k_proj.weight": (kv * head_dim, hidden),
+            p + "self_attn.v_proj.weight": (kv * head_dim, hidden),
+            p + "self_attn.o_proj.weight": (hidden, q),
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+        }
         if i == 0:
             shapes |= {p + "mlp.gate_up_proj.weight": (8 * ffn, hidden), p + "mlp.down_proj.weight": (hidden, 4 * ffn)}
         else:
-            shapes |= {p + "mlp.experts.gate_up_proj": (experts, 2 * ffn, hidden),
-                       p + "mlp.experts.down_proj": (experts, hidden, ffn), p + "mlp.gate.weight": (experts, hidden),
-                       p + "mlp.shared_experts.gate_up_proj.weight": (2 * ffn, hidden),
-                       p + "mlp.shared_experts.down_proj.weight": (hidden, ffn)}
+            shapes |= {
+                p + "mlp.experts.gate_up_proj": (experts, 2 * ffn, hidden),
+                p + "mlp.experts.down_proj": (experts, hidden, ffn),
+                p + "mlp.gate.weight": (experts, hidden),
+                p + "mlp.shared_experts.gate_up_proj.weight": (2 * ffn, hidden),
+                p + "mlp.shared_experts.down_proj.weight": (hidden, ffn),
+            }
     return shapes
 
 
@@ -128,15 +143,21 @@ class Sender:
         _sync_device(self.device)
         t0 = time.perf_counter()
         if layout_kind == "flat":
-            payload = encode_flattened(self.flat, self.layout, by_reference=True) if wire == "json" else \
-                serialize_flattened(self.flat, self.layout)
+            payload = (
+                encode_flattened(self.flat, self.layout, by_reference=True)
+                if wire == "json"
+                else serialize_flattened(self.flat, self.layout)
+            )
             self.conn.send(("flat", payload))
             assert self.conn.recv() == "ok"
         else:
             for names in self.plan:
                 staged = [(n, self._stage(self.weights[n], wire)) for n in names]
-                payload = encode_named_tensors(staged, by_reference=True) if wire == "json" else \
-                    serialize_named_tensors(staged)
+                payload = (
+                    encode_named_tensors(staged, by_reference=True)
+                    if wire == "json"
+                    else serialize_named_tensors(staged)
+                )
                 self.conn.send(("named", payload))
                 assert self.conn.recv() == "ok"
                 del staged
@@ -177,11 +198,20 @@ def run(args: argparse.Namespace) -> dict:
     total, times = sender.total, {k: min(v) for k, v in runs.items()}
     base = device_copy_s(total, args.device, args.repeats)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    return {"device": name, "date": time.strftime("%Y-%m-%d"), "params": total // 2, "bytes": total,
-            "buckets": len(sender.plan), "first_sync_s": first, "update_s": times,
-            "update_median_s": {k: sorted(v)[len(v) // 2] for k, v in runs.items()},
-            "update_GBps": {k: total / v / 1e9 for k, v in times.items()}, "device_copy_s": base,
-            "device_copy_GBps": total / base / 1e9, "ratio": {k: base / v for k, v in times.items()}}
+    return {
+        "device": name,
+        "date": time.strftime("%Y-%m-%d"),
+        "params": total // 2,
+        "bytes": total,
+        "buckets": len(sender.plan),
+        "first_sync_s": first,
+        "update_s": times,
+        "update_median_s": {k: sorted(v)[len(v) // 2] for k, v in runs.items()},
+        "update_GBps": {k: total / v / 1e9 for k, v in times.items()},
+        "device_copy_s": base,
+        "device_copy_GBps": total / base / 1e9,
+        "ratio": {k: base / v for k, v in times.items()},
+    }
 
 
 def main() -> None:
@@ -197,15 +227,23 @@ def main() -> None:
     args = ap.parse_args()
     result = run(args)
     total, times, base = result["bytes"], result["update_s"], result["device_copy_s"]
-    labels = {"flat": "flat (1 buffer), json", "flat_pickle": "flat (1 buffer), pickle (before)",
-              "named": "per tensor, json", "named_pickle": "per tensor, pickle (before)"}
+    labels = {
+        "flat": "flat (1 buffer), json",
+        "flat_pickle": "flat (1 buffer), pickle (before)",
+        "named": "per tensor, json",
+        "named_pickle": "per tensor, pickle (before)",
+    }
     print(f"{'path':<36}{'seconds':>10}{'median':>10}{'GB/s':>10}{'vs copy':>9}")
     for k, label in labels.items():
-        print(f"{label:<36}{times[k]:>10.4f}{result['update_median_s'][k]:>10.4f}{total / times[k] / 1e9:>10.1f}"
-              f"{base / times[k]:>9.2f}")
+        print(
+            f"{label:<36}{times[k]:>10.4f}{result['update_median_s'][k]:>10.4f}{total / times[k] / 1e9:>10.1f}"
+            f"{base / times[k]:>9.2f}"
+        )
     print(f"{'copy, same bytes, same device':<36}{base:>10.4f}{'':>10}{total / base / 1e9:>10.1f}{1.0:>9.2f}")
-    print(f"({result['device']}: {total / 1e9:.2f} GB, {result['params'] / 1e9:.2f} B params, {result['buckets']} "
-          f"buckets; first sync " + ", ".join(f"{k} {v:.3f}s" for k, v in result["first_sync_s"].items()) + ")")
+    print(
+        f"({result['device']}: {total / 1e9:.2f} GB, {result['params'] / 1e9:.2f} B params, {result['buckets']} "
+        f"buckets; first sync " + ", ".join(f"{k} {v:.3f}s" for k, v in result["first_sync_s"].items()) + ")"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
 

@@ -101,8 +101,9 @@ def timed(fns: list, device: str, repeats: int) -> list[tuple[float, object]]:
 
 
 def engine_generate(model, prompts, sampling: SamplingParams, eos, mtp=None, num_steps: int = 1, decoder=None):
-    requests = [GenerationRequest(rid=str(i), input_ids=tuple(p), sampling=sampling, seed=i)
-                for i, p in enumerate(prompts)]
+    requests = [
+        GenerationRequest(rid=str(i), input_ids=tuple(p), sampling=sampling, seed=i) for i, p in enumerate(prompts)
+    ]
     common = dict(eos_ids=eos, pad_id=0, gates=[], should_abort=lambda: False)
     return run_batch(model, requests, decoder=decoder, mtp=mtp, num_steps=num_steps, **common)
 
@@ -112,17 +113,29 @@ def hf_generate(model, prompts, new_tokens: int):
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=model.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                              pad_token_id=0)
+        return model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=0,
+        )
 
 
 def throughput(args, model, prompts_of, eos) -> list[dict]:
     rows = []
     sampling = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, ignore_eos=True)
     # the engine's default decoder: one per engine, its graphs captured in the warm-up round (as at startup)
-    decoder = StaticDecoder(model, max_batch=max(args.batch_sizes), cuda_graph=not args.disable_cuda_graph,
-                            torch_compile=args.enable_torch_compile)
+    decoder = StaticDecoder(
+        model,
+        max_batch=max(args.batch_sizes),
+        cuda_graph=not args.disable_cuda_graph,
+        torch_compile=args.enable_torch_compile,
+    )
     for b in args.batch_sizes:
         prompts = prompts_of(b)
         t0 = time.perf_counter()
@@ -130,14 +143,28 @@ def throughput(args, model, prompts_of, eos) -> list[dict]:
         sync(args.device)
         first = time.perf_counter() - t0
         (t_engine, _), (t_dynamic, _), (t_hf, _) = timed(
-            [lambda: engine_generate(model, prompts, sampling, eos, decoder=decoder),
-             lambda: engine_generate(model, prompts, sampling, eos),
-             lambda: hf_generate(model, prompts, args.new_tokens)], args.device, args.repeats)
+            [
+                lambda: engine_generate(model, prompts, sampling, eos, decoder=decoder),
+                lambda: engine_generate(model, prompts, sampling, eos),
+                lambda: hf_generate(model, prompts, args.new_tokens),
+            ],
+            args.device,
+            args.repeats,
+        )
         tokens = b * args.new_tokens
-        rows.append({"batch": b, "new_tokens": args.new_tokens, "engine_tok_s": tokens / t_engine,
-                     "engine_dynamic_cache_tok_s": tokens / t_dynamic, "hf_generate_tok_s": tokens / t_hf,
-                     "engine_over_hf": t_hf / t_engine, "dynamic_cache_over_hf": t_hf / t_dynamic,
-                     "engine_first_run_s": first, "cuda_graphs": len(decoder.graphs.captured)})
+        rows.append(
+            {
+                "batch": b,
+                "new_tokens": args.new_tokens,
+                "engine_tok_s": tokens / t_engine,
+                "engine_dynamic_cache_tok_s": tokens / t_dynamic,
+                "hf_generate_tok_s": tokens / t_hf,
+                "engine_over_hf": t_hf / t_engine,
+                "dynamic_cache_over_hf": t_hf / t_dynamic,
+                "engine_first_run_s": first,
+                "cuda_graphs": len(decoder.graphs.captured),
+            }
+        )
     return rows
 
 
@@ -146,14 +173,17 @@ def mtp_speedup(args, model, mtp, prompts, eos) -> dict:
 
     # both over the engine's static-cache decoders (the speculative one also caches the MTP layer)
     graphs, compiled = not args.disable_cuda_graph, args.enable_torch_compile
-    decoders = {False: StaticDecoder(model, max_batch=1, cuda_graph=graphs, torch_compile=compiled),
-                True: StaticDecoder(model, max_batch=1, cuda_graph=graphs, torch_compile=compiled, mtp=mtp)}
+    decoders = {
+        False: StaticDecoder(model, max_batch=1, cuda_graph=graphs, torch_compile=compiled),
+        True: StaticDecoder(model, max_batch=1, cuda_graph=graphs, torch_compile=compiled, mtp=mtp),
+    }
 
     def run(use_mtp: bool, params: SamplingParams = sampling):
         out = []
         for p in prompts:  # batch 1
-            out += engine_generate(model, [p], params, eos, mtp if use_mtp else None, args.num_steps,
-                                   decoder=decoders[use_mtp])
+            out += engine_generate(
+                model, [p], params, eos, mtp if use_mtp else None, args.num_steps, decoder=decoders[use_mtp]
+            )
         return out
 
     stats = {}
@@ -164,10 +194,16 @@ def mtp_speedup(args, model, mtp, prompts, eos) -> dict:
     prefill = timed([lambda: run(False, first), lambda: run(True, first)], args.device, args.repeats)
     for (name, use_mtp), (seconds, rows) in zip((("plain", False), ("mtp", True)), timings):
         tokens = sum(len(r.output_ids) for r in rows)
-        stats[name] = {"seconds": seconds, "tokens": tokens, "tok_s": tokens / seconds,
-                       "forwards": sum(r.verify_ct + 1 for r in rows) if use_mtp else tokens}
-    decode_tok_s = [(stats[name]["tokens"] - len(prompts)) / (stats[name]["seconds"] - seconds)
-                    for name, (seconds, _) in zip(("plain", "mtp"), prefill)]
+        stats[name] = {
+            "seconds": seconds,
+            "tokens": tokens,
+            "tok_s": tokens / seconds,
+            "forwards": sum(r.verify_ct + 1 for r in rows) if use_mtp else tokens,
+        }
+    decode_tok_s = [
+        (stats[name]["tokens"] - len(prompts)) / (stats[name]["seconds"] - seconds)
+        for name, (seconds, _) in zip(("plain", "mtp"), prefill)
+    ]
     plain_rows = timings[0][1]
     # greedy: the share of prompts whose MTP output is the plain output (in bf16 a 2-token verify can round a
     # near-tie differently from a 1-token step; in fp32 the tests require all of them)
@@ -175,16 +211,28 @@ def mtp_speedup(args, model, mtp, prompts, eos) -> dict:
     verify = sum(r.verify_ct for r in rows)
     accept = stats["mtp"]["tokens"] / verify
     # cost of one spec step (verify + MTP) over one plain step: per-forward times
-    step_ratio = (stats["mtp"]["seconds"] / stats["mtp"]["forwards"]) / (stats["plain"]["seconds"] /
-                                                                        stats["plain"]["forwards"])
-    return {"prompts": len(prompts), "temperature": args.mtp_temperature, "num_steps": args.num_steps,
-            "plain_tok_s": stats["plain"]["tok_s"], "mtp_tok_s": stats["mtp"]["tok_s"],
-            "speedup": stats["mtp"]["tok_s"] / stats["plain"]["tok_s"], "accept_length": accept,
-            "decode_only": {"plain_tok_s": decode_tok_s[0], "mtp_tok_s": decode_tok_s[1],
-                            "speedup": decode_tok_s[1] / decode_tok_s[0],
-                            "prefill_s": {"plain": prefill[0][0], "mtp": prefill[1][0]}},
-            "step_cost_ratio": step_ratio, "same_output_share": same if args.mtp_temperature == 0 else None,
-            "projected_speedup": {str(a): a / step_ratio for a in (1.7, 2.0, 2.5)}, "detail": stats}
+    step_ratio = (stats["mtp"]["seconds"] / stats["mtp"]["forwards"]) / (
+        stats["plain"]["seconds"] / stats["plain"]["forwards"]
+    )
+    return {
+        "prompts": len(prompts),
+        "temperature": args.mtp_temperature,
+        "num_steps": args.num_steps,
+        "plain_tok_s": stats["plain"]["tok_s"],
+        "mtp_tok_s": stats["mtp"]["tok_s"],
+        "speedup": stats["mtp"]["tok_s"] / stats["plain"]["tok_s"],
+        "accept_length": accept,
+        "decode_only": {
+            "plain_tok_s": decode_tok_s[0],
+            "mtp_tok_s": decode_tok_s[1],
+            "speedup": decode_tok_s[1] / decode_tok_s[0],
+            "prefill_s": {"plain": prefill[0][0], "mtp": prefill[1][0]},
+        },
+        "step_cost_ratio": step_ratio,
+        "same_output_share": same if args.mtp_temperature == 0 else None,
+        "projected_speedup": {str(a): a / step_ratio for a in (1.7, 2.0, 2.5)},
+        "detail": stats,
+    }
 
 
 def main() -> None:
@@ -221,31 +269,48 @@ def main() -> None:
         args.mtp_prompts = 40 if args.mtp_prompts is None else args.mtp_prompts
     args.mtp_new_tokens = args.mtp_new_tokens or args.new_tokens
     prompts_of = lambda n: prompts_for(args, tokenizer, model.config.vocab_size, n)  # noqa: E731
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
-        f"CPU ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})"
+    device_name = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"CPU ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})"
+    )
     info["attn_implementation"] = model.config._attn_implementation
     info["experts_implementation"] = getattr(model.config, "_experts_implementation", None)
-    info["engine_decoder"] = ("static cache" + ("" if args.disable_cuda_graph else " + CUDA graphs")
-                              + (" + torch.compile" if args.enable_torch_compile else ""))
-    result = {"date": time.strftime("%Y-%m-%d"), "device": device_name, "dtype": args.dtype, "model": info,
-              "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-              "throughput": [] if args.skip_throughput else throughput(args, model, prompts_of, eos),
-              "mtp_batch1": mtp_speedup(args, model, mtp, prompts_of(args.mtp_prompts), eos) if args.mtp_prompts
-              else None}
+    info["engine_decoder"] = (
+        "static cache"
+        + ("" if args.disable_cuda_graph else " + CUDA graphs")
+        + (" + torch.compile" if args.enable_torch_compile else "")
+    )
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": device_name,
+        "dtype": args.dtype,
+        "model": info,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "throughput": [] if args.skip_throughput else throughput(args, model, prompts_of, eos),
+        "mtp_batch1": mtp_speedup(args, model, mtp, prompts_of(args.mtp_prompts), eos) if args.mtp_prompts else None,
+    }
     print(f"device {device_name}, {args.dtype}, model {info}")
-    print(f"{'batch':>6}{'new tok':>9}{'engine tok/s':>14}{'dynamic-cache tok/s':>21}{'HF generate tok/s':>19}"
-          f"{'engine / HF':>13}{'dynamic / HF':>14}")
+    print(
+        f"{'batch':>6}{'new tok':>9}{'engine tok/s':>14}{'dynamic-cache tok/s':>21}{'HF generate tok/s':>19}"
+        f"{'engine / HF':>13}{'dynamic / HF':>14}"
+    )
     for r in result["throughput"]:
-        print(f"{r['batch']:>6}{r['new_tokens']:>9}{r['engine_tok_s']:>14.1f}{r['engine_dynamic_cache_tok_s']:>21.1f}"
-              f"{r['hf_generate_tok_s']:>19.1f}{r['engine_over_hf']:>12.2f}x{r['dynamic_cache_over_hf']:>13.2f}x")
+        print(
+            f"{r['batch']:>6}{r['new_tokens']:>9}{r['engine_tok_s']:>14.1f}{r['engine_dynamic_cache_tok_s']:>21.1f}"
+            f"{r['hf_generate_tok_s']:>19.1f}{r['engine_over_hf']:>12.2f}x{r['dynamic_cache_over_hf']:>13.2f}x"
+        )
     if (m := result["mtp_batch1"]) is not None:
-        print(f"MTP at batch 1 ({m['prompts']} prompts, T={m['temperature']}, {m['num_steps']} draft/verify): "
-              f"plain {m['plain_tok_s']:.1f} tok/s, MTP {m['mtp_tok_s']:.1f} tok/s, speedup {m['speedup']:.2f}x "
-              f"(decoding only, prompts' cost subtracted: {m['decode_only']['speedup']:.2f}x), "
-              f"acceptance length {m['accept_length']:.2f}, step cost ratio {m['step_cost_ratio']:.2f}, "
-              f"same output as plain: {m['same_output_share']} "
-              f"(projected speedup at acceptance 1.7 / 2.0: {m['projected_speedup']['1.7']:.2f}x / "
-              f"{m['projected_speedup']['2.0']:.2f}x)")
+        print(
+            f"MTP at batch 1 ({m['prompts']} prompts, T={m['temperature']}, {m['num_steps']} draft/verify): "
+            f"plain {m['plain_tok_s']:.1f} tok/s, MTP {m['mtp_tok_s']:.1f} tok/s, speedup {m['speedup']:.2f}x "
+            f"(decoding only, prompts' cost subtracted: {m['decode_only']['speedup']:.2f}x), "
+            f"acceptance length {m['accept_length']:.2f}, step cost ratio {m['step_cost_ratio']:.2f}, "
+            f"same output as plain: {m['same_output_share']} "
+            f"(projected speedup at acceptance 1.7 / 2.0: {m['projected_speedup']['1.7']:.2f}x / "
+            f"{m['projected_speedup']['2.0']:.2f}x)"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}", file=sys.stderr)

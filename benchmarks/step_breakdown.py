@@ -35,9 +35,17 @@ def main() -> None:
     step = sum(r["perf/step_s"] for r in rows) / len(rows)
     table = {k: sum(r[k] for r in rows) / len(rows) for k in STAGES}
     other = step - sum(table.values())
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-              "flags": flags, "steps_measured": len(rows), "step_s": step, "stages_s": table,
-              "other_s": other, "other_share": other / step, "wall_s": time.time() - t0}
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.processor() or platform.machine(),
+        "flags": flags,
+        "steps_measured": len(rows),
+        "step_s": step,
+        "stages_s": table,
+        "other_s": other,
+        "other_share": other / step,
+        "wall_s": time.time() - t0,
+    }
     print(f"{'stage':<12}{'seconds':>10}{'share':>9}")
     for k, v in table.items():
         print(f"{k.split('/')[1][:-2]:<12}{v:>10.3f}{v / step:>9.1%}")

@@ -119,10 +119,10 @@ def measure(name, build, args, spec, device) -> dict:
     inputs, targets = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
 
     def step() -> float:
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)  # noqa: F821 - bound below, before the first call
         loss = loss_fn(inputs, targets)
         loss.backward()
-        opt.step()
+        opt.step()  # noqa: F821
         return float(loss)
 
     step_s, losses = [], []
@@ -132,14 +132,19 @@ def measure(name, build, args, spec, device) -> dict:
         losses.append(step())
         sync(device)
         step_s.append(time.perf_counter() - t0)
-        print(f"  {name} step {i + 1}/{args.warmup + args.steps}: {step_s[-1]:.3f} s loss {losses[-1]:.3f}",
-              flush=True)
-    times, loss = step_s[args.warmup:], losses[-1]
+        print(f"  {name} step {i + 1}/{args.warmup + args.steps}: {step_s[-1]:.3f} s loss {losses[-1]:.3f}", flush=True)
+    times, loss = step_s[args.warmup :], losses[-1]
     best = sorted(times)[len(times) // 2]  # median of the timed steps
     tokens = args.batch * args.seq
-    out = {"arm": name, "step_s": best, "tokens_per_s": tokens / best, "loss": loss,
-           "mfu": model_flops(spec, args.batch, args.seq) / best / (args.peak_tflops * 1e12),
-           "first_loss": losses[0], "warmup_s": sum(step_s[:args.warmup])}
+    out = {
+        "arm": name,
+        "step_s": best,
+        "tokens_per_s": tokens / best,
+        "loss": loss,
+        "mfu": model_flops(spec, args.batch, args.seq) / best / (args.peak_tflops * 1e12),
+        "first_loss": losses[0],
+        "warmup_s": sum(step_s[: args.warmup]),
+    }
     if name.endswith("-compiled"):  # warm-up time beyond steady state: dynamo + inductor, forward and backward
         out["compile_s"] = out["warmup_s"] - args.warmup * best
     if device.startswith("cuda"):
@@ -168,11 +173,13 @@ def main() -> None:
     args = p.parse_args()
     spec, dtype, device = random_spec(args.random_model), DTYPES[args.dtype], args.device
     init_megatron(device)
-    builders = {"torch": lambda: torch_arm(spec, dtype, device),
-                "megatron": lambda: megatron_arm(spec, dtype, device, fast=True, fused_logprobs=True),
-                "megatron-compiled": lambda: megatron_compiled_arm(spec, dtype, device),
-                "megatron-mce": lambda: megatron_arm(spec, dtype, device, fast=True, fused_logprobs=False),
-                "megatron-local": lambda: megatron_arm(spec, dtype, device, fast=False, fused_logprobs=False)}
+    builders = {
+        "torch": lambda: torch_arm(spec, dtype, device),
+        "megatron": lambda: megatron_arm(spec, dtype, device, fast=True, fused_logprobs=True),
+        "megatron-compiled": lambda: megatron_compiled_arm(spec, dtype, device),
+        "megatron-mce": lambda: megatron_arm(spec, dtype, device, fast=True, fused_logprobs=False),
+        "megatron-local": lambda: megatron_arm(spec, dtype, device, fast=False, fused_logprobs=False),
+    }
     rows = []
     for arm in args.arms.split(","):
         # the CPU shims disable dynamo process-wide; the compiled arm needs it back (a no-op on GPU)
@@ -183,9 +190,16 @@ def main() -> None:
     for r in rows:
         r["vs_torch"] = r["tokens_per_s"] / base["tokens_per_s"]
         print(f"{r['arm']:<16}{r['step_s']:>9.3f}{r['tokens_per_s']:>12.0f}{r['mfu']:>8.1%}{r['vs_torch']:>9.2f}×")
-    info = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
-            "torch": torch.__version__, "model": spec.summary(), "batch": args.batch, "seq": args.seq,
-            "dtype": args.dtype, "flops_per_step": model_flops(spec, args.batch, args.seq), "rows": rows}
+    info = {
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "model": spec.summary(),
+        "batch": args.batch,
+        "seq": args.seq,
+        "dtype": args.dtype,
+        "flops_per_step": model_flops(spec, args.batch, args.seq),
+        "rows": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(info, indent=1))
 

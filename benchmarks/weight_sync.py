@@ -28,12 +28,18 @@ from pathlib import Path
 
 import torch
 
+from glm_rl.models.glm45.hf_names import split_dim
+from glm_rl.ray.addresses import free_port
 from glm_rl.weights.group import create_weight_group
 from glm_rl.weights.mooncake import new_transfer_engine
-from glm_rl.ray.addresses import free_port
-from glm_rl.models.glm45.hf_names import split_dim
-from glm_rl.weights.transfer_plan import (EngineLayout, TensorMeta, build_plan, floor_seconds, megatron_sources,
-                                          predict_sync_seconds)
+from glm_rl.weights.transfer_plan import (
+    EngineLayout,
+    TensorMeta,
+    build_plan,
+    floor_seconds,
+    megatron_sources,
+    predict_sync_seconds,
+)
 
 OUT = Path(__file__).parent / "results" / "weight_sync.json"
 
@@ -77,10 +83,11 @@ def measure(mib: int, n_tensors: int, reps: int) -> dict:
     for _ in range(reps + 1):  # first round warms the connection
         t0 = time.perf_counter()
         for t, o, n in zip(tensors, offs, lens):
-            staging[o:o + n].view(torch.float32).view(t.shape).copy_(t)
+            staging[o : o + n].view(torch.float32).view(t.shape).copy_(t)
         t1 = time.perf_counter()
-        rc = te.batch_transfer_sync_write(session, [staging.data_ptr() + o for o in offs], [dst + o for o in offs],
-                                          lens)
+        rc = te.batch_transfer_sync_write(
+            session, [staging.data_ptr() + o for o in offs], [dst + o for o in offs], lens
+        )
         t2 = time.perf_counter()
         assert rc == 0, f"p2p write failed: rc {rc}"
         best_total, best_write = min(best_total, t2 - t0), min(best_write, t2 - t1)
@@ -118,23 +125,31 @@ def hf_tensors(spec) -> list[TensorMeta]:
     return [TensorMeta(n, tuple(t.shape), "bfloat16") for n, t in model.state_dict().items()]
 
 
-def predict(name: str, spec, *, trainer_gpus: int, tp: int, pp: int, ep: int, engines: int, engine_gpus: int,
-            nic_bytes_s: float) -> dict:
+def predict(
+    name: str, spec, *, trainer_gpus: int, tp: int, pp: int, ep: int, engines: int, engine_gpus: int, nic_bytes_s: float
+) -> dict:
     tensors = hf_tensors(spec)
-    sources = megatron_sources(tensors, world=trainer_gpus, tp=tp, pp=pp, ep=ep, num_layers=spec.num_hidden_layers,
-                               split=split_dim)
+    sources = megatron_sources(
+        tensors, world=trainer_gpus, tp=tp, pp=pp, ep=ep, num_layers=spec.num_hidden_layers, split=split_dim
+    )
     layouts = [EngineLayout(e, engine_gpus, split_dim) for e in range(engines)]
     plan = build_plan(tensors, sources, layouts, chunk_bytes=256 << 20)
     model_bytes = sum(m.itemsize * int(torch.Size(m.shape).numel()) for m in tensors)
     n_dst = engines * engine_gpus
-    return {"model": name, "params": model_bytes // 2, "model_bytes": model_bytes, "trainer_gpus": trainer_gpus,
-            "trainer_layout": f"TP{tp} PP{pp} EP{ep}",
-            "engines": f"{engines} x {engine_gpus} GPUs (TP{engine_gpus}/EP{engine_gpus})",
-            "bytes_delivered": plan.total_bytes, "max_source_bytes": max(plan.bytes_per_source().values()),
-            "max_dest_bytes": max(plan.bytes_per_destination().values()),
-            "predicted_s": predict_sync_seconds(plan, nic_bytes_s),
-            "floor_s": floor_seconds(plan.total_bytes, min(trainer_gpus, n_dst), nic_bytes_s),
-            "single_source_broadcast_s": model_bytes / nic_bytes_s}
+    return {
+        "model": name,
+        "params": model_bytes // 2,
+        "model_bytes": model_bytes,
+        "trainer_gpus": trainer_gpus,
+        "trainer_layout": f"TP{tp} PP{pp} EP{ep}",
+        "engines": f"{engines} x {engine_gpus} GPUs (TP{engine_gpus}/EP{engine_gpus})",
+        "bytes_delivered": plan.total_bytes,
+        "max_source_bytes": max(plan.bytes_per_source().values()),
+        "max_dest_bytes": max(plan.bytes_per_destination().values()),
+        "predicted_s": predict_sync_seconds(plan, nic_bytes_s),
+        "floor_s": floor_seconds(plan.total_bytes, min(trainer_gpus, n_dst), nic_bytes_s),
+        "single_source_broadcast_s": model_bytes / nic_bytes_s,
+    }
 
 
 def main() -> None:
@@ -150,28 +165,65 @@ def main() -> None:
     m = measure(a.mib, a.tensors, a.reps)
     print(f"CPU loopback, {m['bytes'] / 2**20:.0f} MiB in {m['tensors']} fp32 tensors, best of {a.reps}")
     print(f"{'transport':<28}{'seconds':>10}{'GB/s':>8}")
-    for label, k in (("p2p (pack + write)", "p2p"), ("p2p (write only)", "p2p_write"),
-                     ("broadcast (gloo)", "broadcast")):
+    for label, k in (
+        ("p2p (pack + write)", "p2p"),
+        ("p2p (write only)", "p2p_write"),
+        ("broadcast (gloo)", "broadcast"),
+    ):
         print(f"{label:<28}{m[k + '_s']:>10.3f}{m[k + '_gbps']:>8.2f}")
-    print(f"p2p / broadcast throughput: {m['ratio_p2p_over_broadcast']:.2f} "
-          f"(write only {m['ratio_p2p_write_over_broadcast']:.2f})")
+    print(
+        f"p2p / broadcast throughput: {m['ratio_p2p_over_broadcast']:.2f} "
+        f"(write only {m['ratio_p2p_write_over_broadcast']:.2f})"
+    )
 
     nic = a.nic_gbps * 1e9 / 8
-    preds = [predict("GLM-4.5-Air", glm45_air_106b_a12b(), trainer_gpus=32, tp=1, pp=4, ep=8, engines=4,
-                     engine_gpus=8, nic_bytes_s=nic),
-             predict("GLM-4.5 (355B)", glm45_355b_a32b(), trainer_gpus=64, tp=8, pp=4, ep=16, engines=8,
-                     engine_gpus=8, nic_bytes_s=nic)]
+    preds = [
+        predict(
+            "GLM-4.5-Air",
+            glm45_air_106b_a12b(),
+            trainer_gpus=32,
+            tp=1,
+            pp=4,
+            ep=8,
+            engines=4,
+            engine_gpus=8,
+            nic_bytes_s=nic,
+        ),
+        predict(
+            "GLM-4.5 (355B)",
+            glm45_355b_a32b(),
+            trainer_gpus=64,
+            tp=8,
+            pp=4,
+            ep=16,
+            engines=8,
+            engine_gpus=8,
+            nic_bytes_s=nic,
+        ),
+    ]
     print(f"\nPredicted P2P sync, one {a.nic_gbps:.0f} Gb/s NIC per GPU (bf16, Megatron layout model)")
     print(f"{'model':<16}{'trainer':<22}{'engines':<28}{'GB moved':>9}{'plan s':>8}{'floor s':>8}{'1-src s':>8}")
     for r in preds:
         trainer = f"{r['trainer_gpus']} GPU {r['trainer_layout']}"
-        print(f"{r['model']:<16}{trainer:<22}{r['engines']:<28}"
-              f"{r['bytes_delivered'] / 1e9:>9.1f}{r['predicted_s']:>8.2f}{r['floor_s']:>8.2f}"
-              f"{r['single_source_broadcast_s']:>8.2f}")
+        print(
+            f"{r['model']:<16}{trainer:<22}{r['engines']:<28}"
+            f"{r['bytes_delivered'] / 1e9:>9.1f}{r['predicted_s']:>8.2f}{r['floor_s']:>8.2f}"
+            f"{r['single_source_broadcast_s']:>8.2f}"
+        )
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"date": datetime.date.today().isoformat(), "machine": platform.machine(),
-                               "cpus": mp.cpu_count(), "measured": m, "nic_gbps": a.nic_gbps, "predicted": preds},
-                              indent=2))
+    OUT.write_text(
+        json.dumps(
+            {
+                "date": datetime.date.today().isoformat(),
+                "machine": platform.machine(),
+                "cpus": mp.cpu_count(),
+                "measured": m,
+                "nic_gbps": a.nic_gbps,
+                "predicted": preds,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {OUT}")
 
 

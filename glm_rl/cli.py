@@ -29,9 +29,16 @@ def models(as_json: bool = typer.Option(False, "--json", help="print a JSON list
     for col in ("total", "active", "MTP", "layers (dense)", "hidden", "experts / top-k", "QK-norm"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["name"], _human(r["total_params"]), _human(r["active_params"]), _human(r["mtp_params"]),
-                      f"{r['layers']} ({r['dense_layers']})", str(r["hidden"]), f"{r['experts']} / {r['top_k']}",
-                      "yes" if r["qk_norm"] else "no")
+        table.add_row(
+            r["name"],
+            _human(r["total_params"]),
+            _human(r["active_params"]),
+            _human(r["mtp_params"]),
+            f"{r['layers']} ({r['dense_layers']})",
+            str(r["hidden"]),
+            f"{r['experts']} / {r['top_k']}",
+            "yes" if r["qk_norm"] else "no",
+        )
     console.print(table)
 
 
@@ -46,8 +53,10 @@ def train(ctx: typer.Context) -> None:
 
     out = run_train(cfg)
     s = summarize(out)
-    console.print(f"done: {s['steps']} steps, mean reward first 5 {s['reward_first']:.3f} -> last 5 "
-                  f"{s['reward_last']:.3f}; metrics {out / 'metrics.jsonl'}, report {out / 'report.png'}")
+    console.print(
+        f"done: {s['steps']} steps, mean reward first 5 {s['reward_first']:.3f} -> last 5 "
+        f"{s['reward_last']:.3f}; metrics {out / 'metrics.jsonl'}, report {out / 'report.png'}"
+    )
 
 
 @app.command("eval")
@@ -76,20 +85,38 @@ def eval_cmd(
     if not is_rule(rm_type):
         raise ValueError(unknown_rm_type_message(rm_type) + " (glm-rl eval grades with rule graders)")
     reward_fn = get_reward_fn(rm_type)
-    rows = load_prompts(prompt_data, input_key, label_key, metadata_key=metadata_key, tool_key=tool_key,
-                        apply_chat_template=apply_chat_template)
+    rows = load_prompts(
+        prompt_data,
+        input_key,
+        label_key,
+        metadata_key=metadata_key,
+        tool_key=tool_key,
+        apply_chat_template=apply_chat_template,
+    )
     model, tokenizer = load_hf_model(hf_checkpoint, preset=preset)
-    result = evaluate(model, tokenizer, rows, reward_fn, temperature=temperature,
-                      max_new_tokens=max_new_tokens, seed=seed, apply_chat_template=apply_chat_template)
+    result = evaluate(
+        model,
+        tokenizer,
+        rows,
+        reward_fn,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        apply_chat_template=apply_chat_template,
+    )
     summary = {"accuracy": result.accuracy, "n": result.n, "temperature": temperature}
-    typer.echo(json.dumps(summary) if as_json else
-               f"accuracy {result.accuracy:.3f} on {result.n} prompts at temperature {temperature}")
+    typer.echo(
+        json.dumps(summary)
+        if as_json
+        else f"accuracy {result.accuracy:.3f} on {result.n} prompts at temperature {temperature}"
+    )
 
 
 @app.command("reward-server")
 def reward_server(
-    rm_type: str = typer.Option("math", help="the rule grader to serve (arithmetic, math, dapo, deepscaler, f1, "
-                                             "random, boxed_<grader>)"),
+    rm_type: str = typer.Option(
+        "math", help="the rule grader to serve (arithmetic, math, dapo, deepscaler, f1, random, boxed_<grader>)"
+    ),
     custom_rm_path: str | None = typer.Option(None, help="serve this function (package.module.function) instead"),
     group_rm: bool = typer.Option(False, "--group-rm", help="the custom function scores a group at a time"),
     host: str = typer.Option("127.0.0.1", help="address to bind"),
@@ -100,22 +127,35 @@ def reward_server(
     """Serve a grader over HTTP for `glm-rl train --rm-type remote_rm --rm-url http://HOST:PORT/reward`."""
     from glm_rl.rollout.rewards.server import serve
 
-    serve(rm_type, custom_rm_path=custom_rm_path, group_rm=group_rm, host=host, port=port, reward_key=reward_key,
-          math_timeout_s=math_timeout_s)
+    serve(
+        rm_type,
+        custom_rm_path=custom_rm_path,
+        group_rm=group_rm,
+        host=host,
+        port=port,
+        reward_key=reward_key,
+        math_timeout_s=math_timeout_s,
+    )
 
 
 @app.command()
 def generate(
     prompt_file: Path | None = typer.Option(None, help="JSONL with `prompt` per line, or plain text lines"),
     prompt: list[str] | None = typer.Option(None, "--prompt", help="a prompt (repeatable), instead of a file"),
-    hf_checkpoint: Path = typer.Option(TINY_CHECKPOINT, "--hf-checkpoint", "--hf-model",
-                                       help="HF checkpoint directory (with --megatron-path: its tokenizer)"),
+    hf_checkpoint: Path = typer.Option(
+        TINY_CHECKPOINT,
+        "--hf-checkpoint",
+        "--hf-model",
+        help="HF checkpoint directory (with --megatron-path: its tokenizer)",
+    ),
     megatron_path: Path | None = typer.Option(
-        None, help="greedy decoding straight from this Megatron torch_dist checkpoint (`glm-rl convert import`)"),
+        None, help="greedy decoding straight from this Megatron torch_dist checkpoint (`glm-rl convert import`)"
+    ),
     enable_mtp: bool = typer.Option(False, "--enable-mtp", help="MTP speculative decoding"),
     speculative_num_steps: int = typer.Option(1, help="MTP drafts per verify forward (with --enable-mtp)"),
-    temperature: float | None = typer.Option(None, help="sampling temperature (0 = greedy) [default: 1.0; "
-                                                "greedy with --megatron-path]"),
+    temperature: float | None = typer.Option(
+        None, help="sampling temperature (0 = greedy) [default: 1.0; greedy with --megatron-path]"
+    ),
     top_p: float = typer.Option(1.0),
     top_k: int = typer.Option(-1),
     max_new_tokens: int = typer.Option(32, help="clipped to the model's context"),
@@ -134,29 +174,57 @@ def generate(
 
     if (prompt_file is None) == (not prompt):
         raise ValueError("give the prompts with --prompt TEXT (repeatable) or --prompt-file FILE (one of them)")
-    texts = list(prompt) if prompt else [_prompt_text(line) for line in prompt_file.read_text().splitlines()
-                                         if line.strip()]
+    texts = (
+        list(prompt)
+        if prompt
+        else [_prompt_text(line) for line in prompt_file.read_text().splitlines() if line.strip()]
+    )
     if megatron_path is not None:
-        _generate_megatron(megatron_path, hf_checkpoint, texts, max_new_tokens=max_new_tokens,
-                           chat_template=chat_template, temperature=temperature, enable_mtp=enable_mtp,
-                           as_json=as_json)
+        _generate_megatron(
+            megatron_path,
+            hf_checkpoint,
+            texts,
+            max_new_tokens=max_new_tokens,
+            chat_template=chat_template,
+            temperature=temperature,
+            enable_mtp=enable_mtp,
+            as_json=as_json,
+        )
         return
     temperature = 1.0 if temperature is None else temperature
-    engine = EmbeddedEngine(EngineConfig(hf_checkpoint=str(hf_checkpoint), dtype=dtype, seed=seed,
-                                         enable_mtp=enable_mtp, speculative_num_steps=speculative_num_steps))
+    engine = EmbeddedEngine(
+        EngineConfig(
+            hf_checkpoint=str(hf_checkpoint),
+            dtype=dtype,
+            seed=seed,
+            enable_mtp=enable_mtp,
+            speculative_num_steps=speculative_num_steps,
+        )
+    )
     engine.start()
     try:
         requests = []
         for i, text in enumerate(texts):
-            ids = chat_prompt_ids(engine.tokenizer, text) if chat_template else \
-                engine.tokenizer.encode(text, add_special_tokens=False)
+            ids = (
+                chat_prompt_ids(engine.tokenizer, text)
+                if chat_template
+                else engine.tokenizer.encode(text, add_special_tokens=False)
+            )
             room = engine.max_total_len - len(ids)
             if room < 1:
                 raise ValueError(f"prompt {i + 1}: {len(ids)} tokens fill the context")
-            sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
-                                      max_new_tokens=min(max_new_tokens, room))
-            requests.append(GenerationRequest(rid=f"p{i}", input_ids=tuple(ids), sampling=sampling,
-                                              seed=request_seed(seed, ("generate", i)), return_logprob=True))
+            sampling = SamplingParams(
+                temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=min(max_new_tokens, room)
+            )
+            requests.append(
+                GenerationRequest(
+                    rid=f"p{i}",
+                    input_ids=tuple(ids),
+                    sampling=sampling,
+                    seed=request_seed(seed, ("generate", i)),
+                    return_logprob=True,
+                )
+            )
         t0 = time.perf_counter()
         answers = [f.result() for f in engine.submit(requests)]
         seconds = time.perf_counter() - t0
@@ -165,8 +233,17 @@ def generate(
     _print_generations(texts, answers, seconds, enable_mtp, temperature, as_json)
 
 
-def _generate_megatron(megatron_path: Path, hf_model: Path, texts: list[str], *, max_new_tokens: int,
-                       chat_template: bool, temperature: float | None, enable_mtp: bool, as_json: bool) -> None:
+def _generate_megatron(
+    megatron_path: Path,
+    hf_model: Path,
+    texts: list[str],
+    *,
+    max_new_tokens: int,
+    chat_template: bool,
+    temperature: float | None,
+    enable_mtp: bool,
+    as_json: bool,
+) -> None:
     """`generate --megatron-path`: checks first (cheap), then Megatron's greedy decoding on one CPU rank."""
     import time
 
@@ -179,8 +256,9 @@ def _generate_megatron(megatron_path: Path, hf_model: Path, texts: list[str], *,
         raise ValueError("--megatron-path decodes greedily: drop --temperature / --enable-mtp")
     spec = check_generate(megatron_path, hf_model)
     tokenizer = AutoTokenizer.from_pretrained(str(hf_model))
-    prompts = [chat_prompt_ids(tokenizer, t) if chat_template else tokenizer.encode(t, add_special_tokens=False)
-               for t in texts]
+    prompts = [
+        chat_prompt_ids(tokenizer, t) if chat_template else tokenizer.encode(t, add_special_tokens=False) for t in texts
+    ]
     for i, ids in enumerate(prompts):
         if len(ids) >= spec.max_position_embeddings:
             raise ValueError(f"prompt {i + 1}: {len(ids)} tokens fill the context")
@@ -189,35 +267,56 @@ def _generate_megatron(megatron_path: Path, hf_model: Path, texts: list[str], *,
     t0 = time.perf_counter()
     outs = megatron_generate(megatron_path, prompts, max_new_tokens, eos, in_process=True)
     seconds = time.perf_counter() - t0
-    answers = [{"output_ids": o["output_ids"], "text": tokenizer.decode(o["output_ids"], skip_special_tokens=True),
-                "meta_info": {"output_token_logprobs": [(lp, t, None) for lp, t in zip(o["logprobs"],
-                                                                                          o["output_ids"])],
-                              "finish_reason": {"type": o["finish_reason"]}}}  # the engine's answer shape
-               for o in outs]
+    answers = [
+        {
+            "output_ids": o["output_ids"],
+            "text": tokenizer.decode(o["output_ids"], skip_special_tokens=True),
+            "meta_info": {
+                "output_token_logprobs": [(lp, t, None) for lp, t in zip(o["logprobs"], o["output_ids"])],
+                "finish_reason": {"type": o["finish_reason"]},
+            },
+        }  # the engine's answer shape
+        for o in outs
+    ]
     _print_generations(texts, answers, seconds, False, 0.0, as_json)
 
 
-def _print_generations(texts: list[str], answers: list[dict], seconds: float, enable_mtp: bool,
-                       temperature: float, as_json: bool) -> None:
-    results = [{"prompt": text, "output_ids": a["output_ids"], "text": a["text"],
-                "logprobs": [lp for lp, _, _ in a["meta_info"]["output_token_logprobs"]],
-                "finish_reason": a["meta_info"]["finish_reason"]["type"],
-                **{k: v for k, v in a["meta_info"].items() if k.startswith("spec_")}}
-               for text, a in zip(texts, answers)]
+def _print_generations(
+    texts: list[str], answers: list[dict], seconds: float, enable_mtp: bool, temperature: float, as_json: bool
+) -> None:
+    results = [
+        {
+            "prompt": text,
+            "output_ids": a["output_ids"],
+            "text": a["text"],
+            "logprobs": [lp for lp, _, _ in a["meta_info"]["output_token_logprobs"]],
+            "finish_reason": a["meta_info"]["finish_reason"]["type"],
+            **{k: v for k, v in a["meta_info"].items() if k.startswith("spec_")},
+        }
+        for text, a in zip(texts, answers)
+    ]
     tokens = sum(len(r["output_ids"]) for r in results)
     verify = sum(r.get("spec_verify_ct", 0) for r in results)
-    summary = {"prompts": len(results), "completion_tokens": tokens, "seconds": round(seconds, 4),
-               "tokens_per_s": round(tokens / seconds, 2) if seconds else None, "enable_mtp": enable_mtp,
-               "temperature": temperature, "spec_verify_ct": verify if enable_mtp else None,
-               "spec_accept_length": round(tokens / verify, 4) if verify else None}
+    summary = {
+        "prompts": len(results),
+        "completion_tokens": tokens,
+        "seconds": round(seconds, 4),
+        "tokens_per_s": round(tokens / seconds, 2) if seconds else None,
+        "enable_mtp": enable_mtp,
+        "temperature": temperature,
+        "spec_verify_ct": verify if enable_mtp else None,
+        "spec_accept_length": round(tokens / verify, 4) if verify else None,
+    }
     if as_json:
         typer.echo(json.dumps({"results": results, "summary": summary}))
         return
     for i, r in enumerate(results):
         spec = f", accept length {r['spec_accept_length']:.2f}" if "spec_accept_length" in r else ""
-        typer.echo(f"[{i}] {r['prompt']!r} -> {r['text']!r}  ({len(r['output_ids'])} tokens, "
-                   f"{r['finish_reason']}{spec})\n    tokens {r['output_ids']}\n"
-                   f"    logprobs {[round(x, 4) for x in r['logprobs']]}")
+        typer.echo(
+            f"[{i}] {r['prompt']!r} -> {r['text']!r}  ({len(r['output_ids'])} tokens, "
+            f"{r['finish_reason']}{spec})\n    tokens {r['output_ids']}\n"
+            f"    logprobs {[round(x, 4) for x in r['logprobs']]}"
+        )
     typer.echo(json.dumps(summary))
 
 
@@ -259,12 +358,19 @@ def convert_import(
     """HF checkpoint -> Megatron torch_dist (spawns the layout's ranks on this host; torchrun: see tools/)."""
     from glm_rl.convert import check_import, import_checkpoint
 
-    job = check_import(hf_model, megatron_path, flags=("--hf-model", "--megatron-path"),
-                       model_preset=model_preset, tp=tensor_model_parallel_size,
-                       pp=pipeline_model_parallel_size, cp=context_parallel_size, ep=expert_model_parallel_size,
-                       etp=expert_tensor_parallel_size,
-                       decoder_first_pipeline_num_layers=decoder_first_pipeline_num_layers,
-                       decoder_last_pipeline_num_layers=decoder_last_pipeline_num_layers)
+    job = check_import(
+        hf_model,
+        megatron_path,
+        flags=("--hf-model", "--megatron-path"),
+        model_preset=model_preset,
+        tp=tensor_model_parallel_size,
+        pp=pipeline_model_parallel_size,
+        cp=context_parallel_size,
+        ep=expert_model_parallel_size,
+        etp=expert_tensor_parallel_size,
+        decoder_first_pipeline_num_layers=decoder_first_pipeline_num_layers,
+        decoder_last_pipeline_num_layers=decoder_last_pipeline_num_layers,
+    )
     import_checkpoint(job, in_process=True)  # one rank: this CLI process does the work
     typer.echo(f"wrote torch_dist checkpoint {job.save}")
 
@@ -288,7 +394,8 @@ def recipe(
     ctx: typer.Context,
     name: str = typer.Option(..., "--recipe", help="recipe name, e.g. glm45_tiny_pretrain (see glm_rl/recipes)"),
     pretrained_checkpoint: Path | None = typer.Option(
-        None, help="HF checkpoint dir to start from (finetune; pretrain: continued pretraining)"),
+        None, help="HF checkpoint dir to start from (finetune; pretrain: continued pretraining)"
+    ),
     output_dir: Path | None = typer.Option(None, help="run dir (default: checkpoint.save, else runs/NAME)"),
 ) -> None:
     """Pretrain / SFT / LoRA / DoRA recipe on the Megatron model; extra args are dotted `key=value` overrides

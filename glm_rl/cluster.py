@@ -20,12 +20,12 @@ GB = 10**9
 @dataclass(frozen=True)
 class Hardware:
     name: str
-    gpu_memory_gib: float   # usable HBM per GPU, as the driver reports it
-    gpus_per_node: int      # GPUs behind one host (one Ray node)
+    gpu_memory_gib: float  # usable HBM per GPU, as the driver reports it
+    gpus_per_node: int  # GPUs behind one host (one Ray node)
     host_memory_gib: float  # CPU memory of one node (CPU Adam and offloaded weights live here)
-    nic_bytes_s: float      # scale-out NIC per GPU (RDMA), one direction
-    nvlink_bytes_s: float   # NVLink per GPU, one direction
-    hbm_bytes_s: float      # device memory bandwidth (a local copy moves each byte twice)
+    nic_bytes_s: float  # scale-out NIC per GPU (RDMA), one direction
+    nvlink_bytes_s: float  # NVLink per GPU, one direction
+    hbm_bytes_s: float  # device memory bandwidth (a local copy moves each byte twice)
 
 
 # H100 SXM: 81559 MiB seen on this project's GPU box; DGX H100: 8 x ConnectX-7 400 Gb/s (one per GPU), NVLink 4
@@ -86,6 +86,8 @@ def uniform_slots(hosts: list[Host], path: str | Path = "hostfile") -> int:
     """GPUs per node when every host has the same count (Megatron layouts assume equal nodes)."""
     counts = {h.slots for h in hosts}
     if len(counts) != 1:
-        raise ValueError(f"--hostfile {path}: hosts have different slot counts {sorted(counts)}; "
-                         "glm-rl needs the same number of GPUs on every node")
+        raise ValueError(
+            f"--hostfile {path}: hosts have different slot counts {sorted(counts)}; "
+            "glm-rl needs the same number of GPUs on every node"
+        )
     return counts.pop()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -40,7 +39,6 @@ from glm_rl.models.glm45.checkpoint import CheckpointError, check_matches_preset
 from glm_rl.models.glm45.hf_names import ConvertError, fuse, has_mtp_layer, unfuse
 from glm_rl.models.glm45.presets import ModelSpec
 from glm_rl.parallel import ParallelLayout, check_layout
-
 
 # -- HF files ↔ the bridge's (state_dict) names ---------------------------------------------------------------
 
@@ -110,9 +108,16 @@ def default_world_size(tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1, etp: 
     return tp * pp * cp * dp
 
 
-def check_import(hf_checkpoint: str | Path, save: str | Path, *, model_preset: str | None = None,
-                 world_size: int | None = None, progress: bool = True,
-                 flags: tuple[str, str] = ("--hf-checkpoint", "--save"), **sizes) -> ImportJob:
+def check_import(
+    hf_checkpoint: str | Path,
+    save: str | Path,
+    *,
+    model_preset: str | None = None,
+    world_size: int | None = None,
+    progress: bool = True,
+    flags: tuple[str, str] = ("--hf-checkpoint", "--save"),
+    **sizes,
+) -> ImportJob:
     """Validate an import; `sizes`: tp, pp, cp, ep, etp, decoder_first/last_pipeline_num_layers (None = 1 /
     unset). `world_size` defaults to WORLD_SIZE (torchrun) or the fewest ranks that hold the layout.
     `flags`: how the caller names the two directories, for the messages."""
@@ -130,15 +135,21 @@ def check_import(hf_checkpoint: str | Path, save: str | Path, *, model_preset: s
     return ImportJob(hf_checkpoint, save, layout, spec, progress)
 
 
-def check_export(load: str | Path, hf_checkpoint: str | Path, save: str | Path, progress: bool = True,
-                 flags: tuple[str, str] = ("--hf-checkpoint", "--save")) -> ExportJob:
+def check_export(
+    load: str | Path,
+    hf_checkpoint: str | Path,
+    save: str | Path,
+    progress: bool = True,
+    flags: tuple[str, str] = ("--hf-checkpoint", "--save"),
+) -> ExportJob:
     """Validate an export: a glm_rl torch_dist checkpoint whose architecture equals the template's."""
     load, hf_checkpoint, save = Path(load), Path(hf_checkpoint), Path(save)
     _check_pair(load, hf_checkpoint, flags[0])
     _weight_files(hf_checkpoint)
     if int(os.environ.get("WORLD_SIZE", 1)) != 1:
-        raise ConvertError("export runs on one process (the torch_dist checkpoint loads at any layout): "
-                           "run it without torchrun")
+        raise ConvertError(
+            "export runs on one process (the torch_dist checkpoint loads at any layout): run it without torchrun"
+        )
     _check_output(save, flags[1])
     return ExportJob(load, hf_checkpoint, save, progress)
 
@@ -169,8 +180,11 @@ class _Status:
             print(f"[{self.title}] {self.done}/{self.total} {what} ...", file=sys.stderr, flush=True)
         yield
         if self.enabled:
-            print(f"[{self.title}] {self.done}/{self.total} {what}: done in {time.perf_counter() - t0:.1f} s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{self.title}] {self.done}/{self.total} {what}: done in {time.perf_counter() - t0:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 # What spawned ranks start with: CPU only and TorchDynamo off (megatron's torch.compile'd fusions cost ~17 s
@@ -225,9 +239,15 @@ def _megatron(rank: int, world: int, init_method: str, layout: ParallelLayout):
 def _build(spec: ModelSpec, layout: ParallelLayout, dtype: torch.dtype, mtp: bool):
     from glm_rl.trainer.backends.megatron.model import build_gpt_model
 
-    return build_gpt_model(spec, tp=layout.tp, ep=layout.ep, params_dtype=dtype, mtp=mtp,
-                           first_stage_layers=layout.decoder_first_pipeline_num_layers,
-                           last_stage_layers=layout.decoder_last_pipeline_num_layers).eval()
+    return build_gpt_model(
+        spec,
+        tp=layout.tp,
+        ep=layout.ep,
+        params_dtype=dtype,
+        mtp=mtp,
+        first_stage_layers=layout.decoder_first_pipeline_num_layers,
+        last_stage_layers=layout.decoder_last_pipeline_num_layers,
+    ).eval()
 
 
 @contextmanager
@@ -265,8 +285,12 @@ def import_worker(rank: int, world: int, init_method: str, job: ImportJob) -> No
             import_hf_weights(model, job.spec, state)
         with status(f"save torch_dist to {job.save}"), _atomic_dir(job.save, rank) as partial:
             config = json.loads((job.hf_checkpoint / "config.json").read_text())
-            meta = {"hf_config": config, "written_with": dataclasses.asdict(job.layout), "mtp": mtp,
-                    "dtype": str(dtype).removeprefix("torch.")}
+            meta = {
+                "hf_config": config,
+                "written_with": dataclasses.asdict(job.layout),
+                "mtp": mtp,
+                "dtype": str(dtype).removeprefix("torch."),
+            }
             save_model(model, partial, meta)
 
 
@@ -287,8 +311,9 @@ def export_worker(rank: int, world: int, init_method: str, job: ExportJob) -> No
             write_like_template(state, spec, job.hf_checkpoint, partial, job.progress)
 
 
-def write_like_template(state: dict[str, torch.Tensor], spec: ModelSpec, template: Path, out: Path,
-                        progress: bool) -> None:
+def write_like_template(
+    state: dict[str, torch.Tensor], spec: ModelSpec, template: Path, out: Path, progress: bool
+) -> None:
     """Safetensors shards named and laid out as the template's (its dtype per tensor), plus its other files."""
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -298,21 +323,31 @@ def write_like_template(state: dict[str, torch.Tensor], spec: ModelSpec, templat
     tensors = unfuse(state, spec, set(where))
     missing, extra = sorted(set(where) - set(tensors)), sorted(set(tensors) - set(where))
     if missing or extra:
-        raise ConvertError(f"exported tensors do not match the template {template}: missing {missing[:5]}, "
-                           f"not in the template {extra[:5]}")
+        raise ConvertError(
+            f"exported tensors do not match the template {template}: missing {missing[:5]}, "
+            f"not in the template {extra[:5]}"
+        )
     for file in tqdm(sorted(set(where.values())), desc="write", unit="file", disable=not progress):
         with safe_open(template / file, framework="pt") as f:
             names = list(f.keys())
             dtypes = {n: f.get_slice(n).get_dtype() for n in names}
-        save_file({n: tensors[n].to(_DTYPES[dtypes[n]]).contiguous() for n in names}, out / file,
-                  metadata={"format": "pt"})
+        save_file(
+            {n: tensors[n].to(_DTYPES[dtypes[n]]).contiguous() for n in names}, out / file, metadata={"format": "pt"}
+        )
     for item in template.iterdir():
         if item.is_file() and item.suffix != ".safetensors":
             shutil.copy2(item, out / item.name)
 
 
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-           "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32}
+_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "I64": torch.int64,
+    "I32": torch.int32,
+}
 
 
 def _layout_text(lo: ParallelLayout) -> str:
@@ -349,14 +384,14 @@ def greedy(model, spec: ModelSpec, prompt: list[int], max_new_tokens: int, eos: 
     ids, logprobs, finish = list(prompt), [], "length"
     for _ in range(min(max_new_tokens, spec.max_position_embeddings - len(prompt))):
         x = torch.tensor([ids])  # (1, T)
-        logits = model(x, torch.arange(len(ids))[None], attention_mask=None)[0, -1, :spec.vocab_size].float()
+        logits = model(x, torch.arange(len(ids))[None], attention_mask=None)[0, -1, : spec.vocab_size].float()
         token = int(logits.argmax())
         ids.append(token)
         logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
         if token in eos:
             finish = "stop"
             break
-    return {"output_ids": ids[len(prompt):], "logprobs": logprobs, "finish_reason": finish}
+    return {"output_ids": ids[len(prompt) :], "logprobs": logprobs, "finish_reason": finish}
 
 
 def generate_worker(rank: int, world: int, init_method: str, job: GenerateJob) -> None:
@@ -371,11 +406,21 @@ def generate_worker(rank: int, world: int, init_method: str, job: GenerateJob) -
     torch.save(out, job.result)
 
 
-def megatron_generate(megatron_path: str | Path, prompts: list[list[int]], max_new_tokens: int,
-                      eos_token_ids: list[int], in_process: bool = False) -> list[dict]:
+def megatron_generate(
+    megatron_path: str | Path,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_token_ids: list[int],
+    in_process: bool = False,
+) -> list[dict]:
     """Greedy continuations of `prompts` by the torch_dist checkpoint's model (one CPU rank, TP1)."""
     with tempfile.TemporaryDirectory(prefix="glm_rl_generate_") as tmp:
-        job = GenerateJob(Path(megatron_path), tuple(map(tuple, prompts)), max_new_tokens, tuple(eos_token_ids),
-                          Path(tmp) / "result.pt")
+        job = GenerateJob(
+            Path(megatron_path),
+            tuple(map(tuple, prompts)),
+            max_new_tokens,
+            tuple(eos_token_ids),
+            Path(tmp) / "result.pt",
+        )
         run(generate_worker, 1, job, in_process=in_process)
         return torch.load(job.result)

@@ -41,9 +41,16 @@ AUTH_MODES = ("token", "disabled")
 # option) nor anything a shell interprets. launchers/lib/common.sh applies the same rule.
 HOST_RE = re.compile(r"[A-Za-z0-9_:][A-Za-z0-9_.:-]{0,252}")
 # Variables every Ray worker gets (runtime env): NCCL's RDMA settings and Ray's own.
-RUNTIME_ENV = {"NCCL_CUMEM_ENABLE": "0", "NCCL_NVLS_ENABLE": "0", "NCCL_IB_TIMEOUT": "22",
-               "NCCL_DEBUG": "WARN", "TORCH_NCCL_AVOID_RECORD_STREAMS": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1",
-               "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
+RUNTIME_ENV = {
+    "NCCL_CUMEM_ENABLE": "0",
+    "NCCL_NVLS_ENABLE": "0",
+    "NCCL_IB_TIMEOUT": "22",
+    "NCCL_DEBUG": "WARN",
+    "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",
+    "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+    "RAY_DEDUP_LOGS": "0",
+    "PYTHONUNBUFFERED": "1",
+}
 
 
 class LaunchError(ValueError):
@@ -53,12 +60,13 @@ class LaunchError(ValueError):
 @dataclass(frozen=True)
 class Recipe:
     """One model's table: layouts by node count, rollout sizing per hardware, and the fixed flags."""
+
     preset: str
-    hf_name: str                                         # directory name under --work-dir
-    layout_for_gpus: Callable[[int], ParallelLayout]     # by GPU count; DP derived later
-    gpus_per_engine: dict[str, int]                      # hardware -> SGLang engine size
-    mem_fraction: dict[str, float]                       # hardware -> --sglang-mem-fraction-static
-    max_tokens_per_gpu: dict[str, int]                   # hardware -> trainer micro-batch tokens
+    hf_name: str  # directory name under --work-dir
+    layout_for_gpus: Callable[[int], ParallelLayout]  # by GPU count; DP derived later
+    gpus_per_engine: dict[str, int]  # hardware -> SGLang engine size
+    mem_fraction: dict[str, float]  # hardware -> --sglang-mem-fraction-static
+    max_tokens_per_gpu: dict[str, int]  # hardware -> trainer micro-batch tokens
     train_flags: tuple[str, ...] = field(default=())
 
 
@@ -74,7 +82,7 @@ class Options:
     work_dir: str = "runs"
     prompt_data: str = "data/prompts.jsonl"
     hostfile: str | None = None
-    head: str | None = None       # head address without a hostfile (single node)
+    head: str | None = None  # head address without a hostfile (single node)
     remote_shell: str = "ssh"
     ray_auth_mode: str = "token"  # RAY_AUTH_MODE on every node: token or disabled
     dry_run: bool = False
@@ -87,38 +95,102 @@ def _layout_355b(gpus: int) -> ParallelLayout:
     10 + 6 x 12 + 10."""
     if gpus <= 32:
         return ParallelLayout(tp=4, pp=1, cp=1, ep=4, etp=1, sequence_parallel=True)
-    return ParallelLayout(tp=4, pp=8, cp=2, ep=8, etp=1, sequence_parallel=True,
-                          decoder_first_pipeline_num_layers=10, decoder_last_pipeline_num_layers=10)
+    return ParallelLayout(
+        tp=4,
+        pp=8,
+        cp=2,
+        ep=8,
+        etp=1,
+        sequence_parallel=True,
+        decoder_first_pipeline_num_layers=10,
+        decoder_last_pipeline_num_layers=10,
+    )
 
 
 def _layout_air(gpus: int) -> ParallelLayout:
     """TP1 PP4 (46 layers as 11 + 12 + 12 + 11), EP4 up to 16 GPUs, EP8 from 32 (DP grows with the GPUs)."""
-    return ParallelLayout(tp=1, pp=4, cp=1, ep=4 if gpus <= 16 else 8, etp=1,
-                          decoder_first_pipeline_num_layers=11, decoder_last_pipeline_num_layers=11)
+    return ParallelLayout(
+        tp=1,
+        pp=4,
+        cp=1,
+        ep=4 if gpus <= 16 else 8,
+        etp=1,
+        decoder_first_pipeline_num_layers=11,
+        decoder_last_pipeline_num_layers=11,
+    )
 
 
 # Colocated, but weights move with p2p: config.py keeps the CUDA-IPC `tensor` path for the torch backend only.
-_COMMON = ("--dtype", "bfloat16", "--use-tis", "--use-rollout-routing-replay", "--recompute-granularity", "full",
-           "--recompute-method", "uniform", "--recompute-num-layers", "1", "--optimizer-cpu-offload", "--colocate",
-           "--update-weight-transfer-mode", "p2p", "--rollout-engine", "sglang", "--kl-loss-coef", "0.0",
-           "--num-rollout", "3000", "--save-interval", "20")
+_COMMON = (
+    "--dtype",
+    "bfloat16",
+    "--use-tis",
+    "--use-rollout-routing-replay",
+    "--recompute-granularity",
+    "full",
+    "--recompute-method",
+    "uniform",
+    "--recompute-num-layers",
+    "1",
+    "--optimizer-cpu-offload",
+    "--colocate",
+    "--update-weight-transfer-mode",
+    "p2p",
+    "--rollout-engine",
+    "sglang",
+    "--kl-loss-coef",
+    "0.0",
+    "--num-rollout",
+    "3000",
+    "--save-interval",
+    "20",
+)
 PROMPT_LEN, MAX_RESPONSE_LEN = 2048, 8192
 
 GLM45_355B = Recipe(
-    preset="glm45-355b-a32b", hf_name="GLM-4.5", layout_for_gpus=_layout_355b,
+    preset="glm45-355b-a32b",
+    hf_name="GLM-4.5",
+    layout_for_gpus=_layout_355b,
     gpus_per_engine={"H100": 32, "H200": 16, "B200": 16, "GB200": 16},
     mem_fraction={"H100": 0.7, "H200": 0.7, "B200": 0.75, "GB200": 0.75},
     max_tokens_per_gpu={"H100": 16384, "H200": 16384, "B200": 16384, "GB200": 16384},
-    train_flags=_COMMON + ("--moe-token-dispatcher-type", "flex", "--moe-enable-deepep", "--rollout-batch-size",
-                           "64", "--n-samples-per-prompt", "8", "--global-batch-size", "512", "--lr", "1e-6"))
+    train_flags=_COMMON
+    + (
+        "--moe-token-dispatcher-type",
+        "flex",
+        "--moe-enable-deepep",
+        "--rollout-batch-size",
+        "64",
+        "--n-samples-per-prompt",
+        "8",
+        "--global-batch-size",
+        "512",
+        "--lr",
+        "1e-6",
+    ),
+)
 
 GLM45_AIR = Recipe(
-    preset="glm45-air-106b-a12b", hf_name="GLM-4.5-Air", layout_for_gpus=_layout_air,
+    preset="glm45-air-106b-a12b",
+    hf_name="GLM-4.5-Air",
+    layout_for_gpus=_layout_air,
     gpus_per_engine={"H100": 8, "H200": 8, "B200": 4, "GB200": 4},
     mem_fraction={"H100": 0.7, "H200": 0.75, "B200": 0.75, "GB200": 0.75},
     max_tokens_per_gpu={"H100": 8192, "H200": 16384, "B200": 16384, "GB200": 16384},
-    train_flags=_COMMON + ("--moe-token-dispatcher-type", "alltoall", "--rollout-batch-size", "32",
-                           "--n-samples-per-prompt", "8", "--global-batch-size", "256", "--lr", "1e-6"))
+    train_flags=_COMMON
+    + (
+        "--moe-token-dispatcher-type",
+        "alltoall",
+        "--rollout-batch-size",
+        "32",
+        "--n-samples-per-prompt",
+        "8",
+        "--global-batch-size",
+        "256",
+        "--lr",
+        "1e-6",
+    ),
+)
 
 
 # -- steps ----------------------------------------------------------------------------------------------------
@@ -129,8 +201,9 @@ def cluster(opts: Options) -> tuple[list[Host], int]:
         check_host_names(opts.hostfile)
         hosts = parse_hostfile(opts.hostfile)
         if len(hosts) != opts.num_nodes:
-            raise LaunchError(f"--hostfile {opts.hostfile} lists {len(hosts)} hosts but --num-nodes is "
-                              f"{opts.num_nodes}")
+            raise LaunchError(
+                f"--hostfile {opts.hostfile} lists {len(hosts)} hosts but --num-nodes is {opts.num_nodes}"
+            )
         return hosts, uniform_slots(hosts, opts.hostfile)
     if opts.num_nodes > 1:
         raise LaunchError(f"--num-nodes {opts.num_nodes} needs --hostfile (which hosts to start Ray on)")
@@ -145,8 +218,10 @@ def check_host_names(path: str) -> None:
     for number, raw in enumerate(Path(path).read_text().splitlines(), 1):
         words = raw.split("#", 1)[0].split()
         if words and not HOST_RE.fullmatch(words[0]):
-            raise LaunchError(f"hostfile {path}:{number}: '{words[0]}' is not a host name or IP address "
-                              "(letters, digits, '.', '-', ':', '_'; not starting with '-')")
+            raise LaunchError(
+                f"hostfile {path}:{number}: '{words[0]}' is not a host name or IP address "
+                "(letters, digits, '.', '-', ':', '_'; not starting with '-')"
+            )
 
 
 def check_recipe(recipe: Recipe, opts: Options, gpus_per_node: int) -> tuple[ParallelLayout, PlanInput]:
@@ -159,14 +234,23 @@ def check_recipe(recipe: Recipe, opts: Options, gpus_per_node: int) -> tuple[Par
         raise LaunchError(f"--ray-auth-mode / RAY_AUTH_MODE {opts.ray_auth_mode!r}: expected token or disabled")
     hw = get_hardware(opts.hardware)
     layout = recipe.layout_for_gpus(opts.num_nodes * gpus_per_node)
-    inp = PlanInput(spec=get_preset(recipe.preset), hardware=hw, num_nodes=opts.num_nodes,
-                    gpus_per_node=gpus_per_node, layout=layout, max_tokens_per_gpu=recipe.max_tokens_per_gpu[hw.name],
-                    recompute_granularity="full", optimizer_cpu_offload=True, enable_mtp_training=opts.enable_mtp,
-                    colocate=True, rollout_num_gpus_per_engine=recipe.gpus_per_engine[hw.name],
-                    enable_mtp=opts.enable_mtp, mem_fraction_static=recipe.mem_fraction[hw.name],
-                    update_weight_transfer_mode="p2p")
-    where = (f"{recipe.preset} on --num-nodes {opts.num_nodes} x {gpus_per_node} {hw.name} "
-             f"(layout {_describe(layout)})")
+    inp = PlanInput(
+        spec=get_preset(recipe.preset),
+        hardware=hw,
+        num_nodes=opts.num_nodes,
+        gpus_per_node=gpus_per_node,
+        layout=layout,
+        max_tokens_per_gpu=recipe.max_tokens_per_gpu[hw.name],
+        recompute_granularity="full",
+        optimizer_cpu_offload=True,
+        enable_mtp_training=opts.enable_mtp,
+        colocate=True,
+        rollout_num_gpus_per_engine=recipe.gpus_per_engine[hw.name],
+        enable_mtp=opts.enable_mtp,
+        mem_fraction_static=recipe.mem_fraction[hw.name],
+        update_weight_transfer_mode="p2p",
+    )
+    where = f"{recipe.preset} on --num-nodes {opts.num_nodes} x {gpus_per_node} {hw.name} (layout {_describe(layout)})"
     try:
         plan = make_plan(inp, with_sync=False)
     except (PlanError, LayoutError) as e:
@@ -177,33 +261,62 @@ def check_recipe(recipe: Recipe, opts: Options, gpus_per_node: int) -> tuple[Par
     return ParallelLayout.for_world_size(world, **{k: getattr(layout, k) for k in _LAYOUT_FIELDS}), inp
 
 
-_LAYOUT_FIELDS = ("tp", "pp", "cp", "ep", "etp", "sequence_parallel", "decoder_first_pipeline_num_layers",
-                  "decoder_last_pipeline_num_layers")
+_LAYOUT_FIELDS = (
+    "tp",
+    "pp",
+    "cp",
+    "ep",
+    "etp",
+    "sequence_parallel",
+    "decoder_first_pipeline_num_layers",
+    "decoder_last_pipeline_num_layers",
+)
 
 
 def _describe(lo: ParallelLayout) -> str:
-    ends = (f", first/last stage {lo.decoder_first_pipeline_num_layers}/{lo.decoder_last_pipeline_num_layers} "
-            "layers" if lo.decoder_first_pipeline_num_layers else "")
+    ends = (
+        f", first/last stage {lo.decoder_first_pipeline_num_layers}/{lo.decoder_last_pipeline_num_layers} layers"
+        if lo.decoder_first_pipeline_num_layers
+        else ""
+    )
     return f"TP{lo.tp} PP{lo.pp} CP{lo.cp} EP{lo.ep} ETP{lo.etp}{' SP' if lo.sequence_parallel else ''}{ends}"
 
 
 def paths(recipe: Recipe, opts: Options) -> dict[str, str]:
     work = opts.work_dir.rstrip("/")
-    return {"hf": opts.hf_checkpoint or f"models/{recipe.hf_name}", "fp8": f"{work}/{recipe.hf_name}-FP8",
-            "torch_dist": f"{work}/{recipe.hf_name}_torch_dist",
-            "save": f"{work}/{recipe.hf_name}_rl", "output": f"{work}/outputs/{recipe.preset}"}
+    return {
+        "hf": opts.hf_checkpoint or f"models/{recipe.hf_name}",
+        "fp8": f"{work}/{recipe.hf_name}-FP8",
+        "torch_dist": f"{work}/{recipe.hf_name}_torch_dist",
+        "save": f"{work}/{recipe.hf_name}_rl",
+        "output": f"{work}/outputs/{recipe.preset}",
+    }
 
 
-def prepare_commands(recipe: Recipe, opts: Options, gpus_per_node: int,
-                     exists: Callable[[str], bool] = lambda p: Path(p).exists()) -> list[list[str]]:
+def prepare_commands(
+    recipe: Recipe, opts: Options, gpus_per_node: int, exists: Callable[[str], bool] = lambda p: Path(p).exists()
+) -> list[list[str]]:
     """Checkpoint conversions still to do (a step whose output directory exists is skipped)."""
     p, cmds = paths(recipe, opts), []
     if opts.rollout_fp8 and not exists(p["fp8"]):
         cmds.append(["python", "tools/convert_hf_to_fp8.py", "--hf-checkpoint", p["hf"], "--save", p["fp8"]])
     if not exists(p["torch_dist"]):
-        cmds.append(["torchrun", "--nproc-per-node", str(gpus_per_node), "tools/convert_hf_to_torch_dist.py",
-                     "--hf-checkpoint", p["hf"], "--save", p["torch_dist"], "--model-preset",
-                     recipe.preset, "--expert-model-parallel-size", str(gpus_per_node)])
+        cmds.append(
+            [
+                "torchrun",
+                "--nproc-per-node",
+                str(gpus_per_node),
+                "tools/convert_hf_to_torch_dist.py",
+                "--hf-checkpoint",
+                p["hf"],
+                "--save",
+                p["torch_dist"],
+                "--model-preset",
+                recipe.preset,
+                "--expert-model-parallel-size",
+                str(gpus_per_node),
+            ]
+        )
     return cmds
 
 
@@ -221,17 +334,46 @@ def remote_command(remote_shell: str, host: str, argv: list[str], auth_mode: str
     return [*shlex.split(remote_shell), "--", host, *remote_words(argv, auth_mode)]
 
 
-def ray_commands(hosts: list[Host], gpus_per_node: int, remote_shell: str = "ssh",
-                 auth_mode: str = "token") -> list[list[str]]:
+def ray_commands(
+    hosts: list[Host], gpus_per_node: int, remote_shell: str = "ssh", auth_mode: str = "token"
+) -> list[list[str]]:
     """Ray head here (run the launcher on the hostfile's first host), workers over the remote shell."""
     head = hosts[0].name
-    cmds = [["env", f"RAY_AUTH_MODE={auth_mode}", "ray", "start", "--head", "--port", str(RAY_PORT), "--num-gpus",
-             str(gpus_per_node), "--dashboard-host", "0.0.0.0", "--dashboard-port", str(DASHBOARD_PORT),
-             "--disable-usage-stats"]]
+    cmds = [
+        [
+            "env",
+            f"RAY_AUTH_MODE={auth_mode}",
+            "ray",
+            "start",
+            "--head",
+            "--port",
+            str(RAY_PORT),
+            "--num-gpus",
+            str(gpus_per_node),
+            "--dashboard-host",
+            "0.0.0.0",
+            "--dashboard-port",
+            str(DASHBOARD_PORT),
+            "--disable-usage-stats",
+        ]
+    ]
     for h in hosts[1:]:
-        cmds.append(remote_command(remote_shell, h.name, ["ray", "start", "--address", f"{head}:{RAY_PORT}",
-                                                          "--num-gpus", str(gpus_per_node), "--disable-usage-stats"],
-                                   auth_mode))
+        cmds.append(
+            remote_command(
+                remote_shell,
+                h.name,
+                [
+                    "ray",
+                    "start",
+                    "--address",
+                    f"{head}:{RAY_PORT}",
+                    "--num-gpus",
+                    str(gpus_per_node),
+                    "--disable-usage-stats",
+                ],
+                auth_mode,
+            )
+        )
     return cmds
 
 
@@ -240,25 +382,61 @@ def train_args(recipe: Recipe, opts: Options, layout: ParallelLayout, inp: PlanI
     p, hw = paths(recipe, opts), inp.hardware.name
     world = inp.num_nodes * inp.gpus_per_node
     engines = world // inp.rollout_num_gpus_per_engine
-    args = ["--backend", "megatron", "--hf-checkpoint", p["hf"], "--model-preset", recipe.preset,
-            "--ref-load", p["torch_dist"], "--load", p["torch_dist"], "--save", p["save"],
-            "--output-dir", p["output"], "--prompt-data", opts.prompt_data, "--num-trainer-ranks", str(world),
-            *layout.megatron_args(), "--max-tokens-per-gpu", str(inp.max_tokens_per_gpu),
-            "--rollout-max-prompt-len", str(PROMPT_LEN),
-            "--rollout-max-response-len", str(min(MAX_RESPONSE_LEN, inp.max_tokens_per_gpu - PROMPT_LEN)),
-            "--advantage-estimator", opts.algorithm]
+    args = [
+        "--backend",
+        "megatron",
+        "--hf-checkpoint",
+        p["hf"],
+        "--model-preset",
+        recipe.preset,
+        "--ref-load",
+        p["torch_dist"],
+        "--load",
+        p["torch_dist"],
+        "--save",
+        p["save"],
+        "--output-dir",
+        p["output"],
+        "--prompt-data",
+        opts.prompt_data,
+        "--num-trainer-ranks",
+        str(world),
+        *layout.megatron_args(),
+        "--max-tokens-per-gpu",
+        str(inp.max_tokens_per_gpu),
+        "--rollout-max-prompt-len",
+        str(PROMPT_LEN),
+        "--rollout-max-response-len",
+        str(min(MAX_RESPONSE_LEN, inp.max_tokens_per_gpu - PROMPT_LEN)),
+        "--advantage-estimator",
+        opts.algorithm,
+    ]
     if opts.algorithm == "gspo":  # GSPO's sequence-level ratio needs a much tighter clip
         args += ["--eps-clip", "1e-4", "--eps-clip-high", "2e-4"]
     else:
         args += ["--eps-clip", "0.2", "--eps-clip-high", "0.28"]
     args += list(recipe.train_flags)
-    args += ["--num-engines", str(engines), "--rollout-num-gpus-per-engine", str(inp.rollout_num_gpus_per_engine),
-             "--sglang-mem-fraction-static", str(recipe.mem_fraction[hw]), "--ray-address", f"{head}:{RAY_PORT}"]
+    args += [
+        "--num-engines",
+        str(engines),
+        "--rollout-num-gpus-per-engine",
+        str(inp.rollout_num_gpus_per_engine),
+        "--sglang-mem-fraction-static",
+        str(recipe.mem_fraction[hw]),
+        "--ray-address",
+        f"{head}:{RAY_PORT}",
+    ]
     if opts.enable_mis:
         args += ["--enable-mis"]
     if opts.enable_mtp:
-        args += ["--enable-mtp", "--speculative-num-steps", "2", "--enable-mtp-training",
-                 "--mtp-loss-scaling-factor", "0.2"]
+        args += [
+            "--enable-mtp",
+            "--speculative-num-steps",
+            "2",
+            "--enable-mtp-training",
+            "--mtp-loss-scaling-factor",
+            "0.2",
+        ]
     if opts.rollout_fp8:  # engines start from the FP8 copy; syncs send FP8 blocks
         args += ["--rollout-fp8", "--sglang-model-path", p["fp8"]]
     return args
@@ -266,19 +444,35 @@ def train_args(recipe: Recipe, opts: Options, layout: ParallelLayout, inp: PlanI
 
 def submit_command(head: str, args: list[str], auth_mode: str = "token") -> list[str]:
     env = {"env_vars": RUNTIME_ENV}
-    return ["env", f"RAY_AUTH_MODE={auth_mode}", "ray", "job", "submit", "--address", f"http://{head}:{DASHBOARD_PORT}",
-            "--runtime-env-json", json.dumps(env, sort_keys=True), "--", "glm-rl", "train", *args]
+    return [
+        "env",
+        f"RAY_AUTH_MODE={auth_mode}",
+        "ray",
+        "job",
+        "submit",
+        "--address",
+        f"http://{head}:{DASHBOARD_PORT}",
+        "--runtime-env-json",
+        json.dumps(env, sort_keys=True),
+        "--",
+        "glm-rl",
+        "train",
+        *args,
+    ]
 
 
-def commands(recipe: Recipe, opts: Options,
-             exists: Callable[[str], bool] = lambda p: Path(p).exists()) -> list[list[str]]:
+def commands(
+    recipe: Recipe, opts: Options, exists: Callable[[str], bool] = lambda p: Path(p).exists()
+) -> list[list[str]]:
     """Every command of the run, in order (validation first: a refused run builds none)."""
     hosts, per_node = cluster(opts)
     layout, inp = check_recipe(recipe, opts, per_node)
     head = hosts[0].name
-    return (prepare_commands(recipe, opts, per_node, exists)
-            + ray_commands(hosts, per_node, opts.remote_shell, opts.ray_auth_mode)
-            + [submit_command(head, train_args(recipe, opts, layout, inp, head), opts.ray_auth_mode)])
+    return (
+        prepare_commands(recipe, opts, per_node, exists)
+        + ray_commands(hosts, per_node, opts.remote_shell, opts.ray_auth_mode)
+        + [submit_command(head, train_args(recipe, opts, layout, inp, head), opts.ray_auth_mode)]
+    )
 
 
 # -- running --------------------------------------------------------------------------------------------------
@@ -311,8 +505,10 @@ def auth_token(auth_mode: str) -> str | None:
         path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
         token = path.read_text().strip() if path.is_file() else ""
         if not token:
-            raise LaunchError(f"RAY_AUTH_MODE=token but no token at {path}: run `ray get-auth-token --generate` "
-                              "(or pass --ray-auth-mode disabled on a trusted network)")
+            raise LaunchError(
+                f"RAY_AUTH_MODE=token but no token at {path}: run `ray get-auth-token --generate` "
+                "(or pass --ray-auth-mode disabled on a trusted network)"
+            )
     if len(token.split()) != 1:
         raise LaunchError("the Ray auth token is not one word (one line, no spaces)")
     return token
@@ -332,7 +528,7 @@ def run(recipe: Recipe, opts: Options) -> None:
         print(f"[{i}/{len(cmds)}] {shlex.join(cmd)}", flush=True)
         if cmd[2:5] == ["ray", "job", "submit"]:
             wait_for_nodes(f"{hosts[0].name}:{RAY_PORT}", len(hosts))
-        stdin = f"{token}\n" if token and cmd[:len(remote)] == remote else None  # for remote_words' `read`
+        stdin = f"{token}\n" if token and cmd[: len(remote)] == remote else None  # for remote_words' `read`
         subprocess.run(cmd, check=True, input=stdin, text=True)
 
 
@@ -341,24 +537,38 @@ def make_app(recipe: Recipe) -> typer.Typer:
     app = typer.Typer(add_completion=False, help=f"Launch RL training of {recipe.preset} on a Ray cluster.")
 
     @app.command()
-    def main(num_nodes: int = typer.Option(..., help="nodes (8 GPUs each; GB200: 4)"),
-             hardware: str = typer.Option("H100", help=f"{', '.join(HARDWARE)}"),
-             enable_mtp: bool = typer.Option(False, "--enable-mtp", help="MTP speculative rollout + MTP training"),
-             enable_mis: bool = typer.Option(False, "--enable-mis", help="masked importance sampling"),
-             rollout_fp8: bool = typer.Option(False, "--rollout-fp8", help="FP8 rollout (converts once)"),
-             algorithm: str = typer.Option("gspo", help="gspo or grpo"),
-             hf_checkpoint: str | None = typer.Option(None, help=f"HF checkpoint (default models/{recipe.hf_name})"),
-             work_dir: str = typer.Option("runs", help="converted checkpoints, saves and outputs go here"),
-             prompt_data: str = typer.Option("data/prompts.jsonl", help="JSONL prompts"),
-             hostfile: str | None = typer.Option(None, help="MPI hostfile (`host slots=N`); first host = head"),
-             remote_shell: str = typer.Option("ssh", help="runs a command on a host, as REMOTE_SHELL -- HOST LINE"),
-             ray_auth_mode: str = typer.Option("token", envvar="RAY_AUTH_MODE",
-                                               help="token (this host's token goes to every node) or disabled"),
-             dry_run: bool = typer.Option(False, "--dry-run", help="print every command, run none")) -> None:
-        opts = Options(num_nodes=num_nodes, hardware=hardware, enable_mtp=enable_mtp, enable_mis=enable_mis,
-                       rollout_fp8=rollout_fp8, algorithm=algorithm, hf_checkpoint=hf_checkpoint,
-                       work_dir=work_dir, prompt_data=prompt_data, hostfile=hostfile, remote_shell=remote_shell,
-                       ray_auth_mode=ray_auth_mode, dry_run=dry_run)
+    def main(
+        num_nodes: int = typer.Option(..., help="nodes (8 GPUs each; GB200: 4)"),
+        hardware: str = typer.Option("H100", help=f"{', '.join(HARDWARE)}"),
+        enable_mtp: bool = typer.Option(False, "--enable-mtp", help="MTP speculative rollout + MTP training"),
+        enable_mis: bool = typer.Option(False, "--enable-mis", help="masked importance sampling"),
+        rollout_fp8: bool = typer.Option(False, "--rollout-fp8", help="FP8 rollout (converts once)"),
+        algorithm: str = typer.Option("gspo", help="gspo or grpo"),
+        hf_checkpoint: str | None = typer.Option(None, help=f"HF checkpoint (default models/{recipe.hf_name})"),
+        work_dir: str = typer.Option("runs", help="converted checkpoints, saves and outputs go here"),
+        prompt_data: str = typer.Option("data/prompts.jsonl", help="JSONL prompts"),
+        hostfile: str | None = typer.Option(None, help="MPI hostfile (`host slots=N`); first host = head"),
+        remote_shell: str = typer.Option("ssh", help="runs a command on a host, as REMOTE_SHELL -- HOST LINE"),
+        ray_auth_mode: str = typer.Option(
+            "token", envvar="RAY_AUTH_MODE", help="token (this host's token goes to every node) or disabled"
+        ),
+        dry_run: bool = typer.Option(False, "--dry-run", help="print every command, run none"),
+    ) -> None:
+        opts = Options(
+            num_nodes=num_nodes,
+            hardware=hardware,
+            enable_mtp=enable_mtp,
+            enable_mis=enable_mis,
+            rollout_fp8=rollout_fp8,
+            algorithm=algorithm,
+            hf_checkpoint=hf_checkpoint,
+            work_dir=work_dir,
+            prompt_data=prompt_data,
+            hostfile=hostfile,
+            remote_shell=remote_shell,
+            ray_auth_mode=ray_auth_mode,
+            dry_run=dry_run,
+        )
         try:
             run(recipe, opts)
         except (LaunchError, ValueError) as e:

@@ -23,8 +23,13 @@ REPORT_PANELS = {
 
 
 class MetricsWriter:
-    def __init__(self, output_dir: Path, log: LogConfig | None = None, append: bool = False,
-                 run_config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        output_dir: Path,
+        log: LogConfig | None = None,
+        append: bool = False,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
         log = log or LogConfig()
         self.path = output_dir / "metrics.jsonl"
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -37,8 +42,14 @@ class MetricsWriter:
         if log.use_wandb:
             import wandb
 
-            self._wandb = wandb.init(project=log.wandb_project, group=log.wandb_group, name=log.wandb_run_name,
-                                     mode=log.wandb_mode, dir=str(output_dir), config=run_config or {})
+            self._wandb = wandb.init(
+                project=log.wandb_project,
+                group=log.wandb_group,
+                name=log.wandb_run_name,
+                mode=log.wandb_mode,
+                dir=str(output_dir),
+                config=run_config or {},
+            )
 
     def write(self, metrics: dict[str, Any]) -> None:
         self._file.write(json.dumps(metrics) + "\n")
@@ -73,10 +84,12 @@ def console_line(m: dict[str, Any]) -> str:
     evals = eval_summary(m)
     if "rollout/reward_mean" not in m:  # an eval-only row (before training)
         return f"step {m['step']:4d} | {evals}"
-    line = (f"step {m['step']:4d} | reward {m['rollout/reward_mean']:.3f} | loss {m.get('train/loss', 0):+.4f} "
-            f"| kl {m.get('train/ppo_kl', 0):+.2e} | mismatch max {m.get('mismatch/logprob_abs_diff_max', 0):.1e} "
-            f"| replay {m.get('routing/replay_agreement', float('nan')):.3f} | sync ok {m.get('sync/verified', 0):.0f} "
-            f"| {m['perf/step_s']:.1f}s")
+    line = (
+        f"step {m['step']:4d} | reward {m['rollout/reward_mean']:.3f} | loss {m.get('train/loss', 0):+.4f} "
+        f"| kl {m.get('train/ppo_kl', 0):+.2e} | mismatch max {m.get('mismatch/logprob_abs_diff_max', 0):.1e} "
+        f"| replay {m.get('routing/replay_agreement', float('nan')):.3f} | sync ok {m.get('sync/verified', 0):.0f} "
+        f"| {m['perf/step_s']:.1f}s"
+    )
     if m.get("rollout/filtered_groups") or m.get("rollout/sampling_rounds", 1) > 1:  # dynamic sampling at work
         line += f" | filtered {m['rollout/filtered_groups']:.0f} rounds {m['rollout/sampling_rounds']:.0f}"
     return f"{line} | {evals}" if evals else line
@@ -104,7 +117,7 @@ def write_report(metrics_path: Path, out_png: Path) -> None:
             steps, ys = [p[0] for p in points], [p[1] for p in points]
             ax.plot(steps, ys, label=key.split("/", 1)[1], alpha=0.8, marker="o" if title.startswith("eval") else None)
             if key == "rollout/reward_mean" and len(ys) >= 5:
-                avg = [sum(ys[max(0, i - 4):i + 1]) / len(ys[max(0, i - 4):i + 1]) for i in range(len(ys))]
+                avg = [sum(ys[max(0, i - 4) : i + 1]) / len(ys[max(0, i - 4) : i + 1]) for i in range(len(ys))]
                 ax.plot(steps, avg, label="5-step mean", linewidth=2)
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -114,4 +127,3 @@ def write_report(metrics_path: Path, out_png: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
-

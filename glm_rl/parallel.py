@@ -66,19 +66,32 @@ class ParallelLayout:
         return self.tp * self.pp * self.cp * self.dp
 
     @classmethod
-    def for_world_size(cls, world_size: int, **fields) -> "ParallelLayout":
+    def for_world_size(cls, world_size: int, **fields) -> ParallelLayout:
         """Derive DP from the GPU count, as Megatron does; a count TP×PP×CP does not divide is an error."""
         model = fields.get("tp", 1) * fields.get("pp", 1) * fields.get("cp", 1)
         if model < 1 or world_size < 1 or world_size % model:
-            raise LayoutError([f"world size {world_size} is not divisible by TP {fields.get('tp', 1)} × "
-                               f"PP {fields.get('pp', 1)} × CP {fields.get('cp', 1)} = {model}, so no whole DP"])
+            raise LayoutError(
+                [
+                    f"world size {world_size} is not divisible by TP {fields.get('tp', 1)} × "
+                    f"PP {fields.get('pp', 1)} × CP {fields.get('cp', 1)} = {model}, so no whole DP"
+                ]
+            )
         return cls(dp=world_size // model, **fields)
 
     def megatron_args(self) -> list[str]:
         """The layout as Megatron command-line flags (DP is implied by the world size)."""
-        args = ["--tensor-model-parallel-size", str(self.tp), "--pipeline-model-parallel-size", str(self.pp),
-                "--context-parallel-size", str(self.cp), "--expert-model-parallel-size", str(self.ep),
-                "--expert-tensor-parallel-size", str(self.etp)]
+        args = [
+            "--tensor-model-parallel-size",
+            str(self.tp),
+            "--pipeline-model-parallel-size",
+            str(self.pp),
+            "--context-parallel-size",
+            str(self.cp),
+            "--expert-model-parallel-size",
+            str(self.ep),
+            "--expert-tensor-parallel-size",
+            str(self.etp),
+        ]
         if self.sequence_parallel:
             args.append("--sequence-parallel")
         if self.decoder_first_pipeline_num_layers is not None:
@@ -94,10 +107,18 @@ def _split(layers: int, pp: int, first: int | None, last: int | None) -> tuple[l
     if first is None and last is None:
         if layers % pp:
             hint = _balanced_ends(layers, pp)
-            tip = (f"; e.g. --decoder-first-pipeline-num-layers {hint[0]} --decoder-last-pipeline-num-layers "
-                   f"{hint[-1]} gives {hint}") if hint else ""
-            return None, (f"num_hidden_layers {layers} is not divisible by --pipeline-model-parallel-size {pp} "
-                          f"({layers} / {pp} = {layers / pp:g}){tip}")
+            tip = (
+                (
+                    f"; e.g. --decoder-first-pipeline-num-layers {hint[0]} --decoder-last-pipeline-num-layers "
+                    f"{hint[-1]} gives {hint}"
+                )
+                if hint
+                else ""
+            )
+            return None, (
+                f"num_hidden_layers {layers} is not divisible by --pipeline-model-parallel-size {pp} "
+                f"({layers} / {pp} = {layers / pp:g}){tip}"
+            )
         return [layers // pp] * pp, None
     if pp < 2:
         return None, "--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size > 1"
@@ -127,21 +148,25 @@ def _balanced_ends(layers: int, pp: int) -> list[int] | None:
     embedding / LM head and MTP). None if PP < 3 leaves nothing to balance."""
     best = None
     for f in range(1, layers):
-        for l in range(1, layers - f):
-            rest = layers - f - l
+        for last in range(1, layers - f):
+            rest = layers - f - last
             if pp < 3 or rest < pp - 2 or rest % (pp - 2):
                 continue
-            key = (max(f, l, rest // (pp - 2)), abs(f - l), f + l)
+            key = (max(f, last, rest // (pp - 2)), abs(f - last), f + last)
             if best is None or key < best[0]:
-                best = (key, [f] + [rest // (pp - 2)] * (pp - 2) + [l])
+                best = (key, [f] + [rest // (pp - 2)] * (pp - 2) + [last])
     return best[1] if best else None
 
 
 def layer_split(spec: ModelSpec, layout: ParallelLayout) -> list[int]:
     """Decoder layers on each pipeline stage, first to last (the MTP layer rides on the last stage and is not
     counted). Raises `LayoutError` when the layers cannot be split."""
-    split, problem = _split(spec.num_hidden_layers, layout.pp, layout.decoder_first_pipeline_num_layers,
-                            layout.decoder_last_pipeline_num_layers)
+    split, problem = _split(
+        spec.num_hidden_layers,
+        layout.pp,
+        layout.decoder_first_pipeline_num_layers,
+        layout.decoder_last_pipeline_num_layers,
+    )
     if problem:
         raise LayoutError([problem], spec.name)
     return split
@@ -163,32 +188,46 @@ def padded_vocab_size(spec: ModelSpec, tp: int, divisible_by: int = MAKE_VOCAB_S
 
 # -- validation ------------------------------------------------------------------------------------------------
 def _experts_problem(spec: ModelSpec, layout: ParallelLayout) -> str:
-    return (f"n_routed_experts {spec.n_routed_experts} is not divisible by --expert-model-parallel-size "
-            f"{layout.ep} ({spec.n_routed_experts} / {layout.ep} = {spec.n_routed_experts / layout.ep:g})")
+    return (
+        f"n_routed_experts {spec.n_routed_experts} is not divisible by --expert-model-parallel-size "
+        f"{layout.ep} ({spec.n_routed_experts} / {layout.ep} = {spec.n_routed_experts / layout.ep:g})"
+    )
 
 
 def _size_problems(layout: ParallelLayout) -> list[str]:
-    names = {"tp": "--tensor-model-parallel-size", "pp": "--pipeline-model-parallel-size",
-             "cp": "--context-parallel-size", "ep": "--expert-model-parallel-size",
-             "etp": "--expert-tensor-parallel-size", "dp": "data-parallel size"}
-    return [f"{flag} {getattr(layout, f)} must be an integer ≥ 1" for f, flag in names.items()
-            if not isinstance(getattr(layout, f), int) or getattr(layout, f) < 1]
+    names = {
+        "tp": "--tensor-model-parallel-size",
+        "pp": "--pipeline-model-parallel-size",
+        "cp": "--context-parallel-size",
+        "ep": "--expert-model-parallel-size",
+        "etp": "--expert-tensor-parallel-size",
+        "dp": "data-parallel size",
+    }
+    return [
+        f"{flag} {getattr(layout, f)} must be an integer ≥ 1"
+        for f, flag in names.items()
+        if not isinstance(getattr(layout, f), int) or getattr(layout, f) < 1
+    ]
 
 
 def _tensor_problems(spec: ModelSpec, lo: ParallelLayout) -> list[str]:
     """Everything TP / expert-TP split: heads, query groups, FFN widths."""
     tp, out = lo.tp, []
     if spec.num_attention_heads % tp:
-        out.append(f"num_attention_heads {spec.num_attention_heads} is not divisible by "
-                   f"--tensor-model-parallel-size {tp}")
+        out.append(
+            f"num_attention_heads {spec.num_attention_heads} is not divisible by --tensor-model-parallel-size {tp}"
+        )
     groups = spec.num_key_value_heads
     if groups % tp and tp % groups:
-        out.append(f"num_key_value_heads (query groups) {groups} is neither a multiple nor a divisor of "
-                   f"--tensor-model-parallel-size {tp}")
-    widths = {"intermediate_size (dense MLP)": (spec.intermediate_size, tp, "--tensor-model-parallel-size"),
-              "shared expert width": (spec.moe_intermediate_size * spec.n_shared_experts, tp,
-                                      "--tensor-model-parallel-size"),
-              "moe_intermediate_size": (spec.moe_intermediate_size, lo.etp, "--expert-tensor-parallel-size")}
+        out.append(
+            f"num_key_value_heads (query groups) {groups} is neither a multiple nor a divisor of "
+            f"--tensor-model-parallel-size {tp}"
+        )
+    widths = {
+        "intermediate_size (dense MLP)": (spec.intermediate_size, tp, "--tensor-model-parallel-size"),
+        "shared expert width": (spec.moe_intermediate_size * spec.n_shared_experts, tp, "--tensor-model-parallel-size"),
+        "moe_intermediate_size": (spec.moe_intermediate_size, lo.etp, "--expert-tensor-parallel-size"),
+    }
     for what, (width, size, flag) in widths.items():
         if width and width % size:
             out.append(f"{what} {width} is not divisible by {flag} {size}")
@@ -199,9 +238,11 @@ def _expert_problems(spec: ModelSpec, lo: ParallelLayout) -> list[str]:
     out = [_experts_problem(spec, lo)] if spec.n_routed_experts % lo.ep else []
     stage_ranks, expert_group = lo.tp * lo.cp * lo.dp, lo.etp * lo.ep
     if stage_ranks % expert_group:
-        out.append(f"--expert-tensor-parallel-size {lo.etp} × --expert-model-parallel-size {lo.ep} = "
-                   f"{expert_group} does not divide the {stage_ranks} ranks of a pipeline stage "
-                   f"(TP {lo.tp} × CP {lo.cp} × DP {lo.dp}) that Megatron carves the expert grid from")
+        out.append(
+            f"--expert-tensor-parallel-size {lo.etp} × --expert-model-parallel-size {lo.ep} = "
+            f"{expert_group} does not divide the {stage_ranks} ranks of a pipeline stage "
+            f"(TP {lo.tp} × CP {lo.cp} × DP {lo.dp}) that Megatron carves the expert grid from"
+        )
     return out
 
 
@@ -210,20 +251,22 @@ def _sequence_problems(spec: ModelSpec, lo: ParallelLayout, seq_len: int | None)
     if lo.sequence_parallel and lo.tp == 1:
         out.append("--sequence-parallel needs --tensor-model-parallel-size > 1 (it is 1)")
     if spec.n_routed_experts and lo.tp > 1 and not lo.sequence_parallel:
-        out.append(f"MoE with --tensor-model-parallel-size {lo.tp} needs --sequence-parallel "
-                   "(megatron-core's MoELayer refuses to train without it)")
+        out.append(
+            f"MoE with --tensor-model-parallel-size {lo.tp} needs --sequence-parallel "
+            "(megatron-core's MoELayer refuses to train without it)"
+        )
     if seq_len is not None:
         chunks = 2 * lo.cp if lo.cp > 1 else 1
         multiple = chunks * (lo.tp if lo.sequence_parallel else 1)
         if seq_len % multiple:
-            parts = ([f"2 × CP {lo.cp}"] if lo.cp > 1 else []) + ([f"TP {lo.tp} (SP)"] if lo.sequence_parallel
-                                                                  else [])
+            parts = ([f"2 × CP {lo.cp}"] if lo.cp > 1 else []) + ([f"TP {lo.tp} (SP)"] if lo.sequence_parallel else [])
             out.append(f"sequence length {seq_len} is not a multiple of {' × '.join(parts)} = {multiple}")
     return out
 
 
-def validate_layout(spec: ModelSpec, layout: ParallelLayout, *, world_size: int | None = None,
-                    seq_len: int | None = None) -> list[str]:
+def validate_layout(
+    spec: ModelSpec, layout: ParallelLayout, *, world_size: int | None = None, seq_len: int | None = None
+) -> list[str]:
     """Every reason `layout` cannot run `spec` (empty when it can). `world_size`: the GPUs the job has;
     `seq_len`: a (padded) sequence length to check against CP/SP chunking. Checks all rules, so one run of
     `glm-rl plan` names every fix."""
@@ -231,19 +274,26 @@ def validate_layout(spec: ModelSpec, layout: ParallelLayout, *, world_size: int 
         return sizes  # the divisibility checks below would divide by these
     out = []
     if world_size is not None and world_size != layout.world_size:
-        out.append(f"world size {world_size} != TP {layout.tp} × PP {layout.pp} × CP {layout.cp} × "
-                   f"DP {layout.dp} = {layout.world_size}")
+        out.append(
+            f"world size {world_size} != TP {layout.tp} × PP {layout.pp} × CP {layout.cp} × "
+            f"DP {layout.dp} = {layout.world_size}"
+        )
     out += _tensor_problems(spec, layout)
     out += _expert_problems(spec, layout)
-    _, layers = _split(spec.num_hidden_layers, layout.pp, layout.decoder_first_pipeline_num_layers,
-                       layout.decoder_last_pipeline_num_layers)
+    _, layers = _split(
+        spec.num_hidden_layers,
+        layout.pp,
+        layout.decoder_first_pipeline_num_layers,
+        layout.decoder_last_pipeline_num_layers,
+    )
     out += [layers] if layers else []
     out += _sequence_problems(spec, layout, seq_len)
     return out
 
 
-def check_layout(spec: ModelSpec, layout: ParallelLayout, *, world_size: int | None = None,
-                 seq_len: int | None = None) -> None:
+def check_layout(
+    spec: ModelSpec, layout: ParallelLayout, *, world_size: int | None = None, seq_len: int | None = None
+) -> None:
     """`validate_layout`, raising `LayoutError` with all problems: call it before building any model."""
     if problems := validate_layout(spec, layout, world_size=world_size, seq_len=seq_len):
         raise LayoutError(problems, spec.name)

@@ -52,9 +52,9 @@ class Runtime:
     rollout_manager: object
     trainers: TrainerGroup
     launcher: EngineLauncher  # to restart an engine as it was started
-    api_key: str              # the run's secret: engines, router and weight sync use it
+    api_key: str  # the run's secret: engines, router and weight sync use it
     weight_version: int = 0
-    share: float = 1.0        # of a placement bundle, per actor
+    share: float = 1.0  # of a placement bundle, per actor
     recovery: EngineRecovery = field(init=False)
     _step_faults: tuple[int, int] = (0, 0)  # (restarted, redone) when the step began
 
@@ -79,29 +79,60 @@ class Runtime:
         import torch
 
         api_key = cfg.rollout.engine_api_key or secrets.token_hex(32)  # per run (hex: never a leading "-")
-        placement = create_placement(n_t, n_e, cfg.colocate, use_gpu=torch.cuda.is_available(),
-                                     strategy=cfg.placement_strategy)
+        placement = create_placement(
+            n_t, n_e, cfg.colocate, use_gpu=torch.cuda.is_available(), strategy=cfg.placement_strategy
+        )
         undo.callback(ray.util.remove_placement_group, placement.pg)
         share = 0.5 if cfg.colocate else 1.0
         routed = engines_return_routed_experts(cfg.algo.routing_replay)
-        launcher = engine_launcher(cfg.rollout, cfg.model, routed_experts=routed, seed=cfg.seed,
-                                   colocate=cfg.colocate, use_gpu=placement.use_gpu, api_key=api_key)
+        launcher = engine_launcher(
+            cfg.rollout,
+            cfg.model,
+            routed_experts=routed,
+            seed=cfg.seed,
+            colocate=cfg.colocate,
+            use_gpu=placement.use_gpu,
+            api_key=api_key,
+        )
         engines = []
         undo.callback(_kill_all, engines)
         engines += [launcher.launch(placement, b, share) for b in placement.engine_bundles]
-        trainers = TrainerGroup(TrainerSections(cfg.model, cfg.train, cfg.algo, cfg.megatron, cfg.lora,
-                                                temperature=cfg.rollout.rollout_temperature, seed=cfg.seed),
-                                placement, share, on_start=lambda actors: undo.callback(_kill_all, actors))
+        trainers = TrainerGroup(
+            TrainerSections(
+                cfg.model,
+                cfg.train,
+                cfg.algo,
+                cfg.megatron,
+                cfg.lora,
+                temperature=cfg.rollout.rollout_temperature,
+                seed=cfg.seed,
+            ),
+            placement,
+            share,
+            on_start=lambda actors: undo.callback(_kill_all, actors),
+        )
         urls = ray.get([e.start.remote() for e in engines])
         router = RouterProcess(RouterConfig(worker_urls=tuple(urls), api_key=api_key, host=node_ip()))
         undo.callback(router.stop)
         router.start()
         # routed experts through the router only from engines that return them unasked (it drops the flag)
-        endpoints = RolloutEndpoints(router.url, api_key=api_key,
-                                     engines_return_routing=launcher.returns_routing_by_default)
-        manager = ray.remote(RolloutManager).options(num_cpus=0).remote(
-            cfg.rollout, cfg.model.hf_checkpoint, endpoints.generate, seed=cfg.seed, return_routed_experts=routed,
-            eval_cfg=cfg.eval, abort=AbortEngines(router.url, api_key), agentic=cfg.agentic)
+        endpoints = RolloutEndpoints(
+            router.url, api_key=api_key, engines_return_routing=launcher.returns_routing_by_default
+        )
+        manager = (
+            ray.remote(RolloutManager)
+            .options(num_cpus=0)
+            .remote(
+                cfg.rollout,
+                cfg.model.hf_checkpoint,
+                endpoints.generate,
+                seed=cfg.seed,
+                return_routed_experts=routed,
+                eval_cfg=cfg.eval,
+                abort=AbortEngines(router.url, api_key),
+                agentic=cfg.agentic,
+            )
+        )
         undo.callback(_kill_all, [manager])
         trainers.setup_sync(cfg.sync, urls, api_key)
         _write_placement(Path(cfg.output_dir), trainers, urls, router.url)
@@ -113,9 +144,11 @@ class Runtime:
         from the same data position (same prompts, same seeds). Reports the data position after it."""
         manager = self.rollout_manager
         position = ray.get(manager.data_state.remote())
-        samples, metrics = self.recovery.retry(lambda: ray.get(manager.generate.remote(step)),
-                                               f"the rollout of step {step + 1}",
-                                               lambda: ray.get(manager.load_data_state.remote(position)))
+        samples, metrics = self.recovery.retry(
+            lambda: ray.get(manager.generate.remote(step)),
+            f"the rollout of step {step + 1}",
+            lambda: ray.get(manager.load_data_state.remote(position)),
+        )
         data = ray.get(manager.data_state.remote())
         return samples, metrics | {f"data/{k}": float(v) for k, v in data.items() if k in ("epoch", "offset")}
 
@@ -128,9 +161,13 @@ class Runtime:
         t0 = time.time()
         self.weight_version = version  # what the trainer holds from now on: a restarted engine gets it too
         result = self.recovery.push(version)
-        return {"sync/verified": float(result["verified"]), "sync/bytes": float(result["bytes"]),
-                "sync/tensors": float(result["tensors"]), "engines/dead": float(len(result.get("dead", []))),
-                "perf/sync_push_s": time.time() - t0} | self.step_faults()  # the last stage: the step's counts
+        return {
+            "sync/verified": float(result["verified"]),
+            "sync/bytes": float(result["bytes"]),
+            "sync/tensors": float(result["tensors"]),
+            "engines/dead": float(len(result.get("dead", []))),
+            "perf/sync_push_s": time.time() - t0,
+        } | self.step_faults()  # the last stage: the step's counts
 
     def ensure_engines(self) -> dict:
         """A step begins: restore every engine that does not answer /health (a new actor on the same bundle,
@@ -141,23 +178,29 @@ class Runtime:
     def step_faults(self) -> dict:
         """Since the step began: engines restarted, rollout / eval calls run again after a restore."""
         restarted, redone = self._step_faults
-        return {"engines/restarted": float(self.recovery.restarted - restarted),
-                "rollout/redone": float(self.recovery.redone - redone)}
+        return {
+            "engines/restarted": float(self.recovery.restarted - restarted),
+            "rollout/redone": float(self.recovery.redone - redone),
+        }
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def save(self, step: int) -> None:
         """Write step `step` durably (checkpoint.py); on failure `latest` still names the previous checkpoint,
         and the CheckpointError says so."""
         ckpt = CheckpointDir(self.cfg.save_dir)
-        state = {"step": step, "weight_version": self.weight_version,
-                 "data": ray.get(self.rollout_manager.data_state.remote())}
+        state = {
+            "step": step,
+            "weight_version": self.weight_version,
+            "data": ray.get(self.rollout_manager.data_state.remote()),
+        }
         try:
             path = ckpt.save(step, self.trainers.save, state)
         except CheckpointError as e:
             latest = ckpt.latest()
-            raise CheckpointError(f"saving step {step} failed: {e}; "
-                                  + (f"{latest} is still the latest checkpoint" if latest else "no checkpoint yet")
-                                  ) from None
+            raise CheckpointError(
+                f"saving step {step} failed: {e}; "
+                + (f"{latest} is still the latest checkpoint" if latest else "no checkpoint yet")
+            ) from None
         log.info("saved %s", path)
 
     def resume(self) -> int:
@@ -180,10 +223,13 @@ class Runtime:
         router, engines (their own shutdown first: an SGLang engine stops its process group), then the actors
         and the placement group. SIGINT / SIGTERM are ignored meanwhile (restored after)."""
         with _signals_ignored():
-            for stop in (lambda: self.trainers.shutdown(timeout_s=10), self.router.stop,
-                         lambda: ray.get([e.shutdown.remote() for e in self.engines], timeout=15),
-                         lambda: _kill_all([*self.engines, *self.trainers.actors, self.rollout_manager]),
-                         lambda: ray.util.remove_placement_group(self.placement.pg)):
+            for stop in (
+                lambda: self.trainers.shutdown(timeout_s=10),
+                self.router.stop,
+                lambda: ray.get([e.shutdown.remote() for e in self.engines], timeout=15),
+                lambda: _kill_all([*self.engines, *self.trainers.actors, self.rollout_manager]),
+                lambda: ray.util.remove_placement_group(self.placement.pg),
+            ):
                 try:
                     stop()
                 except Exception as e:  # keep tearing down the rest

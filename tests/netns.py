@@ -41,8 +41,11 @@ PREFIX = "glmrl-"  # namespaces are PREFIX<pid of the test session>-a / -b
 IFNAME = "glm0"
 RAY_PORT = 6379  # a fresh namespace has nothing listening: the default port is free
 # Head-side health checks: a killed worker node is declared dead in ~3-5 s instead of ~15 s.
-HEALTH_ENV = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
-              "RAY_health_check_failure_threshold": "3"}
+HEALTH_ENV = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+}
 
 _WAIT_NODES = """
 import json, sys, time, ray
@@ -85,9 +88,9 @@ def ns_pids(ns: str) -> list[int]:
     return [int(p) for p in proc.stdout.split()] if proc.returncode == 0 else []
 
 
-def kill_ns_processes(ns: str, sig: int = signal.SIGTERM, grace_s: float = 5.0,
-                      only: list[int] | None = None) -> None:
+def kill_ns_processes(ns: str, sig: int = signal.SIGTERM, grace_s: float = 5.0, only: list[int] | None = None) -> None:
     """Signal every process in `ns` (or those of `only` that are in it), then SIGKILL what is left after grace_s."""
+
     def targets() -> list[int]:
         pids = ns_pids(ns)
         return [p for p in pids if only is None or p in only]
@@ -149,6 +152,7 @@ def ray_bin() -> str:
 @dataclass
 class Sshd:
     """An sshd in a namespace; `rsh` is the client argv (run it in the other namespace) up to the host."""
+
     host: str
     port: int
     rsh: list[str]
@@ -188,12 +192,27 @@ class TwoNodeCluster:
     def _ns_of(self, ns: str | int) -> str:
         return self.ns[ns] if isinstance(ns, int) else ns
 
-    def exec_in(self, ns: str | int, cmd: list[str] | str, *, check: bool = False, timeout: float = 120,
-                env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    def exec_in(
+        self,
+        ns: str | int,
+        cmd: list[str] | str,
+        *,
+        check: bool = False,
+        timeout: float = 120,
+        env: dict | None = None,
+        **kw,
+    ) -> subprocess.CompletedProcess:
         """Run `cmd` (argv, or a bash line) "on host" ns (a name, or 0 / 1), with `self.env()`; output captured."""
         argv = ["bash", "-c", cmd] if isinstance(cmd, str) else list(cmd)
-        return subprocess.run(["ip", "netns", "exec", self._ns_of(ns), *argv], capture_output=True, text=True,
-                              timeout=timeout, check=check, env=env or self.env(), **kw)
+        return subprocess.run(
+            ["ip", "netns", "exec", self._ns_of(ns), *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+            env=env or self.env(),
+            **kw,
+        )
 
     def popen_in(self, ns: str | int, argv: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
         return subprocess.Popen(["ip", "netns", "exec", self._ns_of(ns), *argv], env=env or self.env(), **kw)
@@ -223,9 +242,22 @@ class TwoNodeCluster:
         return self
 
     def _ray_start(self, i: int, args: list[str], extra_env: dict | None = None) -> None:
-        argv = [ray_bin(), "start", "--node-ip-address", self.ips[i], "--num-cpus", str(self.num_cpus),
-                "--num-gpus", "0", "--object-store-memory", str(100 * 2**20), "--disable-usage-stats",
-                "--temp-dir", str(self.root / f"ray{i}"), *args]
+        argv = [
+            ray_bin(),
+            "start",
+            "--node-ip-address",
+            self.ips[i],
+            "--num-cpus",
+            str(self.num_cpus),
+            "--num-gpus",
+            "0",
+            "--object-store-memory",
+            str(100 * 2**20),
+            "--disable-usage-stats",
+            "--temp-dir",
+            str(self.root / f"ray{i}"),
+            *args,
+        ]
         proc = self.exec_in(i, argv, env=self.env(**(extra_env or {})), timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"ray start in {self.ns[i]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
@@ -296,18 +328,50 @@ def _start_sshd(root: Path, ns: tuple[str, str], host: str, port: int = 22) -> S
     for key in ("host_key", "user_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / key)], check=True)
     shutil.copy(root / "user_key.pub", root / "authorized_keys")
-    (root / "sshd_config").write_text("\n".join([
-        f"Port {port}", f"ListenAddress {host}", f"HostKey {root / 'host_key'}",
-        f"AuthorizedKeysFile {root / 'authorized_keys'}", f"PidFile {root / 'sshd.pid'}", "StrictModes no",
-        "UsePAM no", "PasswordAuthentication no", "KbdInteractiveAuthentication no", "PubkeyAuthentication yes",
-        "PermitRootLogin prohibit-password", "LogLevel ERROR"]) + "\n")
+    (root / "sshd_config").write_text(
+        "\n".join(
+            [
+                f"Port {port}",
+                f"ListenAddress {host}",
+                f"HostKey {root / 'host_key'}",
+                f"AuthorizedKeysFile {root / 'authorized_keys'}",
+                f"PidFile {root / 'sshd.pid'}",
+                "StrictModes no",
+                "UsePAM no",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "PubkeyAuthentication yes",
+                "PermitRootLogin prohibit-password",
+                "LogLevel ERROR",
+            ]
+        )
+        + "\n"
+    )
     os.makedirs("/run/sshd", exist_ok=True)  # privilege-separation directory
     with open(root / "sshd.log", "w") as log:  # sshd keeps its own copy of the descriptor
-        proc = subprocess.Popen(["ip", "netns", "exec", ns[1], sshd, "-D", "-e", "-f", str(root / "sshd_config")],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    rsh = [ssh, "-p", str(port), "-i", str(root / "user_key"), "-o", "BatchMode=yes", "-o",
-           "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o",
-           "ConnectTimeout=5"]
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns[1], sshd, "-D", "-e", "-f", str(root / "sshd_config")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    rsh = [
+        ssh,
+        "-p",
+        str(port),
+        "-i",
+        str(root / "user_key"),
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+        "-o",
+        "ConnectTimeout=5",
+    ]
     deadline = time.monotonic() + 20
     while True:
         if proc.poll() is not None:

@@ -40,7 +40,8 @@ def test_demo_tokenizer_extends_the_tiny_one(demo):
     call = "<tool_call>calculator\n<arg_key>expression</arg_key>\n<arg_value>12*34</arg_value>\n</tool_call>"
     assert len(tok.encode(call, add_special_tokens=False)) == 16
     assert parse_turn(tok.decode(tok.encode(call, add_special_tokens=False))).calls == [
-        ToolCall("calculator", {"expression": "12*34"})]
+        ToolCall("calculator", {"expression": "12*34"})
+    ]
     rows = load_prompts(data)
     a, b = (int(x) for x in rows[0].prompt.split("*"))
     assert rows[0].label == str(a * b) and rows[0].tools[0]["function"]["name"] == "calculator"
@@ -60,14 +61,29 @@ def test_two_turn_rollout_on_demo_checkpoint_is_token_exact(demo):
             return out
 
         row = load_prompts(data)[0]
-        ctx = GenerateContext(rollout=RolloutConfig(), tokenizer=tok, generate=generate, return_routed_experts=True,
-                              step=0, seed=0)
-        sample = Sample(index=0, group=0, prompt_ids=prompt_ids(tok, row.prompt, tools=row.tools), response_ids=[],
-                        rollout_logprobs=[], label=row.label, tools=row.tools)
+        ctx = GenerateContext(
+            rollout=RolloutConfig(), tokenizer=tok, generate=generate, return_routed_experts=True, step=0, seed=0
+        )
+        sample = Sample(
+            index=0,
+            group=0,
+            prompt_ids=prompt_ids(tok, row.prompt, tools=row.tools),
+            response_ids=[],
+            rollout_logprobs=[],
+            label=row.label,
+            tools=row.tools,
+        )
         first = iter([ParsedTurn(None, "", [ToolCall("calculator", {"expression": row.prompt})])])
-        s = asyncio.run(run_episode(ctx, sample, {"temperature": 1.0, "max_new_tokens": 24, "sampling_seed": 3},
-                                    AgenticConfig(max_turns=2), as_registry(TOOLS, "demo"),
-                                    parse=lambda text: next(first, parse_turn(text))))
+        s = asyncio.run(
+            run_episode(
+                ctx,
+                sample,
+                {"temperature": 1.0, "max_new_tokens": 24, "sampling_seed": 3},
+                AgenticConfig(max_turns=2),
+                as_registry(TOOLS, "demo"),
+                parse=lambda text: next(first, parse_turn(text)),
+            )
+        )
     finally:
         eng.shutdown()
     assert len(log) == 2 == s.metadata["episode"]["turns"]

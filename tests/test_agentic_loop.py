@@ -53,15 +53,22 @@ def episodes(url, tokenizer, max_turns: int, n: int = 3, parse=always_calls, max
         log.append((payload, out))
         return out
 
-    ctx = GenerateContext(rollout=RolloutConfig(), tokenizer=tokenizer, generate=generate,
-                          return_routed_experts=True, step=0, seed=1)
+    ctx = GenerateContext(
+        rollout=RolloutConfig(), tokenizer=tokenizer, generate=generate, return_routed_experts=True, step=0, seed=1
+    )
     cfg = AgenticConfig(max_turns=max_turns, rollout_max_context_len=max_ctx)
 
     async def run():
         jobs = []
         for i in range(n):
-            sample = Sample(index=i, group=i, prompt_ids=prompt_ids(tokenizer, f"{i + 2}+{3 * i}"), response_ids=[],
-                            rollout_logprobs=[], label=str(5 * i + 2))
+            sample = Sample(
+                index=i,
+                group=i,
+                prompt_ids=prompt_ids(tokenizer, f"{i + 2}+{3 * i}"),
+                response_ids=[],
+                rollout_logprobs=[],
+                label=str(5 * i + 2),
+            )
             params = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "max_new_tokens": 24, "sampling_seed": 11 + i}
             jobs.append(run_episode(ctx, sample, params, cfg, tools_for(cfg), parse=parse))
         return await asyncio.gather(*jobs)
@@ -72,14 +79,14 @@ def episodes(url, tokenizer, max_turns: int, n: int = 3, parse=always_calls, max
 @pytest.mark.parametrize("turns", [2, 3])
 def test_trajectory_is_the_engine_ids_plus_observation_ids(engine_url, tokenizer, turns):
     samples, log = episodes(engine_url, tokenizer, turns)
-    obs = observation_ids(tokenizer, ["42"], None)   # calculator("6*7") after a turn ending in <|endoftext|>
+    obs = observation_ids(tokenizer, ["42"], None)  # calculator("6*7") after a turn ending in <|endoftext|>
     for s in samples:
         calls = [(p, o) for p, o in log if p["rid"].split("-")[1] == str(s.index)]
         calls.sort(key=lambda po: po[0]["rid"])
         assert len(calls) == turns == s.metadata["episode"]["turns"]
         expected, mask = list(s.prompt_ids), []
         for k, (payload, out) in enumerate(calls):
-            assert payload["input_ids"] == expected          # each turn continues the exact ids so far
+            assert payload["input_ids"] == expected  # each turn continues the exact ids so far
             expected += out["output_ids"]
             mask += [1] * len(out["output_ids"])
             if k < turns - 1:
@@ -91,7 +98,7 @@ def test_trajectory_is_the_engine_ids_plus_observation_ids(engine_url, tokenizer
         assert s.routed_experts.shape == (s.num_positions, 3, 2)
         mb = collate([s], tokenizer.pad_token_id)
         assert mb.input_ids[0].tolist() == expected[:-1] and mb.targets[0].tolist() == expected[1:]
-        assert mb.loss_mask[0, len(s.prompt_ids) - 1:].tolist() == mask
+        assert mb.loss_mask[0, len(s.prompt_ids) - 1 :].tolist() == mask
 
 
 @pytest.mark.parametrize("turns", [2, 3])
@@ -99,7 +106,7 @@ def test_trainer_replays_r3_and_matches_engine_logprobs(engine_url, tokenizer, t
     samples, _ = episodes(engine_url, tokenizer, turns)
     backend = TorchBackend(ModelConfig(), TrainConfig(), AlgoConfig(), temperature=1.0)
     out = backend.logprobs(samples)
-    assert out["replay_total"] > 0 and out["replay_agree"] == out["replay_total"]   # agreement 1.0
+    assert out["replay_total"] > 0 and out["replay_agree"] == out["replay_total"]  # agreement 1.0
     for s in samples:
         old = out["old"][s.index]
         assert len(old) == len(s.response_ids)
@@ -111,7 +118,7 @@ def test_context_limit_stops_before_an_observation_that_does_not_fit(engine_url,
     samples, _ = episodes(engine_url, tokenizer, 3, n=1, max_ctx=24)
     s = samples[0]
     assert len(s.tokens) <= 24 and s.finish_reason == "length"
-    assert s.loss_mask[-1] == 1                      # never ends on an observation
+    assert s.loss_mask[-1] == 1  # never ends on an observation
 
 
 def test_real_parser_single_turn_is_plain_generation(engine_url, tokenizer):

@@ -7,13 +7,7 @@ import math
 import pytest
 import torch
 
-from glm_rl.algo import (
-    broadcast_to_tokens,
-    compute_advantages,
-    dr_grpo_advantages,
-    grpo_advantages,
-    gspo_advantages,
-)
+from glm_rl.algo import broadcast_to_tokens, compute_advantages, dr_grpo_advantages, grpo_advantages, gspo_advantages
 
 SQRT3_2 = math.sqrt(3) / 2  # 0.8660254
 

@@ -23,11 +23,35 @@ def test_defaults_are_the_tiny_demo():
 
 
 def test_slime_flag_names_reach_their_sections():
-    cfg = parse_args(["--eps-clip", "1e-4", "--eps-clip-high", "2e-4", "--no-use-tis", "--enable-mis",
-                      "--advantage-estimator", "grpo", "--kl-loss-type", "k3", "--kl-loss-coef", "0.01",
-                      "--max-tokens-per-gpu", "512", "--global-batch-size", "64", "--colocate",
-                      "--update-weight-transfer-mode", "tensor"])
-    assert (cfg.algo.eps_clip, cfg.algo.eps_clip_high, cfg.algo.use_tis, cfg.algo.enable_mis) == (1e-4, 2e-4, False, True)
+    cfg = parse_args(
+        [
+            "--eps-clip",
+            "1e-4",
+            "--eps-clip-high",
+            "2e-4",
+            "--no-use-tis",
+            "--enable-mis",
+            "--advantage-estimator",
+            "grpo",
+            "--kl-loss-type",
+            "k3",
+            "--kl-loss-coef",
+            "0.01",
+            "--max-tokens-per-gpu",
+            "512",
+            "--global-batch-size",
+            "64",
+            "--colocate",
+            "--update-weight-transfer-mode",
+            "tensor",
+        ]
+    )
+    assert (cfg.algo.eps_clip, cfg.algo.eps_clip_high, cfg.algo.use_tis, cfg.algo.enable_mis) == (
+        1e-4,
+        2e-4,
+        False,
+        True,
+    )
     assert (cfg.algo.kl_loss_type, cfg.algo.kl_loss_coef) == ("k3", 0.01)
     assert (cfg.train.max_tokens_per_gpu, cfg.train.global_batch_size) == (512, 64)
     assert cfg.sync.update_weight_transfer_mode == "tensor" and cfg.colocate
@@ -46,8 +70,11 @@ def _flag_lines() -> str:
     for a in build_parser()._actions:
         if not a.option_strings or a.dest == "help":
             continue
-        kind = "choices=" + ",".join(map(str, a.choices)) if a.choices else (
-            "bool" if isinstance(a, argparse.BooleanOptionalAction) else a.metavar)
+        kind = (
+            "choices=" + ",".join(map(str, a.choices))
+            if a.choices
+            else ("bool" if isinstance(a, argparse.BooleanOptionalAction) else a.metavar)
+        )
         default = repr(a.default).replace(str(Path(glm_rl.__file__).parent), "<glm_rl>")
         lines.append(f"{' '.join(a.option_strings)}  {kind}  default={default}")
     return "\n".join(lines) + "\n"
@@ -63,11 +90,14 @@ def test_flags_snapshot(update_snapshots):
     assert _flag_lines() == path.read_text()
 
 
-@pytest.mark.parametrize("flags,replay,routed", [
-    ([], RoutingReplay.R3, True),
-    (["--no-use-rollout-routing-replay", "--use-routing-replay"], RoutingReplay.R2, False),
-    (["--no-use-rollout-routing-replay"], RoutingReplay.OFF, False),
-])
+@pytest.mark.parametrize(
+    "flags,replay,routed",
+    [
+        ([], RoutingReplay.R3, True),
+        (["--no-use-rollout-routing-replay", "--use-routing-replay"], RoutingReplay.R2, False),
+        (["--no-use-rollout-routing-replay"], RoutingReplay.OFF, False),
+    ],
+)
 def test_routing_replay_is_one_decision(flags, replay, routed):
     """R2 / R3 come from two slime flags; the parsed config holds one enum, and engines return routed experts
     exactly for R3."""
@@ -76,16 +106,19 @@ def test_routing_replay_is_one_decision(flags, replay, routed):
     assert engines_return_routed_experts(algo.routing_replay) is routed
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--use-routing-replay"], "R2) and --use-rollout-routing-replay (R3) are exclusive"),
-    (["--global-batch-size", "48"], "--global-batch-size 48 must divide"),
-    (["--n-samples-per-prompt", "1"], "needs --n-samples-per-prompt >= 2"),
-    (["--eps-clip-c", "0.9"], "--eps-clip-c must be > 1"),
-    (["--update-weight-transfer-mode", "tensor"], "needs --colocate"),
-    (["--max-tokens-per-gpu", "32"], "below one sample's maximum length"),
-    (["--rm-type", "nope"], "--rm-type 'nope' unknown"),
-    (["--model-preset", "glm45-355b-a32b"], "hidden_size: preset 5120 vs checkpoint 96"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--use-routing-replay"], "R2) and --use-rollout-routing-replay (R3) are exclusive"),
+        (["--global-batch-size", "48"], "--global-batch-size 48 must divide"),
+        (["--n-samples-per-prompt", "1"], "needs --n-samples-per-prompt >= 2"),
+        (["--eps-clip-c", "0.9"], "--eps-clip-c must be > 1"),
+        (["--update-weight-transfer-mode", "tensor"], "needs --colocate"),
+        (["--max-tokens-per-gpu", "32"], "below one sample's maximum length"),
+        (["--rm-type", "nope"], "--rm-type 'nope' unknown"),
+        (["--model-preset", "glm45-355b-a32b"], "hidden_size: preset 5120 vs checkpoint 96"),
+    ],
+)
 def test_contradictions_are_named(flags, message):
     with pytest.raises(ValueError, match="invalid configuration") as e:
         parse_args(flags)
@@ -106,8 +139,16 @@ def test_r3_on_a_model_without_moe_layers(tmp_path):
 def test_mtp_training_with_context_parallel(tmp_path):
     """CP + MTP training runs (the MTP loss is weighted exactly per CP rank: test_megatron_backend.py) for one
     MTP layer, GLM-4.5's; a checkpoint with two is refused, named, before any work."""
-    flags = ["--backend", "megatron", "--num-trainer-ranks", "2", "--context-parallel-size", "2", "--enable-mtp",
-             "--enable-mtp-training"]
+    flags = [
+        "--backend",
+        "megatron",
+        "--num-trainer-ranks",
+        "2",
+        "--context-parallel-size",
+        "2",
+        "--enable-mtp",
+        "--enable-mtp-training",
+    ]
     assert parse_args(flags).megatron.context_parallel_size == 2
     two = tmp_path / "two_mtp_layers"
     shutil.copytree(TINY_CHECKPOINT, two)
@@ -130,8 +171,17 @@ def test_unknown_flag_and_bad_choice_exit():
 def test_sglang_pass_through_flags():
     from glm_rl.config import split_sglang_args
 
-    rest, passed = split_sglang_args(["--lr", "1e-4", "--sglang-mem-fraction-static", "0.7",
-                                      "--sglang-enable-dp-attention", "--sglang-dp-size=8", "--colocate"])
+    rest, passed = split_sglang_args(
+        [
+            "--lr",
+            "1e-4",
+            "--sglang-mem-fraction-static",
+            "0.7",
+            "--sglang-enable-dp-attention",
+            "--sglang-dp-size=8",
+            "--colocate",
+        ]
+    )
     assert rest == ["--lr", "1e-4", "--colocate"]
     assert passed == (("mem-fraction-static", "0.7"), ("enable-dp-attention", None), ("dp-size", "8"))
     with pytest.raises(ValueError, match=r"\['--sglang-no-such'\]: SGLang 0.5.23 has no such server flag"):
@@ -140,10 +190,29 @@ def test_sglang_pass_through_flags():
 
 # -- --backend megatron: the Megatron flags, validated at parse time --------------------------------------------
 def test_megatron_flags_reach_the_megatron_section():
-    cfg = parse_args(["--backend", "megatron", "--num-trainer-ranks", "4", "--tensor-model-parallel-size", "2",
-                      "--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "allgather",
-                      "--optimizer-cpu-offload", "--recompute-granularity", "full", "--recompute-method", "uniform",
-                      "--recompute-num-layers", "1", "--global-batch-size", "16"])
+    cfg = parse_args(
+        [
+            "--backend",
+            "megatron",
+            "--num-trainer-ranks",
+            "4",
+            "--tensor-model-parallel-size",
+            "2",
+            "--expert-model-parallel-size",
+            "2",
+            "--moe-token-dispatcher-type",
+            "allgather",
+            "--optimizer-cpu-offload",
+            "--recompute-granularity",
+            "full",
+            "--recompute-method",
+            "uniform",
+            "--recompute-num-layers",
+            "1",
+            "--global-batch-size",
+            "16",
+        ]
+    )
     t, m = cfg.train, cfg.megatron
     assert (t.backend, m.tensor_model_parallel_size, m.expert_model_parallel_size) == ("megatron", 2, 2)
     assert m.sequence_parallel is None and m.sequence_parallel_on  # auto: on with TP > 1
@@ -155,46 +224,138 @@ def test_megatron_flags_reach_the_megatron_section():
 
 def test_megatron_pipeline_and_context_parallel_layouts_parse():
     """PP and CP run in the RL loop (test_megatron_backend.py): the layouts parse, DP = world / (TP x PP x CP)."""
-    pp = parse_args(["--backend", "megatron", "--pipeline-model-parallel-size", "2",
-                     "--decoder-first-pipeline-num-layers", "1"])
+    pp = parse_args(
+        ["--backend", "megatron", "--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1"]
+    )
     lay = pp.megatron.layout(pp.train.num_trainer_ranks)
     assert (pp.dp_size, lay.pp, lay.decoder_first_pipeline_num_layers) == (1, 2, 1)
-    cp = parse_args(["--backend", "megatron", "--num-trainer-ranks", "8", "--context-parallel-size", "2",
-                     "--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2"])
+    cp = parse_args(
+        [
+            "--backend",
+            "megatron",
+            "--num-trainer-ranks",
+            "8",
+            "--context-parallel-size",
+            "2",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--tensor-model-parallel-size",
+            "2",
+        ]
+    )
     lay = cp.megatron.layout(cp.train.num_trainer_ranks)
     assert (cp.dp_size, lay.cp, lay.dp) == (1, 2, 1)
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size 2 need --backend megatron"),
-    (["--expert-model-parallel-size", "2", "--enable-mtp-training"],
-     "--expert-model-parallel-size 2, --enable-mtp-training need --backend megatron"),
-    (["--backend", "megatron", "--tensor-model-parallel-size", "3"],
-     "world size 2 is not divisible by TP 3 × PP 1 × CP 1 = 3"),
-    (["--backend", "megatron", "--num-trainer-ranks", "3", "--tensor-model-parallel-size", "3",
-      "--global-batch-size", "16"], "num_attention_heads 4 is not divisible by --tensor-model-parallel-size 3"),
-    (["--backend", "megatron", "--expert-model-parallel-size", "3", "--num-trainer-ranks", "3",
-      "--rollout-batch-size", "6"], "n_routed_experts 8 is not divisible by --expert-model-parallel-size 3"),
-    (["--backend", "megatron", "--num-trainer-ranks", "4", "--tensor-model-parallel-size", "2",
-      "--expert-model-parallel-size", "8"], "--expert-model-parallel-size 8 = 8 does not divide the 4"),
-    (["--backend", "megatron", "--tensor-model-parallel-size", "2", "--no-sequence-parallel"],
-     "MoE with --tensor-model-parallel-size 2 needs --sequence-parallel"),
-    (["--backend", "megatron", "--num-trainer-ranks", "4", "--global-batch-size", "2",
-      "--expert-model-parallel-size", "2"], "--global-batch-size 2 must be divisible by the data-parallel size 4"),
-    (["--backend", "megatron", "--pipeline-model-parallel-size", "8", "--num-trainer-ranks", "8",
-      "--global-batch-size", "16"], "num_hidden_layers 4 is not divisible by --pipeline-model-parallel-size 8"),
-    (["--backend", "megatron", "--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "4"],
-     "minus first stage 4 leaves 0 layers"),
-    (["--backend", "megatron", "--context-parallel-size", "2", "--tensor-model-parallel-size", "2"],
-     "world size 2 is not divisible by TP 2 × PP 1 × CP 2 = 4"),
-    (["--backend", "megatron", "--moe-enable-deepep", "--moe-token-dispatcher-type", "flex"],
-     "--moe-enable-deepep needs the deep_ep package"),
-    (["--backend", "megatron", "--moe-enable-deepep"], "needs --moe-token-dispatcher-type flex (got alltoall)"),
-    (["--backend", "megatron", "--recompute-granularity", "full"], "needs --recompute-method and"),
-    (["--backend", "megatron", "--colocate", "--update-weight-transfer-mode", "tensor"],
-     "with --backend megatron use broadcast or p2p"),
-    (["--backend", "megatron", "--enable-mtp-training"], "--enable-mtp-training needs --enable-mtp"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size 2 need --backend megatron"),
+        (
+            ["--expert-model-parallel-size", "2", "--enable-mtp-training"],
+            "--expert-model-parallel-size 2, --enable-mtp-training need --backend megatron",
+        ),
+        (
+            ["--backend", "megatron", "--tensor-model-parallel-size", "3"],
+            "world size 2 is not divisible by TP 3 × PP 1 × CP 1 = 3",
+        ),
+        (
+            [
+                "--backend",
+                "megatron",
+                "--num-trainer-ranks",
+                "3",
+                "--tensor-model-parallel-size",
+                "3",
+                "--global-batch-size",
+                "16",
+            ],
+            "num_attention_heads 4 is not divisible by --tensor-model-parallel-size 3",
+        ),
+        (
+            [
+                "--backend",
+                "megatron",
+                "--expert-model-parallel-size",
+                "3",
+                "--num-trainer-ranks",
+                "3",
+                "--rollout-batch-size",
+                "6",
+            ],
+            "n_routed_experts 8 is not divisible by --expert-model-parallel-size 3",
+        ),
+        (
+            [
+                "--backend",
+                "megatron",
+                "--num-trainer-ranks",
+                "4",
+                "--tensor-model-parallel-size",
+                "2",
+                "--expert-model-parallel-size",
+                "8",
+            ],
+            "--expert-model-parallel-size 8 = 8 does not divide the 4",
+        ),
+        (
+            ["--backend", "megatron", "--tensor-model-parallel-size", "2", "--no-sequence-parallel"],
+            "MoE with --tensor-model-parallel-size 2 needs --sequence-parallel",
+        ),
+        (
+            [
+                "--backend",
+                "megatron",
+                "--num-trainer-ranks",
+                "4",
+                "--global-batch-size",
+                "2",
+                "--expert-model-parallel-size",
+                "2",
+            ],
+            "--global-batch-size 2 must be divisible by the data-parallel size 4",
+        ),
+        (
+            [
+                "--backend",
+                "megatron",
+                "--pipeline-model-parallel-size",
+                "8",
+                "--num-trainer-ranks",
+                "8",
+                "--global-batch-size",
+                "16",
+            ],
+            "num_hidden_layers 4 is not divisible by --pipeline-model-parallel-size 8",
+        ),
+        (
+            [
+                "--backend",
+                "megatron",
+                "--pipeline-model-parallel-size",
+                "2",
+                "--decoder-first-pipeline-num-layers",
+                "4",
+            ],
+            "minus first stage 4 leaves 0 layers",
+        ),
+        (
+            ["--backend", "megatron", "--context-parallel-size", "2", "--tensor-model-parallel-size", "2"],
+            "world size 2 is not divisible by TP 2 × PP 1 × CP 2 = 4",
+        ),
+        (
+            ["--backend", "megatron", "--moe-enable-deepep", "--moe-token-dispatcher-type", "flex"],
+            "--moe-enable-deepep needs the deep_ep package",
+        ),
+        (["--backend", "megatron", "--moe-enable-deepep"], "needs --moe-token-dispatcher-type flex (got alltoall)"),
+        (["--backend", "megatron", "--recompute-granularity", "full"], "needs --recompute-method and"),
+        (
+            ["--backend", "megatron", "--colocate", "--update-weight-transfer-mode", "tensor"],
+            "with --backend megatron use broadcast or p2p",
+        ),
+        (["--backend", "megatron", "--enable-mtp-training"], "--enable-mtp-training needs --enable-mtp"),
+    ],
+)
 def test_megatron_layout_and_flag_errors_are_named(flags, message):
     with pytest.raises(ValueError, match="invalid configuration") as e:
         parse_args(flags)

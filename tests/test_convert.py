@@ -28,8 +28,7 @@ ENV = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "PYTHONPATH": str(REPO)}
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "glm_rl.cli", *args], capture_output=True, text=True, env=ENV,
-                         cwd=REPO)
+    out = subprocess.run([sys.executable, "-m", "glm_rl.cli", *args], capture_output=True, text=True, env=ENV, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -57,8 +56,16 @@ def _assert_bitwise_copy(exported: Path, original: Path = TINY_CHECKPOINT) -> No
 @pytest.fixture(scope="module")
 def tp1_checkpoint(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     save = tmp_path_factory.mktemp("convert") / "tiny_torch_dist"
-    out = _cli("convert", "import", "--hf-model", str(TINY_CHECKPOINT), "--megatron-path", str(save),
-               "--model-preset", "glm45-tiny")
+    out = _cli(
+        "convert",
+        "import",
+        "--hf-model",
+        str(TINY_CHECKPOINT),
+        "--megatron-path",
+        str(save),
+        "--model-preset",
+        "glm45-tiny",
+    )
     return save, out
 
 
@@ -73,8 +80,9 @@ def test_tp1_round_trip_is_bitwise(tp1_checkpoint, tmp_path):
     assert meta["mtp"] and meta["written_with"]["tp"] == 1 and meta["hf_config"]["vocab_size"] == 32
     assert not list(save.parent.glob(".*.partial"))
     hf_out = tmp_path / "hf"
-    _cli("convert", "export", "--hf-model", str(TINY_CHECKPOINT), "--megatron-path", str(save),
-         "--hf-path", str(hf_out))
+    _cli(
+        "convert", "export", "--hf-model", str(TINY_CHECKPOINT), "--megatron-path", str(save), "--hf-path", str(hf_out)
+    )
     _assert_bitwise_copy(hf_out)
     model, _ = load_hf_model(hf_out, preset="glm45-tiny")  # loads as an HF checkpoint
     assert model.config.num_hidden_layers == 4
@@ -87,17 +95,42 @@ def test_tp2_ep2_save_loads_at_tp1_bitwise(tmp_path):
     from glm_rl.trainer.backends.megatron.dist_checkpoint import read_meta
 
     save, hf_out = tmp_path / "tp2ep2", tmp_path / "hf"
-    cmd = ["torchrun", "--standalone", "--nproc-per-node", "2", str(REPO / "tools/convert_hf_to_torch_dist.py"),
-           "--hf-checkpoint", str(TINY_CHECKPOINT), "--save", str(save),
-           "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2"]
+    cmd = [
+        "torchrun",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(REPO / "tools/convert_hf_to_torch_dist.py"),
+        "--hf-checkpoint",
+        str(TINY_CHECKPOINT),
+        "--save",
+        str(save),
+        "--tensor-model-parallel-size",
+        "2",
+        "--expert-model-parallel-size",
+        "2",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(p.name for p in save.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     written = read_meta(save)["written_with"]
     assert (written["tp"], written["ep"], written["etp"]) == (2, 2, 1)
-    out = subprocess.run([sys.executable, str(REPO / "tools/convert_torch_dist_to_hf.py"), "--load", str(save),
-                          "--hf-checkpoint", str(TINY_CHECKPOINT), "--save", str(hf_out)],
-                         capture_output=True, text=True, env=ENV, cwd=REPO)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools/convert_torch_dist_to_hf.py"),
+            "--load",
+            str(save),
+            "--hf-checkpoint",
+            str(TINY_CHECKPOINT),
+            "--save",
+            str(hf_out),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "[convert export] 3/3 write HF checkpoint" in out.stderr
     _assert_bitwise_copy(hf_out)
@@ -110,8 +143,16 @@ def test_generate_from_megatron_checkpoint_equals_hf_greedy(tp1_checkpoint):
     from glm_rl.rollout.data import load_prompts
 
     prompts = [r.prompt for r in load_prompts(ASSETS / "arith" / "eval.jsonl")[:3]]
-    args = ["generate", "--megatron-path", str(tp1_checkpoint[0]), "--hf-model", str(TINY_CHECKPOINT),
-            "--max-new-tokens", "10", "--json"]
+    args = [
+        "generate",
+        "--megatron-path",
+        str(tp1_checkpoint[0]),
+        "--hf-model",
+        str(TINY_CHECKPOINT),
+        "--max-new-tokens",
+        "10",
+        "--json",
+    ]
     out = _cli(*args, *(a for p in prompts for a in ("--prompt", p)))
     results = json.loads(out.stdout.strip().splitlines()[-1])["results"]
 
@@ -119,9 +160,13 @@ def test_generate_from_megatron_checkpoint_equals_hf_greedy(tp1_checkpoint):
     for prompt, got in zip(prompts, results, strict=True):
         ids = torch.tensor([chat_prompt_ids(tokenizer, prompt)])
         with torch.no_grad():
-            ref = hf.generate(input_ids=ids, do_sample=False, max_new_tokens=10,
-                              eos_token_id=hf.generation_config.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+            ref = hf.generate(
+                input_ids=ids,
+                do_sample=False,
+                max_new_tokens=10,
+                eos_token_id=hf.generation_config.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )[0, ids.shape[1] :].tolist()
         assert got["output_ids"] == ref, (prompt, got["text"])
         assert got["text"] == tokenizer.decode(ref, skip_special_tokens=True)
         assert got["text"].startswith(prompt + "=")  # the trained task: the model writes out its answer
@@ -160,8 +205,16 @@ def _cli_error(*args: str) -> BaseException:
 def test_missing_directories_are_named(no_ranks, tmp_path):
     err = _cli_error("convert", "import", "--hf-model", str(tmp_path / "nope"), "--megatron-path", str(tmp_path / "o"))
     assert f"--hf-model {tmp_path / 'nope'}: no such directory" in str(err)
-    err = _cli_error("convert", "export", "--hf-model", str(TINY_CHECKPOINT), "--megatron-path",
-                     str(tmp_path / "nope"), "--hf-path", str(tmp_path / "o"))
+    err = _cli_error(
+        "convert",
+        "export",
+        "--hf-model",
+        str(TINY_CHECKPOINT),
+        "--megatron-path",
+        str(tmp_path / "nope"),
+        "--hf-path",
+        str(tmp_path / "o"),
+    )
     assert f"{tmp_path / 'nope'}: no such directory" in str(err)
     err = _cli_error("generate", "--megatron-path", str(TINY_CHECKPOINT), "--prompt", "1+1")
     assert "no metadata.json — not a megatron torch_dist checkpoint" in str(err)
@@ -170,8 +223,16 @@ def test_missing_directories_are_named(no_ranks, tmp_path):
 
 def test_config_contradicting_the_preset_names_the_fields(no_ranks, tmp_path):
     edited = _edited_copy(tmp_path, num_experts_per_tok=4, routed_scaling_factor=1.0)
-    err = _cli_error("convert", "import", "--hf-model", str(edited), "--megatron-path", str(tmp_path / "o"),
-                     "--model-preset", "glm45-tiny")
+    err = _cli_error(
+        "convert",
+        "import",
+        "--hf-model",
+        str(edited),
+        "--megatron-path",
+        str(tmp_path / "o"),
+        "--model-preset",
+        "glm45-tiny",
+    )
     assert "contradicts preset 'glm45-tiny'" in str(err)
     assert "num_experts_per_tok: preset 2 vs checkpoint 4" in str(err)
     assert "routed_scaling_factor: preset 2.5 vs checkpoint 1.0" in str(err)
@@ -180,16 +241,34 @@ def test_config_contradicting_the_preset_names_the_fields(no_ranks, tmp_path):
 
 def test_export_template_contradicting_the_checkpoint_names_the_fields(no_ranks, tp1_checkpoint, tmp_path):
     edited = _edited_copy(tmp_path, moe_intermediate_size=32)
-    err = _cli_error("convert", "export", "--hf-model", str(edited), "--megatron-path", str(tp1_checkpoint[0]),
-                     "--hf-path", str(tmp_path / "o"))
+    err = _cli_error(
+        "convert",
+        "export",
+        "--hf-model",
+        str(edited),
+        "--megatron-path",
+        str(tp1_checkpoint[0]),
+        "--hf-path",
+        str(tmp_path / "o"),
+    )
     assert "moe_intermediate_size: checkpoint 64 vs --hf-model 32" in str(err)
 
 
 def test_invalid_layout_fails_before_any_rank(no_ranks, tmp_path):
     from glm_rl.parallel import LayoutError
 
-    err = _cli_error("convert", "import", "--hf-model", str(TINY_CHECKPOINT), "--megatron-path",
-                     str(tmp_path / "o"), "--tensor-model-parallel-size", "5", "--expert-model-parallel-size", "3")
+    err = _cli_error(
+        "convert",
+        "import",
+        "--hf-model",
+        str(TINY_CHECKPOINT),
+        "--megatron-path",
+        str(tmp_path / "o"),
+        "--tensor-model-parallel-size",
+        "5",
+        "--expert-model-parallel-size",
+        "3",
+    )
     assert isinstance(err, LayoutError)
     assert "num_attention_heads 4 is not divisible by --tensor-model-parallel-size 5" in str(err)
     assert "n_routed_experts 8 is not divisible by --expert-model-parallel-size 3" in str(err)
@@ -207,9 +286,22 @@ def test_nothing_is_overwritten(no_ranks, tmp_path):
 
 def test_tool_reports_bad_input_in_one_line(tmp_path):
     """The tools' own entry point (no torchrun): exit code 2, one `error:` line, nothing written."""
-    out = subprocess.run([sys.executable, str(REPO / "tools/convert_hf_to_torch_dist.py"), "--hf-checkpoint",
-                          str(TINY_CHECKPOINT), "--save", str(tmp_path / "o"), "--tensor-model-parallel-size", "5"],
-                         capture_output=True, text=True, env=ENV, cwd=REPO)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools/convert_hf_to_torch_dist.py"),
+            "--hf-checkpoint",
+            str(TINY_CHECKPOINT),
+            "--save",
+            str(tmp_path / "o"),
+            "--tensor-model-parallel-size",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=REPO,
+    )
     assert out.returncode == 2
     assert out.stderr.startswith("error: invalid parallel layout for glm45-tiny")
     assert not (tmp_path / "o").exists()

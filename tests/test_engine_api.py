@@ -9,8 +9,8 @@ import urllib.request
 
 import pytest
 
-from glm_rl.models.glm45.presets import TINY_CHECKPOINT
 from glm_rl.engine import EmbeddedEngine, EngineConfig
+from glm_rl.models.glm45.presets import TINY_CHECKPOINT
 from glm_rl.rollout.engine_client import EngineClient, EngineError
 
 PROMPT = [1, 2, 4, 23, 13, 10, 17, 11, 5, 23]  # chat prompt of "63+4"
@@ -18,8 +18,9 @@ PROMPT = [1, 2, 4, 23, 13, 10, 17, 11, 5, 23]  # chat prompt of "63+4"
 
 @pytest.fixture(scope="module")
 def client():
-    engine = EmbeddedEngine(EngineConfig(hf_checkpoint=str(TINY_CHECKPOINT), max_batch_size=4,
-                                         max_request_bytes=64 << 10))
+    engine = EmbeddedEngine(
+        EngineConfig(hf_checkpoint=str(TINY_CHECKPOINT), max_batch_size=4, max_request_bytes=64 << 10)
+    )
     yield EngineClient(engine.start(), timeout=60)
     engine.shutdown()
 
@@ -75,8 +76,10 @@ def test_pause_abort_answers_queued_and_running_requests(client):
     assert out["r"]["meta_info"]["finish_reason"]["type"] == "abort" and out["r"]["output_ids"] == []
     client.resume()
     # a running batch: 4 long rows, aborted at the next decode step after the pause
-    long = {"input_ids": [PROMPT] * 4, "sampling_params": {"max_new_tokens": 118, "ignore_eos": True,
-                                                         "temperature": 1.0}}
+    long = {
+        "input_ids": [PROMPT] * 4,
+        "sampling_params": {"max_new_tokens": 118, "ignore_eos": True, "temperature": 1.0},
+    }
     thread, out = _generate_in_thread(client, long)
     _wait_until(lambda: client.get_load()[0]["num_reqs"] == 4 and client.get_load()[0]["num_waiting_reqs"] == 0)
     client.pause(mode="abort")
@@ -131,14 +134,18 @@ def test_malformed_and_oversized_bodies_and_bad_weight_requests(client):
     assert _raw_post(client.url + "/generate", b"[1, 2]") == 400
     big = json.dumps({"input_ids": [1] * 40000}).encode()  # > 64 KiB
     assert _raw_post(client.url + "/generate", big) == 413
-    for path, body, field in [("/weights_checksum", {"names": ["nope"]}, "nope"),
-                              ("/update_weights_from_tensor", {}, "serialized_named_tensors"),
-                              ("/update_weights_from_tensor", {"serialized_named_tensors": ["%%%"]},
-                               "serialized_named_tensors"),
-                              ("/update_weights_from_distributed", {"names": [], "dtypes": [], "shapes": [],
-                                                                    "group_name": "g"}, "group_name"),
-                              ("/init_weights_update_group", {"master_address": "127.0.0.1"}, "master_port"),
-                              ("/pause_generation", {"mode": "sideways"}, "mode")]:
+    for path, body, field in [
+        ("/weights_checksum", {"names": ["nope"]}, "nope"),
+        ("/update_weights_from_tensor", {}, "serialized_named_tensors"),
+        ("/update_weights_from_tensor", {"serialized_named_tensors": ["%%%"]}, "serialized_named_tensors"),
+        (
+            "/update_weights_from_distributed",
+            {"names": [], "dtypes": [], "shapes": [], "group_name": "g"},
+            "group_name",
+        ),
+        ("/init_weights_update_group", {"master_address": "127.0.0.1"}, "master_port"),
+        ("/pause_generation", {"mode": "sideways"}, "mode"),
+    ]:
         with pytest.raises(EngineError) as info:
             client.post(path, body)
         assert info.value.status == 400 and field in info.value.message, (path, info.value.message)
@@ -147,15 +154,20 @@ def test_malformed_and_oversized_bodies_and_bad_weight_requests(client):
 
 
 def test_api_key_required_and_routed_experts_switch():
-    engine = EmbeddedEngine(EngineConfig(hf_checkpoint=str(TINY_CHECKPOINT), api_key="sekret",
-                                         record_routed_experts=False))
+    engine = EmbeddedEngine(
+        EngineConfig(hf_checkpoint=str(TINY_CHECKPOINT), api_key="sekret", record_routed_experts=False)
+    )
     url = engine.start()
     try:
         for key in (None, "wrong"):
             anonymous = EngineClient(url, api_key=key)
             assert anonymous.health()  # open, as in SGLang (the router health-checks without the key)
-            for call in (lambda: anonymous.generate(PROMPT, {"max_new_tokens": 2}), anonymous.server_info,
-                         anonymous.get_load, lambda: anonymous.weights_checksum(["lm_head.weight"])):
+            for call in (
+                lambda: anonymous.generate(PROMPT, {"max_new_tokens": 2}),
+                anonymous.server_info,
+                anonymous.get_load,
+                lambda: anonymous.weights_checksum(["lm_head.weight"]),
+            ):
                 with pytest.raises(EngineError) as info:
                     call()
                 assert info.value.status == 401

@@ -10,10 +10,10 @@ import aiohttp
 import pytest
 import torch
 
+from glm_rl.engine import EmbeddedEngine, EngineConfig
 from glm_rl.evaluate import chat_prompt_ids
 from glm_rl.models.glm45.checkpoint import load_hf_model
 from glm_rl.models.glm45.presets import ASSETS, TINY_CHECKPOINT
-from glm_rl.engine import EmbeddedEngine, EngineConfig
 from glm_rl.rollout.engine_client import EngineClient
 
 
@@ -41,8 +41,11 @@ def _recompute(model, tokens: list[int], temperature: float = 1.0):
     """Full-sequence forward: logprobs of tokens[1:] under log_softmax(logits / T), routers' top-k per position."""
     n_dense = model.config.first_k_dense_replace
     choices: list[torch.Tensor] = []
-    hooks = [layer.mlp.gate.register_forward_hook(lambda m, a, out: choices.append(out[2].clone()))
-             for i, layer in enumerate(model.model.layers) if i >= n_dense]
+    hooks = [
+        layer.mlp.gate.register_forward_hook(lambda m, a, out: choices.append(out[2].clone()))
+        for i, layer in enumerate(model.model.layers)
+        if i >= n_dense
+    ]
     try:
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([tokens[:-1]])).logits[0].float()
@@ -65,8 +68,9 @@ def test_greedy_matches_hf_generate_and_batched_equals_single(hf, prompts, clien
     single = [client.generate(p, _greedy())["output_ids"] for p in prompts]
     for p, out in zip(prompts, single):
         with torch.no_grad():
-            ref = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=eos,
-                                 pad_token_id=0)[0, len(p):].tolist()
+            ref = model.generate(
+                torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0
+            )[0, len(p) :].tolist()
         assert out == ref
     batched = client.generate(prompts, _greedy())
     assert [r["output_ids"] for r in batched] == single
@@ -119,10 +123,11 @@ def test_logprobs_and_routed_experts_match_full_recompute(hf, prompts, client, t
         logp, routed, _ = _recompute(model, tokens, temperature or 1.0)
         got = torch.tensor([lp for lp, _, _ in meta["output_token_logprobs"]])
         assert [t for _, t, _ in meta["output_token_logprobs"]] == out
-        assert (got - logp[len(p) - 1:]).abs().max().item() <= 1e-5
+        assert (got - logp[len(p) - 1 :]).abs().max().item() <= 1e-5
         experts = meta["routed_experts"]
-        assert len(experts) == len(tokens) - 1 and all(len(e) == n_moe and all(len(x) == top_k for x in e)
-                                                       for e in experts)
+        assert len(experts) == len(tokens) - 1 and all(
+            len(e) == n_moe and all(len(x) == top_k for x in e) for e in experts
+        )
         assert torch.equal(torch.tensor(experts), routed)
 
 
@@ -149,13 +154,15 @@ def test_sampling_params_are_respected(hf, prompts, client):
     # stop_token_ids: stop at the first occurrence of a token greedy decoding emits
     j = next(i for i in range(1, len(greedy)) if greedy[i] not in greedy[:i])
     stopped = client.generate(prompts[0], {**_greedy(12), "stop_token_ids": [greedy[j]]})
-    assert stopped["output_ids"] == greedy[:j + 1]
+    assert stopped["output_ids"] == greedy[: j + 1]
     assert stopped["meta_info"]["finish_reason"] == {"type": "stop", "matched": greedy[j]}
     # top-k / top-p: every sampled token lies in the allowed set of the recomputed distribution
     for seed in range(3):
         for extra, allowed in (({"top_k": 3}, _top_k_set(3)), ({"top_p": 0.6}, _top_p_set(0.6))):
-            out = client.generate(prompts[1], {"temperature": 1.0, "max_new_tokens": 20, "ignore_eos": True,
-                                               "sampling_seed": seed, **extra})["output_ids"]
+            out = client.generate(
+                prompts[1],
+                {"temperature": 1.0, "max_new_tokens": 20, "ignore_eos": True, "sampling_seed": seed, **extra},
+            )["output_ids"]
             _, _, logits = _recompute(model, prompts[1] + out)
             for pos, token in enumerate(out):
                 assert token in allowed(logits[len(prompts[1]) - 1 + pos]), (extra, pos)
@@ -170,4 +177,5 @@ def _top_p_set(p: float):
         probs, order = torch.sort(torch.softmax(logits, -1), descending=True)
         keep = (torch.cumsum(probs, -1) - probs) <= p + 1e-6
         return set(order[keep].tolist())
+
     return allowed

@@ -22,15 +22,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from glm_rl.evaluate import chat_prompt_ids
-from glm_rl.models.glm45.checkpoint import load_hf_model, load_mtp
-from glm_rl.models.glm45.presets import ASSETS, TINY_CHECKPOINT
 from glm_rl.engine import EmbeddedEngine, EngineConfig
 from glm_rl.engine.batch import GenerationRequest, SamplingParams
 from glm_rl.engine.decode import run_batch, spec_rules
 from glm_rl.engine.decode.spec_rules import speculative_accept
 from glm_rl.engine.decode.static import StaticDecoder
 from glm_rl.engine.decode.static_speculative import StaticSpeculation
+from glm_rl.evaluate import chat_prompt_ids
+from glm_rl.models.glm45.checkpoint import load_hf_model, load_mtp
+from glm_rl.models.glm45.presets import ASSETS, TINY_CHECKPOINT
 from glm_rl.rollout.engine_client import EngineClient
 from glm_rl.weights.wire import tensor_checksum
 
@@ -62,8 +62,9 @@ def eval_prompts(hf):
 
 @pytest.fixture(scope="module")
 def client(static):
-    engine = EmbeddedEngine(EngineConfig(hf_checkpoint=str(TINY_CHECKPOINT), seed=1234, enable_mtp=True,
-                                         static_kv_cache=static))
+    engine = EmbeddedEngine(
+        EngineConfig(hf_checkpoint=str(TINY_CHECKPOINT), seed=1234, enable_mtp=True, static_kv_cache=static)
+    )
     url = engine.start()
     if static and engine.decoder is None:
         engine.shutdown()
@@ -73,8 +74,10 @@ def client(static):
 
 
 def _requests(prompts, **sampling) -> list[GenerationRequest]:
-    return [GenerationRequest(rid=str(i), input_ids=tuple(p), sampling=SamplingParams(**sampling), seed=1000 + i)
-            for i, p in enumerate(prompts)]
+    return [
+        GenerationRequest(rid=str(i), input_ids=tuple(p), sampling=SamplingParams(**sampling), seed=1000 + i)
+        for i, p in enumerate(prompts)
+    ]
 
 
 def _run(hf, requests, num_steps: int | None, decoder=None, should_abort=lambda: False):
@@ -117,9 +120,11 @@ def test_greedy_with_mtp_is_token_for_token_the_plain_output(hf, eval_prompts, c
 
 def test_greedy_batches_with_1_to_3_drafts_are_the_plain_output(hf, eval_prompts, decoder):
     # 1-3 drafts per verify; finishing by eos, by a stop id inside an accepted run, and by length mid-verify
-    mixed = (_requests(eval_prompts[6:14], temperature=0.0, max_new_tokens=16)
-             + _requests(eval_prompts[14:18], temperature=0.0, max_new_tokens=13, ignore_eos=True)
-             + _requests(eval_prompts[18:22], temperature=0.0, max_new_tokens=16, stop_token_ids=(20,)))
+    mixed = (
+        _requests(eval_prompts[6:14], temperature=0.0, max_new_tokens=16)
+        + _requests(eval_prompts[14:18], temperature=0.0, max_new_tokens=13, ignore_eos=True)
+        + _requests(eval_prompts[18:22], temperature=0.0, max_new_tokens=16, stop_token_ids=(20,))
+    )
     reference = [r.output_ids for r in _run(hf, mixed, None)]
     assert any(out[-1] == 20 for out in reference[12:20])  # the stop id '=' is reached
     one_token = _requests([[1]], temperature=0.0, max_new_tokens=8, ignore_eos=True)  # shorter than k + 1
@@ -138,7 +143,7 @@ def test_acceptance_length_on_eval_prompts(hf, eval_prompts, decoder):
     the tokens the verify forwards emitted ((completion_tokens - 1) / spec_verify_ct)."""
     rows = []
     for start in range(0, len(eval_prompts), 64):
-        rows += _run(hf, _requests(eval_prompts[start:start + 64], temperature=0.0, max_new_tokens=32), 1, decoder)
+        rows += _run(hf, _requests(eval_prompts[start : start + 64], temperature=0.0, max_new_tokens=32), 1, decoder)
     completion, verify = sum(len(r.output_ids) for r in rows), sum(r.verify_ct for r in rows)
     print(f"acceptance length: {completion / verify:.3f} (SGLang), {(completion - len(rows)) / verify:.3f} (strict)")
     assert completion / verify >= 1.7 and (completion - len(rows)) / verify >= 1.7
@@ -239,8 +244,11 @@ def test_logprobs_and_routed_experts_match_full_recompute(hf, eval_prompts, clie
     for p, ans in zip(prompts, answers):
         tokens, meta = p + ans["output_ids"], ans["meta_info"]
         choices: list[torch.Tensor] = []
-        hooks = [layer.mlp.gate.register_forward_hook(lambda m, a, out: choices.append(out[2].clone()))
-                 for i, layer in enumerate(model.model.layers) if i >= n_dense]
+        hooks = [
+            layer.mlp.gate.register_forward_hook(lambda m, a, out: choices.append(out[2].clone()))
+            for i, layer in enumerate(model.model.layers)
+            if i >= n_dense
+        ]
         try:
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([tokens[:-1]])).logits[0]
@@ -250,7 +258,7 @@ def test_logprobs_and_routed_experts_match_full_recompute(hf, eval_prompts, clie
         logp = torch.log_softmax(logits / (temperature or 1.0), -1).gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
         got = torch.tensor([lp for lp, _, _ in meta["output_token_logprobs"]])
         assert [t for _, t, _ in meta["output_token_logprobs"]] == ans["output_ids"]
-        assert (got - logp[len(p) - 1:]).abs().max().item() <= 1e-5
+        assert (got - logp[len(p) - 1 :]).abs().max().item() <= 1e-5
         routed = torch.stack(choices, dim=1).sort(dim=-1).values  # (L-1, n_moe, top_k)
         assert torch.equal(torch.tensor(meta["routed_experts"]), routed)
         assert routed.shape[1:] == (model.config.num_hidden_layers - n_dense, top_k)
@@ -261,20 +269,30 @@ def _mixed_requests(eval_prompts, seed: int, max_new: int = 20) -> list[Generati
     """Chat prompts cut to mixed lengths plus short random ones; greedy, temperature, top-k and top-p rows;
     max_new_tokens, eos and a stop id end rows at different verify steps."""
     g = torch.Generator().manual_seed(seed)
-    kinds = [SamplingParams(temperature=0.0, max_new_tokens=max_new),
-             SamplingParams(temperature=1.0, max_new_tokens=max_new - 7),
-             SamplingParams(temperature=0.8, top_k=5, max_new_tokens=max_new - 3, stop_token_ids=(20,)),
-             SamplingParams(temperature=1.2, top_p=0.7, max_new_tokens=max_new - 11, ignore_eos=True),
-             SamplingParams(temperature=0.0, max_new_tokens=max_new - 5, ignore_eos=True)]
+    kinds = [
+        SamplingParams(temperature=0.0, max_new_tokens=max_new),
+        SamplingParams(temperature=1.0, max_new_tokens=max_new - 7),
+        SamplingParams(temperature=0.8, top_k=5, max_new_tokens=max_new - 3, stop_token_ids=(20,)),
+        SamplingParams(temperature=1.2, top_p=0.7, max_new_tokens=max_new - 11, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_new_tokens=max_new - 5, ignore_eos=True),
+    ]
     out = []
     for i in range(13):
         if i % 3 == 2:
             ids = torch.randint(0, 32, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
         else:
             prompt = eval_prompts[i]
-            ids = prompt[:len(prompt) - int(torch.randint(0, 6, (1,), generator=g))]
-        out.append(GenerationRequest(f"r{i}", tuple(ids), kinds[i % len(kinds)], seed=seed * 100 + i,
-                                     return_logprob=True, return_routed_experts=True))
+            ids = prompt[: len(prompt) - int(torch.randint(0, 6, (1,), generator=g))]
+        out.append(
+            GenerationRequest(
+                f"r{i}",
+                tuple(ids),
+                kinds[i % len(kinds)],
+                seed=seed * 100 + i,
+                return_logprob=True,
+                return_routed_experts=True,
+            )
+        )
     return out
 
 
@@ -298,17 +316,25 @@ def test_static_cache_speculation_equals_the_dynamic_cache_path(hf, eval_prompts
         assert len({len(r.output_ids) for r in dynamic}) > 3, k  # rows finish at different steps: compaction
         assert {r.finish["type"] for r in dynamic} >= {"length", "stop"}, k
         assert sum(r.accepted_tokens for r in dynamic) > 0 and any(
-            r.accepted_tokens < r.draft_tokens for r in dynamic if r.req.sampling.temperature > 0), k
+            r.accepted_tokens < r.draft_tokens for r in dynamic if r.req.sampling.temperature > 0
+        ), k
         _assert_same_rows(dynamic, _run(hf, requests, k, decoder))
     first = decoder.capacity
-    long = [GenerationRequest("long", tuple(eval_prompts[0]), SamplingParams(temperature=0.0, max_new_tokens=60,
-                                                                             ignore_eos=True), seed=1,
-                              return_logprob=True, return_routed_experts=True)]
+    long = [
+        GenerationRequest(
+            "long",
+            tuple(eval_prompts[0]),
+            SamplingParams(temperature=0.0, max_new_tokens=60, ignore_eos=True),
+            seed=1,
+            return_logprob=True,
+            return_routed_experts=True,
+        )
+    ]
     _assert_same_rows(_run(hf, long, 2), _run(hf, long, 2, decoder))
     assert decoder.capacity > first  # both caches regrown for the longer row, results still exact
 
     def abort_after(n):
-        calls = iter(range(10 ** 6))
+        calls = iter(range(10**6))
         return lambda: next(calls) >= n
 
     requests = _mixed_requests(eval_prompts, 6)
@@ -323,9 +349,17 @@ def test_fused_greedy_step_equals_the_general_loop(hf, eval_prompts, monkeypatch
     static loop and the DynamicCache path, with rows ending at different steps (eos, stop id, max_new_tokens),
     a compaction and an abort."""
     model, mtp, _ = hf
-    greedy = [GenerationRequest(r.rid, r.input_ids, SamplingParams(temperature=0.0, max_new_tokens=6 + 3 * j,
-                                                                   stop_token_ids=(20,)), r.seed, True, True)
-              for j, r in enumerate(_mixed_requests(eval_prompts, 7))]
+    greedy = [
+        GenerationRequest(
+            r.rid,
+            r.input_ids,
+            SamplingParams(temperature=0.0, max_new_tokens=6 + 3 * j, stop_token_ids=(20,)),
+            r.seed,
+            True,
+            True,
+        )
+        for j, r in enumerate(_mixed_requests(eval_prompts, 7))
+    ]
     calls = []
     real = StaticDecoder.verify_greedy
     monkeypatch.setattr(StaticDecoder, "verify_greedy", lambda self, *a: calls.append(1) or real(self, *a))
@@ -338,7 +372,7 @@ def test_fused_greedy_step_equals_the_general_loop(hf, eval_prompts, monkeypatch
     monkeypatch.setattr(StaticSpeculation, "fused_greedy", True)
 
     def abort_after(n):
-        calls = iter(range(10 ** 6))
+        calls = iter(range(10**6))
         return lambda: next(calls) >= n
 
     aborted = _run(hf, greedy, 1, StaticDecoder(model, max_batch=16, mtp=mtp), abort_after(3))
@@ -361,8 +395,17 @@ def test_mtp_weights_use_checkpoint_names_and_updates_change_the_drafts(hf, eval
     prefix = f"model.layers.{model.config.num_hidden_layers}."
     sums = client.weights_checksum()["checksums"]
     mtp_names = sorted(n for n in sums if n.startswith(prefix))
-    assert {prefix + n for n in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
-                                 "mlp.experts.gate_up_proj", "mlp.experts.down_proj")} <= set(mtp_names)
+    assert {
+        prefix + n
+        for n in (
+            "enorm.weight",
+            "hnorm.weight",
+            "eh_proj.weight",
+            "shared_head.norm.weight",
+            "mlp.experts.gate_up_proj",
+            "mlp.experts.down_proj",
+        )
+    } <= set(mtp_names)
     experts = range(model.config.n_routed_experts)
     with safe_open(str(TINY_CHECKPOINT / "model.safetensors"), "pt") as disk:
         expert = lambda e, w: disk.get_tensor(f"{prefix}mlp.experts.{e}.{w}_proj.weight")  # noqa: E731
@@ -381,15 +424,17 @@ def test_mtp_weights_use_checkpoint_names_and_updates_change_the_drafts(hf, eval
     zeroed = torch.zeros_like(original)
     assert client.update_weights_from_tensor([(prefix + "eh_proj.weight", zeroed)], weight_version=3)["success"]
     assert client.weights_checksum([prefix + "eh_proj.weight"])["checksums"] == {
-        prefix + "eh_proj.weight": tensor_checksum(zeroed)}
+        prefix + "eh_proj.weight": tensor_checksum(zeroed)
+    }
     after = client.generate(eval_prompts[:8], greedy)
     assert [a["output_ids"] for a in after] == [b["output_ids"] for b in before]  # drafts never change outputs
     accepted = [sum(a["meta_info"]["spec_accept_token_num"] for a in answers) for answers in (before, after)]
-    assert accepted[1] < accepted[0]                                               # ... but they did change
+    assert accepted[1] < accepted[0]  # ... but they did change
     client.update_weights_from_tensor([(prefix + "eh_proj.weight", original)], weight_version=4)
     restored = client.generate(eval_prompts[:8], greedy)
-    assert [a["meta_info"]["spec_accept_token_num"] for a in restored] == \
-        [b["meta_info"]["spec_accept_token_num"] for b in before]
+    assert [a["meta_info"]["spec_accept_token_num"] for a in restored] == [
+        b["meta_info"]["spec_accept_token_num"] for b in before
+    ]
 
 
 # -- command line --------------------------------------------------------------------------------------------
@@ -397,9 +442,24 @@ def test_generate_command_reports_speculation(hf, eval_prompts, tmp_path):
     rows = (ASSETS / "arith" / "eval.jsonl").read_text().splitlines()[:3]
     prompt_file = tmp_path / "prompts.jsonl"
     prompt_file.write_text("\n".join(rows) + "\n")
-    out = subprocess.run([sys.executable, "-m", "glm_rl.cli", "generate", "--prompt-file", str(prompt_file),
-                          "--enable-mtp", "--temperature", "0", "--max-new-tokens", "16", "--json"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "glm_rl.cli",
+            "generate",
+            "--prompt-file",
+            str(prompt_file),
+            "--enable-mtp",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "16",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     plain = _run(hf, _requests(eval_prompts[:3], temperature=0.0, max_new_tokens=16), None)
@@ -407,4 +467,5 @@ def test_generate_command_reports_speculation(hf, eval_prompts, tmp_path):
     assert all(len(r["logprobs"]) == len(r["output_ids"]) and r["spec_verify_ct"] >= 1 for r in result["results"])
     summary = result["summary"]
     assert summary["enable_mtp"] and summary["spec_accept_length"] == pytest.approx(
-        summary["completion_tokens"] / summary["spec_verify_ct"], abs=1e-3)
+        summary["completion_tokens"] / summary["spec_verify_ct"], abs=1e-3
+    )

@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 
 from glm_rl.engine.batch import SamplingParams
-from glm_rl.engine.sampling import (bits_to_uniform, cdf, counter_bits, counter_bits_many, counter_uniform,
-                                    sample_tokens)
+from glm_rl.engine.sampling import bits_to_uniform, cdf, counter_bits, counter_bits_many, counter_uniform, sample_tokens
 
 # chi-square critical values at significance 1e-3 (tables): degrees of freedom -> value
 CHI2_CRIT = {2: 13.816, 5: 20.515}
@@ -61,7 +60,7 @@ def test_a_rows_draw_depends_only_on_its_seed_and_step():
     seeds, steps = torch.randint(0, 1 << 62, (9,)).tolist(), torch.randint(0, 100, (9,)).tolist()
     u = _uniforms(zip(seeds, steps))
     together = sample_tokens(logits, sp, u)[0]
-    alone = torch.cat([sample_tokens(logits[i:i + 1], sp, u[i:i + 1])[0] for i in range(9)])
+    alone = torch.cat([sample_tokens(logits[i : i + 1], sp, u[i : i + 1])[0] for i in range(9)])
     assert torch.equal(together, alone)
     later = sample_tokens(logits, sp, _uniforms((a, b + 1) for a, b in zip(seeds, steps)))[0]
     assert not torch.equal(together, later)  # the next step draws afresh
@@ -74,7 +73,7 @@ def test_counter_uniform_is_uniform_open_and_uncorrelated_over_steps_and_seeds()
         assert 0.0 < float(u.min()) and float(u.max()) < 1.0
         assert abs(float(u.mean()) - 0.5) < 0.002 and abs(float(u.std()) - (1 / 12) ** 0.5) < 0.002
         # neighbouring steps / seeds: correlation within 4 standard errors of 0
-        assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 4 / n ** 0.5
+        assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 4 / n**0.5
 
 
 def test_device_uniforms_equal_the_host_ones_bit_for_bit():
@@ -108,6 +107,7 @@ def test_blocked_cdf_equals_the_flat_scan_and_skips_zero_probability_tokens():
     rows = logits[:1].expand(n, -1)
     tokens = sample_tokens(rows, SamplingParams(temperature=1.0), _uniforms((i, 0) for i in range(n)))[0]
     assert bool((probs[0, tokens] > 0).all())
-    reference = torch.searchsorted(flat[:1].expand(n, -1), (_uniforms((i, 0) for i in range(n))[:, None]
-                                                            * flat[:1, -1:])).squeeze(-1)
+    reference = torch.searchsorted(
+        flat[:1].expand(n, -1), (_uniforms((i, 0) for i in range(n))[:, None] * flat[:1, -1:])
+    ).squeeze(-1)
     assert (tokens != reference).sum().item() <= 1  # a uniform within rounding of a boundary may differ

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glm_rl.models.glm45.checkpoint import load_hf_model
-from glm_rl.models.glm45.presets import TINY_CHECKPOINT
 from glm_rl.engine.batch import GenerationRequest, SamplingParams
 from glm_rl.engine.decode import run_batch
 from glm_rl.engine.decode.graphs import batch_bucket, span_bucket
 from glm_rl.engine.decode.static import StaticDecoder
+from glm_rl.models.glm45.checkpoint import load_hf_model
+from glm_rl.models.glm45.presets import TINY_CHECKPOINT
 
 
 @pytest.fixture(scope="module")
@@ -23,23 +23,40 @@ def _requests(n: int, seed: int, max_new: int = 24) -> list[GenerationRequest]:
     """Prompts of 1-13 tokens; greedy, plain sampling, top-k and top-p rows; lengths that end at different
     steps (so the cache is compacted several times); eos stops on."""
     g = torch.Generator().manual_seed(seed)
-    kinds = [SamplingParams(temperature=0.0, max_new_tokens=max_new),
-             SamplingParams(temperature=1.0, max_new_tokens=max_new - 7),
-             SamplingParams(temperature=0.8, top_k=5, max_new_tokens=max_new - 3),
-             SamplingParams(temperature=1.2, top_p=0.7, max_new_tokens=max_new - 11)]
+    kinds = [
+        SamplingParams(temperature=0.0, max_new_tokens=max_new),
+        SamplingParams(temperature=1.0, max_new_tokens=max_new - 7),
+        SamplingParams(temperature=0.8, top_k=5, max_new_tokens=max_new - 3),
+        SamplingParams(temperature=1.2, top_p=0.7, max_new_tokens=max_new - 11),
+    ]
     out = []
     for i in range(n):
         ids = tuple(torch.randint(0, 32, (int(torch.randint(1, 14, (1,), generator=g)),), generator=g).tolist())
-        out.append(GenerationRequest(f"r{i}", ids, kinds[i % len(kinds)], seed=seed * 100 + i, return_logprob=True,
-                                     return_routed_experts=True))
+        out.append(
+            GenerationRequest(
+                f"r{i}",
+                ids,
+                kinds[i % len(kinds)],
+                seed=seed * 100 + i,
+                return_logprob=True,
+                return_routed_experts=True,
+            )
+        )
     return out
 
 
 def _run(model, requests, decoder=None, should_abort=lambda: False):
     gates = [layer.mlp.gate for i, layer in enumerate(model.model.layers) if i >= model.config.first_k_dense_replace]
     eos = model.generation_config.eos_token_id
-    return run_batch(model, requests, eos_ids=[eos] if isinstance(eos, int) else eos, pad_id=0, gates=gates,
-                     should_abort=should_abort, decoder=decoder)
+    return run_batch(
+        model,
+        requests,
+        eos_ids=[eos] if isinstance(eos, int) else eos,
+        pad_id=0,
+        gates=gates,
+        should_abort=should_abort,
+        decoder=decoder,
+    )
 
 
 def _assert_same(dynamic, static):
@@ -67,9 +84,11 @@ def test_one_sampling_group_samples_inside_the_decode_step(model):
     decoder = StaticDecoder(model, max_batch=8)
     calls = {"decode": 0, "decode_sampled": 0}
     for name in calls:
-        def counted(*a, _f=getattr(decoder, name), _n=name, **k):
+
+        def counted(*a, _f=getattr(decoder, name), _n=name, **k):  # noqa: B008 - bind this iteration's method
             calls[_n] += 1
             return _f(*a, **k)
+
         setattr(decoder, name, counted)
     dynamic = _run(model, requests)
     _assert_same(dynamic, _run(model, requests, decoder))
@@ -88,7 +107,7 @@ def test_cache_grows_between_batches_and_abort_keeps_partial_rows(model):
     assert decoder.capacity > first  # regrown for the longer batch, results still exact
 
     def abort_after(k):
-        calls = iter(range(10 ** 6))
+        calls = iter(range(10**6))
         return lambda: next(calls) >= k
 
     dynamic, static = _run(model, long, should_abort=abort_after(5)), _run(model, long, decoder, abort_after(5))
@@ -131,5 +150,8 @@ def test_mtp_forward_needs_a_decoder_built_with_the_mtp_layer(model):
     decoder = StaticDecoder(model, max_batch=2)
     decoder.reserve(8)
     with pytest.raises(ValueError, match="mtp="):
-        decoder.mtp_forward(torch.zeros(1, 1, model.config.hidden_size), torch.zeros(1, 1, dtype=torch.long),
-                            torch.ones(1, 1, dtype=torch.long))
+        decoder.mtp_forward(
+            torch.zeros(1, 1, model.config.hidden_size),
+            torch.zeros(1, 1, dtype=torch.long),
+            torch.ones(1, 1, dtype=torch.long),
+        )

@@ -27,8 +27,21 @@ GREEDY = {"temperature": 0.0, "max_new_tokens": 8, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def client():
-    proc = subprocess.Popen([sys.executable, "-m", "glm_rl.engine", "--hf-checkpoint",
-                             str(TINY_CHECKPOINT), "--port", "0", "--api-key", "k"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "glm_rl.engine",
+            "--hf-checkpoint",
+            str(TINY_CHECKPOINT),
+            "--port",
+            "0",
+            "--api-key",
+            "k",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         assert line.startswith("READY "), f"engine process did not start: {line!r}"
@@ -57,24 +70,30 @@ def test_update_weights_from_tensor(client, hf):
     before = client.generate(PROMPT, GREEDY, return_logprob=True)
     state = hf.state_dict()
     gen = torch.Generator().manual_seed(0)
-    new = {"lm_head.weight": state["lm_head.weight"] * 1.3,
-           "model.layers.1.mlp.gate.e_score_correction_bias": torch.randn(8, generator=gen) * 0.5,
-           "model.layers.2.mlp.experts.gate_up_proj": state["model.layers.2.mlp.experts.gate_up_proj"]
-           + 0.05 * torch.randn(state["model.layers.2.mlp.experts.gate_up_proj"].shape, generator=gen)}
+    new = {
+        "lm_head.weight": state["lm_head.weight"] * 1.3,
+        "model.layers.1.mlp.gate.e_score_correction_bias": torch.randn(8, generator=gen) * 0.5,
+        "model.layers.2.mlp.experts.gate_up_proj": state["model.layers.2.mlp.experts.gate_up_proj"]
+        + 0.05 * torch.randn(state["model.layers.2.mlp.experts.gate_up_proj"].shape, generator=gen),
+    }
     answer = client.update_weights_from_tensor(list(new.items()), weight_version=5)
     assert answer["success"] and answer["weight_version"] == 5
-    assert client.weights_checksum(list(new)) == {"weight_version": 5,
-                                                  "checksums": {n: tensor_checksum(t) for n, t in new.items()}}
+    assert client.weights_checksum(list(new)) == {
+        "weight_version": 5,
+        "checksums": {n: tensor_checksum(t) for n, t in new.items()},
+    }
     after = client.generate(PROMPT, GREEDY, return_logprob=True)
     assert after["meta_info"]["weight_version"] == 5 and client.model_info()["weight_version"] == 5
     assert (_engine_logprobs(after) - _engine_logprobs(before)).abs().max() > 1e-2
     updated = load_hf_model(TINY_CHECKPOINT)[0]
     updated.load_state_dict({**updated.state_dict(), **new})
-    ref = _logprobs(updated, PROMPT + after["output_ids"])[len(PROMPT) - 1:]
+    ref = _logprobs(updated, PROMPT + after["output_ids"])[len(PROMPT) - 1 :]
     assert (_engine_logprobs(after) - ref).abs().max() <= 1e-5
     # refused updates name the culprit and change nothing
-    for bad, culprit in ([("model.nope.weight", torch.zeros(2))], "model.nope.weight"), \
-                        ([("lm_head.weight", torch.zeros(3, 3))], "lm_head.weight"):
+    for bad, culprit in (
+        ([("model.nope.weight", torch.zeros(2))], "model.nope.weight"),
+        ([("lm_head.weight", torch.zeros(3, 3))], "lm_head.weight"),
+    ):
         with pytest.raises(EngineError) as info:
             client.update_weights_from_tensor(bad, weight_version=99)
         assert info.value.status == 400 and culprit in info.value.message
@@ -89,6 +108,7 @@ def _in_thread(fn, *args, **kwargs):
             out["result"] = fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - re-raised by the caller
             out["error"] = e
+
     thread = threading.Thread(target=run)
     thread.start()
     return thread, out
@@ -109,9 +129,14 @@ def test_update_weights_from_distributed_restores_the_checkpoint(client, hf):
     assert "sync" in client.server_info()["weight_groups"]
 
     named = list(hf.state_dict().items())  # the original checkpoint, every tensor incl. router biases
-    pending = _in_thread(client.update_weights_from_distributed, [n for n, _ in named],
-                         [str(t.dtype) for _, t in named], [list(t.shape) for _, t in named], "sync",
-                         weight_version=6)
+    pending = _in_thread(
+        client.update_weights_from_distributed,
+        [n for n, _ in named],
+        [str(t.dtype) for _, t in named],
+        [list(t.shape) for _, t in named],
+        "sync",
+        weight_version=6,
+    )
     for _, tensor in named:
         group.broadcast(tensor.contiguous())
     answer = _join(*pending)
@@ -121,8 +146,9 @@ def test_update_weights_from_distributed_restores_the_checkpoint(client, hf):
 
     out = client.generate(PROMPT, GREEDY, return_logprob=True)
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=8, do_sample=False, eos_token_id=None,
-                          pad_token_id=0)[0, len(PROMPT):].tolist()
+        ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[
+            0, len(PROMPT) :
+        ].tolist()
     assert out["output_ids"] == ref and out["meta_info"]["weight_version"] == 6
 
     # an unknown name: the engine still receives the broadcast (the trainer never hangs), then answers 400

@@ -23,12 +23,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from glm_rl.engine import EmbeddedEngine, EngineConfig
 from glm_rl.evaluate import evaluate
 from glm_rl.models import fp8
 from glm_rl.models.glm45.checkpoint import CheckpointError, load_hf_model, load_mtp
 from glm_rl.models.glm45.presets import TINY_CHECKPOINT
 from glm_rl.rollout.data import load_prompts
-from glm_rl.engine import EmbeddedEngine, EngineConfig
 from glm_rl.rollout.engine_client import EngineClient, EngineError
 from glm_rl.rollout.rewards import get_reward_fn
 from glm_rl.weights.modes import make_transport
@@ -36,12 +36,23 @@ from glm_rl.weights.wire import tensor_checksum
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "convert_hf_to_fp8.py"
 EVAL = TINY_CHECKPOINT.parent / "arith" / "eval.jsonl"
-UNQUANTIZED = ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight", "model.layers.1.mlp.gate.weight",
-               "model.layers.1.mlp.gate.e_score_correction_bias", "model.layers.0.input_layernorm.weight",
-               "model.layers.2.self_attn.q_norm.weight", "model.layers.2.self_attn.q_proj.bias",
-               "model.layers.4.eh_proj.weight", "model.layers.4.enorm.weight", "model.layers.4.hnorm.weight",
-               "model.layers.4.shared_head.head.weight", "model.layers.4.shared_head.norm.weight",
-               "model.layers.4.embed_tokens.weight", "model.layers.4.mlp.gate.weight"]
+UNQUANTIZED = [
+    "lm_head.weight",
+    "model.embed_tokens.weight",
+    "model.norm.weight",
+    "model.layers.1.mlp.gate.weight",
+    "model.layers.1.mlp.gate.e_score_correction_bias",
+    "model.layers.0.input_layernorm.weight",
+    "model.layers.2.self_attn.q_norm.weight",
+    "model.layers.2.self_attn.q_proj.bias",
+    "model.layers.4.eh_proj.weight",
+    "model.layers.4.enorm.weight",
+    "model.layers.4.hnorm.weight",
+    "model.layers.4.shared_head.head.weight",
+    "model.layers.4.shared_head.norm.weight",
+    "model.layers.4.embed_tokens.weight",
+    "model.layers.4.mlp.gate.weight",
+]
 
 
 def _tool():
@@ -54,14 +65,14 @@ def _tool():
 def _bound(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     rows, cols = w.shape[-2:]
     s_full = s.repeat_interleave(fp8.BLOCK, -2).repeat_interleave(fp8.BLOCK, -1)[..., :rows, :cols]
-    return torch.maximum(2 ** -4 * w.abs(), 2 ** -10 * s_full) * (1 + 2 ** -20)
+    return torch.maximum(2**-4 * w.abs(), 2**-10 * s_full) * (1 + 2**-20)
 
 
 def _block_rel_errors(w: torch.Tensor, d: torch.Tensor) -> list[float]:
     out = []
     for i in range(0, w.shape[-2], fp8.BLOCK):
         for j in range(0, w.shape[-1], fp8.BLOCK):
-            a, b = w[..., i:i + fp8.BLOCK, j:j + fp8.BLOCK], d[..., i:i + fp8.BLOCK, j:j + fp8.BLOCK]
+            a, b = w[..., i : i + fp8.BLOCK, j : j + fp8.BLOCK], d[..., i : i + fp8.BLOCK, j : j + fp8.BLOCK]
             out.append(float((a - b).norm() / a.norm()) if a.norm() > 0 else float((b != 0).sum()))
     return out
 
@@ -92,8 +103,8 @@ def test_round_trip_within_e4m3_bound_partial_and_zero_blocks():
     d = fp8.dequantize_blockwise(q, s)
     assert ((w - d).abs() <= _bound(w, s)).all()
     assert torch.equal(d[128:256, 128:256], torch.zeros(128, 128))
-    assert max(_block_rel_errors(w, d)) <= 2 ** -4
-    assert (q.float().abs().amax() == fp8.FP8_MAX)  # each block's largest value maps to 448
+    assert max(_block_rel_errors(w, d)) <= 2**-4
+    assert q.float().abs().amax() == fp8.FP8_MAX  # each block's largest value maps to 448
     # control: the same bytes with a scale grid shifted by one block column violate the bound
     shifted = fp8.dequantize_blockwise(q, s.roll(1, dims=1))
     assert not ((w - shifted).abs() <= _bound(w, s)).all()
@@ -110,7 +121,7 @@ def test_batched_and_fused_gate_up_match_per_matrix_quantization():
             q1, s1 = fp8.quantize_blockwise(experts[e, rows])
             assert torch.equal(q[e, rows].view(torch.uint8), q1.view(torch.uint8)) and torch.equal(s[e, half], s1[0])
     d = fp8.dequantize_blockwise(q, s, parts=2)
-    assert ((experts - d).abs() <= 2 ** -4 * experts.abs() * (1 + 2 ** -20) + 2 ** -10 * s.max()).all()
+    assert ((experts - d).abs() <= 2**-4 * experts.abs() * (1 + 2**-20) + 2**-10 * s.max()).all()
     with pytest.raises(fp8.Fp8Error, match="scale shape"):
         fp8.dequantize_blockwise(q, s)  # parts=1 expects (4, 1, 1)
     with pytest.raises(fp8.Fp8Error, match="inf / nan"):
@@ -122,9 +133,18 @@ def test_converted_checkpoint_layout(converted, originals):
     config = json.loads((converted / "config.json").read_text())
     qc = config["quantization_config"]
     assert {k: qc[k] for k in ("quant_method", "fmt", "activation_scheme", "weight_block_size")} == {
-        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
-    assert {"lm_head", "model.embed_tokens", "model.layers.1.mlp.gate", "model.layers.4.eh_proj",
-            "model.layers.4.shared_head.head"} <= set(qc["modules_to_not_convert"])
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    }
+    assert {
+        "lm_head",
+        "model.embed_tokens",
+        "model.layers.1.mlp.gate",
+        "model.layers.4.eh_proj",
+        "model.layers.4.shared_head.head",
+    } <= set(qc["modules_to_not_convert"])
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
         assert (converted / name).read_bytes() == (TINY_CHECKPOINT / name).read_bytes()
     with safe_open(converted / "model.safetensors", framework="pt") as f:
@@ -143,7 +163,7 @@ def test_converted_checkpoint_layout(converted, originals):
         d = fp8.dequantize_blockwise(stored[name], s)
         assert ((w - d).abs() <= _bound(w, s)).all(), name
         worst = max(worst, *_block_rel_errors(w, d))
-    assert 0 < worst <= 2 ** -4
+    assert 0 < worst <= 2**-4
     print(f"\nFP8 round trip, tiny checkpoint: worst per-block relative error {worst:.4f} (bound 2^-4 = 0.0625)")
 
 
@@ -158,19 +178,24 @@ def test_converter_rejects_bad_input_before_writing(tmp_path, converted):
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("x")
-    cases = [(tmp_path / "missing", tmp_path / "out1", "not a directory"),
-             (llama, tmp_path / "out2", "model_type is 'llama', expected 'glm4_moe'"),
-             (converted, tmp_path / "out3", "already has a quantization_config"),
-             (no_weights, tmp_path / "out4", "no *.safetensors"),
-             (TINY_CHECKPOINT, occupied, "not an empty directory"),
-             (TINY_CHECKPOINT, TINY_CHECKPOINT, "is the source checkpoint")]
+    cases = [
+        (tmp_path / "missing", tmp_path / "out1", "not a directory"),
+        (llama, tmp_path / "out2", "model_type is 'llama', expected 'glm4_moe'"),
+        (converted, tmp_path / "out3", "already has a quantization_config"),
+        (no_weights, tmp_path / "out4", "no *.safetensors"),
+        (TINY_CHECKPOINT, occupied, "not an empty directory"),
+        (TINY_CHECKPOINT, TINY_CHECKPOINT, "is the source checkpoint"),
+    ]
     for src, dst, message in cases:
         before = sorted(p.name for p in dst.iterdir()) if dst.exists() else None
         with pytest.raises(tool.ConversionError, match=message.replace("*", r"\*")):
             tool.convert(src, dst, progress=False)
         assert (sorted(p.name for p in dst.iterdir()) if dst.exists() else None) == before, dst  # nothing written
-    out = subprocess.run([sys.executable, str(TOOL), "--hf-checkpoint", str(llama), "--save", str(tmp_path / "o")],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, str(TOOL), "--hf-checkpoint", str(llama), "--save", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "error:" in out.stderr and "glm4_moe" in out.stderr
     assert not (tmp_path / "o").exists()
 
@@ -180,12 +205,15 @@ def test_loader_dequantizes_fp8_checkpoint(converted):
     model, tokenizer = load_hf_model(converted)
     state = model.state_dict()
     with safe_open(converted / "model.safetensors", framework="pt") as f:
+
         def deq(name):
             return fp8.dequantize_blockwise(f.get_tensor(name), f.get_tensor(fp8.scale_name(name)))
+
         q_proj = "model.layers.0.self_attn.q_proj.weight"
         assert torch.equal(state[q_proj], deq(q_proj))
-        fused = torch.cat([deq("model.layers.2.mlp.experts.5.gate_proj.weight"),
-                           deq("model.layers.2.mlp.experts.5.up_proj.weight")])
+        fused = torch.cat(
+            [deq("model.layers.2.mlp.experts.5.gate_proj.weight"), deq("model.layers.2.mlp.experts.5.up_proj.weight")]
+        )
         assert torch.equal(state["model.layers.2.mlp.experts.gate_up_proj"][5], fused)
         assert torch.equal(state["lm_head.weight"], f.get_tensor("lm_head.weight"))
     assert load_mtp(model).layers[0].eh_proj.weight.shape == (96, 192)  # the MTP layer loads from the copy
@@ -216,8 +244,9 @@ def test_eval_accuracy_fp8_close_to_original(converted):
     for label, path in (("original", TINY_CHECKPOINT), ("fp8", converted)):
         model, tokenizer = load_hf_model(path)
         for temperature in (0.0, 1.0):
-            results[label, temperature] = evaluate(model, tokenizer, rows, reward, temperature=temperature,
-                                                   seed=0).accuracy
+            results[label, temperature] = evaluate(
+                model, tokenizer, rows, reward, temperature=temperature, seed=0
+            ).accuracy
     print("\naccuracy " + ", ".join(f"{k[0]} T={k[1]}: {v:.3f}" for k, v in results.items()))
     assert results["original", 0.0] >= 0.7  # the checkpoint is the one whose figures we know
     for temperature in (0.0, 1.0):
@@ -227,9 +256,23 @@ def test_eval_accuracy_fp8_close_to_original(converted):
 def test_eval_cli_runs_fp8_checkpoint(converted, tmp_path):
     prompts = tmp_path / "few.jsonl"
     prompts.write_text("".join(EVAL.read_text().splitlines(keepends=True)[:20]))
-    out = subprocess.run([sys.executable, "-m", "glm_rl.cli", "eval", "--hf-checkpoint", str(converted),
-                          "--prompt-data", str(prompts), "--temperature", "0", "--json"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "glm_rl.cli",
+            "eval",
+            "--hf-checkpoint",
+            str(converted),
+            "--prompt-data",
+            str(prompts),
+            "--temperature",
+            "0",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1])["n"] == 20
 
@@ -272,8 +315,9 @@ def test_rollout_fp8_sync_into_embedded_engine(engine, converted, mode):
     prompt = [1, 2, 4, 23, 13, 10, 17, 11, 5, 23]
     answer = client.generate(prompt, {"temperature": 0.0, "max_new_tokens": 8, "ignore_eos": True})
     with torch.no_grad():
-        ref = fp8_model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0)[0, len(prompt):].tolist()
+        ref = fp8_model.generate(
+            torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(prompt) :].tolist()
     assert answer["output_ids"] == ref and answer["meta_info"]["weight_version"] == 11
 
 
@@ -282,8 +326,11 @@ def test_engine_refuses_unpaired_fp8_tensors(engine):
     name = "model.layers.0.self_attn.o_proj.weight"
     q, s = fp8.quantize_blockwise(torch.randn(96, 96))
     version = engine.weight_version
-    for bad, message in (([(name, q)], "without a scale"), ([(fp8.scale_name(name), s)], "scales without"),
-                         ([(name, q), (fp8.scale_name(name), torch.ones(2, 2))], "scale shape")):
+    for bad, message in (
+        ([(name, q)], "without a scale"),
+        ([(fp8.scale_name(name), s)], "scales without"),
+        ([(name, q), (fp8.scale_name(name), torch.ones(2, 2))], "scale shape"),
+    ):
         with pytest.raises(EngineError) as info:
             client.update_weights_from_tensor(bad, weight_version=99)
         assert info.value.status == 400 and message in info.value.message

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.multiprocessing as mp
-import pytest
 
 from glm_rl.config import AlgoConfig, ModelConfig, TrainConfig
+from glm_rl.engine.batch import GenerationRequest, SamplingParams
+from glm_rl.engine.decode import run_batch
 from glm_rl.evaluate import chat_prompt_ids
 from glm_rl.models.glm45.checkpoint import load_hf_model
 from glm_rl.models.glm45.presets import TINY_CHECKPOINT
-from glm_rl.engine.batch import GenerationRequest, SamplingParams
-from glm_rl.engine.decode import run_batch
 from glm_rl.weights.wire import deserialize_named_tensors, serialize_named_tensors, tensor_checksum
 
 pytestmark = pytest.mark.gpu
@@ -21,15 +21,29 @@ def test_engine_greedy_on_cuda_matches_hf_generate():
     model, tok = load_hf_model(TINY_CHECKPOINT, dtype=torch.float32)
     model.to("cuda")
     prompts = [chat_prompt_ids(tok, p) for p in ("12+34", "507+88", "9+9")]
-    reqs = [GenerationRequest(rid=str(i), input_ids=tuple(p), sampling=SamplingParams(temperature=0.0,
-                                                                                      max_new_tokens=12), seed=0)
-            for i, p in enumerate(prompts)]
-    rows = run_batch(model, reqs, eos_ids=model.generation_config.eos_token_id, pad_id=tok.pad_token_id,
-                     gates=[], should_abort=lambda: False)
+    reqs = [
+        GenerationRequest(
+            rid=str(i), input_ids=tuple(p), sampling=SamplingParams(temperature=0.0, max_new_tokens=12), seed=0
+        )
+        for i, p in enumerate(prompts)
+    ]
+    rows = run_batch(
+        model,
+        reqs,
+        eos_ids=model.generation_config.eos_token_id,
+        pad_id=tok.pad_token_id,
+        gates=[],
+        should_abort=lambda: False,
+    )
     for p, row in zip(prompts, rows):
-        ref = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=12, do_sample=False,
-                             eos_token_id=model.generation_config.eos_token_id, pad_token_id=tok.pad_token_id)
-        assert row.output_ids == ref[0, len(p):].tolist()
+        ref = model.generate(
+            torch.tensor([p], device="cuda"),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=model.generation_config.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        assert row.output_ids == ref[0, len(p) :].tolist()
 
 
 def _receive(payload, queue):
@@ -51,6 +65,7 @@ def test_cuda_ipc_weights_arrive_bitwise():
 
 def test_torch_backend_bf16_step_on_cuda_tracks_fp32_cpu():
     from test_trainer_backend import global_tokens, make_samples  # tests/ is on sys.path under pytest
+
     from glm_rl.trainer.backends.torch_backend import TorchBackend
 
     samples = make_samples(8)
@@ -89,7 +104,7 @@ def _megatron_cuda_worker(rank: int, store: str, queue) -> None:
             model = build_gpt_model(spec, params_dtype=dtype, fast=fast)
             import_hf_weights(model, spec, hf.state_dict())
             with torch.no_grad():
-                logits = model.to("cuda").eval()(ids, pos, attention_mask=None)[..., :spec.vocab_size].float()
+                logits = model.to("cuda").eval()(ids, pos, attention_mask=None)[..., : spec.vocab_size].float()
             out[(str(dtype), fast)] = (logits - ref).abs().max().item()
     out["scale"] = ref.abs().max().item()
     dist.destroy_process_group()
@@ -116,8 +131,8 @@ def _megatron_backend_worker(store: str, queue) -> None:
     """One NCCL process: MegatronBackend (fast modules, chunked compiled logprobs) in bf16 on CUDA vs the torch
     backend in fp32 on the CPU, R3 on; then one training step."""
     import torch.distributed as dist
-
     from test_trainer_backend import global_tokens, make_samples
+
     from glm_rl.trainer.backends.megatron.backend import MegatronBackend
     from glm_rl.trainer.backends.torch_backend import TorchBackend
 
@@ -125,14 +140,26 @@ def _megatron_backend_worker(store: str, queue) -> None:
     samples = make_samples(8)
     algo = AlgoConfig(use_rollout_routing_replay=True)
     ref = TorchBackend(ModelConfig(), TrainConfig(), algo, temperature=1.0).logprobs(samples)
-    gpu = MegatronBackend(ModelConfig(dtype="bfloat16"), TrainConfig(backend="megatron", num_trainer_ranks=1),
-                          algo, temperature=1.0, device="cuda")
+    gpu = MegatronBackend(
+        ModelConfig(dtype="bfloat16"),
+        TrainConfig(backend="megatron", num_trainer_ranks=1),
+        algo,
+        temperature=1.0,
+        device="cuda",
+    )
     out = gpu.logprobs(samples)
     diff = torch.cat([torch.as_tensor(abs(ref["old"][i] - out["old"][i])) for i in ref["old"]])
     m = gpu.train_step(samples, global_tokens(samples))
     dist.destroy_process_group()
-    queue.put({"mean": float(diff.mean()), "max": float(diff.max()), "agree": out["replay_agree"],
-               "total": out["replay_total"], "grad_norm": m["train/grad_norm"]})
+    queue.put(
+        {
+            "mean": float(diff.mean()),
+            "max": float(diff.max()),
+            "agree": out["replay_agree"],
+            "total": out["replay_total"],
+            "grad_norm": m["train/grad_norm"],
+        }
+    )
 
 
 def test_megatron_backend_bf16_on_cuda_tracks_fp32_cpu(tmp_path):
@@ -160,8 +187,11 @@ def _static_requests(n: int, ignore_eos: bool, one_group: bool = False) -> list[
     out = []
     for i in range(n):
         ids = tuple(torch.randint(0, 32, (int(torch.randint(1, 14, (1,), generator=g)),), generator=g).tolist())
-        sp = SamplingParams(temperature=0.0 if i % 2 and not one_group else 1.0, ignore_eos=ignore_eos,
-                            max_new_tokens=40 if ignore_eos else 10 + 3 * i)
+        sp = SamplingParams(
+            temperature=0.0 if i % 2 and not one_group else 1.0,
+            ignore_eos=ignore_eos,
+            max_new_tokens=40 if ignore_eos else 10 + 3 * i,
+        )
         out.append(GenerationRequest(f"r{i}", ids, sp, seed=i, return_logprob=True, return_routed_experts=True))
     return out
 
@@ -169,12 +199,22 @@ def _static_requests(n: int, ignore_eos: bool, one_group: bool = False) -> list[
 def _run_static(model, requests, decoder=None):
     gates = [layer.mlp.gate for i, layer in enumerate(model.model.layers) if i >= model.config.first_k_dense_replace]
     eos = model.generation_config.eos_token_id
-    return run_batch(model, requests, eos_ids=[eos] if isinstance(eos, int) else eos, pad_id=0, gates=gates,
-                     should_abort=lambda: False, decoder=decoder)
+    return run_batch(
+        model,
+        requests,
+        eos_ids=[eos] if isinstance(eos, int) else eos,
+        pad_id=0,
+        gates=gates,
+        should_abort=lambda: False,
+        decoder=decoder,
+    )
 
 
-@pytest.mark.parametrize("dtype,one_group", [(torch.float32, False), (torch.bfloat16, False),
-                                             (torch.bfloat16, True)], ids=["fp32", "bf16", "bf16-one-group"])
+@pytest.mark.parametrize(
+    "dtype,one_group",
+    [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)],
+    ids=["fp32", "bf16", "bf16-one-group"],
+)
 def test_static_decode_cuda_graphs_match_eager_and_dynamic_cache(dtype, one_group):
     """bf16: CUDA-graphed decode steps == the same decoder without graphs; fp32 (graphs off: the experts' grouped
     GEMM synchronises there) the static cache == HF's DynamicCache path.
@@ -184,11 +224,14 @@ def test_static_decode_cuda_graphs_match_eager_and_dynamic_cache(dtype, one_grou
     from glm_rl.engine.decode.static import StaticDecoder
 
     model = load_hf_model(TINY_CHECKPOINT, dtype=dtype)[0].to("cuda")
-    requests = _static_requests(11 if dtype == torch.float32 else 8, ignore_eos=dtype == torch.bfloat16,
-                                one_group=one_group)
+    requests = _static_requests(
+        11 if dtype == torch.float32 else 8, ignore_eos=dtype == torch.bfloat16, one_group=one_group
+    )
     graphed = StaticDecoder(model, max_batch=16)
-    runs = {"graph": _run_static(model, requests, graphed),
-            "eager": _run_static(model, requests, StaticDecoder(model, max_batch=16, cuda_graph=False))}
+    runs = {
+        "graph": _run_static(model, requests, graphed),
+        "eager": _run_static(model, requests, StaticDecoder(model, max_batch=16, cuda_graph=False)),
+    }
     if dtype == torch.float32:
         runs["dynamic"] = _run_static(model, requests)
     # graphs run in bf16 (torch's grouped GEMM without host sync); fp32 keeps the static cache, eagerly
@@ -212,13 +255,18 @@ def test_embedded_engine_on_cuda_answers_like_hf_generate():
     model, tok = load_hf_model(TINY_CHECKPOINT, dtype=torch.float32)
     model.to("cuda")
     prompt = chat_prompt_ids(tok, "12+34")
-    ref = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=12, do_sample=False,
-                         eos_token_id=model.generation_config.eos_token_id, pad_token_id=tok.pad_token_id)
+    ref = model.generate(
+        torch.tensor([prompt], device="cuda"),
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=model.generation_config.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     engine = EmbeddedEngine(EngineConfig(hf_checkpoint=str(TINY_CHECKPOINT), device="cuda"))
     client = EngineClient(engine.start(), timeout=120)
     try:
         out = client.generate(input_ids=prompt, sampling_params={"temperature": 0.0, "max_new_tokens": 12})
-        assert out["output_ids"] == ref[0, len(prompt):].tolist()
+        assert out["output_ids"] == ref[0, len(prompt) :].tolist()
         name, weight = "lm_head.weight", model.lm_head.weight.detach().cpu() * 0.5
         engine.weights.load([(name, weight)], weight_version=7)
         assert engine.weights.checksums([name])["checksums"][name] == tensor_checksum(weight)
@@ -235,8 +283,10 @@ def test_compiled_decode_step_tracks_eager_in_bf16():
     model = load_hf_model(TINY_CHECKPOINT, dtype=torch.bfloat16)[0].to("cuda")
     prompts = [tuple(range(1, 3 + i)) for i in range(5)]
     out = []
-    for decoder in (StaticDecoder(model, max_batch=8, cuda_graph=False), StaticDecoder(model, max_batch=8,
-                                                                                         torch_compile=True)):
+    for decoder in (
+        StaticDecoder(model, max_batch=8, cuda_graph=False),
+        StaticDecoder(model, max_batch=8, torch_compile=True),
+    ):
         decoder.reserve(32)
         logits, _ = decoder.prefill(prompts, pad_id=0)
         step, _ = decoder.decode(logits.argmax(-1).tolist(), [len(p) for p in prompts])
@@ -249,8 +299,9 @@ def test_compiled_decode_step_tracks_eager_in_bf16():
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (issue 8: a multi-GPU box)")
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("layout", [dict(tp=2), dict(ep=2), dict(pp=2, first_stage_layers=1)],
-                         ids=["tp2", "ep2", "pp2"])
+@pytest.mark.parametrize(
+    "layout", [dict(tp=2), dict(ep=2), dict(pp=2, first_stage_layers=1)], ids=["tp2", "ep2", "pp2"]
+)
 def test_megatron_parity_over_nccl(tmp_path, layout, bf16):
     """The CPU parity cases of tests/test_megatron_model.py on 2 GPUs over NCCL: last-stage logits within 1e-4 of
     HF's fp32 logits (CPU) in fp32, within 2 % of their scale in bf16 (the single-GPU bf16 bound: 8 mantissa bits,
@@ -269,9 +320,24 @@ def test_colocated_rl_loop_saves_and_resumes_on_cuda(tmp_path):
     import subprocess
     import sys
 
-    flags = ["--colocate", "--num-engines", "1", "--num-trainer-ranks", "1", "--update-weight-transfer-mode",
-             "tensor", "--dtype", "bfloat16", "--rollout-batch-size", "8", "--n-samples-per-prompt", "8",
-             "--no-report", "--save", str(tmp_path / "ck")]
+    flags = [
+        "--colocate",
+        "--num-engines",
+        "1",
+        "--num-trainer-ranks",
+        "1",
+        "--update-weight-transfer-mode",
+        "tensor",
+        "--dtype",
+        "bfloat16",
+        "--rollout-batch-size",
+        "8",
+        "--n-samples-per-prompt",
+        "8",
+        "--no-report",
+        "--save",
+        str(tmp_path / "ck"),
+    ]
 
     def run(*extra):
         cmd = [sys.executable, "-m", "glm_rl.cli", "train", "--output-dir", str(tmp_path / "out"), *flags, *extra]
@@ -282,8 +348,8 @@ def test_colocated_rl_loop_saves_and_resumes_on_cuda(tmp_path):
     rows = run("--num-rollout", "10", "--save-interval", "5")
     assert [r["step"] for r in rows] == list(range(1, 11))
     assert all(r["sync/verified"] == 1.0 for r in rows)
-    assert all(r["routing/replay_agreement"] > 0.9 for r in rows)       # bf16: near, not exact
+    assert all(r["routing/replay_agreement"] > 0.9 for r in rows)  # bf16: near, not exact
     assert (tmp_path / "ck" / "latest").read_text().strip().endswith("10")
     resumed = run("--num-rollout", "12", "--load", str(tmp_path / "ck"))
-    assert [r["step"] for r in resumed][-2:] == [11, 12]                # continues the run
+    assert [r["step"] for r in resumed][-2:] == [11, 12]  # continues the run
     assert all(r["sync/verified"] == 1.0 for r in resumed[-2:])

@@ -41,8 +41,14 @@ PROMPTS = TINY_CHECKPOINT.parent / "arith" / "train.jsonl"
 
 
 def run(script: Path, *args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=REPO)
+    return subprocess.run(
+        ["bash", str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+    )
 
 
 @pytest.fixture
@@ -59,8 +65,14 @@ def inputs(tmp_path):
         lines = ["# cluster", ""] + [f"10.0.0.{i + 1} slots=8 max_slots=8  # node {i}" for i in range(hosts)]
         (tmp_path / name).write_text("\n".join(lines) + "\n")
     env = {"GLM_RL_RSH": str(rsh), "RAY_AUTH_TOKEN_PATH": str(token), "RAY_AUTH_MODE": "token"}
-    flags = ["--hf-checkpoint", str(TINY_CHECKPOINT), "--ref-load", str(tmp_path / "ref"),
-             "--prompt-data", str(PROMPTS)]
+    flags = [
+        "--hf-checkpoint",
+        str(TINY_CHECKPOINT),
+        "--ref-load",
+        str(tmp_path / "ref"),
+        "--prompt-data",
+        str(PROMPTS),
+    ]
     return tmp_path, env, flags, calls
 
 
@@ -78,14 +90,17 @@ def test_scripts_parse_and_are_shellcheck_clean():
 
 
 # -- fail fast -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("content, message", [
-    ("node-a slots=8\nnode-b slots=eight\n", ":2: expected 'HOST slots=N' with N >= 1, got 'node-b slots=eight'"),
-    ("# head\n\nnode-a slots=8\nnode-b\n", ":4: expected 'HOST slots=N' with N >= 1, got 'node-b'"),
-    ("node-a slots=8\n  # x\nnode-b slots=8 cpus=4\n", ":3: unknown field 'cpus=4'"),
-    ("node-a slots=8\nnode-a slots=8\n", ":2: host node-a is listed twice"),
-    ("slots=8\n", ":1: expected 'HOST slots=N', got 'slots=8'"),
-    ("# nothing\n\n", ": no hosts (only comments or blank lines)"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("node-a slots=8\nnode-b slots=eight\n", ":2: expected 'HOST slots=N' with N >= 1, got 'node-b slots=eight'"),
+        ("# head\n\nnode-a slots=8\nnode-b\n", ":4: expected 'HOST slots=N' with N >= 1, got 'node-b'"),
+        ("node-a slots=8\n  # x\nnode-b slots=8 cpus=4\n", ":3: unknown field 'cpus=4'"),
+        ("node-a slots=8\nnode-a slots=8\n", ":2: host node-a is listed twice"),
+        ("slots=8\n", ":1: expected 'HOST slots=N', got 'slots=8'"),
+        ("# nothing\n\n", ": no hosts (only comments or blank lines)"),
+    ],
+)
 def test_bad_hostfile_names_the_line(inputs, content, message):
     tmp, env, flags, calls = inputs
     (tmp / "bad").write_text(content)
@@ -95,23 +110,31 @@ def test_bad_hostfile_names_the_line(inputs, content, message):
     assert not calls.exists()  # no remote command ran
 
 
-@pytest.mark.parametrize("drop, extra, env_extra, message", [
-    ("--hostfile", [], {}, "no hostfile: pass --hostfile FILE or set GLM_RL_HOSTFILE"),
-    ("--ref-load", [], {}, "--ref-load is required (or set GLM_RL_REF_LOAD)"),
-    ("--hf-checkpoint", [], {}, "--hf-checkpoint is required"),
-    ("--prompt-data", [], {}, "--prompt-data is required"),
-    (None, ["--load", "/nonexistent/ckpt"], {}, "--load /nonexistent/ckpt: no such directory"),
-    (None, ["--hostfile", "/nonexistent/hosts"], {}, "hostfile /nonexistent/hosts: no such file"),
-    (None, [], {"RAY_AUTH_TOKEN_PATH": "/nonexistent/token"}, "RAY_AUTH_MODE=token but no token at /nonexistent/token"),
-    (None, [], {"GLM_RL_RSH": "no-such-rsh -p 2"}, "remote shell 'no-such-rsh' (--rsh / GLM_RL_RSH) not found"),
-    (None, ["--bogus"], {}, "unknown option '--bogus' (see --help; glm-rl train flags go after --)"),
-])
+@pytest.mark.parametrize(
+    "drop, extra, env_extra, message",
+    [
+        ("--hostfile", [], {}, "no hostfile: pass --hostfile FILE or set GLM_RL_HOSTFILE"),
+        ("--ref-load", [], {}, "--ref-load is required (or set GLM_RL_REF_LOAD)"),
+        ("--hf-checkpoint", [], {}, "--hf-checkpoint is required"),
+        ("--prompt-data", [], {}, "--prompt-data is required"),
+        (None, ["--load", "/nonexistent/ckpt"], {}, "--load /nonexistent/ckpt: no such directory"),
+        (None, ["--hostfile", "/nonexistent/hosts"], {}, "hostfile /nonexistent/hosts: no such file"),
+        (
+            None,
+            [],
+            {"RAY_AUTH_TOKEN_PATH": "/nonexistent/token"},
+            "RAY_AUTH_MODE=token but no token at /nonexistent/token",
+        ),
+        (None, [], {"GLM_RL_RSH": "no-such-rsh -p 2"}, "remote shell 'no-such-rsh' (--rsh / GLM_RL_RSH) not found"),
+        (None, ["--bogus"], {}, "unknown option '--bogus' (see --help; glm-rl train flags go after --)"),
+    ],
+)
 def test_missing_inputs_fail_before_anything_starts(inputs, drop, extra, env_extra, message):
     tmp, env, flags, calls = inputs
     args = ["--hostfile", str(tmp / "h64"), *flags]
     if drop:
         i = args.index(drop)
-        del args[i:i + 2]
+        del args[i : i + 2]
     proc = run(R355B, *args, *extra, env={**env, **env_extra})
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
@@ -135,7 +158,7 @@ def dry_run(script: Path, hostfile: Path, env: dict, *args: str) -> tuple[list[s
     submit = shlex.split(lines[-1])
     assert submit[:3] == ["ray", "job", "submit"]
     runtime_env = json.loads(submit[submit.index("--runtime-env-json") + 1])
-    train = submit[submit.index("--") + 1:]
+    train = submit[submit.index("--") + 1 :]
     assert train[:5] == ["python", "-m", "glm_rl.cli", "train", "--ray-address"]
     return lines[:-1], train[4:], runtime_env["env_vars"]
 
@@ -172,8 +195,13 @@ def test_355b_recipe(inputs):
     ns, sglang = parsed(train)
     check_recipe(ns, sglang, 64)
     t = {k.split(".", 1)[1]: v for k, v in ns.items() if k.startswith(("train.", "megatron."))}
-    assert (t["tensor_model_parallel_size"], t["pipeline_model_parallel_size"], t["context_parallel_size"],
-            t["expert_model_parallel_size"], t["expert_tensor_parallel_size"]) == (8, 4, 2, 16, 1)
+    assert (
+        t["tensor_model_parallel_size"],
+        t["pipeline_model_parallel_size"],
+        t["context_parallel_size"],
+        t["expert_model_parallel_size"],
+        t["expert_tensor_parallel_size"],
+    ) == (8, 4, 2, 16, 1)
     assert t["sequence_parallel"] and t["optimizer_cpu_offload"] and t["max_tokens_per_gpu"] == 16384
     assert t["moe_token_dispatcher_type"] == "flex" and t["moe_enable_deepep"] and t["backend"] == "megatron"
     assert ns["algo.advantage_estimator"] == "gspo"
@@ -191,8 +219,12 @@ def test_air_recipe_and_overrides(inputs):
     ns, sglang = parsed(train)
     check_recipe(ns, sglang, 32)
     assert ns["model.model_preset"] == "glm45-air-106b-a12b"
-    assert (ns["megatron.tensor_model_parallel_size"], ns["megatron.pipeline_model_parallel_size"],
-            ns["megatron.expert_model_parallel_size"], ns["megatron.decoder_last_pipeline_num_layers"]) == (1, 4, 8, 10)
+    assert (
+        ns["megatron.tensor_model_parallel_size"],
+        ns["megatron.pipeline_model_parallel_size"],
+        ns["megatron.expert_model_parallel_size"],
+        ns["megatron.decoder_last_pipeline_num_layers"],
+    ) == (1, 4, 8, 10)
     assert ns["load"] == str(tmp / "resume") and ns["ref_load"] == str(tmp / "ref")
     assert train[-2:] == ["--num-rollout", "3"] and ns["num_rollout"] == 3  # extra flags come last and win
 
@@ -215,8 +247,10 @@ def test_a_node_that_fails_to_start_stops_the_others(inputs):
     each call and fails `ray start` on one host), to reach that path without a cluster."""
     tmp, env, flags, calls = inputs
     rsh = tmp / "flaky_rsh"
-    rsh.write_text(f'#!/bin/sh\necho "$@" >> {shlex.quote(str(calls))}\n'
-                   'case "$2 $3" in "10.0.0.3 "*"ray start"*) echo "boom" >&2; exit 1 ;; esac\n')
+    rsh.write_text(
+        f'#!/bin/sh\necho "$@" >> {shlex.quote(str(calls))}\n'
+        'case "$2 $3" in "10.0.0.3 "*"ray start"*) echo "boom" >&2; exit 1 ;; esac\n'
+    )
     rsh.chmod(0o755)
     proc = run(RAIR, "--hostfile", str(tmp / "h32"), *flags, "--stop-on-exit", env={**env, "GLM_RL_RSH": str(rsh)})
     assert proc.returncode == 2
@@ -248,8 +282,11 @@ def _ours(root: str, gcs_port: int) -> list[psutil.Process]:
     out = []
     for p in psutil.process_iter(["cmdline"]):
         args = p.info["cmdline"] or []
-        if any(root in a for a in args) or any(a == f"--port={gcs_port}" or a.endswith(f":{gcs_port}")
-                                               for a in args if a.startswith(("--address=", "--port="))):
+        if any(root in a for a in args) or any(
+            a == f"--port={gcs_port}" or a.endswith(f":{gcs_port}")
+            for a in args
+            if a.startswith(("--address=", "--port="))
+        ):
             out.append(p)
     return out
 
@@ -265,20 +302,41 @@ def two_hosts():
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / key)], check=True)
     shutil.copy(root / "user_key.pub", root / "authorized_keys")
     port = _free_block(1)
-    (root / "sshd_config").write_text("\n".join([
-        f"Port {port}", "ListenAddress 127.0.0.1", "ListenAddress 127.0.0.2", f"HostKey {root / 'host_key'}",
-        f"AuthorizedKeysFile {root / 'authorized_keys'}", f"PidFile {root / 'sshd.pid'}", "StrictModes no",
-        "UsePAM no", "PasswordAuthentication no", "KbdInteractiveAuthentication no", "PubkeyAuthentication yes",
-        "PermitRootLogin prohibit-password", "LogLevel ERROR"]) + "\n")
+    (root / "sshd_config").write_text(
+        "\n".join(
+            [
+                f"Port {port}",
+                "ListenAddress 127.0.0.1",
+                "ListenAddress 127.0.0.2",
+                f"HostKey {root / 'host_key'}",
+                f"AuthorizedKeysFile {root / 'authorized_keys'}",
+                f"PidFile {root / 'sshd.pid'}",
+                "StrictModes no",
+                "UsePAM no",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "PubkeyAuthentication yes",
+                "PermitRootLogin prohibit-password",
+                "LogLevel ERROR",
+            ]
+        )
+        + "\n"
+    )
     try:
         os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
     except OSError:
         pass
     log = open(root / "sshd.log", "w")
-    proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(root / "sshd_config")], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    rsh = (f"{ssh} -p {port} -i {root / 'user_key'} -o BatchMode=yes -o StrictHostKeyChecking=no "
-           "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ConnectTimeout=5")
+    proc = subprocess.Popen(
+        [sshd, "-D", "-e", "-f", str(root / "sshd_config")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    rsh = (
+        f"{ssh} -p {port} -i {root / 'user_key'} -o BatchMode=yes -o StrictHostKeyChecking=no "
+        "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ConnectTimeout=5"
+    )
     deadline = time.time() + 15
     while True:
         if proc.poll() is not None:
@@ -289,12 +347,20 @@ def two_hosts():
         time.sleep(0.3)
     (root / "token").write_text(os.urandom(32).hex())
     base = _free_block(202)
-    env = {"GLM_RL_RSH": rsh, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(root / "token"),
-           "GLM_RL_REMOTE_SETUP": f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:\"$PATH\"",
-           "GLM_RL_RAY_TEMP_DIR": str(root / "ray"), "GLM_RL_NODE_PORT_BASE": str(base),
-           "GLM_RL_RAY_PORT": str(base + 200), "GLM_RL_DASHBOARD_PORT": str(base + 201),
-           "GLM_RL_DASHBOARD_HOST": "127.0.0.1", "GLM_RL_RAY_START_ARGS": "--object-store-memory 100000000",
-           "GLM_RL_JOIN_TIMEOUT": "60", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        "GLM_RL_RSH": rsh,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(root / "token"),
+        "GLM_RL_REMOTE_SETUP": f'export PATH={shlex.quote(str(Path(sys.executable).parent))}:"$PATH"',
+        "GLM_RL_RAY_TEMP_DIR": str(root / "ray"),
+        "GLM_RL_NODE_PORT_BASE": str(base),
+        "GLM_RL_RAY_PORT": str(base + 200),
+        "GLM_RL_DASHBOARD_PORT": str(base + 201),
+        "GLM_RL_DASHBOARD_HOST": "127.0.0.1",
+        "GLM_RL_RAY_START_ARGS": "--object-store-memory 100000000",
+        "GLM_RL_JOIN_TIMEOUT": "60",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     env.pop("RAY_ADDRESS", None)
     try:
         yield root, env
@@ -315,9 +381,28 @@ def test_two_hosts_form_a_cluster_and_run_a_tiny_train_job(two_hosts):
     out = root / "out"
     gcs_port = int(env["GLM_RL_RAY_PORT"])
     try:
-        proc = run(RTINY, "--hostfile", str(root / "hostfile"), "--output-dir", str(out), "--stop-on-exit", "--",
-                   "--num-trainer-ranks", "1", "--num-engines", "1", "--num-rollout", "1", "--rollout-batch-size",
-                   "2", "--n-samples-per-prompt", "2", "--no-report", env=env, timeout=300)
+        proc = run(
+            RTINY,
+            "--hostfile",
+            str(root / "hostfile"),
+            "--output-dir",
+            str(out),
+            "--stop-on-exit",
+            "--",
+            "--num-trainer-ranks",
+            "1",
+            "--num-engines",
+            "1",
+            "--num-rollout",
+            "1",
+            "--rollout-batch-size",
+            "2",
+            "--n-samples-per-prompt",
+            "2",
+            "--no-report",
+            env=env,
+            timeout=300,
+        )
     finally:
         left = _ours(str(root / "ray"), gcs_port)
     log = proc.stdout + proc.stderr

@@ -65,8 +65,10 @@ def fake_host(tmp_path):
     bin_dir.mkdir()
     ssh, ray, record = bin_dir / "fake-ssh", bin_dir / "ray", tmp_path / "ray_record"
     ssh.write_text(f"#!{sys.executable}\n{FAKE_SSH}")
-    ray.write_text('#!/bin/sh\n{ printf "%s\\n" "$@"; echo "RAY_AUTH_MODE=$RAY_AUTH_MODE"; '
-                   f'echo "RAY_AUTH_TOKEN=$RAY_AUTH_TOKEN"; }} > {shlex.quote(str(record))}\n')
+    ray.write_text(
+        '#!/bin/sh\n{ printf "%s\\n" "$@"; echo "RAY_AUTH_MODE=$RAY_AUTH_MODE"; '
+        f'echo "RAY_AUTH_TOKEN=$RAY_AUTH_TOKEN"; }} > {shlex.quote(str(record))}\n'
+    )
     ssh.chmod(0o755)
     ray.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
@@ -91,8 +93,9 @@ def test_bash_launcher_refuses_hostile_hostfile_lines(tmp_path, fake_host, text,
     (tmp_path / "token").write_text(TOKEN)
     hostfile = _hostfile(tmp_path, text, marker)
     env |= {"GLM_RL_RSH": str(rsh), "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")}
-    proc = subprocess.run(["bash", str(RTINY), "--hostfile", str(hostfile)], capture_output=True, text=True,
-                          timeout=60, env=env)
+    proc = subprocess.run(
+        ["bash", str(RTINY), "--hostfile", str(hostfile)], capture_output=True, text=True, timeout=60, env=env
+    )
     assert proc.returncode == 2, proc.stderr
     assert f"error: hostfile {hostfile}:{line}: " in proc.stderr
     assert not calls.exists() and not marker.exists()
@@ -105,8 +108,10 @@ def test_typer_launcher_refuses_hostile_hostfile_lines(tmp_path, fake_host, monk
     monkeypatch.setattr(launch.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
     monkeypatch.setattr(launch, "wait_for_nodes", lambda *a, **kw: calls.append("wait"))
     hostfile = _hostfile(tmp_path, text, marker)
-    result = CliRunner().invoke(make_app(GLM45_AIR), ["--num-nodes", "2", "--hostfile", str(hostfile),
-                                                      "--remote-shell", str(ssh), "--work-dir", str(tmp_path)])
+    result = CliRunner().invoke(
+        make_app(GLM45_AIR),
+        ["--num-nodes", "2", "--hostfile", str(hostfile), "--remote-shell", str(ssh), "--work-dir", str(tmp_path)],
+    )
     assert result.exit_code == 2, result.output
     assert f"{hostfile}:{line}: " in result.output
     assert calls == [] and not marker.exists()
@@ -148,8 +153,13 @@ NODE_PORT_BASE=""; RAY_START_EXTRA=(); RAY_AUTH_MODE=token; GLM_AUTH_TOKEN="$TOK
 GLM_HOSTS=("$HEAD" "$WORKER"); GLM_SLOTS=(1 1)
 glm_start_node 1
 """
-    proc = subprocess.run(["bash", "-c", harness], capture_output=True, text=True, timeout=30,
-                          env={**env, "HEAD": head, "WORKER": worker, "TOKEN": TOKEN})
+    proc = subprocess.run(
+        ["bash", "-c", harness],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**env, "HEAD": head, "WORKER": worker, "TOKEN": TOKEN},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not marker.exists()
     _expect_record(record, head)
@@ -185,8 +195,9 @@ def test_typer_run_sends_the_token_on_stdin_to_remote_commands_only(tmp_path, mo
 def test_typer_auth_disabled_sends_no_token(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("node0 slots=8\nnode1 slots=8\nnode2 slots=8\nnode3 slots=8\n")
-    cmds = launch.commands(GLM45_AIR, Options(num_nodes=4, hostfile=str(hostfile), ray_auth_mode="disabled"),
-                           exists=lambda p: True)
+    cmds = launch.commands(
+        GLM45_AIR, Options(num_nodes=4, hostfile=str(hostfile), ray_auth_mode="disabled"), exists=lambda p: True
+    )
     assert cmds[0][:2] == ["env", "RAY_AUTH_MODE=disabled"] and cmds[-1][:2] == ["env", "RAY_AUTH_MODE=disabled"]
     assert cmds[1][3:5] == ["export RAY_AUTH_MODE=disabled;", "ray"]
     with pytest.raises(LaunchError, match="expected token or disabled"):

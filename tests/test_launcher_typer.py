@@ -69,11 +69,12 @@ def test_refused_node_counts_snapshot(name, tmp_path, update_snapshots):
 def test_train_command_parses_through_run_config(name, tmp_path):
     recipe, nodes, extra = CASES[name]
     submit = _commands(tmp_path, recipe, nodes, **extra)[-1]
-    args = submit[submit.index("train") + 1:]
+    args = submit[submit.index("train") + 1 :]
     rest, sglang = split_sglang_args(args)
     ns = vars(build_parser().parse_args(rest))  # argparse exits on any flag config.py does not know
-    sections = {s: cls(**{k.split(".", 1)[1]: v for k, v in ns.items() if k.startswith(s + ".")})
-                for s, cls in SECTIONS.items()}
+    sections = {
+        s: cls(**{k.split(".", 1)[1]: v for k, v in ns.items() if k.startswith(s + ".")}) for s, cls in SECTIONS.items()
+    }
     t, r, m = sections["train"], sections["rollout"], sections["megatron"]
     assert t.backend == "megatron" and r.rollout_engine == "sglang" and ns["colocate"]
     assert t.num_trainer_ranks == nodes * (4 if extra.get("hardware") == "GB200" else 8)
@@ -101,8 +102,9 @@ def test_existing_outputs_skip_their_step(tmp_path):
 def test_dry_run_prints_every_command_and_errors_are_one_line(tmp_path):
     app = make_app(GLM45_AIR)
     hostfile = _hostfile(tmp_path, 4)
-    result = CliRunner().invoke(app, ["--num-nodes", "4", "--hostfile", hostfile, "--dry-run",
-                                      "--work-dir", str(tmp_path)])
+    result = CliRunner().invoke(
+        app, ["--num-nodes", "4", "--hostfile", hostfile, "--dry-run", "--work-dir", str(tmp_path)]
+    )
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
     expected = commands(GLM45_AIR, Options(num_nodes=4, hostfile=hostfile, work_dir=str(tmp_path)))
@@ -120,16 +122,24 @@ def test_p2p_air_example_plans_and_parses(tmp_path):
     from glm_rl.cli import app
 
     script = Path(__file__).parent.parent / "examples" / "p2p_weight_transfer" / "GLM-4.5-Air.sh"
-    env = os.environ | {"DRY_RUN": "1", "HF_CHECKPOINT": "/m", "TORCH_DIST": "/t", "PROMPT_DATA": "/p",
-                        "WORK_DIR": str(tmp_path)}
-    plan_line, submit_line = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
-                                            check=True).stdout.strip().splitlines()
+    env = os.environ | {
+        "DRY_RUN": "1",
+        "HF_CHECKPOINT": "/m",
+        "TORCH_DIST": "/t",
+        "PROMPT_DATA": "/p",
+        "WORK_DIR": str(tmp_path),
+    }
+    plan_line, submit_line = (
+        subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, check=True)
+        .stdout.strip()
+        .splitlines()
+    )
     plan = shlex.split(plan_line)
     result = CliRunner().invoke(app, plan[1:] + ["--skip-sync"])
     assert result.exit_code == 0, result.output
     assert "layers per stage [11, 12, 12, 11]" in result.output and "fits" in result.output
     submit = shlex.split(submit_line)
-    rest, _ = split_sglang_args(submit[submit.index("train") + 1:])
+    rest, _ = split_sglang_args(submit[submit.index("train") + 1 :])
     ns = vars(build_parser().parse_args(rest))
     assert ns["sync.update_weight_transfer_mode"] == "p2p" and not ns["colocate"]
     assert ns["megatron.pipeline_model_parallel_size"] == 4 and ns["megatron.expert_model_parallel_size"] == 8
@@ -144,14 +154,43 @@ def test_launcher_script_dry_run(tmp_path):
 
     script = Path(__file__).parent.parent / "launchers" / "run_glm45_355b_a32b.py"
     hostfile = _hostfile(tmp_path, 8)
-    out = subprocess.run([sys.executable, str(script), "--num-nodes", "8", "--hostfile", hostfile, "--enable-mtp",
-                          "--enable-mis", "--rollout-fp8", "--dry-run", "--work-dir", str(tmp_path / "w")],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--num-nodes",
+            "8",
+            "--hostfile",
+            hostfile,
+            "--enable-mtp",
+            "--enable-mis",
+            "--rollout-fp8",
+            "--dry-run",
+            "--work-dir",
+            str(tmp_path / "w"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
-    expected = commands(GLM45_355B, Options(num_nodes=8, hostfile=hostfile, enable_mtp=True, enable_mis=True,
-                                            rollout_fp8=True, work_dir=str(tmp_path / "w")))
+    expected = commands(
+        GLM45_355B,
+        Options(
+            num_nodes=8,
+            hostfile=hostfile,
+            enable_mtp=True,
+            enable_mis=True,
+            rollout_fp8=True,
+            work_dir=str(tmp_path / "w"),
+        ),
+    )
     assert out.stdout.strip().splitlines() == [shlex.join(c) for c in expected]
     assert expected[0][1] == "tools/convert_hf_to_fp8.py"  # nothing exists under the work dir yet
-    bad = subprocess.run([sys.executable, str(script), "--num-nodes", "6", "--hostfile", _hostfile(tmp_path, 6),
-                          "--dry-run"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, str(script), "--num-nodes", "6", "--hostfile", _hostfile(tmp_path, 6), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "not divisible by TP 4 x PP 8 x CP 2 = 64" in bad.stderr

@@ -130,16 +130,21 @@ def test_adapter_save_load_round_trip(tmp_path):
         lora.load_adapter(c, tmp_path / "ad")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--lora-rank", "8", "--target-modules", "q_proj,mlp"],
-     "--target-modules q_proj,mlp: unknown ['mlp']; valid: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
-     "down_proj,experts"),
-    (["--use-dora"], "--use-dora needs --lora-rank > 0"),
-    (["--lora-rank", "-1"], "--lora-rank must be >= 0 (got -1)"),
-    (["--lora-rank", "8", "--lora-alpha", "0"], "--lora-alpha must be > 0 (got 0.0)"),
-    (["--lora-rank", "8", "--lora-dropout", "1"], "--lora-dropout must be in [0, 1) (got 1.0)"),
-    (["--lora-rank", "8", "--backend", "megatron"], "--lora-rank with --backend megatron is not supported yet"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--lora-rank", "8", "--target-modules", "q_proj,mlp"],
+            "--target-modules q_proj,mlp: unknown ['mlp']; valid: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+            "down_proj,experts",
+        ),
+        (["--use-dora"], "--use-dora needs --lora-rank > 0"),
+        (["--lora-rank", "-1"], "--lora-rank must be >= 0 (got -1)"),
+        (["--lora-rank", "8", "--lora-alpha", "0"], "--lora-alpha must be > 0 (got 0.0)"),
+        (["--lora-rank", "8", "--lora-dropout", "1"], "--lora-dropout must be in [0, 1) (got 1.0)"),
+        (["--lora-rank", "8", "--backend", "megatron"], "--lora-rank with --backend megatron is not supported yet"),
+    ],
+)
 def test_config_errors_name_the_flag(argv, message):
     with pytest.raises(ValueError) as e:
         parse_args(argv)
@@ -147,10 +152,26 @@ def test_config_errors_name_the_flag(argv, message):
 
 
 def test_config_accepts_lora_flags():
-    cfg = parse_args(["--lora-rank", "8", "--lora-alpha", "32", "--target-modules", "q_proj, v_proj,experts",
-                      "--use-dora", "--lora-dropout", "0.1"]).lora
-    assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.use_dora, cfg.lora_dropout) == \
-        (8, 32.0, ("q_proj", "v_proj", "experts"), True, 0.1)
+    cfg = parse_args(
+        [
+            "--lora-rank",
+            "8",
+            "--lora-alpha",
+            "32",
+            "--target-modules",
+            "q_proj, v_proj,experts",
+            "--use-dora",
+            "--lora-dropout",
+            "0.1",
+        ]
+    ).lora
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.use_dora, cfg.lora_dropout) == (
+        8,
+        32.0,
+        ("q_proj", "v_proj", "experts"),
+        True,
+        0.1,
+    )
 
 
 # -- the torch backend with adapters ---------------------------------------------------------------------------------
@@ -160,9 +181,15 @@ def make_samples(n: int, seed: int = 0) -> list[Sample]:
     for i in range(n):
         prompt = [1, 2, 4, 23] + [rng.randint(7, 16) for _ in range(rng.randint(2, 6))] + [5, 23]
         response = [rng.randint(7, 20) for _ in range(rng.randint(3, 9))] + [0]
-        s = Sample(index=i, group=i // 4, prompt_ids=prompt, response_ids=response,
-                   rollout_logprobs=[-rng.random() for _ in response], reward=float(rng.random() < 0.5),
-                   advantage=rng.uniform(-1, 1))
+        s = Sample(
+            index=i,
+            group=i // 4,
+            prompt_ids=prompt,
+            response_ids=response,
+            rollout_logprobs=[-rng.random() for _ in response],
+            reward=float(rng.random() < 0.5),
+            advantage=rng.uniform(-1, 1),
+        )
         s.old_logprobs = np.asarray(s.rollout_logprobs, dtype=np.float32)
         s.token_weights = np.ones(len(response), dtype=np.float32)
         s.token_mask = np.ones(len(response), dtype=np.float32)
@@ -173,8 +200,9 @@ def make_samples(n: int, seed: int = 0) -> list[Sample]:
 def lora_backend(**adapters) -> TorchBackend:
     torch.manual_seed(0)
     cfg = LoraConfig(lora_rank=4, lora_alpha=8, target_modules=",".join(lora.TARGETS), **adapters)
-    return TorchBackend(ModelConfig(), TrainConfig(lr=1e-2), AlgoConfig(use_rollout_routing_replay=False),
-                        lora_cfg=cfg, temperature=1.0)
+    return TorchBackend(
+        ModelConfig(), TrainConfig(lr=1e-2), AlgoConfig(use_rollout_routing_replay=False), lora_cfg=cfg, temperature=1.0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -194,8 +222,7 @@ def test_only_adapter_params_get_gradients_and_change(trained):
     trainable = {n for n, p in params.items() if p.requires_grad}
     assert all(".lora_" in n or "_lora_" in n for n in trainable)
     assert len(trainable) == 28 * 3 + 3 * 2 * 3  # (A, B, m) per linear; per fused expert matrix
-    assert [id(p) for g in b.opt.param_groups for p in g["params"]] == [id(params[n]) for n in params
-                                                                        if n in trainable]
+    assert [id(p) for g in b.opt.param_groups for p in g["params"]] == [id(params[n]) for n in params if n in trainable]
     with_grad = {n for n, p in params.items() if p.grad is not None and p.grad.abs().sum() > 0}
     assert with_grad and with_grad <= trainable
     after = b.model.state_dict()
@@ -232,15 +259,26 @@ def test_backend_save_load_round_trip(trained, tmp_path):
     for (n, p), (_, q) in zip(b.model.named_parameters(), fresh.model.named_parameters()):
         assert torch.equal(p, q), n
     with pytest.raises(ValueError, match="holds a LoRA adapter"):
-        TorchBackend(ModelConfig(), TrainConfig(), AlgoConfig(use_rollout_routing_replay=False),
-                     temperature=1.0).load(tmp_path / "ck")
+        TorchBackend(ModelConfig(), TrainConfig(), AlgoConfig(use_rollout_routing_replay=False), temperature=1.0).load(
+            tmp_path / "ck"
+        )
 
 
 # -- RL through `glm-rl train` ----------------------------------------------------------------------------------------
 # lr / steps measured on seeds 1234 (used here), 2 and 3: rewards ~0.35-0.4 over the first steps, ~0.6-0.8 from
 # step 11 on; the last-4 minus first-4 mean was 0.27 (seed 1234) and 0.21 (seed 2). Runs are deterministic per seed.
-LORA_RL = ["--lora-rank", "8", "--lr", "5e-3", "--num-rollout", "16", "--colocate", "--update-weight-transfer-mode",
-           "tensor", "--no-report"]
+LORA_RL = [
+    "--lora-rank",
+    "8",
+    "--lr",
+    "5e-3",
+    "--num-rollout",
+    "16",
+    "--colocate",
+    "--update-weight-transfer-mode",
+    "tensor",
+    "--no-report",
+]
 
 
 def test_lora_rl_run_learns_and_syncs_merged_weights(tmp_path):

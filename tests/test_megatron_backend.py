@@ -21,12 +21,13 @@ pytest.importorskip("megatron.core")
 
 from test_trainer_backend import make_samples  # noqa: E402  (the torch backend's sample maker, same tiny vocab)
 
-PARITY = 1e-5     # logprobs and weights after one step (fp32)
+PARITY = 1e-5  # logprobs and weights after one step (fp32)
 GRAD_PARITY = 1e-6  # gradients are ~1e-3 here; a sharding or reduction error is of that order
 
 
-def _worker(rank: int, world: int, store: str, out_path: str, layout: dict, algo: dict,
-            mtp_control: bool = False) -> None:
+def _worker(
+    rank: int, world: int, store: str, out_path: str, layout: dict, algo: dict, mtp_control: bool = False
+) -> None:
     os.environ["TORCHDYNAMO_DISABLE"] = "1"  # before megatron is imported: jit_fuser would torch.compile
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -79,16 +80,33 @@ def _worker(rank: int, world: int, store: str, out_path: str, layout: dict, algo
 
         own_batches = len(pack_micro_batches(shard, train.max_tokens_per_gpu))
         gathered = [None] * world
-        dist.all_gather_object(gathered, {"old": res["old"], "agree": (res["replay_agree"], res["replay_total"]),
-                                          "metrics": metrics, "r2_routing": r2["routing"], "r2_metrics": r2_metrics,
-                                          "tp_rank": ps.get_tensor_model_parallel_rank(),
-                                          "stage_layers": len(b.model.decoder.layers),
-                                          "embedding": (b.model.embedding.word_embeddings.weight.detach().clone()
-                                                        if hasattr(b.model, "embedding") else None),
-                                          "micro_batches": (own_batches, len(b._micro_batches(shard, "train")))})
+        dist.all_gather_object(
+            gathered,
+            {
+                "old": res["old"],
+                "agree": (res["replay_agree"], res["replay_total"]),
+                "metrics": metrics,
+                "r2_routing": r2["routing"],
+                "r2_metrics": r2_metrics,
+                "tp_rank": ps.get_tensor_model_parallel_rank(),
+                "stage_layers": len(b.model.decoder.layers),
+                "embedding": (
+                    b.model.embedding.word_embeddings.weight.detach().clone() if hasattr(b.model, "embedding") else None
+                ),
+                "micro_batches": (own_batches, len(b._micro_batches(shard, "train"))),
+            },
+        )
         if rank == 0:
-            torch.save({"weights": exported, "grads": grads, "ranks": gathered, "local_grads": local_grads,
-                        "mtp_control_grads": control}, out_path)
+            torch.save(
+                {
+                    "weights": exported,
+                    "grads": grads,
+                    "ranks": gathered,
+                    "local_grads": local_grads,
+                    "mtp_control_grads": control,
+                },
+                out_path,
+            )
     finally:
         dist.destroy_process_group()
 
@@ -121,16 +139,31 @@ def _mtp_control_grads(b, shard, tokens) -> dict:
     return grads
 
 
-def _run(tmp_path, tp: int = 1, ep: int = 1, pp: int = 1, cp: int = 1, last_stage_layers: int | None = None,
-         recompute: bool = False, mtp: bool = False, mtp_control: bool = False, **algo) -> dict:
+def _run(
+    tmp_path,
+    tp: int = 1,
+    ep: int = 1,
+    pp: int = 1,
+    cp: int = 1,
+    last_stage_layers: int | None = None,
+    recompute: bool = False,
+    mtp: bool = False,
+    mtp_control: bool = False,
+    **algo,
+) -> dict:
     """One layout's case on TP x PP x CP x EP ranks (EP ranks double as DP ranks); `recompute`: full activation
     recompute of every layer; `mtp`: --enable-mtp-training; `mtp_control`: also the step's gradients under
     megatron's default CP weighting of the MTP loss (`_mtp_control_grads`)."""
     import torch.multiprocessing as mp
 
     world = tp * pp * cp * ep
-    layout = dict(tensor_model_parallel_size=tp, expert_model_parallel_size=ep, pipeline_model_parallel_size=pp,
-                  context_parallel_size=cp, decoder_last_pipeline_num_layers=last_stage_layers)
+    layout = dict(
+        tensor_model_parallel_size=tp,
+        expert_model_parallel_size=ep,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        decoder_last_pipeline_num_layers=last_stage_layers,
+    )
     if recompute:
         layout |= dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     layout["enable_mtp_training"] = mtp
@@ -172,8 +205,10 @@ def _check_parity(ref: dict, got: dict) -> None:
     worst = max(grad_diff, key=grad_diff.get)
     assert grad_diff[worst] <= GRAD_PARITY, f"gradient of {worst} differs by {grad_diff[worst]:.3g}"
     assert sum(g.abs().sum().item() for g in ref["grads"].values()) > 1e-3  # there is a gradient to compare
-    weight_diff = {k: ((ref["weights"][k] - got["weights"][k]).abs() * (ref["grads"][k].abs() > 1e-6)).max().item()
-                   for k in ref["weights"]}
+    weight_diff = {
+        k: ((ref["weights"][k] - got["weights"][k]).abs() * (ref["grads"][k].abs() > 1e-6)).max().item()
+        for k in ref["weights"]
+    }
     worst = max(weight_diff, key=weight_diff.get)
     assert weight_diff[worst] <= PARITY, f"{worst} differs by {weight_diff[worst]:.3g} after one step"
     g_ref = ref["ranks"][0]["metrics"]["train/grad_norm"]
@@ -195,7 +230,7 @@ def test_tp1_step_moves_weights_and_replays_all_tokens(tp1):
     hf, _ = load_hf_model(TINY_CHECKPOINT)
     moved = {k: (tp1["weights"][k] - v).abs().max().item() for k, v in hf.state_dict().items()}
     assert moved["model.layers.1.mlp.experts.gate_up_proj"] > 1e-4  # the step reached the replayed experts
-    assert moved["model.layers.1.mlp.gate.weight"] > 1e-4           # and the router (gates are its scores)
+    assert moved["model.layers.1.mlp.gate.weight"] > 1e-4  # and the router (gates are its scores)
     assert moved["model.layers.1.mlp.gate.e_score_correction_bias"] == 0.0  # bias update rate 0 in RL
     agree, total = tp1["ranks"][0]["agree"]
     assert total == sum(s.num_positions for s in make_samples(8)) * 3  # every real token, every MoE layer
@@ -210,8 +245,12 @@ def test_tp1_step_equals_the_torch_backend(tp1):
     from glm_rl.trainer.backends.torch_backend import TorchBackend
 
     torch.manual_seed(0)
-    b = TorchBackend(ModelConfig(), TrainConfig(max_tokens_per_gpu=64, lr=1e-2),
-                     AlgoConfig(use_rollout_routing_replay=True, entropy_coef=0.01), temperature=1.0)
+    b = TorchBackend(
+        ModelConfig(),
+        TrainConfig(max_tokens_per_gpu=64, lr=1e-2),
+        AlgoConfig(use_rollout_routing_replay=True, entropy_coef=0.01),
+        temperature=1.0,
+    )
     samples = make_samples(8)
     res, mega_old = b.logprobs(samples), _merged(tp1, "old")
     assert max(np.abs(res["old"][i] - mega_old[i]).max() for i in range(8)) <= 1e-4
@@ -284,8 +323,9 @@ def test_cp2_mtp_training_step_equals_cp1(tmp_path, tp1_mtp):
     conditioned = {n: ref_grads[n].abs() > 1e-6 for n in mtp_names}
 
     def rel(a: dict, b: dict) -> float:  # worst difference over the MTP layer, relative to each tensor's scale
-        return max(float(((a[n] - b[n]).abs() * conditioned[n]).max() / b[n].abs().max().clamp(min=1e-12))
-                   for n in mtp_names)
+        return max(
+            float(((a[n] - b[n]).abs() * conditioned[n]).max() / b[n].abs().max().clamp(min=1e-12)) for n in mtp_names
+        )
 
     assert rel(got["grads"], ref_grads) <= 1e-5
     assert rel(got["weights"], tp1_mtp["weights"]) <= 1e-5
@@ -316,8 +356,17 @@ def test_cp2_tp2_sequence_parallel_step_equals_tp1(tmp_path, tp1):
 
 
 # -- the RL loop: `glm-rl train --backend megatron` (real Ray, embedded engines, sglang-router, gloo) ----------
-E2E = ["--backend", "megatron", "--num-trainer-ranks", "2", "--rollout-batch-size", "4",
-       "--n-samples-per-prompt", "4", "--no-report"]
+E2E = [
+    "--backend",
+    "megatron",
+    "--num-trainer-ranks",
+    "2",
+    "--rollout-batch-size",
+    "4",
+    "--n-samples-per-prompt",
+    "4",
+    "--no-report",
+]
 
 
 def _train(out, *extra) -> list[dict]:
@@ -335,9 +384,9 @@ def _check_rl_rows(rows: list[dict], steps: list[int]) -> None:
     assert [r["step"] for r in rows] == steps
     assert rows[0]["train/ppo_kl"] == pytest.approx(0.0, abs=1e-6)  # same weights on both sides at step 1
     for r in rows:
-        assert r["mismatch/logprob_abs_diff_max"] <= 1e-4   # megatron trainer vs the embedded engine, fp32
-        assert r["routing/replay_agreement"] == 1.0         # R3: the engine's experts are the trainer's own
-        assert r["sync/verified"] == 1.0                     # every HF tensor bitwise on every engine
+        assert r["mismatch/logprob_abs_diff_max"] <= 1e-4  # megatron trainer vs the embedded engine, fp32
+        assert r["routing/replay_agreement"] == 1.0  # R3: the engine's experts are the trainer's own
+        assert r["sync/verified"] == 1.0  # every HF tensor bitwise on every engine
         assert r["train/num_samples"] == r["rollout/num_samples"] == 16
         assert r["train/num_tokens"] > 0 and r["train/grad_norm"] > 0
 
@@ -355,13 +404,31 @@ def test_rl_loop_tp2_with_r3_and_resume(tmp_path):
     """TP2 (+SP), DP1: 3 steps with a checkpoint after step 2; a run resumed from that checkpoint (per-rank model
     + optimizer state, data position) makes the same step 3 as the uninterrupted run."""
     ck = tmp_path / "ck"
-    rows = _train(tmp_path / "full", "--tensor-model-parallel-size", "2", "--num-rollout", "3",
-                  "--save-interval", "2", "--save", str(ck))
+    rows = _train(
+        tmp_path / "full",
+        "--tensor-model-parallel-size",
+        "2",
+        "--num-rollout",
+        "3",
+        "--save-interval",
+        "2",
+        "--save",
+        str(ck),
+    )
     _check_rl_rows(rows, [1, 2, 3])
     assert sorted(p.name for p in (ck / "step_000002").iterdir()) == ["rank0", "rank1", "state.json"]
     (ck / "latest").write_text("step_000002")
-    resumed = _train(tmp_path / "resumed", "--tensor-model-parallel-size", "2", "--num-rollout", "3",
-                     "--load", str(ck), "--save", str(tmp_path / "ck2"))
+    resumed = _train(
+        tmp_path / "resumed",
+        "--tensor-model-parallel-size",
+        "2",
+        "--num-rollout",
+        "3",
+        "--load",
+        str(ck),
+        "--save",
+        str(tmp_path / "ck2"),
+    )
     assert [r["step"] for r in resumed] == [3]
     for key in ("rollout/reward_mean", "rollout/response_len_mean", "train/pg_loss", "train/grad_norm"):
         assert resumed[0][key] == pytest.approx(rows[2][key], rel=1e-4, abs=1e-6), key
@@ -373,8 +440,16 @@ def test_rl_loop_tp2_with_r3_and_resume(tmp_path):
 def test_rl_loop_ep2_with_r3_p2p_sync_and_offloaded_optimizer(tmp_path):
     """EP2, DP2: each rank trains its own shard; the experts' all-to-all spans both. Weight sync by p2p: every
     rank exports (the EP gathers) and writes its planned share; AdamW steps CPU fp32 master copies."""
-    rows = _train(tmp_path / "run", "--expert-model-parallel-size", "2", "--num-rollout", "2",
-                  "--update-weight-transfer-mode", "p2p", "--optimizer-cpu-offload")
+    rows = _train(
+        tmp_path / "run",
+        "--expert-model-parallel-size",
+        "2",
+        "--num-rollout",
+        "2",
+        "--update-weight-transfer-mode",
+        "p2p",
+        "--optimizer-cpu-offload",
+    )
     _check_rl_rows(rows, [1, 2])
 
 
@@ -385,9 +460,22 @@ def test_rl_loop_pp2_cp2_with_r3_gspo_and_resume(tmp_path):
     the gathered logprobs); each stage replays its routing slice; weight sync gathers both stages; the KL
     term's reference model is pipelined too. A run resumed from the step-1 checkpoint (one file per rank)
     makes the same step 2."""
-    layout = ["--num-trainer-ranks", "4", "--pipeline-model-parallel-size", "2", "--context-parallel-size", "2",
-              "--decoder-first-pipeline-num-layers", "1", "--advantage-estimator", "gspo", "--num-rollout", "2",
-              "--kl-loss-coef", "0.01"]
+    layout = [
+        "--num-trainer-ranks",
+        "4",
+        "--pipeline-model-parallel-size",
+        "2",
+        "--context-parallel-size",
+        "2",
+        "--decoder-first-pipeline-num-layers",
+        "1",
+        "--advantage-estimator",
+        "gspo",
+        "--num-rollout",
+        "2",
+        "--kl-loss-coef",
+        "0.01",
+    ]
     ck = tmp_path / "ck"
     rows = _train(tmp_path / "full", *layout, "--save-interval", "1", "--save", str(ck))
     _check_rl_rows(rows, [1, 2])
@@ -420,8 +508,13 @@ def _mtp_worker(rank: int, store: str, out_path: str) -> None:
         for mtp in (False, True):
             # clipping off: one norm over all parameters (MTP included, as megatron's) would couple the two
             train = TrainConfig(backend="megatron", num_trainer_ranks=1, lr=0.0, clip_grad=1e9)
-            b = MegatronBackend(ModelConfig(), train, AlgoConfig(use_rollout_routing_replay=True),
-                                megatron_cfg=MegatronConfig(enable_mtp_training=mtp), temperature=1.0)
+            b = MegatronBackend(
+                ModelConfig(),
+                train,
+                AlgoConfig(use_rollout_routing_replay=True),
+                megatron_cfg=MegatronConfig(enable_mtp_training=mtp),
+                temperature=1.0,
+            )
             samples = make_samples(8)
             res = b.logprobs(samples)
             for s in samples:

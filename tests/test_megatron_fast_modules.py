@@ -44,16 +44,24 @@ def _worker(rank: int, world: int, store: str, out: str, ep: int) -> None:
         import_hf_weights(model, spec, hf.state_dict())
         kinds = {type(m) for m in model.modules()}
         assert (GroupedExperts in kinds and SDPAAttention in kinds) == fast, kinds
-        logits = model(ids, pos, attention_mask=None)[..., :spec.vocab_size]  # drop TP vocab padding
+        logits = model(ids, pos, attention_mask=None)[..., : spec.vocab_size]  # drop TP vocab padding
         (logits * weights).sum().backward()
         results[fast] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
     (ref, ref_grads), (got, got_grads) = results[False], results[True]
-    grad_diff = max((got_grads[n] - g).abs().max().item() / max(g.abs().max().item(), 1e-12)
-                    for n, g in ref_grads.items())
+    grad_diff = max(
+        (got_grads[n] - g).abs().max().item() / max(g.abs().max().item(), 1e-12) for n, g in ref_grads.items()
+    )
     if rank == 0:
         with open(out, "w") as f:
-            json.dump({"logit_diff": (got - ref).abs().max().item(), "logit_scale": ref.abs().max().item(),
-                       "grad_rel_diff": grad_diff, "n_grads": len(ref_grads)}, f)
+            json.dump(
+                {
+                    "logit_diff": (got - ref).abs().max().item(),
+                    "logit_scale": ref.abs().max().item(),
+                    "grad_rel_diff": grad_diff,
+                    "n_grads": len(ref_grads),
+                },
+                f,
+            )
     dist.destroy_process_group()
 
 

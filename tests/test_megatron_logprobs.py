@@ -70,14 +70,17 @@ def _tp_worker(rank: int, world: int, store: str, out: str) -> None:
     lp.CHUNK_ROWS = 5
     logits, targets, g, h = _case(2)
     width = logits.shape[-1] // world
-    shard = logits[..., rank * width:(rank + 1) * width].clone().requires_grad_(True)
-    logp, ent = lp.vocab_parallel_logprobs(shard, targets, temperature=0.8, vocab_start=rank * width,
-                                           group=dist.group.WORLD)
+    shard = logits[..., rank * width : (rank + 1) * width].clone().requires_grad_(True)
+    logp, ent = lp.vocab_parallel_logprobs(
+        shard, targets, temperature=0.8, vocab_start=rank * width, group=dist.group.WORLD
+    )
     ((logp * g).sum() + (ent * h).sum()).backward()
     ref_logp, ref_ent, ref_grad = _reference(logits, targets, 0.8, g, h)
-    result = {"logp": (logp.double() - ref_logp).abs().max().item(),
-              "entropy": (ent.double() - ref_ent).abs().max().item(),
-              "grad": (shard.grad.double() - ref_grad[..., rank * width:(rank + 1) * width]).abs().max().item()}
+    result = {
+        "logp": (logp.double() - ref_logp).abs().max().item(),
+        "entropy": (ent.double() - ref_ent).abs().max().item(),
+        "grad": (shard.grad.double() - ref_grad[..., rank * width : (rank + 1) * width]).abs().max().item(),
+    }
     with open(f"{out}.{rank}", "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()

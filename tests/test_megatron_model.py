@@ -29,13 +29,15 @@ def _task_batch(tokenizer, multiple: int, n: int = 4) -> tuple[torch.Tensor, tor
     from glm_rl.rollout.data import load_prompts
 
     rows = load_prompts(ASSETS / "arith" / "eval.jsonl")[:n]
-    seqs = [chat_prompt_ids(tokenizer, r.prompt) + tokenizer.encode(f"{r.prompt}={r.label}", add_special_tokens=False)
-            for r in rows]
+    seqs = [
+        chat_prompt_ids(tokenizer, r.prompt) + tokenizer.encode(f"{r.prompt}={r.label}", add_special_tokens=False)
+        for r in rows
+    ]
     length = -(-max(map(len, seqs)) // multiple) * multiple
     ids = torch.full((n, length), tokenizer.pad_token_id, dtype=torch.long)
     valid = torch.zeros(n, length, dtype=torch.bool)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)], valid[i, :len(s)] = torch.tensor(s), True
+        ids[i, : len(s)], valid[i, : len(s)] = torch.tensor(s), True
     return ids, valid
 
 
@@ -50,7 +52,7 @@ class _Case(NamedTuple):
     controls: bool = False
     grads: bool = False  # scalar-loss gradients, for the CP2-vs-CP1 check
     device: str = "cpu"  # "cuda": one GPU per rank, NCCL (tests/test_gpu.py, on a multi-GPU box)
-    bf16: bool = False   # the Megatron model in bf16 (HF's reference stays fp32)
+    bf16: bool = False  # the Megatron model in bf16 (HF's reference stays fp32)
 
     @property
     def world(self) -> int:
@@ -91,15 +93,23 @@ def _forward(model, ids: torch.Tensor, hidden_size: int):
         model.mtp.register_forward_hook(lambda m, a, out: captured.__setitem__("mtp", out))
     if not ps.is_pipeline_first_stage():
         sp = model.config.sequence_parallel
-        hidden = torch.empty(ids.shape[1] // (ps.get_tensor_model_parallel_world_size() if sp else 1),
-                             ids.shape[0], hidden_size, device=ids.device)
-        dist.recv(hidden, group=ps.get_pipeline_model_parallel_group(),
-                  group_src=ps.get_pipeline_model_parallel_rank() - 1)
+        hidden = torch.empty(
+            ids.shape[1] // (ps.get_tensor_model_parallel_world_size() if sp else 1),
+            ids.shape[0],
+            hidden_size,
+            device=ids.device,
+        )
+        dist.recv(
+            hidden, group=ps.get_pipeline_model_parallel_group(), group_src=ps.get_pipeline_model_parallel_rank() - 1
+        )
         model.set_input_tensor(hidden)
     out = model(ids, pos, attention_mask=None)
     if not ps.is_pipeline_last_stage():
-        dist.send(out.contiguous(), group=ps.get_pipeline_model_parallel_group(),
-                  group_dst=ps.get_pipeline_model_parallel_rank() + 1)
+        dist.send(
+            out.contiguous(),
+            group=ps.get_pipeline_model_parallel_group(),
+            group_dst=ps.get_pipeline_model_parallel_rank() + 1,
+        )
         return None, None
     mtp = None
     if "mtp" in captured:
@@ -113,8 +123,8 @@ def _hf_reference(hf, ids: torch.Tensor, mtp: bool):
     main model's final-normed hidden states, token t+1 at position t+1 (predicts token t+2)."""
     from transformers import DynamicCache
 
-    from glm_rl.models.glm45.checkpoint import load_mtp
     from glm_rl.engine.decode.speculative import mtp_forward as _mtp_forward
+    from glm_rl.models.glm45.checkpoint import load_mtp
     from glm_rl.models.glm45.hf_names import mtp_named_tensors
 
     with torch.no_grad():
@@ -125,8 +135,9 @@ def _hf_reference(hf, ids: torch.Tensor, mtp: bool):
         model = load_mtp(hf)
         nxt = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
         pos = torch.arange(1, ids.shape[1] + 1).expand_as(ids)
-        mtp_logits, _ = _mtp_forward(model, out.last_hidden_state, nxt, pos, torch.ones_like(ids),
-                                     DynamicCache(config=model.config))
+        mtp_logits, _ = _mtp_forward(
+            model, out.last_hidden_state, nxt, pos, torch.ones_like(ids), DynamicCache(config=model.config)
+        )
         mtp_state = mtp_named_tensors(model, hf.config.num_hidden_layers)
         return logits, mtp_logits, {k: v.clone() for k, v in mtp_state.items()}
 
@@ -168,12 +179,14 @@ def _controls(model, spec, ids, valid, ref, hf_state, hidden_size) -> dict:
     for b in biases:
         b.zero_()
     with torch.no_grad():
-        logits = _forward(model, ids, hidden_size)[0][..., :spec.vocab_size]
+        logits = _forward(model, ids, hidden_size)[0][..., : spec.vocab_size]
     result["no_bias_diff"] = (logits - ref)[valid].abs().max().item()
     for b, s in zip(biases, saved):
         b.copy_(s)
-    for broken in ({k: v for k, v in hf_state.items() if k != "model.norm.weight"},
-                   {**hf_state, "model.layers.4.eh_proj.weight": hf_state["model.norm.weight"]}):
+    for broken in (
+        {k: v for k, v in hf_state.items() if k != "model.norm.weight"},
+        {**hf_state, "model.layers.4.eh_proj.weight": hf_state["model.norm.weight"]},
+    ):
         try:
             import_hf_weights(model, spec, broken)
             result.setdefault("mismatch_errors", []).append(None)
@@ -195,8 +208,9 @@ def _worker(rank: int, store: str, out_dir: str, case: _Case) -> None:
     torch.set_num_threads(1)
     if case.device == "cuda":
         torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if case.device == "cuda" else "gloo", init_method=f"file://{store}", rank=rank,
-                            world_size=case.world)
+    dist.init_process_group(
+        "nccl" if case.device == "cuda" else "gloo", init_method=f"file://{store}", rank=rank, world_size=case.world
+    )
     try:
         setup_model_parallel(tp=case.tp, ep=case.ep, pp=case.pp, cp=case.cp, etp=case.etp)
         spec = glm45_tiny()
@@ -205,25 +219,29 @@ def _worker(rank: int, store: str, out_dir: str, case: _Case) -> None:
         ids, valid = _task_batch(tokenizer, multiple=case.tp * 2 * max(case.cp, 2))
         ref, mtp_ref, mtp_state = _hf_reference(hf, ids, case.mtp)
         hf_state = {**hf_state, **mtp_state}
-        model = build_gpt_model(spec, tp=case.tp, ep=case.ep, mtp=case.mtp,
-                                first_stage_layers=case.first_stage_layers).eval()
+        model = build_gpt_model(
+            spec, tp=case.tp, ep=case.ep, mtp=case.mtp, first_stage_layers=case.first_stage_layers
+        ).eval()
         import_hf_weights(model, spec, hf_state)
         model.to(case.device, torch.bfloat16 if case.bf16 else None)
-        result = {"stage_layers": len(model.decoder.layers), "vocab_rows": model.vocab_size,
-                  "etp": ps.get_expert_tensor_parallel_world_size()}
+        result = {
+            "stage_layers": len(model.decoder.layers),
+            "vocab_rows": model.vocab_size,
+            "etp": ps.get_expert_tensor_parallel_world_size(),
+        }
         with torch.no_grad():
             logits, mtp_logits = _forward(model, ids.to(case.device), spec.hidden_size)
         if logits is not None:
             cp_group = ps.get_context_parallel_group()
             full = gather_from_cp(_gather_vocab(logits), cp_group).cpu().float()  # (B, T, V padded)
-            padded = full[..., spec.vocab_size:]
+            padded = full[..., spec.vocab_size :]
             result["padded_max"] = padded.max().item() if padded.numel() else None
-            result["real_min"] = full[..., :spec.vocab_size].min().item()
-            result["max_diff"] = (full[..., :spec.vocab_size] - ref)[valid].abs().max().item()
+            result["real_min"] = full[..., : spec.vocab_size].min().item()
+            result["max_diff"] = (full[..., : spec.vocab_size] - ref)[valid].abs().max().item()
             result["ref_scale"] = ref[valid].abs().max().item()
             result["tokens"] = int(valid.sum())
             if mtp_logits is not None:
-                mtp_full = gather_from_cp(_gather_vocab(mtp_logits), cp_group)[..., :spec.vocab_size]
+                mtp_full = gather_from_cp(_gather_vocab(mtp_logits), cp_group)[..., : spec.vocab_size]
                 has_next = torch.cat([valid[:, 1:], torch.zeros_like(valid[:, :1])], dim=1)  # token t+1 is real
                 result["mtp_max_diff"] = (mtp_full - mtp_ref)[has_next].abs().max().item()
                 result["mtp_tokens"] = int(has_next.sum())
@@ -234,8 +252,11 @@ def _worker(rank: int, store: str, out_dir: str, case: _Case) -> None:
         exported = {n: t.cpu() for n, t in export_hf_weights(model, spec)}
         result["export_missing"] = sorted(set(hf_state) - set(exported))
         result["export_extra"] = sorted(set(exported) - set(hf_state))
-        result["export_unequal"] = sorted(k for k in set(hf_state) & set(exported)  # bf16: the cast HF weights
-                                          if not torch.equal(exported[k], hf_state[k].to(exported[k].dtype)))
+        result["export_unequal"] = sorted(
+            k
+            for k in set(hf_state) & set(exported)  # bf16: the cast HF weights
+            if not torch.equal(exported[k], hf_state[k].to(exported[k].dtype))
+        )
         torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

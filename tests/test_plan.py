@@ -14,12 +14,38 @@ from glm_rl.models.glm45.presets import get_preset
 from glm_rl.parallel import ParallelLayout
 from glm_rl.planner.estimate import PlanInput, _layer_bytes_per_token, make_plan
 
-RECIPE_355B = ["plan", "--model-preset", "glm45-355b-a32b", "--num-nodes", "8", "--gpus-per-node", "8",
-               "--hardware", "H100", "--tensor-model-parallel-size", "8", "--pipeline-model-parallel-size", "4",
-               "--context-parallel-size", "2", "--expert-model-parallel-size", "16",
-               "--expert-tensor-parallel-size", "1", "--sequence-parallel", "--max-tokens-per-gpu", "16384",
-               "--recompute-granularity", "full", "--optimizer-cpu-offload", "--colocate",
-               "--rollout-num-gpus-per-engine", "32", "--update-weight-transfer-mode", "p2p"]
+RECIPE_355B = [
+    "plan",
+    "--model-preset",
+    "glm45-355b-a32b",
+    "--num-nodes",
+    "8",
+    "--gpus-per-node",
+    "8",
+    "--hardware",
+    "H100",
+    "--tensor-model-parallel-size",
+    "8",
+    "--pipeline-model-parallel-size",
+    "4",
+    "--context-parallel-size",
+    "2",
+    "--expert-model-parallel-size",
+    "16",
+    "--expert-tensor-parallel-size",
+    "1",
+    "--sequence-parallel",
+    "--max-tokens-per-gpu",
+    "16384",
+    "--recompute-granularity",
+    "full",
+    "--optimizer-cpu-offload",
+    "--colocate",
+    "--rollout-num-gpus-per-engine",
+    "32",
+    "--update-weight-transfer-mode",
+    "p2p",
+]
 
 
 def _run(args):
@@ -56,8 +82,16 @@ def test_355b_sync_within_2x_of_floor(plan_355b):
 
 def test_without_cpu_offload_the_355b_needs_more_gpu_memory():
     lo = ParallelLayout(tp=8, pp=4, cp=2, ep=16, etp=1, sequence_parallel=True)
-    base = dict(spec=get_preset("glm45-355b-a32b"), hardware=H100, num_nodes=8, gpus_per_node=8, layout=lo,
-                recompute_granularity="full", colocate=True, rollout_num_gpus_per_engine=32)
+    base = dict(
+        spec=get_preset("glm45-355b-a32b"),
+        hardware=H100,
+        num_nodes=8,
+        gpus_per_node=8,
+        layout=lo,
+        recompute_granularity="full",
+        colocate=True,
+        rollout_num_gpus_per_engine=32,
+    )
     on = make_plan(PlanInput(**base, optimizer_cpu_offload=True), with_sync=False)
     off = make_plan(PlanInput(**base, optimizer_cpu_offload=False), with_sync=False)
     # 12 B/param of Adam state on the GPU: experts unsharded (expert-DP 1), dense params over DP x CP = 2;
@@ -65,30 +99,64 @@ def test_without_cpu_offload_the_355b_needs_more_gpu_memory():
     w = off.trainer["weights"]
     assert 0.9 * 6 * w < off.trainer["optimizer"] < 6 * w
     assert not off.fits and "H100 has 79.6 GiB" in off.problems[0]
-    no_recompute = make_plan(PlanInput(**base | {"recompute_granularity": None}, optimizer_cpu_offload=True),
-                             with_sync=False)
+    no_recompute = make_plan(
+        PlanInput(**base | {"recompute_granularity": None}, optimizer_cpu_offload=True), with_sync=False
+    )
     assert no_recompute.trainer["activations"] > 5 * on.trainer["activations"]
 
 
 def test_tp7_fails_naming_heads_and_tp():
-    result = _run(RECIPE_355B[:RECIPE_355B.index("--tensor-model-parallel-size")]
-                  + ["--tensor-model-parallel-size", "7", "--colocate", "--skip-sync"])
+    result = _run(
+        RECIPE_355B[: RECIPE_355B.index("--tensor-model-parallel-size")]
+        + ["--tensor-model-parallel-size", "7", "--colocate", "--skip-sync"]
+    )
     assert result.exit_code == 2
     assert "num_attention_heads 96 is not divisible by --tensor-model-parallel-size 7" in result.output
 
 
 def test_a_layout_that_does_not_fit_exits_1_with_the_reason():
-    result = _run(["plan", "--model-preset", "glm45-air-106b-a12b", "--num-nodes", "4", "--colocate",
-                   "--tensor-model-parallel-size", "4", "--expert-model-parallel-size", "4", "--skip-sync", "--json"])
+    result = _run(
+        [
+            "plan",
+            "--model-preset",
+            "glm45-air-106b-a12b",
+            "--num-nodes",
+            "4",
+            "--colocate",
+            "--tensor-model-parallel-size",
+            "4",
+            "--expert-model-parallel-size",
+            "4",
+            "--skip-sync",
+            "--json",
+        ]
+    )
     assert result.exit_code == 1
     out = json.loads(result.output)
     assert out["valid"] and not out["fits"] and "per GPU" in out["problems"][0]
 
 
 def test_json_output_parses_for_the_tiny_model():
-    result = _run(["plan", "--model-preset", "glm45-tiny", "--num-nodes", "1", "--gpus-per-node", "4",
-                   "--rollout-num-gpus", "2", "--rollout-num-gpus-per-engine", "1", "--expert-model-parallel-size",
-                   "2", "--max-tokens-per-gpu", "128", "--json"])
+    result = _run(
+        [
+            "plan",
+            "--model-preset",
+            "glm45-tiny",
+            "--num-nodes",
+            "1",
+            "--gpus-per-node",
+            "4",
+            "--rollout-num-gpus",
+            "2",
+            "--rollout-num-gpus-per-engine",
+            "1",
+            "--expert-model-parallel-size",
+            "2",
+            "--max-tokens-per-gpu",
+            "128",
+            "--json",
+        ]
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     assert out["gpus"] == {"nodes": 1, "per_node": 4, "trainer": 2, "rollout": 2, "engines": 2, "colocate": False}
@@ -97,12 +165,33 @@ def test_json_output_parses_for_the_tiny_model():
 
 
 def test_table_output_names_every_item():
-    result = _run(["plan", "--model-preset", "glm45-tiny", "--gpus-per-node", "2", "--colocate",
-                   "--rollout-num-gpus-per-engine", "1", "--update-weight-transfer-mode", "tensor",
-                   "--max-tokens-per-gpu", "128"])
+    result = _run(
+        [
+            "plan",
+            "--model-preset",
+            "glm45-tiny",
+            "--gpus-per-node",
+            "2",
+            "--colocate",
+            "--rollout-num-gpus-per-engine",
+            "1",
+            "--update-weight-transfer-mode",
+            "tensor",
+            "--max-tokens-per-gpu",
+            "128",
+        ]
+    )
     assert result.exit_code == 0, result.output
-    for item in ("trainer weights", "grads", "optimizer", "activations", "engine KV cache", "tensor (chosen)",
-                 "physical floor", "fits"):
+    for item in (
+        "trainer weights",
+        "grads",
+        "optimizer",
+        "activations",
+        "engine KV cache",
+        "tensor (chosen)",
+        "physical floor",
+        "fits",
+    ):
         assert item in result.output
 
 
@@ -123,14 +212,33 @@ def test_hostfile_with_comments(tmp_path):
     hosts = parse_hostfile(f)
     assert hosts == [Host("node-a", 8), Host("node-b", 8), Host("node-c", 8)]
     assert uniform_slots(hosts) == 8
-    result = _run(["plan", "--model-preset", "glm45-tiny", "--hostfile", str(f), "--colocate",
-                   "--rollout-num-gpus-per-engine", "8", "--max-tokens-per-gpu", "128", "--skip-sync", "--json"])
+    result = _run(
+        [
+            "plan",
+            "--model-preset",
+            "glm45-tiny",
+            "--hostfile",
+            str(f),
+            "--colocate",
+            "--rollout-num-gpus-per-engine",
+            "8",
+            "--max-tokens-per-gpu",
+            "128",
+            "--skip-sync",
+            "--json",
+        ]
+    )
     assert json.loads(result.output)["gpus"]["nodes"] == 3
 
 
-@pytest.mark.parametrize("text, message", [("node-a slots=x\n", ":1: expected `host slots=N`"),
-                                           ("# only a comment\n", "no hosts"),
-                                           ("a slots=8\na slots=8\n", "listed twice")])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("node-a slots=x\n", ":1: expected `host slots=N`"),
+        ("# only a comment\n", "no hosts"),
+        ("a slots=8\na slots=8\n", "listed twice"),
+    ],
+)
 def test_bad_hostfiles_name_file_and_line(tmp_path, text, message):
     f = tmp_path / "hostfile"
     f.write_text(text)
@@ -148,8 +256,13 @@ def test_stage_params_add_up_to_the_model(preset):
     spec = get_preset(preset)
     counts = spec.param_counts()
     for mtp in (False, True):
-        lo = ParallelLayout(tp=1, pp=4, ep=1, decoder_first_pipeline_num_layers=22 if spec.num_hidden_layers == 92
-                            else 11, decoder_last_pipeline_num_layers=22 if spec.num_hidden_layers == 92 else 11)
+        lo = ParallelLayout(
+            tp=1,
+            pp=4,
+            ep=1,
+            decoder_first_pipeline_num_layers=22 if spec.num_hidden_layers == 92 else 11,
+            decoder_last_pipeline_num_layers=22 if spec.num_hidden_layers == 92 else 11,
+        )
         from glm_rl.parallel import layer_split
 
         layers = layer_split(spec, lo)
@@ -185,7 +298,8 @@ def test_recompute_rules_by_hand():
     # 1F1B: stage 0 holds 2 micro-batches in flight, the last stage 1 (plus its logits)
     assert act() == [2 * (dense + moe), moe + moe + logits]
     assert act(recompute_granularity="full") == [2 * 2 * inp + moe, 2 * inp + moe + logits]
-    assert act(recompute_granularity="full", recompute_num_layers=2) == [2 * inp + dense + moe,
-                                                                         inp + 2 * moe + logits]
-    assert act(recompute_granularity="full", recompute_method="block") == [2 * (inp + moe) + dense,
-                                                                           inp + moe + moe + logits]
+    assert act(recompute_granularity="full", recompute_num_layers=2) == [2 * inp + dense + moe, inp + 2 * moe + logits]
+    assert act(recompute_granularity="full", recompute_method="block") == [
+        2 * (inp + moe) + dense,
+        inp + moe + moe + logits,
+    ]

@@ -64,13 +64,15 @@ def test_unknown_preset_lists_valid_names():
 
 
 def test_cli_models_json():
-    out = subprocess.run([sys.executable, "-m", "glm_rl.cli", "models", "--json"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "glm_rl.cli", "models", "--json"], capture_output=True, text=True, check=True
+    ).stdout
     rows = {r["name"]: r for r in json.loads(out)}
     assert set(rows) == set(PRESETS)
     assert abs(rows["glm45-355b-a32b"]["total_params"] / 355e9 - 1) < 0.03
     assert abs(rows["glm45-air-106b-a12b"]["active_params"] / 12e9 - 1) < 0.03
     assert rows["glm45-tiny"]["hf_checkpoint"].endswith("glm45-tiny")
-    table = subprocess.run([sys.executable, "-m", "glm_rl.cli", "models"], capture_output=True, text=True,
-                           check=True).stdout
+    table = subprocess.run(
+        [sys.executable, "-m", "glm_rl.cli", "models"], capture_output=True, text=True, check=True
+    ).stdout
     assert "glm45-air-106b-a12b" in table and "355" in table

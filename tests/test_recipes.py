@@ -10,7 +10,6 @@ pytest process (the pattern of test_megatron_model.py). No fakes.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -29,11 +28,16 @@ ENV = {**os.environ, "TORCHDYNAMO_DISABLE": "1"}
 def test_recipes_build_with_documented_layouts():
     def lay(cfg):
         p = cfg.parallel
-        return (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size,
-                p.num_gpus)
+        return (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size, p.num_gpus)
 
-    assert set(RECIPES) == {"glm45_355b_pretrain", "glm45_air_106b_pretrain", "glm45_355b_finetune",
-                            "glm45_air_106b_finetune", "glm45_tiny_pretrain", "glm45_tiny_finetune"}
+    assert set(RECIPES) == {
+        "glm45_355b_pretrain",
+        "glm45_air_106b_pretrain",
+        "glm45_355b_finetune",
+        "glm45_air_106b_finetune",
+        "glm45_tiny_pretrain",
+        "glm45_tiny_finetune",
+    }
     assert lay(get_recipe("glm45_355b_pretrain")) == (2, 8, 16, 256)
     assert lay(get_recipe("glm45_355b_finetune", peft=None)) == (2, 8, 16, 256)
     assert lay(get_recipe("glm45_355b_finetune", peft="lora")) == (2, 4, 4, 32)
@@ -50,24 +54,35 @@ def test_recipes_build_with_documented_layouts():
 
 
 def test_dotted_overrides_are_typed():
-    cfg = apply_overrides(get_recipe("glm45_tiny_finetune"),
-                          ["train.global_batch_size=128", "checkpoint.save=out/x", "peft=lora", "train.lr=5e-4",
-                           "parallel.sequence_parallel=true", "mtp.mtp_loss_scaling_factor=None"])
+    cfg = apply_overrides(
+        get_recipe("glm45_tiny_finetune"),
+        [
+            "train.global_batch_size=128",
+            "checkpoint.save=out/x",
+            "peft=lora",
+            "train.lr=5e-4",
+            "parallel.sequence_parallel=true",
+            "mtp.mtp_loss_scaling_factor=None",
+        ],
+    )
     assert (cfg.train.global_batch_size, cfg.checkpoint.save, cfg.peft, cfg.train.lr) == (128, "out/x", "lora", 5e-4)
     assert cfg.parallel.sequence_parallel is True and cfg.mtp.mtp_loss_scaling_factor is None
     assert apply_overrides(cfg, ["peft=None"]).peft is None
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("train.global_batch_sizes=3", "valid keys here: train.train_iters, train.global_batch_size"),
-    ("trian.lr=1", "valid keys here: name, model, data, train"),
-    ("peft=qlora", "valid: None, lora, dora"),
-    ("train.lr=fast", "train.lr='fast': expected float"),
-    ("train.train_iters=2.5", "expected int"),
-    ("recompute.granularity=some", "valid: None, selective, full"),
-    ("train=3", "'train' is a section; set one of: train.train_iters"),
-    ("train.lr", "expected dotted.key=value"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.global_batch_sizes=3", "valid keys here: train.train_iters, train.global_batch_size"),
+        ("trian.lr=1", "valid keys here: name, model, data, train"),
+        ("peft=qlora", "valid: None, lora, dora"),
+        ("train.lr=fast", "train.lr='fast': expected float"),
+        ("train.train_iters=2.5", "expected int"),
+        ("recompute.granularity=some", "valid: None, selective, full"),
+        ("train=3", "'train' is a section; set one of: train.train_iters"),
+        ("train.lr", "expected dotted.key=value"),
+    ],
+)
 def test_bad_overrides_name_the_valid_choices(override, expected):
     with pytest.raises(RecipeError) as e:
         apply_overrides(get_recipe("glm45_tiny_finetune"), [override])
@@ -86,19 +101,34 @@ def test_bad_recipe_and_checkpoint():
     with pytest.raises(RecipeError, match="pretrained_checkpoint does/not/exist: no such HF checkpoint"):
         validate(apply_overrides(get_recipe("glm45_tiny_pretrain"), ["pretrained_checkpoint=does/not/exist"]))
     with pytest.raises(RecipeError, match="mtp.mtp_num_layers=2 with parallel.context_parallel_size=2"):
-        validate(apply_overrides(get_recipe("glm45_tiny_pretrain"),
-                                 ["mtp.mtp_num_layers=2", "parallel.context_parallel_size=2"]))
+        validate(
+            apply_overrides(
+                get_recipe("glm45_tiny_pretrain"), ["mtp.mtp_num_layers=2", "parallel.context_parallel_size=2"]
+            )
+        )
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--recipe", "glm45_tiny_finetune", "peft=qlora"], "valid: None, lora, dora"),
-    (["--recipe", "glm45_tiny_finetune", "--pretrained-checkpoint", "no/such/dir"], "no such HF checkpoint"),
-    (["--recipe", "glm45_tiny_pretrain", "train.nope=1"], "unknown override key 'train.nope'"),
-    (["--recipe", "glm45_tiny_pretrain", "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=0"],
-     "Megatron needs sequence parallel for MoE"),
-    (["--recipe", "glm45_tiny_pretrain", "train.global_batch_size=6", "train.micro_batch_size=4"],
-     "not a multiple of train.micro_batch_size=4"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--recipe", "glm45_tiny_finetune", "peft=qlora"], "valid: None, lora, dora"),
+        (["--recipe", "glm45_tiny_finetune", "--pretrained-checkpoint", "no/such/dir"], "no such HF checkpoint"),
+        (["--recipe", "glm45_tiny_pretrain", "train.nope=1"], "unknown override key 'train.nope'"),
+        (
+            [
+                "--recipe",
+                "glm45_tiny_pretrain",
+                "parallel.tensor_model_parallel_size=2",
+                "parallel.sequence_parallel=0",
+            ],
+            "Megatron needs sequence parallel for MoE",
+        ),
+        (
+            ["--recipe", "glm45_tiny_pretrain", "train.global_batch_size=6", "train.micro_batch_size=4"],
+            "not a multiple of train.micro_batch_size=4",
+        ),
+    ],
+)
 def test_cli_rejects_bad_input_before_distributed_work(tmp_path, args, expected):
     from typer.testing import CliRunner
 
@@ -110,8 +140,13 @@ def test_cli_rejects_bad_input_before_distributed_work(tmp_path, args, expected)
 
 
 def test_cli_error_is_one_line_and_exit_code_2(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "glm_rl.cli", "recipe", "--recipe", "glm45_nope"],
-                       capture_output=True, text=True, env=ENV, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "glm_rl.cli", "recipe", "--recipe", "glm45_nope"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
     assert "unknown recipe 'glm45_nope'; valid: glm45_355b_pretrain" in " ".join(r.stdout.split())
 
@@ -161,7 +196,7 @@ def test_sft_loss_only_on_assistant_tokens_and_pretrain_packing():
     assert torch.equal(pre.input_ids[:, 1:], pre.targets[:, :-1]) and pre.loss_mask.all()
     assert torch.equal(pre.targets[0, -1], pre.input_ids[1, 0])  # rows continue the token stream
     text = json.loads((RECIPE_DATA / "pretrain.jsonl").read_text().splitlines()[0])["text"]
-    assert tok.decode(pre.input_ids[0, :len(text)].tolist()) == text
+    assert tok.decode(pre.input_ids[0, : len(text)].tolist()) == text
 
 
 def test_parquet_pretrain_data_equals_jsonl(tmp_path):
@@ -190,10 +225,26 @@ def _metrics(path: Path) -> list[dict]:
 
 def test_tiny_pretrain_with_mtp_through_the_cli(tmp_path):
     out = tmp_path / "pre"
-    r = subprocess.run([sys.executable, "-m", "glm_rl.cli", "recipe", "--recipe", "glm45_tiny_pretrain",
-                        "--output-dir", str(out), "train.train_iters=5", "train.global_batch_size=4",
-                        "train.micro_batch_size=2", "data.seq_length=48"],
-                       capture_output=True, text=True, env=ENV, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "glm_rl.cli",
+            "recipe",
+            "--recipe",
+            "glm45_tiny_pretrain",
+            "--output-dir",
+            str(out),
+            "train.train_iters=5",
+            "train.global_batch_size=4",
+            "train.micro_batch_size=2",
+            "data.seq_length=48",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     m = _metrics(out)
     assert [x["step"] for x in m] == [1, 2, 3, 4, 5]
@@ -209,8 +260,9 @@ def _finetune_worker(rank: int, out: str) -> None:
     from glm_rl.recipes.runner import run_recipe
 
     for peft in (None, "lora", "dora"):
-        cfg = get_recipe("glm45_tiny_finetune", peft=peft, train_iters=5, global_batch_size=4, micro_batch_size=4,
-                         seq_length=48)
+        cfg = get_recipe(
+            "glm45_tiny_finetune", peft=peft, train_iters=5, global_batch_size=4, micro_batch_size=4, seq_length=48
+        )
         if peft == "lora":
             cfg = apply_overrides(cfg, ["checkpoint.save_interval=2"])
         run_recipe(cfg, Path(out) / str(peft), log=lambda s: None)
@@ -295,9 +347,9 @@ def _tp_worker(rank: int, store: str, out: str, tp: int, peft: str) -> None:
     from glm_rl.recipes.config import RECIPE_DATA
     from glm_rl.recipes.data import load_rows
     from glm_rl.recipes.peft import MegatronLoRA, apply_peft, merge_adapters
-    from glm_rl.trainer.backends.megatron.optim import reduce_grads_and_clip
     from glm_rl.trainer.backends.megatron.bridge import export_hf_weights, import_hf_weights
     from glm_rl.trainer.backends.megatron.model import build_gpt_model, setup_model_parallel
+    from glm_rl.trainer.backends.megatron.optim import reduce_grads_and_clip
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=tp)
     setup_model_parallel(tp=tp, etp=1)  # whole experts per rank, as the recipes lay them out
@@ -315,7 +367,7 @@ def _tp_worker(rank: int, store: str, out: str, tp: int, peft: str) -> None:
         logits = model(ids, pos, attention_mask=None)  # (B, S, V/TP)
         parts = [torch.empty_like(logits) for _ in range(tp)]
         dist.all_gather(parts, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
-        return torch.cat(parts, -1)[..., :spec.vocab_size].detach()
+        return torch.cat(parts, -1)[..., : spec.vocab_size].detach()
 
     base_logits = full_logits()
     apply_peft(model, rank=4, alpha=8.0, dora=peft == "dora")
@@ -328,16 +380,23 @@ def _tp_worker(rank: int, store: str, out: str, tp: int, peft: str) -> None:
     loss.backward()
     assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
     reduce_grads_and_clip(model, clip_grad=1e9)  # the recipe trainer's TP / DP sums (no clipping here)
-    grads = {f"{n}.{w}": _full_grad(n, m, w) for n, m in model.named_modules() if isinstance(m, MegatronLoRA)
-             for w in ("lora_A", "lora_B", "lora_magnitude") if getattr(m, w) is not None}
+    grads = {
+        f"{n}.{w}": _full_grad(n, m, w)
+        for n, m in model.named_modules()
+        if isinstance(m, MegatronLoRA)
+        for w in ("lora_A", "lora_B", "lora_magnitude")
+        if getattr(m, w) is not None
+    }
     merge_adapters(model)
     exported = {n: t.clone() for n, t in export_hf_weights(model, spec)}
     if rank == 0:
         hf.load_state_dict(exported, strict=False)
         with torch.no_grad():
-            hf_logits = hf(ids).logits[..., :spec.vocab_size]
-        torch.save({"logits": adapted, "base": base_logits, "fresh": fresh, "grads": grads, "hf_logits": hf_logits},
-                   Path(out) / f"tp{tp}_{peft}.pt")
+            hf_logits = hf(ids).logits[..., : spec.vocab_size]
+        torch.save(
+            {"logits": adapted, "base": base_logits, "fresh": fresh, "grads": grads, "hf_logits": hf_logits},
+            Path(out) / f"tp{tp}_{peft}.pt",
+        )
 
 
 @pytest.mark.parametrize("peft", ["lora", "dora"])
@@ -366,17 +425,34 @@ def test_adapter_tp2_equals_tp1_and_merged_export_matches(tmp_path, peft):
 def test_torchrun_tp2_matches_single_process(tmp_path):
     """`glm-rl recipe` under torchrun (2 ranks, TP2 + SP, DoRA) gives the single process's losses and grad
     norms step for step: adapters, gradient sync and optimizer agree across layouts."""
-    args = ["--recipe", "glm45_tiny_finetune", "peft=dora", "train.train_iters=3", "train.global_batch_size=4",
-            "train.micro_batch_size=2", "data.seq_length=48"]
+    args = [
+        "--recipe",
+        "glm45_tiny_finetune",
+        "peft=dora",
+        "train.train_iters=3",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=2",
+        "data.seq_length=48",
+    ]
     from glm_rl.ray.addresses import free_port
 
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                str(free_port())]
-    runs = {"tp1": [sys.executable, "-m", "glm_rl.cli", "recipe", *args],
-            "tp2": [*torchrun, "-m", "glm_rl.cli", "recipe", *args, "parallel.tensor_model_parallel_size=2"]}
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+    ]
+    runs = {
+        "tp1": [sys.executable, "-m", "glm_rl.cli", "recipe", *args],
+        "tp2": [*torchrun, "-m", "glm_rl.cli", "recipe", *args, "parallel.tensor_model_parallel_size=2"],
+    }
     for name, cmd in runs.items():
-        r = subprocess.run([*cmd, "--output-dir", str(tmp_path / name)], capture_output=True, text=True, env=ENV,
-                           timeout=600)
+        r = subprocess.run(
+            [*cmd, "--output-dir", str(tmp_path / name)], capture_output=True, text=True, env=ENV, timeout=600
+        )
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     one, two = _metrics(tmp_path / "tp1"), _metrics(tmp_path / "tp2")
     assert len(one) == len(two) == 3
@@ -391,16 +467,31 @@ def test_torchrun_tp2_matches_single_process(tmp_path):
 # order; checked by hand), but Adam turns such noise into larger weight differences where a moment nearly cancels
 # (~lr x 1e-2 at worst), which later steps' gradients inherit. Seen: CP2 5.9e-6 / PP2 6.3e-7 max weight
 # difference after 3 steps (training moved weights by 1.4e-3), grad norm 1.4e-5 relative at step 2.
-_PRETRAIN = ["--recipe", "glm45_tiny_pretrain", f"pretrained_checkpoint={TINY_CHECKPOINT}", "train.train_iters=3",
-             "train.global_batch_size=4", "train.micro_batch_size=2", "data.seq_length=46", "train.lr=5e-4",
-             "train.min_lr=5e-5"]  # 46: CP2 pads each row to 48 (a multiple of 2 x CP), the others do not
+_PRETRAIN = [
+    "--recipe",
+    "glm45_tiny_pretrain",
+    f"pretrained_checkpoint={TINY_CHECKPOINT}",
+    "train.train_iters=3",
+    "train.global_batch_size=4",
+    "train.micro_batch_size=2",
+    "data.seq_length=46",
+    "train.lr=5e-4",
+    "train.min_lr=5e-5",
+]  # 46: CP2 pads each row to 48 (a multiple of 2 x CP), the others do not
 
 
 def _torchrun(nproc: int) -> list[str]:
     from glm_rl.ray.addresses import free_port
 
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-            str(free_port())]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(free_port()),
+    ]
 
 
 def _recipe_run(cmd: list[str], out: Path) -> Path:
@@ -412,16 +503,21 @@ def _recipe_run(cmd: list[str], out: Path) -> Path:
 @pytest.fixture(scope="module")
 def pretrain_one(tmp_path_factory) -> Path:
     """The single-process reference run."""
-    return _recipe_run([sys.executable, "-m", "glm_rl.cli", "recipe", *_PRETRAIN],
-                       tmp_path_factory.mktemp("pretrain") / "one")
+    return _recipe_run(
+        [sys.executable, "-m", "glm_rl.cli", "recipe", *_PRETRAIN], tmp_path_factory.mktemp("pretrain") / "one"
+    )
 
 
-@pytest.mark.parametrize("layout", [
-    # PP2 with an uneven split: 1 layer on the first stage, 3 + the MTP layer (and its embedding copy) on the last
-    ["parallel.pipeline_model_parallel_size=2", "parallel.decoder_first_pipeline_num_layers=1"],
-    # CP2: every row padded and split into megatron's load-balanced chunks; MTP's rolled labels cross CP ranks
-    ["parallel.context_parallel_size=2"],
-], ids=["pp2_uneven", "cp2"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        # PP2 with an uneven split: 1 layer on the first stage, 3 + the MTP layer (and its embedding copy) on the last
+        ["parallel.pipeline_model_parallel_size=2", "parallel.decoder_first_pipeline_num_layers=1"],
+        # CP2: every row padded and split into megatron's load-balanced chunks; MTP's rolled labels cross CP ranks
+        ["parallel.context_parallel_size=2"],
+    ],
+    ids=["pp2_uneven", "cp2"],
+)
 def test_torchrun_pp2_and_cp2_pretrain_match_single_process(tmp_path, pretrain_one, layout):
     """`glm-rl recipe` under torchrun with PP2 (megatron's 1F1B schedule over gloo) or CP2 trains the tiny
     pretrain recipe (MTP on) exactly like one process: loss and MTP loss per step (<= 1e-5 relative), grad norm
@@ -448,17 +544,33 @@ def test_torchrun_pp2_and_cp2_pretrain_match_single_process(tmp_path, pretrain_o
     assert max(float((w_one[k] - base[k]).abs().max()) for k in w_one if k in base) > 1e-3
 
 
-
 def test_lora_adapters_start_alike_under_pp2(tmp_path):
     """LoRA's initial adapters are seeded by the adapted weight's global name (peft.global_name), so a PP2 run
     (first stage 1 layer) trains exactly like one process: loss and grad norm per step. Before, adapters were
     drawn in each stage's module order and PP2's step-1 grad norm was 3.51 against one process's 3.62."""
-    args = ["--recipe", "glm45_tiny_finetune", "peft=lora", "train.train_iters=2", "train.global_batch_size=4",
-            "train.micro_batch_size=2"]
+    args = [
+        "--recipe",
+        "glm45_tiny_finetune",
+        "peft=lora",
+        "train.train_iters=2",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=2",
+    ]
     one = _metrics(_recipe_run([sys.executable, "-m", "glm_rl.cli", "recipe", *args], tmp_path / "one"))
-    two = _metrics(_recipe_run([*_torchrun(2), "-m", "glm_rl.cli", "recipe", *args,
-                                "parallel.pipeline_model_parallel_size=2",
-                                "parallel.decoder_first_pipeline_num_layers=1"], tmp_path / "two"))
+    two = _metrics(
+        _recipe_run(
+            [
+                *_torchrun(2),
+                "-m",
+                "glm_rl.cli",
+                "recipe",
+                *args,
+                "parallel.pipeline_model_parallel_size=2",
+                "parallel.decoder_first_pipeline_num_layers=1",
+            ],
+            tmp_path / "two",
+        )
+    )
     assert len(one) == len(two) == 2
     for a, b in zip(one, two):
         for key, tol in (("loss", 1e-5), ("grad_norm", 1e-4)):

@@ -8,16 +8,19 @@ from glm_rl.rollout.data import DataError, load_prompts
 from glm_rl.rollout.rewards import arithmetic_reward, get_reward_fn, parse_arithmetic_answer
 
 
-@pytest.mark.parametrize("response,label,reward", [
-    ("123+456=579", "579", 1.0),      # correct, restated
-    ("579", "579", 0.0),              # no '=': malformed
-    ("123+456= 579 ", "579", 1.0),    # whitespace tolerated
-    ("123+456=578", "579", 0.0),      # wrong
-    ("123+456=", "579", 0.0),         # malformed: no number
-    ("123+456=57a", "579", 0.0),      # malformed: junk after the number
-    ("1=2=579", "579", 1.0),          # the last '=' counts
-    ("", "3", 0.0),
-])
+@pytest.mark.parametrize(
+    "response,label,reward",
+    [
+        ("123+456=579", "579", 1.0),  # correct, restated
+        ("579", "579", 0.0),  # no '=': malformed
+        ("123+456= 579 ", "579", 1.0),  # whitespace tolerated
+        ("123+456=578", "579", 0.0),  # wrong
+        ("123+456=", "579", 0.0),  # malformed: no number
+        ("123+456=57a", "579", 0.0),  # malformed: junk after the number
+        ("1=2=579", "579", 1.0),  # the last '=' counts
+        ("", "3", 0.0),
+    ],
+)
 def test_arithmetic_reward(response, label, reward):
     assert arithmetic_reward(response, label) == reward
 
@@ -35,17 +38,22 @@ def test_unknown_reward():
 
 def test_load_prompts(tmp_path):
     p = tmp_path / "d.jsonl"
-    p.write_text(json.dumps({"prompt": "1+2", "label": 3}) + "\n\n" + json.dumps({"prompt": "2+2", "label": "4"}) + "\n")
+    p.write_text(
+        json.dumps({"prompt": "1+2", "label": 3}) + "\n\n" + json.dumps({"prompt": "2+2", "label": "4"}) + "\n"
+    )
     rows = load_prompts(p)
     assert [(r.prompt, r.label, r.index) for r in rows] == [("1+2", "3", 0), ("2+2", "4", 1)]
 
 
-@pytest.mark.parametrize("line,msg", [
-    ("{not json", "not valid JSON"),
-    ('{"prompt": "1+1"}', "missing field 'label'"),
-    ('["1+1", 2]', "expected a JSON object"),
-    ('{"prompt": "", "label": 1}', "non-empty string"),
-])
+@pytest.mark.parametrize(
+    "line,msg",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"prompt": "1+1"}', "missing field 'label'"),
+        ('["1+1", 2]', "expected a JSON object"),
+        ('{"prompt": "", "label": 1}', "non-empty string"),
+    ],
+)
 def test_malformed_row_names_file_and_line(tmp_path, line, msg):
     p = tmp_path / "bad.jsonl"
     p.write_text(json.dumps({"prompt": "1+2", "label": 3}) + "\n" + line + "\n")

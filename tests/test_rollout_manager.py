@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 
 from glm_rl.config import RolloutConfig
+from glm_rl.engine import EmbeddedEngine, EngineConfig
 from glm_rl.models.glm45.presets import TINY_CHECKPOINT
 from glm_rl.rollout.engine_client import EngineClient
-from glm_rl.engine import EmbeddedEngine, EngineConfig
 from glm_rl.rollout.manager import RolloutManager
 from glm_rl.rollout.rewards import arithmetic_reward
 
@@ -25,8 +25,13 @@ def engine():
 def manager(url, **overrides):
     client = EngineClient(url)
     cfg = dataclasses.replace(RolloutConfig(rollout_batch_size=4, n_samples_per_prompt=3), **overrides)
-    return RolloutManager(cfg, str(TINY_CHECKPOINT), lambda payload: client.apost("/generate", payload), seed=7,
-                          return_routed_experts=True)
+    return RolloutManager(
+        cfg,
+        str(TINY_CHECKPOINT),
+        lambda payload: client.apost("/generate", payload),
+        seed=7,
+        return_routed_experts=True,
+    )
 
 
 def test_groups_rewards_and_routing(engine):
@@ -45,7 +50,7 @@ def test_groups_rewards_and_routing(engine):
 
 
 def test_long_prompts_are_skipped_and_counted(engine):
-    m = manager(engine, rollout_max_prompt_len=11)   # "a+b" longer than 5 characters does not fit
+    m = manager(engine, rollout_max_prompt_len=11)  # "a+b" longer than 5 characters does not fit
     samples, metrics = asyncio.run(m.generate(0))
     assert len(samples) == 12 and all(len(s.prompt_ids) <= 11 for s in samples)
     assert metrics["rollout/skipped_long_prompts"] > 0
@@ -66,8 +71,9 @@ def test_data_position_resumes(engine):
 def test_mtp_acceptance_length_reaches_rollout_metrics():
     from glm_rl.engine import EmbeddedEngine, EngineConfig
 
-    eng = EmbeddedEngine(EngineConfig(hf_checkpoint=str(TINY_CHECKPOINT), enable_mtp=True,
-                                      return_routed_experts_by_default=True))
+    eng = EmbeddedEngine(
+        EngineConfig(hf_checkpoint=str(TINY_CHECKPOINT), enable_mtp=True, return_routed_experts_by_default=True)
+    )
     url = eng.start()
     try:
         _, metrics = asyncio.run(manager(url, rollout_temperature=0.0).generate(0))

@@ -9,8 +9,8 @@ import sys
 import aiohttp
 import pytest
 
-from glm_rl.models.glm45.presets import TINY_CHECKPOINT
 from glm_rl.engine import EmbeddedEngine, EngineConfig
+from glm_rl.models.glm45.presets import TINY_CHECKPOINT
 from glm_rl.rollout.engine_client import EngineClient, EngineError
 from glm_rl.rollout.router import RolloutEndpoints, RouterConfig, RouterProcess, router_command
 
@@ -21,10 +21,27 @@ GREEDY = {"temperature": 0.0, "max_new_tokens": 6}
 def test_router_command_snapshot():
     config = RouterConfig(worker_urls=("http://127.0.0.1:8001", "http://127.0.0.1:8002"), api_key="k")
     assert router_command(config, port=30000, prometheus_port=29000, python="python") == [
-        "python", "-m", "sglang_router.launch_router",
-        "--worker-urls", "http://127.0.0.1:8001", "http://127.0.0.1:8002",
-        "--host", "127.0.0.1", "--port", "30000", "--policy", "round_robin",
-        "--prometheus-host", "127.0.0.1", "--prometheus-port", "29000", "--log-level", "warn", "--api-key", "k"]
+        "python",
+        "-m",
+        "sglang_router.launch_router",
+        "--worker-urls",
+        "http://127.0.0.1:8001",
+        "http://127.0.0.1:8002",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "30000",
+        "--policy",
+        "round_robin",
+        "--prometheus-host",
+        "127.0.0.1",
+        "--prometheus-port",
+        "29000",
+        "--log-level",
+        "warn",
+        "--api-key",
+        "k",
+    ]
     with pytest.raises(ValueError, match="policy"):
         RouterConfig(policy="fastest")
 
@@ -58,8 +75,10 @@ def test_requests_through_router_reach_both_engines(stack):
     router, engines = stack
     direct = [engines[0].generate(p, GREEDY)["output_ids"] for p in PROMPTS]
     before = _served(engines)
-    payloads = [{"input_ids": PROMPTS[i % 2], "sampling_params": GREEDY, "return_logprob": True, "rid": f"q{i}"}
-                for i in range(10)]
+    payloads = [
+        {"input_ids": PROMPTS[i % 2], "sampling_params": GREEDY, "return_logprob": True, "rid": f"q{i}"}
+        for i in range(10)
+    ]
     answers = asyncio.run(_many(router.url, payloads))
     assert [a["output_ids"] for a in answers] == [direct[i % 2] for i in range(10)]
     assert [a["meta_info"]["id"] for a in answers] == [f"q{i}" for i in range(10)]  # rid survives
@@ -70,11 +89,10 @@ def test_requests_through_router_reach_both_engines(stack):
 
 def test_router_drops_return_routed_experts(stack):
     router, engines = stack
-    body = {"input_ids": PROMPTS[0], "sampling_params": GREEDY, "return_logprob": True,
-            "return_routed_experts": True}
+    body = {"input_ids": PROMPTS[0], "sampling_params": GREEDY, "return_logprob": True, "return_routed_experts": True}
     via_router = EngineClient(router.url).post("/generate", body)
-    assert "routed_experts" not in via_router["meta_info"]          # the router rebuilt the body without it
-    assert "output_token_logprobs" in via_router["meta_info"]       # return_logprob survives
+    assert "routed_experts" not in via_router["meta_info"]  # the router rebuilt the body without it
+    assert "output_token_logprobs" in via_router["meta_info"]  # return_logprob survives
     direct = engines[0].post("/generate", body)
     assert len(direct["meta_info"]["routed_experts"]) == len(PROMPTS[0]) + len(direct["output_ids"]) - 1
 
@@ -91,6 +109,7 @@ def test_r3_path_goes_to_engines_round_robin(stack):
         async with aiohttp.ClientSession() as session:
             payload = {"input_ids": PROMPTS[1], "sampling_params": GREEDY, "return_routed_experts": True}
             return await asyncio.gather(*(endpoints.generate(payload, session=session) for _ in range(4)))
+
     for answer in asyncio.run(run()):
         experts = answer["meta_info"]["routed_experts"]
         assert len(experts) == len(PROMPTS[1]) + len(answer["output_ids"]) - 1

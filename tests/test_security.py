@@ -32,8 +32,16 @@ from glm_rl.weights.wire import FORMAT, serialize_named_tensors, tensor_checksum
 
 KEY = "run-secret"
 PROMPT = [1, 2, 4, 23, 13, 10, 17, 11, 5, 23]
-WEIGHT_ROUTES = ["/update_weights_from_tensor", "/update_weights_from_distributed", "/init_weights_update_group",
-                 "/destroy_weights_update_group", "/weights_checksum", "/p2p/prepare", "/p2p/commit", "/p2p/close"]
+WEIGHT_ROUTES = [
+    "/update_weights_from_tensor",
+    "/update_weights_from_distributed",
+    "/init_weights_update_group",
+    "/destroy_weights_update_group",
+    "/weights_checksum",
+    "/p2p/prepare",
+    "/p2p/commit",
+    "/p2p/close",
+]
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +78,28 @@ def _hostile_bodies(marker: Path) -> dict[str, list[bytes]]:
     """Per weight route: the raw pickle as the body, and JSON bodies carrying it (base64) in every field."""
     raw = pickle.dumps([("lm_head.weight", _Touch(marker))])
     b64 = base64.b64encode(raw).decode()
-    fields = {"/update_weights_from_tensor": [{"serialized_named_tensors": [b64]},
-                                              {"serialized_named_tensors": [b64], "load_format": "flattened_bucket"}],
-              "/update_weights_from_distributed": [{"names": [b64], "dtypes": [b64], "shapes": [[1]],
-                                                    "group_name": b64}],
-              "/init_weights_update_group": [{"master_address": "127.0.0.1", "master_port": 1, "rank_offset": 1,
-                                              "world_size": 2, "group_name": b64, "backend": b64}],
-              "/destroy_weights_update_group": [{"group_name": b64}], "/weights_checksum": [{"names": [b64]}],
-              "/p2p/prepare": [{"tensors": [b64], "buffer_bytes": 8}], "/p2p/commit": [{"weight_version": b64}],
-              "/p2p/close": []}
+    fields = {
+        "/update_weights_from_tensor": [
+            {"serialized_named_tensors": [b64]},
+            {"serialized_named_tensors": [b64], "load_format": "flattened_bucket"},
+        ],
+        "/update_weights_from_distributed": [{"names": [b64], "dtypes": [b64], "shapes": [[1]], "group_name": b64}],
+        "/init_weights_update_group": [
+            {
+                "master_address": "127.0.0.1",
+                "master_port": 1,
+                "rank_offset": 1,
+                "world_size": 2,
+                "group_name": b64,
+                "backend": b64,
+            }
+        ],
+        "/destroy_weights_update_group": [{"group_name": b64}],
+        "/weights_checksum": [{"names": [b64]}],
+        "/p2p/prepare": [{"tensors": [b64], "buffer_bytes": 8}],
+        "/p2p/commit": [{"weight_version": b64}],
+        "/p2p/close": [],
+    }
     return {route: [raw] + [json.dumps(b).encode() for b in bodies] for route, bodies in fields.items()}
 
 
@@ -92,8 +113,13 @@ def test_crafted_pickle_never_runs(engines, tmp_path):
     assert set(bodies) == set(WEIGHT_ROUTES)
     for route, payloads in bodies.items():
         for data in payloads:
-            for url, key, expected in ((keyless.url, None, 400), (keyless.url, KEY, 400), (keyed.url, None, 401),
-                                       (keyed.url, "wrong", 401), (keyed.url, KEY, 400)):
+            for url, key, expected in (
+                (keyless.url, None, 400),
+                (keyless.url, KEY, 400),
+                (keyed.url, None, 401),
+                (keyed.url, "wrong", 401),
+                (keyed.url, KEY, 400),
+            ):
                 status, answer = _post(url + route, data, key)
                 assert status == expected, (route, key, status, answer)
                 assert not marker.exists(), (route, key)
@@ -103,8 +129,9 @@ def test_crafted_pickle_never_runs(engines, tmp_path):
 def test_sglang_pickled_form_only_with_the_key(engines):
     keyed, keyless = engines
     t = torch.full_like(keyed.weights.state["model.norm.weight"], 0.5)
-    body = json.dumps({"serialized_named_tensors": [serialize_named_tensors([("model.norm.weight", t)])],
-                       "weight_version": 3}).encode()
+    body = json.dumps(
+        {"serialized_named_tensors": [serialize_named_tensors([("model.norm.weight", t)])], "weight_version": 3}
+    ).encode()
     status, answer = _post(keyless.url + "/update_weights_from_tensor", body)
     assert status == 400 and "API key" in answer
     status, answer = _post(keyed.url + "/update_weights_from_tensor", body, KEY)  # SGLang's form, trusted caller
@@ -116,11 +143,16 @@ def test_admin_routes_need_the_key(engines):
     keyed, _ = engines
     routes = {(r.method, r.resource.canonical) for r in keyed._server.app.router.routes() if r.method != "HEAD"}
     open_routes = {("GET", "/health"), ("GET", "/health_generate")}  # as SGLang: the router health-checks
-    assert {("POST", "/pause_generation"), ("*", "/flush_cache"), ("POST", "/release_memory_occupation"),
-            *(("POST", r) for r in WEIGHT_ROUTES)} <= routes
+    assert {
+        ("POST", "/pause_generation"),
+        ("*", "/flush_cache"),
+        ("POST", "/release_memory_occupation"),
+        *(("POST", r) for r in WEIGHT_ROUTES),
+    } <= routes
     for method, path in sorted(routes - open_routes):
-        req = urllib.request.Request(keyed.url + path, data=b"{}" if method != "GET" else None,
-                                     method="POST" if method == "*" else method)
+        req = urllib.request.Request(
+            keyed.url + path, data=b"{}" if method != "GET" else None, method="POST" if method == "*" else method
+        )
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(req, timeout=30)
         assert info.value.code == 401, path
@@ -139,12 +171,16 @@ def test_our_client_sends_the_json_format(engines, keyed):
     engine = engines[0] if keyed else engines[1]
     client = EngineClient(engine.url, api_key=KEY if keyed else None)
     bodies = _recording(client)
-    new = [("lm_head.weight", torch.randn(engine.weights.state["lm_head.weight"].shape)),
-           ("model.norm.weight", torch.randn(engine.weights.state["model.norm.weight"].shape).t())]
+    new = [
+        ("lm_head.weight", torch.randn(engine.weights.state["lm_head.weight"].shape)),
+        ("model.norm.weight", torch.randn(engine.weights.state["model.norm.weight"].shape).t()),
+    ]
     assert client.update_weights_from_tensor(new, weight_version=7)["weight_version"] == 7
     flat = torch.cat([t.reshape(-1) for _, t in new]).view(torch.uint8)  # not the engine's layout: view by view
-    layout = [["lm_head.weight", "float32", list(new[0][1].shape), 0],
-              ["model.norm.weight", "float32", list(new[1][1].shape), new[0][1].numel() * 4]]
+    layout = [
+        ["lm_head.weight", "float32", list(new[0][1].shape), 0],
+        ["model.norm.weight", "float32", list(new[1][1].shape), new[0][1].numel() * 4],
+    ]
     assert client.update_weights_from_flat(flat, layout, weight_version=8)["weight_version"] == 8
     for body in bodies:
         doc = json.loads(body["serialized_named_tensors"][0])
@@ -155,8 +191,9 @@ def test_our_client_sends_the_json_format(engines, keyed):
 
 
 def _doc(buffers: list, tensors: list) -> bytes:
-    return json.dumps({"serialized_named_tensors": [json.dumps({"format": FORMAT, "buffers": buffers,
-                                                                "tensors": tensors})]}).encode()
+    return json.dumps(
+        {"serialized_named_tensors": [json.dumps({"format": FORMAT, "buffers": buffers, "tensors": tensors})]}
+    ).encode()
 
 
 def test_bad_json_payloads_are_400(engines):
@@ -164,16 +201,18 @@ def test_bad_json_payloads_are_400(engines):
     inline = {"kind": "inline", "nbytes": 8, "data": base64.b64encode(bytes(8)).decode()}
     spec = {"name": "model.norm.weight", "buffer": 0, "dtype": "float32", "shape": [2], "stride": [1], "offset": 0}
     shm = {"kind": "shm", "manager": "/tmp/x/manager.sock", "handle": "/torch_1_2_3", "nbytes": 8}
-    cases = [(keyless, _doc([shm], [spec]), "authenticated"),
-             (keyless, _doc([{**shm, "kind": "cuda_ipc"}], [spec]), "authenticated"),
-             (keyed, _doc([{**shm, "handle": "/../etc/passwd"}], [spec]), "handle"),
-             (keyed, _doc([shm], [spec]), "manager"),
-             (keyless, _doc([inline], [{**spec, "offset": 1}]), "overruns"),
-             (keyless, _doc([inline], [{**spec, "shape": [1, 2], "stride": [0]}]), "stride"),
-             (keyless, _doc([inline], [{**spec, "dtype": "Tensor"}]), "dtype"),
-             (keyless, _doc([{**inline, "data": "%%"}], [spec]), "base64"),
-             (keyless, _doc([inline], [{**spec, "buffer": 3}]), "buffer"),
-             (keyless, json.dumps({"serialized_named_tensors": ["{" * 50_000]}).encode(), "serialized_named_tensors")]
+    cases = [
+        (keyless, _doc([shm], [spec]), "authenticated"),
+        (keyless, _doc([{**shm, "kind": "cuda_ipc"}], [spec]), "authenticated"),
+        (keyed, _doc([{**shm, "handle": "/../etc/passwd"}], [spec]), "handle"),
+        (keyed, _doc([shm], [spec]), "manager"),
+        (keyless, _doc([inline], [{**spec, "offset": 1}]), "overruns"),
+        (keyless, _doc([inline], [{**spec, "shape": [1, 2], "stride": [0]}]), "stride"),
+        (keyless, _doc([inline], [{**spec, "dtype": "Tensor"}]), "dtype"),
+        (keyless, _doc([{**inline, "data": "%%"}], [spec]), "base64"),
+        (keyless, _doc([inline], [{**spec, "buffer": 3}]), "buffer"),
+        (keyless, json.dumps({"serialized_named_tensors": ["{" * 50_000]}).encode(), "serialized_named_tensors"),
+    ]
     for engine, body, word in cases:
         status, answer = _post(engine.url + "/update_weights_from_tensor", body, KEY if engine is keyed else None)
         assert status == 400 and word in answer, (word, status, answer)
@@ -189,9 +228,15 @@ def test_stuck_weight_group_joins_time_out_and_free_their_threads(engines):
     answers: list[tuple[int, str]] = []
 
     def join(name: str) -> None:
-        body = {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 3,
-                "group_name": name}
+        body = {
+            "master_address": "127.0.0.1",
+            "master_port": port,
+            "rank_offset": 1,
+            "world_size": 3,
+            "group_name": name,
+        }
         answers.append(_post(keyless.url + "/init_weights_update_group", json.dumps(body).encode()))
+
     assert EngineConfig(hf_checkpoint="x").weight_group_timeout_s <= 30  # the default: seconds, not minutes
     first = threading.Thread(target=join, args=("g",))
     first.start()
@@ -212,12 +257,21 @@ def test_stuck_weight_group_joins_time_out_and_free_their_threads(engines):
     del store
 
 
-BAD_SAMPLING = [('{"temperature": NaN}', "temperature"), ('{"temperature": Infinity}', "temperature"),
-                ('{"temperature": -Infinity}', "temperature"), ('{"temperature": 1e999}', "temperature"),
-                ('{"temperature": 1' + "0" * 400 + "}", "temperature"), ('{"top_p": NaN}', "top_p"),
-                ('{"top_p": 1.5}', "top_p"), ('{"top_p": -0.1}', "top_p"), ('{"top_p": Infinity}', "top_p"),
-                ('{"top_k": 0}', "top_k"), ('{"top_k": -2}', "top_k"), ('{"max_new_tokens": -1}', "max_new_tokens"),
-                ('{"max_new_tokens": 1e3}', "max_new_tokens")]
+BAD_SAMPLING = [
+    ('{"temperature": NaN}', "temperature"),
+    ('{"temperature": Infinity}', "temperature"),
+    ('{"temperature": -Infinity}', "temperature"),
+    ('{"temperature": 1e999}', "temperature"),
+    ('{"temperature": 1' + "0" * 400 + "}", "temperature"),
+    ('{"top_p": NaN}', "top_p"),
+    ('{"top_p": 1.5}', "top_p"),
+    ('{"top_p": -0.1}', "top_p"),
+    ('{"top_p": Infinity}', "top_p"),
+    ('{"top_k": 0}', "top_k"),
+    ('{"top_k": -2}', "top_k"),
+    ('{"max_new_tokens": -1}', "max_new_tokens"),
+    ('{"max_new_tokens": 1e3}', "max_new_tokens"),
+]
 
 
 def test_bad_sampling_values_and_deep_bodies_are_400(engines):
@@ -236,6 +290,7 @@ def test_bad_sampling_values_and_deep_bodies_are_400(engines):
 def test_json_depth_cap_is_exact():
     def nested(depth: int) -> bytes:
         return b'{"a": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
     assert parse_json_body(nested(32)) and parse_json_body(b"  ") == {}
     with pytest.raises(BadRequest, match="nested deeper than 32"):
         parse_json_body(nested(33))
@@ -254,11 +309,37 @@ def foreign_ray():
     port = free_port()
     ports = [str(free_port()) for _ in range(3)]
     proc = subprocess.Popen(
-        [ray, "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
-         "--num-gpus", "0", "--temp-dir", str(temp), "--include-dashboard", "false",
-         "--disable-usage-stats", "--ray-client-server-port", ports[0], "--dashboard-port", ports[1],
-         "--dashboard-agent-listen-port", ports[2], "--object-store-memory", str(100 << 20)],
-        stdout=(temp / "start.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            ray,
+            "start",
+            "--head",
+            "--block",
+            "--port",
+            str(port),
+            "--node-ip-address",
+            "127.0.0.1",
+            "--num-cpus",
+            "1",
+            "--num-gpus",
+            "0",
+            "--temp-dir",
+            str(temp),
+            "--include-dashboard",
+            "false",
+            "--disable-usage-stats",
+            "--ray-client-server-port",
+            ports[0],
+            "--dashboard-port",
+            ports[1],
+            "--dashboard-agent-listen-port",
+            ports[2],
+            "--object-store-memory",
+            str(100 << 20),
+        ],
+        stdout=(temp / "start.log").open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -285,9 +366,24 @@ def test_train_starts_its_own_ray_beside_a_running_cluster(foreign_ray, tmp_path
     Colocated, `tensor` sync: the JSON weight format by reference, with the run's secret, in a real run."""
     env = dict(os.environ, RAY_ADDRESS=foreign_ray)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "glm_rl.cli", "train", "--output-dir", str(out), "--num-rollout", "2",
-           "--rollout-batch-size", "2", "--n-samples-per-prompt", "2", "--no-report", "--colocate",
-           "--update-weight-transfer-mode", "tensor"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "glm_rl.cli",
+        "train",
+        "--output-dir",
+        str(out),
+        "--num-rollout",
+        "2",
+        "--rollout-batch-size",
+        "2",
+        "--n-samples-per-prompt",
+        "2",
+        "--no-report",
+        "--colocate",
+        "--update-weight-transfer-mode",
+        "tensor",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Started a local Ray instance" in proc.stderr

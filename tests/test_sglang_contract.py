@@ -14,7 +14,6 @@ import http.server
 import json
 import os
 import socket
-import sys
 import threading
 from pathlib import Path
 
@@ -25,21 +24,37 @@ import torch
 from glm_rl.config import RolloutConfig
 from glm_rl.models.glm45.presets import TINY_CHECKPOINT
 from glm_rl.rollout.engine_client import EngineClient
-from glm_rl.rollout.sglang_engine import SGLangEngine, SGLangServerConfig, build_command, contract
 from glm_rl.rollout.manager import RolloutManager
+from glm_rl.rollout.sglang_engine import SGLangEngine, SGLangServerConfig, build_command, contract
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 
 CONFIGS = {
     "plain": SGLangServerConfig(model_path="/models/GLM-4.5-Air", port=30000),
-    "air_r3_colocate": SGLangServerConfig(model_path="/models/GLM-4.5-Air", port=30001, tp_size=8, ep_size=8,
-                                          enable_dp_attention=True, dp_size=8, mem_fraction_static=0.7,
-                                          context_length=32768, enable_return_routed_experts=True,
-                                          enable_memory_saver=True, random_seed=1234),
-    "355b_mtp_fp8": SGLangServerConfig(model_path="/models/GLM-4.5-FP8", port=30002, tp_size=8, ep_size=8,
-                                       quantization="fp8", speculative_num_steps=1, speculative_eagle_topk=1,
-                                       speculative_num_draft_tokens=2,
-                                       extra_args=(("cuda-graph-max-bs-decode", "64"), ("disable-radix-cache", None))),
+    "air_r3_colocate": SGLangServerConfig(
+        model_path="/models/GLM-4.5-Air",
+        port=30001,
+        tp_size=8,
+        ep_size=8,
+        enable_dp_attention=True,
+        dp_size=8,
+        mem_fraction_static=0.7,
+        context_length=32768,
+        enable_return_routed_experts=True,
+        enable_memory_saver=True,
+        random_seed=1234,
+    ),
+    "355b_mtp_fp8": SGLangServerConfig(
+        model_path="/models/GLM-4.5-FP8",
+        port=30002,
+        tp_size=8,
+        ep_size=8,
+        quantization="fp8",
+        speculative_num_steps=1,
+        speculative_eagle_topk=1,
+        speculative_num_draft_tokens=2,
+        extra_args=(("cuda-graph-max-bs-decode", "64"), ("disable-radix-cache", None)),
+    ),
 }
 
 
@@ -97,8 +112,9 @@ def test_client_request_bodies_exist_in_sglang():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         c = EngineClient(f"http://127.0.0.1:{server.server_address[1]}")
-        c.generate([1, 2], {"temperature": 1.0, "max_new_tokens": 4}, return_logprob=True,
-                   return_routed_experts=True, rid="r")
+        c.generate(
+            [1, 2], {"temperature": 1.0, "max_new_tokens": 4}, return_logprob=True, return_routed_experts=True, rid="r"
+        )
         c.init_weights_update_group("127.0.0.1", 1234, 1, 2, "g")
         c.update_weights_from_distributed(["a"], [torch.float32], [[2]], "g", weight_version=1)
         c.update_weights_from_tensor([("a", torch.zeros(2))], weight_version=1)
@@ -111,13 +127,16 @@ def test_client_request_bodies_exist_in_sglang():
     finally:
         server.shutdown()
     req = contract()["requests"]
-    expected = {"/generate": "GenerateReqInput", "/init_weights_update_group": "InitWeightsUpdateGroupReqInput",
-                "/update_weights_from_distributed": "UpdateWeightsFromDistributedReqInput",
-                "/update_weights_from_tensor": "UpdateWeightsFromTensorReqInput",
-                "/destroy_weights_update_group": "DestroyWeightsUpdateGroupReqInput",
-                "/pause_generation": "PauseGenerationReqInput",
-                "/release_memory_occupation": "ReleaseMemoryOccupationReqInput",
-                "/resume_memory_occupation": "ResumeMemoryOccupationReqInput"}
+    expected = {
+        "/generate": "GenerateReqInput",
+        "/init_weights_update_group": "InitWeightsUpdateGroupReqInput",
+        "/update_weights_from_distributed": "UpdateWeightsFromDistributedReqInput",
+        "/update_weights_from_tensor": "UpdateWeightsFromTensorReqInput",
+        "/destroy_weights_update_group": "DestroyWeightsUpdateGroupReqInput",
+        "/pause_generation": "PauseGenerationReqInput",
+        "/release_memory_occupation": "ReleaseMemoryOccupationReqInput",
+        "/resume_memory_occupation": "ResumeMemoryOccupationReqInput",
+    }
     for path, request_type in expected.items():
         assert path in _Capture.bodies, path
         assert set(_Capture.bodies[path]) <= set(req[request_type]), (path, set(_Capture.bodies[path]))
@@ -130,12 +149,15 @@ def test_engine_lifecycle_with_fake_sglang(monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    engine = SGLangEngine(SGLangServerConfig(model_path=str(TINY_CHECKPOINT), port=port,
-                                             enable_return_routed_experts=True), startup_timeout_s=120)
+    engine = SGLangEngine(
+        SGLangServerConfig(model_path=str(TINY_CHECKPOINT), port=port, enable_return_routed_experts=True),
+        startup_timeout_s=120,
+    )
     url = engine.start()
     try:
-        out = EngineClient(url).generate([1, 2, 4, 23, 8, 17, 9, 5, 23], {"temperature": 0, "max_new_tokens": 6},
-                                         return_logprob=True)
+        out = EngineClient(url).generate(
+            [1, 2, 4, 23, 8, 17, 9, 5, 23], {"temperature": 0, "max_new_tokens": 6}, return_logprob=True
+        )
         assert len(out["output_ids"]) == len(out["meta_info"]["output_token_logprobs"]) > 0
         children = psutil.Process(engine.proc.pid).children(recursive=True)
         assert children

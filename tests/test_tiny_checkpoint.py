@@ -43,13 +43,13 @@ def test_architecture_features(tiny):
     cfg = model.config
     layers = model.model.layers
     assert cfg.first_k_dense_replace >= 1 and cfg.num_hidden_layers > cfg.first_k_dense_replace
-    assert not hasattr(layers[0].mlp, "gate")                      # dense first
+    assert not hasattr(layers[0].mlp, "gate")  # dense first
     moe = layers[cfg.first_k_dense_replace].mlp
-    assert moe.shared_experts is not None                           # shared expert
-    assert moe.gate.e_score_correction_bias.abs().sum() > 0         # expert bias, trained by load balancing
+    assert moe.shared_experts is not None  # shared expert
+    assert moe.gate.e_score_correction_bias.abs().sum() > 0  # expert bias, trained by load balancing
     assert layers[1].self_attn.q_norm is not None and cfg.use_qk_norm  # QK-norm
     assert cfg.rope_parameters["partial_rotary_factor"] == 0.5 and cfg.rope_parameters["rope_theta"] == 1e6
-    assert cfg.num_key_value_heads < cfg.num_attention_heads        # GQA
+    assert cfg.num_key_value_heads < cfg.num_attention_heads  # GQA
     assert cfg.attention_bias and layers[0].self_attn.q_proj.bias is not None
     assert cfg.routed_scaling_factor == 2.5 and cfg.norm_topk_prob
 
@@ -59,9 +59,16 @@ def test_mtp_layer_stored_as_glm_does():
     with safe_open(str(TINY_CHECKPOINT / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     prefix = f"model.layers.{n}."
-    for part in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
-                 "self_attn.q_proj.weight", "mlp.gate.e_score_correction_bias", "mlp.experts.0.gate_proj.weight",
-                 "mlp.shared_experts.down_proj.weight"):
+    for part in (
+        "enorm.weight",
+        "hnorm.weight",
+        "eh_proj.weight",
+        "shared_head.norm.weight",
+        "self_attn.q_proj.weight",
+        "mlp.gate.e_score_correction_bias",
+        "mlp.experts.0.gate_proj.weight",
+        "mlp.shared_experts.down_proj.weight",
+    ):
         assert prefix + part in keys, prefix + part
     assert not any(k.startswith(f"model.layers.{n + 1}.") for k in keys)
 
@@ -81,9 +88,9 @@ def test_mtp_predicts_t_plus_2(tiny):
             hidden = model.model(x).last_hidden_state
             pos = torch.arange(1, len(ids)).unsqueeze(0)
             h = mtp.forward_layer(0, hidden[:, :-1], pos, None, input_ids=x[:, 1:])
-            pred = mtp._project_to_logits(h).argmax(-1)[0, :-1]       # predicts ids[2:]
+            pred = mtp._project_to_logits(h).argmax(-1)[0, :-1]  # predicts ids[2:]
             target = x[0, 2:]
-            sel = slice(n_prompt - 2, None)                            # positions whose t+2 is a response token
+            sel = slice(n_prompt - 2, None)  # positions whose t+2 is a response token
             hits += (pred[sel] == target[sel]).sum().item()
             total += target[sel].numel()
     assert hits / total >= 0.6, hits / total

@@ -25,11 +25,19 @@ def make_samples(n: int, seed: int = 0, n_moe: int = 3, top_k: int = 2) -> list[
         prompt = [1, 2, 4, 23] + [rng.randint(7, 16) for _ in range(rng.randint(2, 6))] + [5, 23]
         response = [rng.randint(7, 20) for _ in range(rng.randint(3, 9))] + [0]
         n_pos = len(prompt) + len(response) - 1
-        routed = np.stack([np.stack([np.array(rng.sample(range(8), top_k)) for _ in range(n_moe)])
-                           for _ in range(n_pos)]).astype(np.int16)
-        s = Sample(index=i, group=i // 4, prompt_ids=prompt, response_ids=response,
-                   rollout_logprobs=[-rng.random() for _ in response], reward=float(rng.random() < 0.5),
-                   advantage=rng.uniform(-1, 1), routed_experts=routed)
+        routed = np.stack(
+            [np.stack([np.array(rng.sample(range(8), top_k)) for _ in range(n_moe)]) for _ in range(n_pos)]
+        ).astype(np.int16)
+        s = Sample(
+            index=i,
+            group=i // 4,
+            prompt_ids=prompt,
+            response_ids=response,
+            rollout_logprobs=[-rng.random() for _ in response],
+            reward=float(rng.random() < 0.5),
+            advantage=rng.uniform(-1, 1),
+            routed_experts=routed,
+        )
         s.old_logprobs = np.asarray(s.rollout_logprobs, dtype=np.float32) + 0.01
         s.token_weights = np.ones(len(response), dtype=np.float32)
         s.token_mask = np.ones(len(response), dtype=np.float32)
@@ -39,8 +47,12 @@ def make_samples(n: int, seed: int = 0, n_moe: int = 3, top_k: int = 2) -> list[
 
 def backend(max_tokens=4096, **algo) -> TorchBackend:
     torch.manual_seed(0)
-    return TorchBackend(ModelConfig(), TrainConfig(max_tokens_per_gpu=max_tokens, lr=1e-2),
-                        AlgoConfig(**{"use_rollout_routing_replay": False, **algo}), temperature=1.0)
+    return TorchBackend(
+        ModelConfig(),
+        TrainConfig(max_tokens_per_gpu=max_tokens, lr=1e-2),
+        AlgoConfig(**{"use_rollout_routing_replay": False, **algo}),
+        temperature=1.0,
+    )
 
 
 def global_tokens(samples):
@@ -89,7 +101,8 @@ def _dp_worker(rank, world, port, samples, queue):
 
 
 def test_data_parallel_two_ranks_equal_one_rank():
-    """Real gloo process group, 2 processes: the all-reduced gradient equals the single-process gradient on the full batch."""
+    """Real gloo process group, 2 processes: the all-reduced gradient equals the single-process gradient on the
+    full batch."""
     samples = make_samples(12)
     single = backend(4096)
     single.train_step(samples, global_tokens(samples))
@@ -147,7 +160,7 @@ def test_r2_records_then_replays_identically():
         s.trainer_routing = res["routing"][s.index]
         assert s.trainer_routing.shape == (s.num_positions, 3, 2)
     m = b.train_step(samples, global_tokens(samples))
-    assert m["train/ppo_kl"] == pytest.approx(0.0, abs=1e-7)   # same weights, same routing → ratio 1
+    assert m["train/ppo_kl"] == pytest.approx(0.0, abs=1e-7)  # same weights, same routing → ratio 1
     agree, total = b.replay.take_agreement()
     assert total == 0 or agree == total
 

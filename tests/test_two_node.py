@@ -116,8 +116,13 @@ def test_loopback_of_one_host_is_not_reachable_from_the_other(two_node_cluster):
     """Control: without it, a test passing here could be talking over one shared loopback."""
     c = two_node_cluster
     port = "47123"
-    listener = c.popen_in(0, [sys.executable, "-c", LISTEN, port, "127.0.0.1", c.ips[0]], stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, text=True)
+    listener = c.popen_in(
+        0,
+        [sys.executable, "-c", LISTEN, port, "127.0.0.1", c.ips[0]],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert listener.stdout.readline().strip() == "ready"
         same_host = _json(c.python_in(0, CONNECT, port, "127.0.0.1", c.ips[0]))

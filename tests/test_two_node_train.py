@@ -17,13 +17,24 @@ import time
 
 import pytest
 
-SHORT = ["--rollout-batch-size", "4", "--n-samples-per-prompt", "4", "--no-report",
-         "--placement-strategy", "SPREAD"]
+SHORT = ["--rollout-batch-size", "4", "--n-samples-per-prompt", "4", "--no-report", "--placement-strategy", "SPREAD"]
 
 
 def train(cluster, out, *extra, steps=3, timeout=400):
-    cmd = [sys.executable, "-m", "glm_rl.cli", "train", "--ray-address", cluster.head_address,
-           "--output-dir", str(out), "--num-rollout", str(steps), *SHORT, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "glm_rl.cli",
+        "train",
+        "--ray-address",
+        cluster.head_address,
+        "--output-dir",
+        str(out),
+        "--num-rollout",
+        str(steps),
+        *SHORT,
+        *extra,
+    ]
     proc = cluster.exec_in(0, cmd, timeout=timeout)
     return proc
 
@@ -35,7 +46,7 @@ def read_run(out):
 
 def assert_spans_both_nodes(cluster, placement):
     hosts = {url.split("//")[1].rsplit(":", 1)[0] for url in placement["engines"]}
-    assert hosts == set(cluster.ips), placement                  # one engine per node
+    assert hosts == set(cluster.ips), placement  # one engine per node
     assert set(placement["trainer_ranks"]) == set(cluster.ips), placement  # one trainer rank per node
     assert placement["driver"] == cluster.ips[0] and cluster.ips[0] in placement["router"]
 
@@ -49,16 +60,17 @@ def test_torch_backend_two_nodes(two_node_cluster, tmp_path, mode):
     assert_spans_both_nodes(two_node_cluster, placement)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
-        assert r["sync/verified"] == 1.0                      # bitwise, every tensor, every step, across nodes
+        assert r["sync/verified"] == 1.0  # bitwise, every tensor, every step, across nodes
         assert r["routing/replay_agreement"] == 1.0
         assert r["train/num_samples"] == 16
-    assert rows[0]["mismatch/logprob_abs_diff_max"] <= 1e-5   # fp32: trainer on one node == engine on the other
+    assert rows[0]["mismatch/logprob_abs_diff_max"] <= 1e-5  # fp32: trainer on one node == engine on the other
 
 
 def test_megatron_tp2_across_nodes(two_node_cluster, tmp_path):
     out = tmp_path / "megatron"
-    proc = train(two_node_cluster, out, "--backend", "megatron", "--tensor-model-parallel-size", "2", steps=2,
-                 timeout=500)
+    proc = train(
+        two_node_cluster, out, "--backend", "megatron", "--tensor-model-parallel-size", "2", steps=2, timeout=500
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows, placement = read_run(out)
     assert_spans_both_nodes(two_node_cluster, placement)
@@ -70,8 +82,21 @@ def test_worker_node_lost_mid_run(two_node_cluster, tmp_path):
     """The worker node dies (its Ray processes SIGKILLed) after the first checkpoint: the run stops with an
     error within a bounded time (no hang), and the checkpoint it saved stays loadable."""
     c, out = two_node_cluster, tmp_path / "fault"
-    cmd = [sys.executable, "-m", "glm_rl.cli", "train", "--ray-address", c.head_address, "--output-dir", str(out),
-           "--num-rollout", "200", "--save-interval", "1", *SHORT]
+    cmd = [
+        sys.executable,
+        "-m",
+        "glm_rl.cli",
+        "train",
+        "--ray-address",
+        c.head_address,
+        "--output-dir",
+        str(out),
+        "--num-rollout",
+        "200",
+        "--save-interval",
+        "1",
+        *SHORT,
+    ]
     proc = c.popen_in(0, cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         latest = out / "checkpoints" / "latest"
@@ -92,6 +117,6 @@ def test_worker_node_lost_mid_run(two_node_cluster, tmp_path):
         if proc.poll() is None:
             proc.kill()
         c.start_worker()
-    step = (out / "checkpoints" / latest.read_text().strip())
+    step = out / "checkpoints" / latest.read_text().strip()
     assert (step / "state.json").is_file()
     json.loads((step / "state.json").read_text())

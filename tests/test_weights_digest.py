@@ -42,9 +42,16 @@ def digest_ref(t: torch.Tensor) -> str:
     return f"{sums[0] ^ tag:016x}{sums[1]:016x}"
 
 
-@pytest.mark.parametrize("t", [torch.arange(10, dtype=torch.float32), torch.randn(7, 3).to(torch.bfloat16),
-                               torch.tensor([1, 2, 3], dtype=torch.uint8), torch.zeros(0),
-                               torch.randn(5, 4)[:, 1]])  # a non-contiguous view: its values, not its storage
+@pytest.mark.parametrize(
+    "t",
+    [
+        torch.arange(10, dtype=torch.float32),
+        torch.randn(7, 3).to(torch.bfloat16),
+        torch.tensor([1, 2, 3], dtype=torch.uint8),
+        torch.zeros(0),
+        torch.randn(5, 4)[:, 1],
+    ],
+)  # a non-contiguous view: its values, not its storage
 def test_matches_the_pure_python_definition(t):
     assert tensor_digest(t) == digest_ref(t)
 

@@ -3,19 +3,22 @@ loads the whole model from one shared buffer, bitwise."""
 
 import torch
 
+from glm_rl.engine import EmbeddedEngine, EngineConfig
 from glm_rl.models.glm45.checkpoint import load_hf_model
 from glm_rl.models.glm45.presets import TINY_CHECKPOINT
-from glm_rl.engine import EmbeddedEngine, EngineConfig
 from glm_rl.rollout.engine_client import EngineClient
 from glm_rl.weights.flat import ALIGN, entries_to_json, flatten_module_, plan_layout, views
 from glm_rl.weights.wire import tensor_checksum
 
 
 def test_layout_is_aligned_and_disjoint():
-    named = [("a", torch.zeros(3, dtype=torch.float32)), ("b", torch.zeros(5, 7, dtype=torch.bfloat16)),
-             ("c", torch.zeros(1, dtype=torch.int64))]
+    named = [
+        ("a", torch.zeros(3, dtype=torch.float32)),
+        ("b", torch.zeros(5, 7, dtype=torch.bfloat16)),
+        ("c", torch.zeros(1, dtype=torch.int64)),
+    ]
     entries, total = plan_layout(named)
-    assert [e.offset for e in entries] == [0, 64, 192]   # 12 B → a 64 B slot, 70 B → 128 B, 8 B → 64 B
+    assert [e.offset for e in entries] == [0, 64, 192]  # 12 B → a 64 B slot, 70 B → 128 B, 8 B → 64 B
     assert total == 256 and all(e.offset % ALIGN == 0 for e in entries)
 
 
@@ -27,11 +30,11 @@ def test_flatten_keeps_outputs_parameters_and_state():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     flat, entries = flatten_module_(model)
     assert torch.equal(model(x).logits, before)
-    assert {n: id(p) for n, p in model.named_parameters()} == ids         # optimizer state stays valid
+    assert {n: id(p) for n, p in model.named_parameters()} == ids  # optimizer state stays valid
     got = dict(views(flat, entries))
     assert set(got) == set(state) and all(torch.equal(got[k], state[k]) for k in state)
     with torch.no_grad():
-        model.lm_head.weight.add_(1.0)                                    # the buffer sees writes to the model
+        model.lm_head.weight.add_(1.0)  # the buffer sees writes to the model
     assert torch.equal(got["lm_head.weight"], state["lm_head.weight"] + 1.0)
 
 

@@ -7,13 +7,27 @@ import itertools
 import pytest
 
 from glm_rl.models.glm45.hf_names import split_dim
-from glm_rl.weights.transfer_plan import (EngineLayout, PlanError, SourceShard, TensorMeta, box_numel, build_plan,
-                                 floor_seconds, megatron_sources, predict_sync_seconds,
-                                 replicated_sources)
+from glm_rl.weights.transfer_plan import (
+    EngineLayout,
+    PlanError,
+    SourceShard,
+    TensorMeta,
+    box_numel,
+    build_plan,
+    floor_seconds,
+    megatron_sources,
+    predict_sync_seconds,
+    replicated_sources,
+)
 
 # float32 bytes: 64, 96, 32, 128, 64 (total 384)
-TENSORS = [TensorMeta("a", (4, 4), "float32"), TensorMeta("b", (6, 4), "float32"), TensorMeta("c", (8,), "float32"),
-           TensorMeta("d", (8, 4), "float32"), TensorMeta("e", (2, 8), "float32")]
+TENSORS = [
+    TensorMeta("a", (4, 4), "float32"),
+    TensorMeta("b", (6, 4), "float32"),
+    TensorMeta("c", (8,), "float32"),
+    TensorMeta("d", (8, 4), "float32"),
+    TensorMeta("e", (2, 8), "float32"),
+]
 
 
 def _covers_exactly_once(transfers, meta, box):
@@ -40,10 +54,10 @@ def test_two_replicas_to_two_engines_each_byte_once_and_balanced():
         assert all(a % 64 == 0 for a, _ in ends) and all(b0 <= a1 for (_, b0), (a1, _) in zip(ends, ends[1:]))
         assert plan.buffer_bytes[(eng, 0)] == 64 + 128 + 64 + 128 + 64
     loads = plan.bytes_per_source()
-    assert set(loads) == {0, 1} and min(loads.values()) > 0           # every source used
+    assert set(loads) == {0, 1} and min(loads.values()) > 0  # every source used
     assert sum(loads.values()) == 2 * 384
-    assert abs(loads[0] - loads[1]) <= 128                            # ±1 tensor (largest is 128 B)
-    assert loads == {0: 384, 1: 384}                                  # LPT: 128,128→0,1; 96,96→1,0; 64×4; 32,32
+    assert abs(loads[0] - loads[1]) <= 128  # ±1 tensor (largest is 128 B)
+    assert loads == {0: 384, 1: 384}  # LPT: 128,128→0,1; 96,96→1,0; 64×4; 32,32
 
 
 def test_chunking_balances_a_single_big_tensor_over_replicas():
@@ -54,13 +68,20 @@ def test_chunking_balances_a_single_big_tensor_over_replicas():
 
 
 def test_engine_tp2_resharding_covers_each_slice_exactly():
-    tensors = [TensorMeta("model.layers.0.self_attn.q_proj.weight", (8, 4), "float32"),
-               TensorMeta("model.layers.0.self_attn.o_proj.weight", (4, 8), "float32"),
-               TensorMeta("model.layers.0.input_layernorm.weight", (4,), "float32")]
+    tensors = [
+        TensorMeta("model.layers.0.self_attn.q_proj.weight", (8, 4), "float32"),
+        TensorMeta("model.layers.0.self_attn.o_proj.weight", (4, 8), "float32"),
+        TensorMeta("model.layers.0.input_layernorm.weight", (4,), "float32"),
+    ]
     # trainer TP2 along the same dims + a TP4 source for o_proj: cuts must line up across layouts
-    sources = [SourceShard(0, tensors[0].name, ((0, 4), (0, 4))), SourceShard(1, tensors[0].name, ((4, 8), (0, 4))),
-               SourceShard(0, tensors[1].name, ((0, 4), (0, 2))), SourceShard(1, tensors[1].name, ((0, 4), (2, 8))),
-               SourceShard(0, tensors[2].name), SourceShard(1, tensors[2].name)]
+    sources = [
+        SourceShard(0, tensors[0].name, ((0, 4), (0, 4))),
+        SourceShard(1, tensors[0].name, ((4, 8), (0, 4))),
+        SourceShard(0, tensors[1].name, ((0, 4), (0, 2))),
+        SourceShard(1, tensors[1].name, ((0, 4), (2, 8))),
+        SourceShard(0, tensors[2].name),
+        SourceShard(1, tensors[2].name),
+    ]
     plan = build_plan(tensors, sources, [EngineLayout(0, tp_size=2, split=split_dim)])
     q, o, norm = tensors
     for r in (0, 1):
@@ -90,10 +111,12 @@ def test_uncovered_tensor_is_named():
 
 def test_megatron_model_layout_and_pricing():
     # 2 layers, PP2, EP2, 4 ranks: experts split in halves per stage, no expert-DP; dense repeated over 2 ranks
-    tensors = [TensorMeta("model.embed_tokens.weight", (8, 4), "bfloat16"),
-               TensorMeta("model.layers.0.mlp.experts.down_proj", (4, 4, 2), "bfloat16"),
-               TensorMeta("model.layers.1.mlp.experts.down_proj", (4, 4, 2), "bfloat16"),
-               TensorMeta("lm_head.weight", (8, 4), "bfloat16")]
+    tensors = [
+        TensorMeta("model.embed_tokens.weight", (8, 4), "bfloat16"),
+        TensorMeta("model.layers.0.mlp.experts.down_proj", (4, 4, 2), "bfloat16"),
+        TensorMeta("model.layers.1.mlp.experts.down_proj", (4, 4, 2), "bfloat16"),
+        TensorMeta("lm_head.weight", (8, 4), "bfloat16"),
+    ]
     src = megatron_sources(tensors, world=4, tp=1, pp=2, ep=2, num_layers=2, split=split_dim)
     held = {(s.rank, s.name): s.box for s in src}
     assert held[(1, tensors[1].name)] == ((2, 4), (0, 4), (0, 2)) and (2, tensors[1].name) not in held

@@ -31,9 +31,16 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from glm_rl.models.fp8 import (
+    Fp8Error,
+    is_quantizable,
+    parts_of,
+    quantization_config,  # noqa: E402
+    quantize_blockwise,
+    scale_name,
+    weight_files,
+)
 from glm_rl.models.glm45.checkpoint import CheckpointError, read_spec  # noqa: E402
-from glm_rl.models.fp8 import (Fp8Error, is_quantizable, parts_of, quantization_config,  # noqa: E402
-                               quantize_blockwise, scale_name, weight_files)
 
 WEIGHT_INDEX = "model.safetensors.index.json"
 
@@ -52,8 +59,10 @@ def check_inputs(src: Path, dst: Path, block_size: int) -> dict[str, str]:
         raise ConversionError(str(e)) from None
     config = json.loads((src / "config.json").read_text())
     if "quantization_config" in config:
-        raise ConversionError(f"{src}/config.json already has a quantization_config "
-                              f"({config['quantization_config'].get('quant_method')!r}): nothing to convert")
+        raise ConversionError(
+            f"{src}/config.json already has a quantization_config "
+            f"({config['quantization_config'].get('quant_method')!r}): nothing to convert"
+        )
     if block_size < 1:
         raise ConversionError(f"--block-size must be >= 1, got {block_size}")
     if dst.resolve() == src.resolve():
@@ -121,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {a.save}: {s['quantized']} weights in FP8, {s['kept']} tensors kept; "
-          f"{s['bytes_in'] / 2**20:.1f} MiB -> {s['bytes_out'] / 2**20:.1f} MiB")
+    print(
+        f"wrote {a.save}: {s['quantized']} weights in FP8, {s['kept']} tensors kept; "
+        f"{s['bytes_in'] / 2**20:.1f} MiB -> {s['bytes_out'] / 2**20:.1f} MiB"
+    )
     return 0
 
 

@@ -24,11 +24,15 @@ from pathlib import Path
 os.environ.update({"TORCHDYNAMO_DISABLE": "1", "CUDA_VISIBLE_DEVICES": ""})
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-LAYOUT_FLAGS = {"tp": "--tensor-model-parallel-size", "pp": "--pipeline-model-parallel-size",
-                "cp": "--context-parallel-size", "ep": "--expert-model-parallel-size",
-                "etp": "--expert-tensor-parallel-size",
-                "decoder_first_pipeline_num_layers": "--decoder-first-pipeline-num-layers",
-                "decoder_last_pipeline_num_layers": "--decoder-last-pipeline-num-layers"}
+LAYOUT_FLAGS = {
+    "tp": "--tensor-model-parallel-size",
+    "pp": "--pipeline-model-parallel-size",
+    "cp": "--context-parallel-size",
+    "ep": "--expert-model-parallel-size",
+    "etp": "--expert-tensor-parallel-size",
+    "decoder_first_pipeline_num_layers": "--decoder-first-pipeline-num-layers",
+    "decoder_last_pipeline_num_layers": "--decoder-last-pipeline-num-layers",
+}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,8 +51,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse(argv)
     try:
-        job = check_import(args.hf_checkpoint, args.save, model_preset=args.model_preset, progress=args.progress,
-                           **{k: getattr(args, k) for k in LAYOUT_FLAGS})
+        job = check_import(
+            args.hf_checkpoint,
+            args.save,
+            model_preset=args.model_preset,
+            progress=args.progress,
+            **{k: getattr(args, k) for k in LAYOUT_FLAGS},
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,10 +20,20 @@ import ast
 import json
 from pathlib import Path
 
-REQUESTS = ["GenerateReqInput", "UpdateWeightsFromDistributedReqInput", "UpdateWeightsFromTensorReqInput",
-            "InitWeightsUpdateGroupReqInput", "DestroyWeightsUpdateGroupReqInput", "PauseGenerationReqInput",
-            "ContinueGenerationReqInput", "ReleaseMemoryOccupationReqInput", "ResumeMemoryOccupationReqInput",
-            "FlushCacheReqInput", "UpdateWeightVersionReqInput", "CheckWeightsReqInput"]
+REQUESTS = [
+    "GenerateReqInput",
+    "UpdateWeightsFromDistributedReqInput",
+    "UpdateWeightsFromTensorReqInput",
+    "InitWeightsUpdateGroupReqInput",
+    "DestroyWeightsUpdateGroupReqInput",
+    "PauseGenerationReqInput",
+    "ContinueGenerationReqInput",
+    "ReleaseMemoryOccupationReqInput",
+    "ResumeMemoryOccupationReqInput",
+    "FlushCacheReqInput",
+    "UpdateWeightVersionReqInput",
+    "CheckWeightsReqInput",
+]
 
 
 def class_fields(source: Path) -> dict[str, list[str]]:
@@ -34,8 +44,13 @@ def class_fields(source: Path) -> dict[str, list[str]]:
     own, bases = {}, {}
     for node in tree.body:
         if isinstance(node, ast.ClassDef):
-            own[node.name] = [n.target.id for n in node.body if isinstance(n, ast.AnnAssign)
-                              and isinstance(n.target, ast.Name) and "ClassVar" not in ast.unparse(n.annotation)]
+            own[node.name] = [
+                n.target.id
+                for n in node.body
+                if isinstance(n, ast.AnnAssign)
+                and isinstance(n.target, ast.Name)
+                and "ClassVar" not in ast.unparse(n.annotation)
+            ]
             bases[node.name] = [b.id for b in node.bases if isinstance(b, ast.Name)]
 
     def collect(name: str) -> set[str]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import shutil
 import sys
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import Glm4MoeForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+from transformers import GenerationConfig, Glm4MoeForCausalLM, PreTrainedTokenizerFast
 from transformers.modeling_layers import MtpModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -58,15 +57,21 @@ def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(SPECIAL)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+    )
     return fast
 
 
 def random_problem(rng: random.Random) -> tuple[int, int]:
     def operand() -> int:
         digits = rng.randint(1, 3)
-        return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
+        return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
+
     return operand(), operand()
 
 
@@ -98,7 +103,7 @@ def noisy_answer(answer: int, rng: random.Random, noise: float) -> str:
         return text
     i = rng.randrange(len(text))
     digit = rng.choice([d for d in "0123456789" if d != text[i]])
-    return text[:i] + digit + text[i + 1:]
+    return text[:i] + digit + text[i + 1 :]
 
 
 def encode_batch(tokenizer, problems, eos_id: int, rng: random.Random, noise: float):
@@ -180,8 +185,11 @@ def save_checkpoint(model, mtp, tokenizer, out_dir: Path) -> None:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(out_dir / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in sorted(tensors.items())},
+        str(out_dir / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     cfg.save_pretrained(out_dir)
     model.generation_config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -211,19 +219,20 @@ def main() -> None:
     tokenizer = build_tokenizer(spec.vocab_size)
     eos_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     user_id = tokenizer.convert_tokens_to_ids("<|user|>")
-    cfg = spec.to_hf_config(eos_token_id=[eos_id, user_id], pad_token_id=eos_id,
-                            bos_token_id=None, dtype="float32")
+    cfg = spec.to_hf_config(eos_token_id=[eos_id, user_id], pad_token_id=eos_id, bos_token_id=None, dtype="float32")
     model = Glm4MoeForCausalLM(cfg)
-    model.generation_config = GenerationConfig(eos_token_id=[eos_id, user_id], pad_token_id=eos_id,
-                                               do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[eos_id, user_id], pad_token_id=eos_id, do_sample=True, temperature=1.0, top_p=1.0, top_k=0
+    )
     mtp = MtpModel(model, 1)
     eval_problems, held_out = make_task(args.out, rng, args.n_train, args.n_eval)
     eval_rows = [PromptRow(prompt=f"{a}+{b}", label=str(a + b), index=i) for i, (a, b) in enumerate(eval_problems)]
 
     routers = [m for n, m in list(model.named_modules()) + list(mtp.named_modules()) if n.endswith("mlp.gate")]
     balancer = ExpertBiasUpdater(routers, args.bias_update_rate)
-    params = list(model.parameters()) + [p for n, p in mtp.named_parameters()
-                                         if not n.startswith(("embed_tokens", "shared_head"))]
+    params = list(model.parameters()) + [
+        p for n, p in mtp.named_parameters() if not n.startswith(("embed_tokens", "shared_head"))
+    ]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = 100
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
@@ -248,13 +257,18 @@ def main() -> None:
             acc = evaluate(model, tokenizer, eval_rows, arithmetic_reward, temperature=1.0, seed=args.seed).accuracy
             greedy = evaluate(model, tokenizer, eval_rows, arithmetic_reward, temperature=0.0).accuracy
             model.train()
-            print(f"step {step:5d}  loss {main_loss.item():.4f}  mtp {mtp_loss.item():.4f}  "
-                  f"acc@T1 {acc:.3f}  greedy {greedy:.3f}  {time.time() - t0:.0f}s", flush=True)
+            print(
+                f"step {step:5d}  loss {main_loss.item():.4f}  mtp {mtp_loss.item():.4f}  "
+                f"acc@T1 {acc:.3f}  greedy {greedy:.3f}  {time.time() - t0:.0f}s",
+                flush=True,
+            )
             if args.band[0] <= acc <= args.band[1] and greedy >= args.min_greedy:
                 break
         elif step % 50 == 0:
-            print(f"step {step:5d}  loss {main_loss.item():.4f}  mtp {mtp_loss.item():.4f}  "
-                  f"{time.time() - t0:.0f}s", flush=True)
+            print(
+                f"step {step:5d}  loss {main_loss.item():.4f}  mtp {mtp_loss.item():.4f}  {time.time() - t0:.0f}s",
+                flush=True,
+            )
     else:
         raise SystemExit(f"accuracy {acc:.3f} never entered the band {args.band} in {args.max_steps} steps")
     model.eval()

@@ -38,6 +38,25 @@ from glm_rl.config.run import RunConfig
 from glm_rl.config.sync import SyncConfig
 from glm_rl.config.train import TrainConfig
 
-__all__ = ["SECTIONS", "TINY_DATA", "AlgoConfig", "DebugConfig", "EvalConfig", "LogConfig", "LoraConfig",
-           "MegatronConfig", "ModelConfig", "RolloutConfig", "RoutingReplay", "RunConfig", "SyncConfig", "TrainConfig",
-           "build_parser", "engines_return_routed_experts", "opt", "parse_args", "split_sglang_args"]
+__all__ = [
+    "AgenticConfig",
+    "SECTIONS",
+    "TINY_DATA",
+    "AlgoConfig",
+    "DebugConfig",
+    "EvalConfig",
+    "LogConfig",
+    "LoraConfig",
+    "MegatronConfig",
+    "ModelConfig",
+    "RolloutConfig",
+    "RoutingReplay",
+    "RunConfig",
+    "SyncConfig",
+    "TrainConfig",
+    "build_parser",
+    "engines_return_routed_experts",
+    "opt",
+    "parse_args",
+    "split_sglang_args",
+]

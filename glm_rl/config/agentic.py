@@ -14,13 +14,21 @@ from glm_rl.config.fields import opt
 
 @dataclass(frozen=True)
 class AgenticConfig:
-    tools_path: str | None = opt(None, "module.ATTR: the tools of the built-in tool loop, a list of "
-                                       "glm_rl.rollout.agentic.tools.Tool (or a dict name -> Tool)")
-    max_turns: int = opt(4, "most model turns per episode in the tool loop (>= 1); each turn after the first "
-                            "follows the observation of the previous turn's tool calls")
+    tools_path: str | None = opt(
+        None,
+        "module.ATTR: the tools of the built-in tool loop, a list of "
+        "glm_rl.rollout.agentic.tools.Tool (or a dict name -> Tool)",
+    )
+    max_turns: int = opt(
+        4,
+        "most model turns per episode in the tool loop (>= 1); each turn after the first "
+        "follows the observation of the previous turn's tool calls",
+    )
     rollout_max_context_len: int | None = opt(
-        None, "most tokens of a whole episode (prompt + every turn + observations); the loop stops (finish "
-              "reason length) when the next turn would not fit. None: the model's max_position_embeddings")
+        None,
+        "most tokens of a whole episode (prompt + every turn + observations); the loop stops (finish "
+        "reason length) when the next turn would not fit. None: the model's max_position_embeddings",
+    )
     tool_timeout_s: float = opt(5.0, "wall-clock limit of one sandboxed tool run, seconds")
     tool_memory_mb: int = opt(512, "address-space limit (RLIMIT_AS) of one sandboxed tool run, MiB")
     tool_max_output_bytes: int = opt(4096, "a tool's output beyond this many bytes is cut (and says so)")

@@ -18,8 +18,8 @@ class RoutingReplay(enum.StrEnum):
     """Which MoE routing the trainer's forward passes replay."""
 
     OFF = "off"  # every pass routes with its own weights
-    R2 = "r2"    # --use-routing-replay: record the trainer's routing in the old-logprob pass, replay it in training
-    R3 = "r3"    # --use-rollout-routing-replay: replay the experts the rollout engine chose, in every pass
+    R2 = "r2"  # --use-routing-replay: record the trainer's routing in the old-logprob pass, replay it in training
+    R3 = "r3"  # --use-rollout-routing-replay: replay the experts the rollout engine chose, in every pass
 
     @classmethod
     def from_flags(cls, use_routing_replay: bool, use_rollout_routing_replay: bool) -> RoutingReplay:
@@ -58,8 +58,9 @@ class AlgoConfig:
     use_rollout_routing_replay: bool = opt(True, "R3: replay the experts the engine chose")
     normalize_advantage_std: bool = opt(True, "GRPO/GSPO: divide by the group std")
     # derived, not a flag: the two replay flags above as one decision
-    routing_replay: RoutingReplay = field(init=False, metadata={"help": "off, r2 or r3 (from the replay flags)",
-                                                                "cli": False})
+    routing_replay: RoutingReplay = field(
+        init=False, metadata={"help": "off, r2 or r3 (from the replay flags)", "cli": False}
+    )
 
     def __post_init__(self) -> None:
         replay = RoutingReplay.from_flags(self.use_routing_replay, self.use_rollout_routing_replay)

@@ -12,10 +12,12 @@ class LoraConfig:
     lora_rank: int = opt(0, "LoRA rank: train low-rank adapters on a frozen base (0 = full fine-tuning)")
     lora_alpha: float = opt(16.0, "LoRA alpha: the adapter is scaled by alpha / rank")
     lora_dropout: float = opt(0.0, "dropout on the adapters' input (linear targets)")
-    target_modules: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                              "comma list of modules that get adapters: q_proj k_proj v_proj o_proj (attention), "
-                              "gate_proj up_proj down_proj (dense MLP, shared expert), experts (routed experts, "
-                              "one adapter per expert)")
+    target_modules: str = opt(
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        "comma list of modules that get adapters: q_proj k_proj v_proj o_proj (attention), "
+        "gate_proj up_proj down_proj (dense MLP, shared expert), experts (routed experts, "
+        "one adapter per expert)",
+    )
     use_dora: bool = opt(False, "DoRA: learn a magnitude per output row on top of the LoRA direction")
 
     @property

@@ -49,8 +49,10 @@ class RunConfig:
     colocate: bool = opt(False, "trainer ranks and engines share placement bundles")
     ray_address: str | None = opt(None, "join this Ray cluster instead of starting a local one")
     placement_strategy: Literal["PACK", "SPREAD"] = opt(
-        "PACK", "Ray placement of the trainer / engine bundles (in rank order): PACK fills a node before the next; "
-                "SPREAD puts consecutive bundles on different nodes")
+        "PACK",
+        "Ray placement of the trainer / engine bundles (in rank order): PACK fills a node before the next; "
+        "SPREAD puts consecutive bundles on different nodes",
+    )
     seed: int = opt(1234, "seed for data order, sampling and init")
     report: bool = opt(True, "write <output-dir>/report.png at the end")
 
@@ -73,8 +75,15 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Raise ValueError naming the offending flags; returns self for chaining."""
-        errors = (self._check_sizes() + self._check_algo() + self._check_rollout() + self._check_backend()
-                  + self.lora.errors(self.train.backend) + self._check_inputs() + self._check_paths())
+        errors = (
+            self._check_sizes()
+            + self._check_algo()
+            + self._check_rollout()
+            + self._check_backend()
+            + self.lora.errors(self.train.backend)
+            + self._check_inputs()
+            + self._check_paths()
+        )
         if errors:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
         return self
@@ -97,22 +106,29 @@ class RunConfig:
     def _check_sizes(self) -> list[str]:
         """Counts, and the batch arithmetic: samples per rollout / global batch / DP ranks."""
         r, t, errors = self.rollout, self.train, []
-        for name, value in (("--rollout-batch-size", r.rollout_batch_size), ("--num-rollout", self.num_rollout),
-                            ("--n-samples-per-prompt", r.n_samples_per_prompt), ("--num-engines", r.num_engines),
-                            ("--num-trainer-ranks", t.num_trainer_ranks),
-                            ("--rollout-max-response-len", r.rollout_max_response_len),
-                            ("--speculative-num-steps", r.speculative_num_steps)):
+        for name, value in (
+            ("--rollout-batch-size", r.rollout_batch_size),
+            ("--num-rollout", self.num_rollout),
+            ("--n-samples-per-prompt", r.n_samples_per_prompt),
+            ("--num-engines", r.num_engines),
+            ("--num-trainer-ranks", t.num_trainer_ranks),
+            ("--rollout-max-response-len", r.rollout_max_response_len),
+            ("--speculative-num-steps", r.speculative_num_steps),
+        ):
             if value < 1:
                 errors.append(f"{name} must be >= 1 (got {value})")
         samples = self.samples_per_rollout
         gbs = t.global_batch_size or samples
         if samples % gbs:
-            errors.append(f"--global-batch-size {gbs} must divide rollout-batch-size x n-samples-per-prompt = "
-                          f"{samples}")
+            errors.append(
+                f"--global-batch-size {gbs} must divide rollout-batch-size x n-samples-per-prompt = {samples}"
+            )
         if gbs % self.dp_size:
-            errors.append(f"--global-batch-size {gbs} must be divisible by the data-parallel size {self.dp_size} "
-                          f"(--num-trainer-ranks {t.num_trainer_ranks}"
-                          + (" / (TP x PP x CP))" if t.backend == "megatron" else ")"))
+            errors.append(
+                f"--global-batch-size {gbs} must be divisible by the data-parallel size {self.dp_size} "
+                f"(--num-trainer-ranks {t.num_trainer_ranks}"
+                + (" / (TP x PP x CP))" if t.backend == "megatron" else ")")
+            )
         return errors
 
     def _check_algo(self) -> list[str]:
@@ -133,8 +149,10 @@ class RunConfig:
         if self.sync.update_weight_transfer_mode == "tensor" and not self.colocate:
             errors.append("--update-weight-transfer-mode tensor needs --colocate (engines share the trainer's host)")
         if self.train.max_tokens_per_gpu < r.rollout_max_prompt_len + r.rollout_max_response_len:
-            errors.append(f"--max-tokens-per-gpu {self.train.max_tokens_per_gpu} is below one sample's maximum "
-                          f"length ({r.rollout_max_prompt_len} + {r.rollout_max_response_len})")
+            errors.append(
+                f"--max-tokens-per-gpu {self.train.max_tokens_per_gpu} is below one sample's maximum "
+                f"length ({r.rollout_max_prompt_len} + {r.rollout_max_response_len})"
+            )
         if r.sglang_args:
             from glm_rl.rollout.sglang_engine import contract
 
@@ -149,8 +167,10 @@ class RunConfig:
             if not torch.cuda.is_available():
                 errors.append("--rollout-engine sglang needs CUDA GPUs (use the embedded engine on CPU)")
             if self.sync.rollout_fp8:
-                errors.append("--rollout-fp8 with --rollout-engine sglang is not supported yet: start SGLang from a "
-                              "checkpoint converted by tools/convert_hf_to_fp8.py instead")
+                errors.append(
+                    "--rollout-fp8 with --rollout-engine sglang is not supported yet: start SGLang from a "
+                    "checkpoint converted by tools/convert_hf_to_fp8.py instead"
+                )
         return errors
 
     def _check_backend(self) -> list[str]:
@@ -164,15 +184,20 @@ class RunConfig:
             return errors
         errors += [f"{flag} must be >= 1 (got {value})" for flag, value in m.sizes.items() if value < 1]
         if m.enable_mtp_training and not self.rollout.enable_mtp:
-            errors.append("--enable-mtp-training needs --enable-mtp: the engines must hold the MTP layer to receive "
-                          "its trained weights (and use them to draft)")
+            errors.append(
+                "--enable-mtp-training needs --enable-mtp: the engines must hold the MTP layer to receive "
+                "its trained weights (and use them to draft)"
+            )
         errors += m.dispatcher_errors() + m.recompute_errors()
         if m.use_precision_aware_optimizer and self.model.dtype != "bfloat16":
-            errors.append("--use-precision-aware-optimizer needs --dtype bfloat16 (it keeps fp32 master weights "
-                          "for a bf16 model)")
+            errors.append(
+                "--use-precision-aware-optimizer needs --dtype bfloat16 (it keeps fp32 master weights for a bf16 model)"
+            )
         if self.sync.update_weight_transfer_mode == "tensor":
-            errors.append("--update-weight-transfer-mode tensor shares the torch backend's HF model buffer; "
-                          "with --backend megatron use broadcast or p2p")
+            errors.append(
+                "--update-weight-transfer-mode tensor shares the torch backend's HF model buffer; "
+                "with --backend megatron use broadcast or p2p"
+            )
         return errors
 
     def _check_layout(self, spec) -> list[str]:
@@ -198,12 +223,16 @@ class RunConfig:
                 errors += self._check_layout(spec)
                 cp = self.megatron.context_parallel_size
                 if self.megatron.enable_mtp_training and cp > 1 and spec.num_nextn_predict_layers > 1:
-                    errors.append(f"--enable-mtp-training with --context-parallel-size {cp}: {m.hf_checkpoint} has "
-                                  f"{spec.num_nextn_predict_layers} MTP layers; with CP the MTP loss is weighted "
-                                  "exactly for one (one backward scale per micro-batch serves every layer)")
+                    errors.append(
+                        f"--enable-mtp-training with --context-parallel-size {cp}: {m.hf_checkpoint} has "
+                        f"{spec.num_nextn_predict_layers} MTP layers; with CP the MTP loss is weighted "
+                        "exactly for one (one backward scale per micro-batch serves every layer)"
+                    )
             if self.algo.routing_replay is not RoutingReplay.OFF and spec.num_moe_layers == 0:
-                errors.append(f"routing replay (R2/R3) needs MoE layers, but {m.hf_checkpoint} has none "
-                              f"(first_k_dense_replace={spec.first_k_dense_replace} = num_hidden_layers)")
+                errors.append(
+                    f"routing replay (R2/R3) needs MoE layers, but {m.hf_checkpoint} has none "
+                    f"(first_k_dense_replace={spec.first_k_dense_replace} = num_hidden_layers)"
+                )
         except (CheckpointError, ValueError) as e:
             errors.append(str(e))
         return errors
@@ -221,5 +250,9 @@ class RunConfig:
 
     def _check_task(self) -> list[str]:
         """Rewards, dynamic sampling, hooks, eval sets, logging and rollout dumps (each section's own checks)."""
-        return (self.rollout.errors() + self.eval.errors(self.rollout) + self.log.errors()
-                + self.debug.errors(self.num_rollout, self.eval.enabled))
+        return (
+            self.rollout.errors()
+            + self.eval.errors(self.rollout)
+            + self.log.errors()
+            + self.debug.errors(self.num_rollout, self.eval.enabled)
+        )

@@ -15,8 +15,9 @@ from glm_rl.config.fields import opt
 @dataclass(frozen=True)
 class TrainConfig:
     backend: Literal["torch", "megatron"] = opt(
-        "torch", "trainer backend: torch (HF model, data parallel; reference) or megatron (megatron-core GPTModel: "
-                 "TP/SP/EP/DP)")
+        "torch",
+        "trainer backend: torch (HF model, data parallel; reference) or megatron (megatron-core GPTModel: TP/SP/EP/DP)",
+    )
     num_trainer_ranks: int = opt(2, "trainer world size (megatron: TP x PP x CP x DP)")
     global_batch_size: int | None = opt(None, "samples per optimizer step (default: one step per rollout)")
     max_tokens_per_gpu: int = opt(2048, "micro-batch token budget per rank")

@@ -31,7 +31,7 @@ import torch
 class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = -1                    # <= 0: disabled
+    top_k: int = -1  # <= 0: disabled
     max_new_tokens: int = 128
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
@@ -43,7 +43,7 @@ class GenerationRequest:
     rid: str
     input_ids: tuple[int, ...]
     sampling: SamplingParams
-    seed: int                          # seeds this request's torch.Generator
+    seed: int  # seeds this request's torch.Generator
     return_logprob: bool = False
     return_routed_experts: bool = False
 
@@ -81,15 +81,18 @@ class Row:
 class SpecRow(Row):
     """A `Row` with SGLang's speculation counters."""
 
-    verify_ct: int = 0        # verify forwards this request took part in
-    draft_tokens: int = 0     # drafts proposed (k per verify)
+    verify_ct: int = 0  # verify forwards this request took part in
+    draft_tokens: int = 0  # drafts proposed (k per verify)
     accepted_tokens: int = 0  # drafts the acceptance rule kept
 
     def spec_meta(self) -> dict[str, Any]:
         n = len(self.output_ids)
-        return {"spec_verify_ct": self.verify_ct, "spec_draft_token_num": self.draft_tokens,
-                "spec_accept_token_num": self.accepted_tokens,
-                "spec_accept_length": n / self.verify_ct if self.verify_ct else float(n > 0)}
+        return {
+            "spec_verify_ct": self.verify_ct,
+            "spec_draft_token_num": self.draft_tokens,
+            "spec_accept_token_num": self.accepted_tokens,
+            "spec_accept_length": n / self.verify_ct if self.verify_ct else float(n > 0),
+        }
 
 
 def accumulate_stats(stats: dict[str, Any], rows: Iterable[Row]) -> None:
@@ -107,8 +110,14 @@ def accumulate_stats(stats: dict[str, Any], rows: Iterable[Row]) -> None:
 def new_rows(model, requests: list[GenerationRequest], eos_ids: Iterable[int], row_type: type = Row) -> list:
     """One decoding row per request: its stop ids (eos unless ignore_eos, plus stop_token_ids) and generator."""
     eos = frozenset(eos_ids)
-    return [row_type(r, frozenset(r.sampling.stop_token_ids) | (frozenset() if r.sampling.ignore_eos else eos),
-                torch.Generator(device=model.device).manual_seed(r.seed)) for r in requests]
+    return [
+        row_type(
+            r,
+            frozenset(r.sampling.stop_token_ids) | (frozenset() if r.sampling.ignore_eos else eos),
+            torch.Generator(device=model.device).manual_seed(r.seed),
+        )
+        for r in requests
+    ]
 
 
 class HostCopy:

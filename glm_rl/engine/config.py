@@ -17,12 +17,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class EngineConfig:
     hf_checkpoint: str
     host: str = "127.0.0.1"
-    port: int = 0                      # 0: pick a free port
-    api_key: str | None = None         # when set, requests (but /health*) need `Authorization: Bearer <key>`
+    port: int = 0  # 0: pick a free port
+    api_key: str | None = None  # when set, requests (but /health*) need `Authorization: Bearer <key>`
     dtype: str = "float32"
-    device: str = "cpu"                # "cuda" / "cuda:N": the model and its KV cache live there
-    max_batch_size: int = 64           # rows per scheduler batch, and the largest batch /generate accepts
-    max_total_len: int | None = None   # prompt + max_new_tokens limit; None: the model's max_position_embeddings
+    device: str = "cpu"  # "cuda" / "cuda:N": the model and its KV cache live there
+    max_batch_size: int = 64  # rows per scheduler batch, and the largest batch /generate accepts
+    max_total_len: int | None = None  # prompt + max_new_tokens limit; None: the model's max_position_embeddings
     seed: int = 0
     max_request_bytes: int = 64 << 20  # larger bodies get 413
     record_routed_experts: bool = True  # SGLang's --enable-return-routed-experts: off → such requests get 400
@@ -34,10 +34,10 @@ class EngineConfig:
     # MTP speculative decoding (decode/speculative.py): draft with the checkpoint's MTP layer, verify in one
     # forward; the MTP layer's weights join the engine's weight names as `model.layers.{num_hidden_layers}.*`.
     enable_mtp: bool = False
-    speculative_num_steps: int = 1     # MTP drafts per verify forward (SGLang's --speculative-num-steps)
+    speculative_num_steps: int = 1  # MTP drafts per verify forward (SGLang's --speculative-num-steps)
     # decode (and MTP speculation) over a preallocated KV cache (decode/static.py); off: HF's DynamicCache path
     static_kv_cache: bool = True
-    disable_cuda_graph: bool = False   # SGLang's flag: with the static cache on CUDA, decode steps are graphs
+    disable_cuda_graph: bool = False  # SGLang's flag: with the static cache on CUDA, decode steps are graphs
     enable_torch_compile: bool = False  # SGLang's flag: compile the graphed decode step (slow first batches)
 
     def __post_init__(self) -> None:

@@ -89,22 +89,28 @@ class EmbeddedEngine:
         cfg = self.model.config
         self.vocab_size = cfg.vocab_size
         self.max_total_len = self.config.max_total_len or cfg.max_position_embeddings
-        self.gates = [layer.mlp.gate for i, layer in enumerate(self.model.model.layers)
-                      if i >= cfg.first_k_dense_replace]
+        self.gates = [
+            layer.mlp.gate for i, layer in enumerate(self.model.model.layers) if i >= cfg.first_k_dense_replace
+        ]
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         pad = self.model.generation_config.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.pad_token_id or 0)
-        self.weights = EngineWeights(self.model, lock=self._model_lock, host=self.config.host,
-                                     group_timeout_s=self.config.weight_group_timeout_s)
+        self.weights = EngineWeights(
+            self.model, lock=self._model_lock, host=self.config.host, group_timeout_s=self.config.weight_group_timeout_s
+        )
         self.mtp = self.decoder = None
         if self.config.enable_mtp:
             self.mtp = load_mtp(self.model)
             self.weights.add_mtp(self.mtp, cfg.num_hidden_layers)
         if self.config.static_kv_cache:  # with MTP it also holds the MTP layer's cache
-            self.decoder = StaticDecoder(self.model, max_batch=self.config.max_batch_size,
-                                         cuda_graph=not self.config.disable_cuda_graph,
-                                         torch_compile=self.config.enable_torch_compile, mtp=self.mtp)
+            self.decoder = StaticDecoder(
+                self.model,
+                max_batch=self.config.max_batch_size,
+                cuda_graph=not self.config.disable_cuda_graph,
+                torch_compile=self.config.enable_torch_compile,
+                mtp=self.mtp,
+            )
         self._thread = threading.Thread(target=self._scheduler_loop, name="engine-scheduler", daemon=True)
         self._thread.start()
         self._server = HttpServer(self, self.config)
@@ -182,16 +188,28 @@ class EmbeddedEngine:
             fut.set_exception(RuntimeError("engine shut down"))
 
     def _run_batch(self, requests: list[GenerationRequest]) -> list[Row]:
-        return run_batch(self.model, requests, eos_ids=self.eos_ids, pad_id=self.pad_id, gates=self.gates,
-                         should_abort=lambda: self._abort_running or self._abort_rids,
-                         decoder=self.decoder, mtp=self.mtp,
-                         num_steps=self.config.speculative_num_steps)
+        return run_batch(
+            self.model,
+            requests,
+            eos_ids=self.eos_ids,
+            pad_id=self.pad_id,
+            gates=self.gates,
+            should_abort=lambda: self._abort_running or self._abort_rids,
+            decoder=self.decoder,
+            mtp=self.mtp,
+            num_steps=self.config.speculative_num_steps,
+        )
 
     def _response(self, row: Row, version: int) -> dict[str, Any]:
         req = row.req
-        meta: dict[str, Any] = {"id": req.rid, "finish_reason": row.finish, "prompt_tokens": len(req.input_ids),
-                                "completion_tokens": len(row.output_ids), "cached_tokens": 0,
-                                "weight_version": version}
+        meta: dict[str, Any] = {
+            "id": req.rid,
+            "finish_reason": row.finish,
+            "prompt_tokens": len(req.input_ids),
+            "completion_tokens": len(row.output_ids),
+            "cached_tokens": 0,
+            "weight_version": version,
+        }
         if req.return_logprob:
             meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(row.logprobs, row.output_ids)]
         if req.return_routed_experts:
@@ -246,8 +264,9 @@ class EmbeddedEngine:
         with self._cond:
             waiting = len(self._waiting)
             tokens = self._running_tokens + sum(len(r.input_ids) for r, _ in self._waiting)
-            return [{"dp_rank": 0, "num_reqs": self._running + waiting, "num_waiting_reqs": waiting,
-                     "num_tokens": tokens}]
+            return [
+                {"dp_rank": 0, "num_reqs": self._running + waiting, "num_waiting_reqs": waiting, "num_tokens": tokens}
+            ]
 
     def set_memory_released(self, released: bool) -> dict[str, Any]:
         self._memory_released = released
@@ -257,18 +276,34 @@ class EmbeddedEngine:
     def server_info(self) -> dict[str, Any]:
         with self._cond:
             stats, paused = dict(self.stats), self._paused
-        return {"model_path": str(self.config.hf_checkpoint), "tokenizer_path": str(self.config.hf_checkpoint),
-                "engine": "glm_rl.embedded", "weight_version": self.weight_version, "dtype": self.config.dtype,
-                "device": self.config.device,
-                "tp_size": 1, "dp_size": 1, "max_batch_size": self.config.max_batch_size,
-                "max_running_requests": self.config.max_batch_size, "max_total_len": self.max_total_len,
-                "context_length": self.max_total_len, "vocab_size": self.vocab_size,
-                "num_moe_layers": len(self.gates), "top_k": self.model.config.num_experts_per_tok,
-                "paused": paused, "memory_released": self._memory_released,
-                "weight_groups": self.weights.group_names(), "stats": stats, "load": self.load(),
-                # update_weights_from_tensor: our JSON format; by reference and SGLang's pickle only with the key
-                "weight_wire": {"format": WIRE_FORMAT, "by_reference": bool(self.config.api_key),
-                                "pickle": bool(self.config.api_key)},
-                "speculative_algorithm": "MTP" if self.mtp is not None else None,
-                "speculative_num_steps": self.config.speculative_num_steps if self.mtp is not None else 0,
-                "avg_spec_accept_length": stats.get("avg_spec_accept_length")}
+        return {
+            "model_path": str(self.config.hf_checkpoint),
+            "tokenizer_path": str(self.config.hf_checkpoint),
+            "engine": "glm_rl.embedded",
+            "weight_version": self.weight_version,
+            "dtype": self.config.dtype,
+            "device": self.config.device,
+            "tp_size": 1,
+            "dp_size": 1,
+            "max_batch_size": self.config.max_batch_size,
+            "max_running_requests": self.config.max_batch_size,
+            "max_total_len": self.max_total_len,
+            "context_length": self.max_total_len,
+            "vocab_size": self.vocab_size,
+            "num_moe_layers": len(self.gates),
+            "top_k": self.model.config.num_experts_per_tok,
+            "paused": paused,
+            "memory_released": self._memory_released,
+            "weight_groups": self.weights.group_names(),
+            "stats": stats,
+            "load": self.load(),
+            # update_weights_from_tensor: our JSON format; by reference and SGLang's pickle only with the key
+            "weight_wire": {
+                "format": WIRE_FORMAT,
+                "by_reference": bool(self.config.api_key),
+                "pickle": bool(self.config.api_key),
+            },
+            "speculative_algorithm": "MTP" if self.mtp is not None else None,
+            "speculative_num_steps": self.config.speculative_num_steps if self.mtp is not None else 0,
+            "avg_spec_accept_length": stats.get("avg_spec_accept_length"),
+        }

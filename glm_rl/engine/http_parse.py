@@ -78,8 +78,11 @@ def _field(d: dict, key: str, default: Any, kind: str, where: str) -> Any:
     value = d.get(key)
     if value is None:
         return default
-    ok = {"int": _is_int(value), "bool": isinstance(value, bool),
-          "number": (_is_int(value) or isinstance(value, float))}[kind]
+    ok = {
+        "int": _is_int(value),
+        "bool": isinstance(value, bool),
+        "number": (_is_int(value) or isinstance(value, float)),
+    }[kind]
     if not ok:
         raise BadRequest(f"{where}{key}: expected {kind}, got {value!r}")
     return value
@@ -104,8 +107,7 @@ def _check_ids(ids: Any, where: str, vocab_size: int, allow_empty: bool = False)
     return tuple(ids)
 
 
-def parse_sampling(sp: Any, where: str, vocab_size: int,
-                   default_max_new: int) -> tuple[SamplingParams, int | None]:
+def parse_sampling(sp: Any, where: str, vocab_size: int, default_max_new: int) -> tuple[SamplingParams, int | None]:
     """SamplingParams and the optional `sampling_seed` from a JSON sampling_params object."""
     if sp is None:
         sp = {}
@@ -126,10 +128,15 @@ def parse_sampling(sp: Any, where: str, vocab_size: int,
         raise BadRequest(f"{w}max_new_tokens: must be >= 1, got {max_new}")
     stop = sp.get("stop_token_ids")
     stop_ids = () if stop is None else _check_ids(stop, f"{w}stop_token_ids", vocab_size, allow_empty=True)
-    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
-                            max_new_tokens=max_new, stop_token_ids=stop_ids,
-                            ignore_eos=_field(sp, "ignore_eos", False, "bool", w),
-                            skip_special_tokens=_field(sp, "skip_special_tokens", True, "bool", w))
+    params = SamplingParams(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        max_new_tokens=max_new,
+        stop_token_ids=stop_ids,
+        ignore_eos=_field(sp, "ignore_eos", False, "bool", w),
+        skip_special_tokens=_field(sp, "skip_special_tokens", True, "bool", w),
+    )
     return params, _field(sp, "sampling_seed", None, "int", w)
 
 
@@ -143,8 +150,9 @@ def _per_row(value: Any, n: int, batched: bool, name: str) -> list[Any]:
     return [value] * n
 
 
-def parse_generate(body: dict, config: EngineConfig, *, vocab_size: int, max_total_len: int,
-                   next_key: Callable[[], str]) -> tuple[list[GenerationRequest], bool]:
+def parse_generate(
+    body: dict, config: EngineConfig, *, vocab_size: int, max_total_len: int, next_key: Callable[[], str]
+) -> tuple[list[GenerationRequest], bool]:
     """Validated requests (one per prompt) and whether the input was a batch. `next_key`: a fresh seed key for
     a request that names neither `sampling_seed` nor `rid`."""
     if body.get("stream"):
@@ -158,9 +166,12 @@ def parse_generate(body: dict, config: EngineConfig, *, vocab_size: int, max_tot
         raise BadRequest(f"input_ids: batch of {len(prompts)} over the limit {config.max_batch_size}")
     sps = _per_row(body.get("sampling_params"), len(prompts), batched, "sampling_params")
     rids = _per_row(body.get("rid"), len(prompts), batched, "rid")
-    flags = {"return_logprob": _field(body, "return_logprob", False, "bool", ""),
-             "return_routed_experts": _field(body, "return_routed_experts",
-                                             config.return_routed_experts_by_default, "bool", "")}
+    flags = {
+        "return_logprob": _field(body, "return_logprob", False, "bool", ""),
+        "return_routed_experts": _field(
+            body, "return_routed_experts", config.return_routed_experts_by_default, "bool", ""
+        ),
+    }
     if flags["return_routed_experts"] and not config.record_routed_experts:
         raise BadRequest("return_routed_experts: this engine runs with record_routed_experts=False")
     out = []
@@ -169,18 +180,32 @@ def parse_generate(body: dict, config: EngineConfig, *, vocab_size: int, max_tot
         tokens = _check_ids(prompt, f"input_ids{where}", vocab_size)
         room = max_total_len - len(tokens)  # unset max_new_tokens: SGLang's 128, clipped to the context
         if room < 1:
-            raise BadRequest(f"input_ids{where}: prompt of {len(tokens)} tokens leaves no room under the context "
-                             f"limit {max_total_len}")
+            raise BadRequest(
+                f"input_ids{where}: prompt of {len(tokens)} tokens leaves no room under the context "
+                f"limit {max_total_len}"
+            )
         sampling, seed = parse_sampling(sp, f"sampling_params{where}", vocab_size, min(128, room))
         if len(tokens) + sampling.max_new_tokens > max_total_len:
-            raise BadRequest(f"sampling_params{where}.max_new_tokens: prompt ({len(tokens)}) + max_new_tokens "
-                             f"({sampling.max_new_tokens}) exceeds the context limit {max_total_len}")
+            raise BadRequest(
+                f"sampling_params{where}.max_new_tokens: prompt ({len(tokens)}) + max_new_tokens "
+                f"({sampling.max_new_tokens}) exceeds the context limit {max_total_len}"
+            )
         if rid is not None and not isinstance(rid, str):
             raise BadRequest(f"rid{where}: expected a string, got {rid!r}")
-        key = (("seed", seed, i) if batched else ("seed", seed)) if seed is not None else \
-            (("rid", rid) if rid is not None else next_key())
-        out.append(GenerationRequest(rid=rid or uuid.uuid4().hex, input_ids=tokens, sampling=sampling,
-                                     seed=request_seed(config.seed, key), **flags))
+        key = (
+            (("seed", seed, i) if batched else ("seed", seed))
+            if seed is not None
+            else (("rid", rid) if rid is not None else next_key())
+        )
+        out.append(
+            GenerationRequest(
+                rid=rid or uuid.uuid4().hex,
+                input_ids=tokens,
+                sampling=sampling,
+                seed=request_seed(config.seed, key),
+                **flags,
+            )
+        )
     return out, batched
 
 

@@ -70,8 +70,7 @@ class ServedEngine(Protocol):
 
 
 def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"object": "error", "success": False, "message": message, "code": status},
-                             status=status)
+    return web.json_response({"object": "error", "success": False, "message": message, "code": status}, status=status)
 
 
 # -- handlers --------------------------------------------------------------------------------------------------
@@ -81,16 +80,19 @@ async def _json_body(request: web.Request) -> dict:
 
 def _blocking(fn: Callable[[dict], Any]):
     """A POST handler that runs `fn(body)` in the loop's thread pool (so /health keeps answering)."""
+
     async def handler(request: web.Request) -> web.Response:
         body = await _json_body(request)
         result = await asyncio.get_running_loop().run_in_executor(None, fn, body)
         return web.json_response(result)
+
     return handler
 
 
 def _update_from_tensor(weights: EngineWeights, trusted: bool) -> Callable[[dict], Any]:
     """`trusted`: the engine has an API key, so the middleware has checked the caller's (SGLang's pickled form
     and by-reference buffers are decoded only then; `weights/wire.py`)."""
+
     def run(body: dict) -> Any:
         payloads = require(body, "serialized_named_tensors", list)
         load_format = body.get("load_format")
@@ -102,6 +104,7 @@ def _update_from_tensor(weights: EngineWeights, trusted: bool) -> Callable[[dict
             return weights.load_flattened(*decode_flattened(payloads[0], trusted=trusted), parse_version(body))
         named = decode_named_tensors(payloads[0], trusted=trusted)  # tp rank 0's entry
         return weights.load(named, parse_version(body))
+
     return run
 
 
@@ -111,17 +114,25 @@ def _post_routes(engine: ServedEngine) -> dict[str, Callable[[dict], Any]]:
     return {
         "/update_weights_from_tensor": _update_from_tensor(w, trusted=bool(engine.config.api_key)),
         "/init_weights_update_group": lambda b: w.init_group(
-            master_address=require(b, "master_address", str), master_port=require(b, "master_port", int),
-            rank_offset=require(b, "rank_offset", int), world_size=require(b, "world_size", int),
-            group_name=require(b, "group_name", str), backend=b.get("backend") or "gloo"),
+            master_address=require(b, "master_address", str),
+            master_port=require(b, "master_port", int),
+            rank_offset=require(b, "rank_offset", int),
+            world_size=require(b, "world_size", int),
+            group_name=require(b, "group_name", str),
+            backend=b.get("backend") or "gloo",
+        ),
         "/update_weights_from_distributed": lambda b: w.update_from_distributed(
-            names=require(b, "names", list), dtypes=require(b, "dtypes", list),
-            shapes=require(b, "shapes", list), group_name=require(b, "group_name", str),
-            weight_version=parse_version(b)),
+            names=require(b, "names", list),
+            dtypes=require(b, "dtypes", list),
+            shapes=require(b, "shapes", list),
+            group_name=require(b, "group_name", str),
+            weight_version=parse_version(b),
+        ),
         "/destroy_weights_update_group": lambda b: w.destroy_group(require(b, "group_name", str)),
         "/weights_checksum": lambda b: w.checksums(b.get("names"), b.get("algo", "sha256")),
-        "/p2p/prepare": lambda b: w.p2p.prepare(require(b, "tensors", list), require(b, "buffer_bytes", int),
-                                                b.get("protocol") or "tcp"),
+        "/p2p/prepare": lambda b: w.p2p.prepare(
+            require(b, "tensors", list), require(b, "buffer_bytes", int), b.get("protocol") or "tcp"
+        ),
         "/p2p/commit": lambda b: w.p2p.commit(parse_version(b)),
         "/p2p/close": lambda b: w.p2p.close(),
         "/pause_generation": lambda b: engine.pause(b.get("mode") or "abort"),
@@ -134,10 +145,16 @@ def _post_routes(engine: ServedEngine) -> dict[str, Callable[[dict], Any]]:
 
 def _generate_handler(engine: ServedEngine):
     async def generate(request: web.Request) -> web.Response:
-        requests, batched = parse_generate(await _json_body(request), engine.config, vocab_size=engine.vocab_size,
-                                           max_total_len=engine.max_total_len, next_key=engine.next_auto_key)
+        requests, batched = parse_generate(
+            await _json_body(request),
+            engine.config,
+            vocab_size=engine.vocab_size,
+            max_total_len=engine.max_total_len,
+            next_key=engine.next_auto_key,
+        )
         results = await asyncio.gather(*(asyncio.wrap_future(f) for f in engine.submit(requests)))
         return web.json_response(results if batched else results[0])
+
     return generate
 
 
@@ -145,10 +162,15 @@ def _health_generate_handler(engine: ServedEngine):
     async def health_generate(request: web.Request) -> web.Response:
         if engine.server_info()["paused"]:
             return web.Response(text="paused")
-        probe = GenerationRequest(rid=f"HEALTH_CHECK_{uuid.uuid4().hex}", input_ids=(0,),
-                                  sampling=SamplingParams(temperature=0.0, max_new_tokens=1), seed=0)
+        probe = GenerationRequest(
+            rid=f"HEALTH_CHECK_{uuid.uuid4().hex}",
+            input_ids=(0,),
+            sampling=SamplingParams(temperature=0.0, max_new_tokens=1),
+            seed=0,
+        )
         await asyncio.wait_for(asyncio.wrap_future(engine.submit([probe])[0]), timeout=60)
         return web.Response(text="OK")
+
     return health_generate
 
 
@@ -171,14 +193,21 @@ def _middlewares(api_key: str | None) -> list:
         except Exception as e:  # noqa: BLE001 - report, keep serving
             logging.getLogger(__name__).exception("request %s failed", request.path)
             return _error(500, f"{type(e).__name__}: {e}")
+
     return [errors]
 
 
 def build_app(engine: ServedEngine, config: EngineConfig) -> web.Application:
     app = web.Application(client_max_size=config.max_request_bytes, middlewares=_middlewares(config.api_key))
+
     def model_info() -> dict[str, Any]:
-        return {"model_path": str(config.hf_checkpoint), "tokenizer_path": str(config.hf_checkpoint),
-                "is_generation": True, "preferred_sampling_params": None, "weight_version": engine.weight_version}
+        return {
+            "model_path": str(config.hf_checkpoint),
+            "tokenizer_path": str(config.hf_checkpoint),
+            "is_generation": True,
+            "preferred_sampling_params": None,
+            "weight_version": engine.weight_version,
+        }
 
     for path in ("/server_info", "/get_server_info"):
         app.router.add_get(path, _answer(engine.server_info))
@@ -196,9 +225,11 @@ def build_app(engine: ServedEngine, config: EngineConfig) -> web.Application:
 
 def _answer(payload: Callable[[], Any]):
     """A handler answering `payload()`: text for str, JSON otherwise."""
+
     async def handler(request: web.Request) -> web.Response:
         value = payload()
         return web.Response(text=value) if isinstance(value, str) else web.json_response(value)
+
     return handler
 
 
@@ -225,8 +256,11 @@ class HttpServer:
         sock.bind((self.config.host, self.config.port))
         logging.getLogger("aiohttp.server").addFilter(self._filter)
         if not self.config.api_key and self.config.host not in ("127.0.0.1", "localhost", "::1"):
-            logging.getLogger(__name__).warning("engine on %s:%d has no API key: anyone who reaches it can pause it "
-                                                "or replace its weights", self.config.host, self.config.port)
+            logging.getLogger(__name__).warning(
+                "engine on %s:%d has no API key: anyone who reaches it can pause it or replace its weights",
+                self.config.host,
+                self.config.port,
+            )
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._serve(sock), self._loop).result(timeout=30)
         return sock.getsockname()[:2]

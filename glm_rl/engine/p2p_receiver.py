@@ -65,9 +65,13 @@ class P2PReceiver:
                 if te.register_memory(buf.data_ptr(), buf.numel()) != 0:
                     raise RuntimeError(f"Mooncake register_memory of {buf.numel()} bytes failed")
                 self._buffer, self._layout, self._pieces = buf, tensors, pieces
-            return {"success": True, "session_id": f"{self.host}:{te.get_rpc_port()}",
-                    "buffer_ptr": self._buffer.data_ptr(), "buffer_bytes": self._buffer.numel(),
-                    "num_tensors": len(pieces)}
+            return {
+                "success": True,
+                "session_id": f"{self.host}:{te.get_rpc_port()}",
+                "buffer_ptr": self._buffer.data_ptr(),
+                "buffer_bytes": self._buffer.numel(),
+                "num_tensors": len(pieces),
+            }
 
     def commit(self, weight_version: int | None) -> dict[str, Any]:
         with self._lock:
@@ -79,8 +83,10 @@ class P2PReceiver:
     def _tensor(self, name: str, pieces: list) -> torch.Tensor:
         target = self.state[name]
         full = tuple((0, d) for d in target.shape)
-        views = [(box, self._buffer[off:off + n].view(target.dtype).view([b - a for a, b in box]))
-                 for box, off, n in pieces]
+        views = [
+            (box, self._buffer[off : off + n].view(target.dtype).view([b - a for a, b in box]))
+            for box, off, n in pieces
+        ]
         if len(views) == 1 and views[0][0] == full:
             return views[0][1]
         out = torch.empty_like(target)
@@ -112,20 +118,26 @@ def _validate(state: dict[str, torch.Tensor], tensors: Any, buffer_bytes: Any) -
             raise WeightError(f"tensors[{i}]: unknown weight name {name!r}")
         target = state[name]
         if list(p.get("shape", [])) != list(target.shape) or parse_dtype(p.get("dtype", "?")) != target.dtype:
-            raise WeightError(f"tensors[{i}] {name!r}: {p.get('dtype')} {p.get('shape')} does not match the "
-                              f"engine's {target.dtype} {list(target.shape)}")
+            raise WeightError(
+                f"tensors[{i}] {name!r}: {p.get('dtype')} {p.get('shape')} does not match the "
+                f"engine's {target.dtype} {list(target.shape)}"
+            )
         box = tuple(tuple(r) for r in p.get("box", ()))
         if len(box) != target.dim() or not all(0 <= a < b <= d for (a, b), d in zip(box, target.shape)):
             raise WeightError(f"tensors[{i}] {name!r}: box {p.get('box')} outside shape {list(target.shape)}")
         nbytes = math.prod(b - a for a, b in box) * target.element_size()
         off = p.get("offset")
         if p.get("nbytes") != nbytes or not isinstance(off, int) or off < 0 or off + nbytes > buffer_bytes:
-            raise WeightError(f"tensors[{i}] {name!r}: offset {off} + nbytes {p.get('nbytes')} (expected "
-                              f"{nbytes}) outside the {buffer_bytes}-byte buffer")
+            raise WeightError(
+                f"tensors[{i}] {name!r}: offset {off} + nbytes {p.get('nbytes')} (expected "
+                f"{nbytes}) outside the {buffer_bytes}-byte buffer"
+            )
         pieces.setdefault(name, []).append((box, off, nbytes))
     for name, plist in pieces.items():
         if sum(n for _, _, n in plist) != state[name].numel() * state[name].element_size():
-            raise WeightError(f"{name!r}: pieces cover {sum(n for _, _, n in plist)} of "
-                              f"{state[name].numel() * state[name].element_size()} bytes (this engine has one TP "
-                              f"rank)")
+            raise WeightError(
+                f"{name!r}: pieces cover {sum(n for _, _, n in plist)} of "
+                f"{state[name].numel() * state[name].element_size()} bytes (this engine has one TP "
+                f"rank)"
+            )
     return pieces

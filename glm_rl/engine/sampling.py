@@ -58,6 +58,7 @@ def counter_bits(seed: int, step: int) -> int:
 def counter_bits_many(seeds: list[int], steps: list[int]) -> np.ndarray:
     """`counter_bits` of each (seed, step) pair as an int64 array, in a dozen numpy operations instead of a Python
     loop per row (uint64 arithmetic wraps modulo 2^64, as the masks above do)."""
+
     def mix(z):
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -75,7 +76,7 @@ def counter_uniform(seed: int, step: int) -> float:
 def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:
     """`counter_uniform` on the device, from int64 `counter_bits`: the same float64 value, bit for bit (the bits fit
     a float64 exactly, and both sides round `bits + 0.5` the same IEEE way; 2^-53 scales exactly)."""
-    return (bits.to(torch.float64) + 0.5) * 2.0 ** -53
+    return (bits.to(torch.float64) + 0.5) * 2.0**-53
 
 
 def sample_tokens(logits: torch.Tensor, sp: SamplingParams, uniforms: torch.Tensor):
@@ -131,8 +132,11 @@ def sample_rows(rows: list[Row], active: list[int], logits: torch.Tensor) -> tup
     """(tokens, logprobs) on the device for every active row: one `sample_tokens` per sampling group, each row at
     the uniform of (its seed, its tokens so far)."""
     groups = sampling_groups(rows, active)
-    uniforms = bits_to_uniform(torch.from_numpy(counter_bits_many([rows[i].req.seed for i in active],
-                                                                  [len(rows[i].output_ids) for i in active])))
+    uniforms = bits_to_uniform(
+        torch.from_numpy(
+            counter_bits_many([rows[i].req.seed for i in active], [len(rows[i].output_ids) for i in active])
+        )
+    )
     if len(groups) == 1:  # the RL case: no gather of logits rows
         return sample_tokens(logits, rows[active[0]].req.sampling, uniforms)
     tokens = torch.empty(len(active), dtype=torch.long, device=logits.device)

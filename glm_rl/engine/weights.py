@@ -33,15 +33,16 @@ from glm_rl.weights.wire import WeightError, parse_dtype, tensor_checksum
 class EngineWeights:
     """The model's named tensors, their version, and every update path into them (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, *, lock: threading.Lock, host: str,
-                 group_timeout_s: float = 30.0) -> None:
-        self.lock = lock                   # the engine's model lock: held by every batch and every load
+    def __init__(
+        self, model: torch.nn.Module, *, lock: threading.Lock, host: str, group_timeout_s: float = 30.0
+    ) -> None:
+        self.lock = lock  # the engine's model lock: held by every batch and every load
         self.version = 0
         self.flat = flatten_module_(model)
-        self.state = model.state_dict()    # detached views sharing the parameters' storage
+        self.state = model.state_dict()  # detached views sharing the parameters' storage
         self.host, self.group_timeout_s = host, group_timeout_s
         self._groups: dict[str, WeightGroup] = {}
-        self._joining: set[str] = set()    # group names whose join is in progress
+        self._joining: set[str] = set()  # group names whose join is in progress
         self._join_lock = threading.Lock()
         self._p2p: P2PReceiver | None = None
 
@@ -65,8 +66,10 @@ class EngineWeights:
             if name not in self.state:
                 raise WeightError(f"unknown weight name {name!r}")
             if tuple(tensor.shape) != tuple(self.state[name].shape):
-                raise WeightError(f"weight {name!r}: shape {tuple(tensor.shape)} does not match the engine's "
-                                  f"{tuple(self.state[name].shape)}")
+                raise WeightError(
+                    f"weight {name!r}: shape {tuple(tensor.shape)} does not match the engine's "
+                    f"{tuple(self.state[name].shape)}"
+                )
         with self.lock:
             for name, tensor in named:
                 self.state[name].copy_(tensor)
@@ -80,8 +83,11 @@ class EngineWeights:
             with self.lock:
                 own.copy_(flat)
                 self._bump(weight_version)
-            return {"success": True, "message": f"loaded {len(entries)} tensors (one copy)",
-                    "weight_version": self.version}
+            return {
+                "success": True,
+                "message": f"loaded {len(entries)} tensors (one copy)",
+                "weight_version": self.version,
+            }
         return self.load(views(flat, entries), weight_version)
 
     def checksums(self, names: list[str] | None, algo: str = "sha256") -> dict[str, Any]:
@@ -94,15 +100,25 @@ class EngineWeights:
         if unknown:
             raise WeightError(f"unknown weight name(s) {unknown}")
         with self.lock:
-            return {"weight_version": self.version,
-                    "checksums": {n: tensor_checksum(self.state[n], algo) for n in names}}
+            return {
+                "weight_version": self.version,
+                "checksums": {n: tensor_checksum(self.state[n], algo) for n in names},
+            }
 
     # -- weights-update groups (update_weights_from_distributed) -----------------------------------------------
     def group_names(self) -> list[str]:
         return sorted(self._groups)
 
-    def init_group(self, *, master_address: str, master_port: int, rank_offset: int, world_size: int,
-                   group_name: str, backend: str = "gloo") -> dict[str, Any]:
+    def init_group(
+        self,
+        *,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str,
+        backend: str = "gloo",
+    ) -> dict[str, Any]:
         """Join a weights-update group. A join that does not complete within `group_timeout_s` (every rank,
         the trainer's source too) fails with WeightError and frees the server thread that waited."""
         if backend != "gloo":
@@ -113,25 +129,38 @@ class EngineWeights:
             self._joining.add(group_name)
         try:
             self._groups[group_name] = create_weight_group(
-                master_address, master_port, rank=rank_offset, world_size=world_size, group_name=group_name,
-                timeout_s=self.group_timeout_s)
+                master_address,
+                master_port,
+                rank=rank_offset,
+                world_size=world_size,
+                group_name=group_name,
+                timeout_s=self.group_timeout_s,
+            )
         except (RuntimeError, ValueError) as e:  # torch's DistStoreError / DistNetworkError are RuntimeErrors
             reason = (str(e).splitlines() or [""])[0]
-            raise WeightError(f"group_name {group_name!r}: join failed or timed out after "
-                              f"{self.group_timeout_s:g} s ({type(e).__name__}: {reason})") from None
+            raise WeightError(
+                f"group_name {group_name!r}: join failed or timed out after "
+                f"{self.group_timeout_s:g} s ({type(e).__name__}: {reason})"
+            ) from None
         finally:
             self._joining.discard(group_name)
         return {"success": True, "message": f"joined {group_name!r} as rank {rank_offset} of {world_size}"}
 
-    def update_from_distributed(self, *, names: list[str], dtypes: list[str], shapes: list[list[int]],
-                                group_name: str, weight_version: int | None) -> dict[str, Any]:
+    def update_from_distributed(
+        self,
+        *,
+        names: list[str],
+        dtypes: list[str],
+        shapes: list[list[int]],
+        group_name: str,
+        weight_version: int | None,
+    ) -> dict[str, Any]:
         """Receive each tensor by broadcast from rank 0 (in order), then load them all."""
         group = self._groups.get(group_name)
         if group is None:
             raise WeightError(f"group_name {group_name!r}: no such weights update group")
         if not len(names) == len(dtypes) == len(shapes):
-            raise WeightError(f"names, dtypes, shapes differ in length "
-                              f"({len(names)}, {len(dtypes)}, {len(shapes)})")
+            raise WeightError(f"names, dtypes, shapes differ in length ({len(names)}, {len(dtypes)}, {len(shapes)})")
         for i, shape in enumerate(shapes):
             if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
                 raise WeightError(f"shapes[{i}]: expected a list of non-negative ints, got {shape!r}")

@@ -31,8 +31,8 @@ import json
 import math
 import re
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -40,13 +40,15 @@ import torch.nn.functional as F
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 BLOCK = 128
-SCALE_SUFFIX = "_scale_inv"                   # "x.weight" -> "x.weight_scale_inv"
+SCALE_SUFFIX = "_scale_inv"  # "x.weight" -> "x.weight_scale_inv"
 
 Named = list[tuple[str, torch.Tensor]]
 
-_QUANTIZED = re.compile(r"\.(self_attn\.[qkvo]_proj\.weight"
-                        r"|mlp\.(shared_experts\.|experts\.\d+\.)?(gate|up|down)_proj\.weight"
-                        r"|mlp\.experts\.(gate_up|down)_proj)$")
+_QUANTIZED = re.compile(
+    r"\.(self_attn\.[qkvo]_proj\.weight"
+    r"|mlp\.(shared_experts\.|experts\.\d+\.)?(gate|up|down)_proj\.weight"
+    r"|mlp\.experts\.(gate_up|down)_proj)$"
+)
 
 
 class Fp8Error(ValueError):
@@ -55,8 +57,12 @@ class Fp8Error(ValueError):
 
 def quantization_config(block_size: int = BLOCK, modules_to_not_convert: list[str] | None = None) -> dict:
     """The config.json `quantization_config` SGLang's Fp8Config reads for DeepSeek / GLM block-FP8 checkpoints."""
-    config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-              "weight_block_size": [block_size, block_size]}
+    config = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [block_size, block_size],
+    }
     if modules_to_not_convert is not None:
         config["modules_to_not_convert"] = modules_to_not_convert
     return config
@@ -68,8 +74,12 @@ def scale_name(name: str) -> str:
 
 def is_quantizable(name: str, tensor: torch.Tensor) -> bool:
     """A linear weight we store in FP8 (see the module docstring for which)."""
-    return (_QUANTIZED.search(name) is not None and tensor.ndim >= 2 and tensor.is_floating_point()
-            and tensor.dtype != FP8_DTYPE)
+    return (
+        _QUANTIZED.search(name) is not None
+        and tensor.ndim >= 2
+        and tensor.is_floating_point()
+        and tensor.dtype != FP8_DTYPE
+    )
 
 
 def parts_of(name: str) -> int:
@@ -95,7 +105,7 @@ def quantize_blockwise(w: torch.Tensor, block: int = BLOCK, parts: int = 1) -> t
     nr, nc = math.ceil(rows / block), math.ceil(cols / block)
     x = F.pad(w.detach().float(), (0, nc * block - cols, 0, nr * block - rows))  # zeros leave amax unchanged
     blocks = x.reshape(*lead, nr, block, nc, block)
-    amax = blocks.abs().amax(dim=(-3, -1))                                        # (..., nr, nc)
+    amax = blocks.abs().amax(dim=(-3, -1))  # (..., nr, nc)
     if not torch.isfinite(amax).all():
         raise Fp8Error(f"cannot quantize a tensor with inf / nan values (shape {tuple(w.shape)})")
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
@@ -103,15 +113,23 @@ def quantize_blockwise(w: torch.Tensor, block: int = BLOCK, parts: int = 1) -> t
     return q.reshape(*lead, nr * block, nc * block)[..., :rows, :cols].contiguous(), scale
 
 
-def dequantize_blockwise(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32,
-                         block: int = BLOCK, parts: int = 1) -> torch.Tensor:
+def dequantize_blockwise(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32, block: int = BLOCK, parts: int = 1
+) -> torch.Tensor:
     """q * s per block (computed in fp32), cast to `dtype`."""
     if tuple(scale.shape) != scale_shape(q.shape, block, parts):
-        raise Fp8Error(f"scale shape {tuple(scale.shape)} does not fit a weight of shape {tuple(q.shape)} "
-                       f"(expected {scale_shape(q.shape, block, parts)} for {block}x{block} blocks)")
+        raise Fp8Error(
+            f"scale shape {tuple(scale.shape)} does not fit a weight of shape {tuple(q.shape)} "
+            f"(expected {scale_shape(q.shape, block, parts)} for {block}x{block} blocks)"
+        )
     if parts > 1:
-        return torch.cat([dequantize_blockwise(a, b, dtype, block)
-                          for a, b in zip(q.chunk(parts, dim=-2), scale.chunk(parts, dim=-2))], dim=-2)
+        return torch.cat(
+            [
+                dequantize_blockwise(a, b, dtype, block)
+                for a, b in zip(q.chunk(parts, dim=-2), scale.chunk(parts, dim=-2))
+            ],
+            dim=-2,
+        )
     rows, cols = q.shape[-2:]
     s = scale.float().repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)[..., :rows, :cols]
     return (q.float() * s).to(dtype)
@@ -129,8 +147,9 @@ def quantize_named(named: Iterable[tuple[str, torch.Tensor]], block: int = BLOCK
     return out
 
 
-def dequantize_named(named: Iterable[tuple[str, torch.Tensor]], dtype_of: Callable[[str], torch.dtype],
-                     block: int = BLOCK) -> Named:
+def dequantize_named(
+    named: Iterable[tuple[str, torch.Tensor]], dtype_of: Callable[[str], torch.dtype], block: int = BLOCK
+) -> Named:
     """Inverse of `quantize_named`: every float8 tensor is dequantized with its scale into `dtype_of(name)`;
     raises Fp8Error for a float8 tensor without its scale or a scale without its float8 tensor."""
     named = list(named)
@@ -140,11 +159,15 @@ def dequantize_named(named: Iterable[tuple[str, torch.Tensor]], dtype_of: Callab
     missing = [n for n in fp8 if scale_name(n) not in scales]
     if orphans or missing:
         problems = ([f"float8 tensors without a scale: {missing}"] if missing else []) + (
-            [f"scales without a float8 tensor: {orphans}"] if orphans else [])
+            [f"scales without a float8 tensor: {orphans}"] if orphans else []
+        )
         raise Fp8Error("FP8 weights and their scales must travel together; " + "; ".join(problems))
     try:
-        return [(n, dequantize_blockwise(t, scales[scale_name(n)], dtype_of(n), block, parts_of(n))
-                 if n in fp8 else t) for n, t in named if n not in scales]
+        return [
+            (n, dequantize_blockwise(t, scales[scale_name(n)], dtype_of(n), block, parts_of(n)) if n in fp8 else t)
+            for n, t in named
+            if n not in scales
+        ]
     except Fp8Error as e:
         raise Fp8Error(f"dequantizing: {e}") from None
 
@@ -161,10 +184,15 @@ def checkpoint_block_size(config: dict, where: str = "config.json") -> int | Non
     if qc is None:
         return None
     block = qc.get("weight_block_size")
-    if qc.get("quant_method") != "fp8" or qc.get("fmt", "e4m3") != "e4m3" or not (
-            isinstance(block, list) and len(block) == 2 and block[0] == block[1] and block[0] > 0):
-        raise Fp8Error(f"{where}: unsupported quantization_config {qc} (this loader reads block-wise FP8 e4m3 "
-                       "with square blocks, as written by tools/convert_hf_to_fp8.py)")
+    if (
+        qc.get("quant_method") != "fp8"
+        or qc.get("fmt", "e4m3") != "e4m3"
+        or not (isinstance(block, list) and len(block) == 2 and block[0] == block[1] and block[0] > 0)
+    ):
+        raise Fp8Error(
+            f"{where}: unsupported quantization_config {qc} (this loader reads block-wise FP8 e4m3 "
+            "with square blocks, as written by tools/convert_hf_to_fp8.py)"
+        )
     return int(block[0])
 
 
@@ -219,7 +247,10 @@ def dequantize_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype) 
     config.pop("quantization_config")
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     for p in src.iterdir():
-        if p.is_file() and not p.name.endswith(".safetensors") and p.name not in (
-                "config.json", "model.safetensors.index.json"):
+        if (
+            p.is_file()
+            and not p.name.endswith(".safetensors")
+            and p.name not in ("config.json", "model.safetensors.index.json")
+        ):
             shutil.copy2(p, dst / p.name)
     return dst

@@ -40,16 +40,14 @@ engine rank's share. floor: every delivered byte spread evenly over the smaller 
 
 from __future__ import annotations
 
-import functools
-import re
 from dataclasses import asdict, dataclass, field
 
 from glm_rl.cluster import GIB, Hardware
 from glm_rl.models.glm45.presets import ModelSpec
 from glm_rl.parallel import ParallelLayout, layer_split, padded_vocab_size, validate_layout
 
-RESERVE_GIB = 3.0          # per process on a GPU
-MIN_MEM_FRACTION = 0.5     # below this SGLang's static pool is too small to be worth planning
+RESERVE_GIB = 3.0  # per process on a GPU
+MIN_MEM_FRACTION = 0.5  # below this SGLang's static pool is too small to be worth planning
 SYNC_CHUNK_BYTES = 256 << 20
 
 
@@ -67,15 +65,15 @@ class PlanInput:
     hardware: Hardware
     num_nodes: int
     gpus_per_node: int
-    layout: ParallelLayout                  # dp is derived from the trainer GPUs
+    layout: ParallelLayout  # dp is derived from the trainer GPUs
     max_tokens_per_gpu: int = 16384
     recompute_granularity: str | None = None  # None, "full", "selective"
-    recompute_method: str = "uniform"         # with full: "uniform" or "block"
+    recompute_method: str = "uniform"  # with full: "uniform" or "block"
     recompute_num_layers: int = 1
     optimizer_cpu_offload: bool = False
     enable_mtp_training: bool = False
     colocate: bool = False
-    rollout_num_gpus: int | None = None       # disaggregated: GPUs for engines (colocated: all of them)
+    rollout_num_gpus: int | None = None  # disaggregated: GPUs for engines (colocated: all of them)
     rollout_num_gpus_per_engine: int = 8
     enable_mtp: bool = False
     mem_fraction_static: float = 0.7
@@ -89,13 +87,14 @@ class PlanInput:
 @dataclass
 class Plan:
     """Everything `glm-rl plan` reports; GiB unless named otherwise."""
+
     model: str
     hardware: str
     gpus: dict
     layout: dict
     layers_per_stage: list[int]
-    trainer: dict                 # per GPU of the heaviest stage
-    engine: dict                  # per engine GPU
+    trainer: dict  # per GPU of the heaviest stage
+    engine: dict  # per engine GPU
     gpu_total_gib: float
     gpu_capacity_gib: float
     host_per_node_gib: float
@@ -122,8 +121,10 @@ def split_gpus(p: PlanInput) -> tuple[int, int, int, list[str]]:
     elif p.colocate and p.rollout_num_gpus not in (None, total):
         errors.append(f"--colocate shares all {total} GPUs; drop --rollout-num-gpus {p.rollout_num_gpus}")
     elif not p.colocate and not 0 < rollout < total:
-        errors.append(f"without --colocate, --rollout-num-gpus must be between 1 and {total - 1} "
-                      f"(the GPUs left train); got {p.rollout_num_gpus}")
+        errors.append(
+            f"without --colocate, --rollout-num-gpus must be between 1 and {total - 1} "
+            f"(the GPUs left train); got {p.rollout_num_gpus}"
+        )
     elif rollout % per:
         errors.append(f"{rollout} rollout GPUs do not split into engines of --rollout-num-gpus-per-engine {per}")
     if not 0 < p.mem_fraction_static < 1:
@@ -142,11 +143,14 @@ def trainer_layout(p: PlanInput, trainer_gpus: int) -> tuple[ParallelLayout | No
     if trainer_gpus < 1 or model < 1 or trainer_gpus % model:
         # still check the per-model rules (heads, experts, layers) with DP 1, so one run names every fix
         problems = validate_layout(p.spec, ParallelLayout(dp=1, **fields))
-        return None, [f"{trainer_gpus} trainer GPUs are not divisible by TP {lo.tp} x PP {lo.pp} x CP {lo.cp} "
-                      f"= {model}, so no whole DP"] + problems
+        return None, [
+            f"{trainer_gpus} trainer GPUs are not divisible by TP {lo.tp} x PP {lo.pp} x CP {lo.cp} "
+            f"= {model}, so no whole DP"
+        ] + problems
     layout = ParallelLayout(dp=trainer_gpus // model, **fields)
-    return layout, validate_layout(p.spec, layout, world_size=trainer_gpus,
-                                   seq_len=p.max_tokens_per_gpu * max(lo.cp, 1))
+    return layout, validate_layout(
+        p.spec, layout, world_size=trainer_gpus, seq_len=p.max_tokens_per_gpu * max(lo.cp, 1)
+    )
 
 
 # -- memory ---------------------------------------------------------------------------------------------------
@@ -158,8 +162,11 @@ def _stage_params(spec: ModelSpec, lo: ParallelLayout, stage: int, layers: list[
     dense = len(ids) - moe
     h = spec.hidden_size
     norms_router = len(ids) * 2 * h + moe * spec._router_params()
-    sharded = (len(ids) * (spec._attention_params() - 2 * h) + dense * spec._expert_params(spec.intermediate_size)
-               + moe * spec.n_shared_experts * spec._expert_params(spec.moe_intermediate_size))
+    sharded = (
+        len(ids) * (spec._attention_params() - 2 * h)
+        + dense * spec._expert_params(spec.intermediate_size)
+        + moe * spec.n_shared_experts * spec._expert_params(spec.moe_intermediate_size)
+    )
     experts = moe * spec.n_routed_experts * spec._expert_params(spec.moe_intermediate_size)
     vocab_rows = padded_vocab_size(spec, lo.tp) * h
     if stage == 0:
@@ -168,8 +175,12 @@ def _stage_params(spec: ModelSpec, lo: ParallelLayout, stage: int, layers: list[
         sharded += vocab_rows * (0 if spec.tie_word_embeddings else 1)
         norms_router += h
         if mtp:  # an MoE layer plus eh_proj (2h x h) and three norms
-            sharded += (spec._attention_params() - 2 * h + 2 * h * h
-                        + spec.n_shared_experts * spec._expert_params(spec.moe_intermediate_size))
+            sharded += (
+                spec._attention_params()
+                - 2 * h
+                + 2 * h * h
+                + spec.n_shared_experts * spec._expert_params(spec.moe_intermediate_size)
+            )
             norms_router += 2 * h + spec._router_params() + 3 * h
             experts += spec.n_routed_experts * spec._expert_params(spec.moe_intermediate_size)
     return norms_router + sharded / lo.tp, experts / (lo.ep * lo.etp)
@@ -195,8 +206,12 @@ def _activations(p: PlanInput, lo: ParallelLayout, stage: int, layers: list[int]
     ids = list(range(first, first + layers[stage]))
     if p.enable_mtp_training and stage == lo.pp - 1:
         ids.append(spec.num_hidden_layers)  # the MTP layer is an MoE layer
-    per_layer = [_layer_bytes_per_token(spec, i >= spec.first_k_dense_replace,
-                                        p.recompute_granularity == "selective") * tokens / lo.tp for i in ids]
+    per_layer = [
+        _layer_bytes_per_token(spec, i >= spec.first_k_dense_replace, p.recompute_granularity == "selective")
+        * tokens
+        / lo.tp
+        for i in ids
+    ]
     layer_input = 2 * spec.hidden_size * tokens / lo.tp
     if p.recompute_granularity == "full":
         n = max(1, p.recompute_num_layers)
@@ -205,7 +220,7 @@ def _activations(p: PlanInput, lo: ParallelLayout, stage: int, layers: list[int]
             working = max(per_layer[:n], default=0)
         else:  # uniform: every chunk of n layers keeps only its input
             kept = layer_input * -(-len(ids) // n)
-            working = max((sum(per_layer[i:i + n]) for i in range(0, len(ids), n)), default=0)
+            working = max((sum(per_layer[i : i + n]) for i in range(0, len(ids), n)), default=0)
         stored = kept
     else:  # none, or selective (its saving is already in per_layer)
         stored, working = sum(per_layer), 0.0
@@ -226,11 +241,16 @@ def trainer_memory(p: PlanInput, lo: ParallelLayout, layers: list[int]) -> dict:
         dense, experts = _stage_params(p.spec, lo, stage, layers, p.enable_mtp_training)
         params = dense + experts
         opt_share = dense / dense_dp + experts / expert_dp
-        row = {"stage": stage, "params_b": params / 1e9, "weights": 2 * params / GIB, "grads": 4 * params / GIB,
-               "optimizer": 0.0 if p.optimizer_cpu_offload else 12 * opt_share / GIB,
-               "activations": _activations(p, lo, stage, layers) / GIB,
-               "host_optimizer": (16 * opt_share / GIB) if p.optimizer_cpu_offload else 0.0,
-               "host_offload": (2 * params / GIB) if p.colocate else 0.0}
+        row = {
+            "stage": stage,
+            "params_b": params / 1e9,
+            "weights": 2 * params / GIB,
+            "grads": 4 * params / GIB,
+            "optimizer": 0.0 if p.optimizer_cpu_offload else 12 * opt_share / GIB,
+            "activations": _activations(p, lo, stage, layers) / GIB,
+            "host_optimizer": (16 * opt_share / GIB) if p.optimizer_cpu_offload else 0.0,
+            "host_offload": (2 * params / GIB) if p.colocate else 0.0,
+        }
         row["peak"] = row["weights"] + row["grads"] + row["optimizer"] + row["activations"]
         rows.append(row)
     worst = max(rows, key=lambda r: r["peak"])
@@ -249,8 +269,14 @@ def engine_memory(p: PlanInput, engine_gpus_each: int) -> dict:
     layers = spec.num_hidden_layers + (spec.num_nextn_predict_layers if p.enable_mtp else 0)
     kv_per_token = layers * 2 * kv_heads * spec.head_dim * 2
     kv = max(0.0, pool - weights)
-    return {"gpus_per_engine": engine_gpus_each, "weights": weights, "kv_cache": kv, "pool": pool,
-            "kv_tokens": int(kv * GIB // kv_per_token), "kv_bytes_per_token": kv_per_token}
+    return {
+        "gpus_per_engine": engine_gpus_each,
+        "weights": weights,
+        "kv_cache": kv,
+        "pool": pool,
+        "kv_tokens": int(kv * GIB // kv_per_token),
+        "kv_bytes_per_token": kv_per_token,
+    }
 
 
 # -- weight sync ----------------------------------------------------------------------------------------------
@@ -258,29 +284,38 @@ def engine_memory(p: PlanInput, engine_gpus_each: int) -> dict:
 
 def predict_sync(p: PlanInput, lo: ParallelLayout, trainer_gpus: int, engines: int) -> dict:
     """Predicted seconds per transport for one weight sync, and the physical floor."""
-    from glm_rl.weights.transfer_plan import (EngineLayout, build_plan, floor_seconds, megatron_sources,
-                                     predict_sync_seconds)
-
     from glm_rl.models.glm45.hf_names import hf_tensor_metas, split_dim
+    from glm_rl.weights.transfer_plan import (
+        EngineLayout,
+        build_plan,
+        floor_seconds,
+        megatron_sources,
+        predict_sync_seconds,
+    )
 
     tensors = hf_tensor_metas(p.spec)
     per = p.rollout_num_gpus_per_engine
-    sources = megatron_sources(tensors, world=trainer_gpus, tp=lo.tp, pp=lo.pp, ep=lo.ep,
-                               num_layers=p.spec.num_hidden_layers, split=split_dim)
-    plan = build_plan(tensors, sources, [EngineLayout(e, per, split_dim) for e in range(engines)],
-                      chunk_bytes=SYNC_CHUNK_BYTES)
+    sources = megatron_sources(
+        tensors, world=trainer_gpus, tp=lo.tp, pp=lo.pp, ep=lo.ep, num_layers=p.spec.num_hidden_layers, split=split_dim
+    )
+    plan = build_plan(
+        tensors, sources, [EngineLayout(e, per, split_dim) for e in range(engines)], chunk_bytes=SYNC_CHUNK_BYTES
+    )
     nic = p.hardware.nic_bytes_s
     model_bytes = sum(t.itemsize * _numel(t.shape) for t in tensors)
     p2p = predict_sync_seconds(plan, nic)
     floor = floor_seconds(plan.total_bytes, min(trainer_gpus, engines * per), nic)
     local_copy = 2 * max(plan.bytes_per_destination().values()) / p.hardware.hbm_bytes_s
-    return {"bytes_delivered": plan.total_bytes, "model_bytes": model_bytes,
-            "max_source_bytes": max(plan.bytes_per_source().values()),
-            "max_dest_bytes": max(plan.bytes_per_destination().values()),
-            "seconds": {"p2p": p2p, "broadcast": model_bytes / nic,
-                        "tensor": p2p + local_copy if p.colocate else None},
-            "floor_s": floor, "p2p_over_floor": p2p / floor if floor else None,
-            "chosen": p.update_weight_transfer_mode}
+    return {
+        "bytes_delivered": plan.total_bytes,
+        "model_bytes": model_bytes,
+        "max_source_bytes": max(plan.bytes_per_source().values()),
+        "max_dest_bytes": max(plan.bytes_per_destination().values()),
+        "seconds": {"p2p": p2p, "broadcast": model_bytes / nic, "tensor": p2p + local_copy if p.colocate else None},
+        "floor_s": floor,
+        "p2p_over_floor": p2p / floor if floor else None,
+        "chosen": p.update_weight_transfer_mode,
+    }
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -308,14 +343,36 @@ def make_plan(p: PlanInput, *, with_sync: bool = True, progress=None) -> Plan:
         total = max(trainer["peak"], engine["pool"]) + RESERVE_GIB  # the larger of the two GPU kinds
     host = trainer["host_per_gpu"] * min(p.gpus_per_node, trainer_gpus)
     problems = _fit_problems(p, trainer, engine, total, host)
-    plan = Plan(model=p.spec.name, hardware=hw.name,
-                gpus={"nodes": p.num_nodes, "per_node": p.gpus_per_node, "trainer": trainer_gpus,
-                      "rollout": rollout_gpus, "engines": engines, "colocate": p.colocate},
-                layout={"tp": lo.tp, "pp": lo.pp, "cp": lo.cp, "ep": lo.ep, "etp": lo.etp, "dp": lo.dp,
-                        "sequence_parallel": lo.sequence_parallel,
-                        "expert_dp": lo.tp * lo.cp * lo.dp // (lo.ep * lo.etp)},
-                layers_per_stage=layers, trainer=trainer, engine=engine, gpu_total_gib=total, gpu_capacity_gib=cap,
-                host_per_node_gib=host, host_capacity_gib=hw.host_memory_gib, problems=problems)
+    plan = Plan(
+        model=p.spec.name,
+        hardware=hw.name,
+        gpus={
+            "nodes": p.num_nodes,
+            "per_node": p.gpus_per_node,
+            "trainer": trainer_gpus,
+            "rollout": rollout_gpus,
+            "engines": engines,
+            "colocate": p.colocate,
+        },
+        layout={
+            "tp": lo.tp,
+            "pp": lo.pp,
+            "cp": lo.cp,
+            "ep": lo.ep,
+            "etp": lo.etp,
+            "dp": lo.dp,
+            "sequence_parallel": lo.sequence_parallel,
+            "expert_dp": lo.tp * lo.cp * lo.dp // (lo.ep * lo.etp),
+        },
+        layers_per_stage=layers,
+        trainer=trainer,
+        engine=engine,
+        gpu_total_gib=total,
+        gpu_capacity_gib=cap,
+        host_per_node_gib=host,
+        host_capacity_gib=hw.host_memory_gib,
+        problems=problems,
+    )
     if with_sync:
         if progress:
             progress("pricing the weight-sync transfer plan (a few seconds for the large presets)...")
@@ -331,22 +388,40 @@ def _fit_problems(p: PlanInput, trainer: dict, engine: dict, total: float, host:
         fixes = ["add GPUs or raise TP/PP/EP"]
         fixes += [] if p.recompute_granularity == "full" else ["turn on --recompute-granularity full"]
         fixes += [] if p.optimizer_cpu_offload else ["turn on --optimizer-cpu-offload"]
-        out.append(f"needs {total:.1f} GiB per GPU ({what} + reserve), {name} has {cap:.1f} GiB: "
-                   f"{', '.join(fixes)} or lower --max-tokens-per-gpu")
+        out.append(
+            f"needs {total:.1f} GiB per GPU ({what} + reserve), {name} has {cap:.1f} GiB: "
+            f"{', '.join(fixes)} or lower --max-tokens-per-gpu"
+        )
     if engine["weights"] >= engine["pool"]:
-        out.append(f"engine weights {engine['weights']:.1f} GiB per GPU do not fit the SGLang pool "
-                   f"({p.mem_fraction_static} x {cap:.1f} GiB): raise --rollout-num-gpus-per-engine")
+        out.append(
+            f"engine weights {engine['weights']:.1f} GiB per GPU do not fit the SGLang pool "
+            f"({p.mem_fraction_static} x {cap:.1f} GiB): raise --rollout-num-gpus-per-engine"
+        )
     elif engine["kv_tokens"] < p.max_tokens_per_gpu:
-        out.append(f"KV cache holds {engine['kv_tokens']} tokens per engine GPU, fewer than one "
-                   f"{p.max_tokens_per_gpu}-token sample: raise --rollout-num-gpus-per-engine or "
-                   f"--sglang-mem-fraction-static")
+        out.append(
+            f"KV cache holds {engine['kv_tokens']} tokens per engine GPU, fewer than one "
+            f"{p.max_tokens_per_gpu}-token sample: raise --rollout-num-gpus-per-engine or "
+            f"--sglang-mem-fraction-static"
+        )
     if p.mem_fraction_static < MIN_MEM_FRACTION:
         out.append(f"--sglang-mem-fraction-static {p.mem_fraction_static} < {MIN_MEM_FRACTION}")
     if host > p.hardware.host_memory_gib:
-        out.append(f"needs {host:.0f} GiB of host memory per node (CPU optimizer / offloaded weights), a {name} "
-                   f"node has {p.hardware.host_memory_gib:.0f} GiB")
+        out.append(
+            f"needs {host:.0f} GiB of host memory per node (CPU optimizer / offloaded weights), a {name} "
+            f"node has {p.hardware.host_memory_gib:.0f} GiB"
+        )
     return out
 
 
-__all__ = ["PlanInput", "Plan", "PlanError", "make_plan", "split_gpus", "trainer_layout",
-           "trainer_memory", "engine_memory", "predict_sync", "RESERVE_GIB"]
+__all__ = [
+    "PlanInput",
+    "Plan",
+    "PlanError",
+    "make_plan",
+    "split_gpus",
+    "trainer_layout",
+    "trainer_memory",
+    "engine_memory",
+    "predict_sync",
+    "RESERVE_GIB",
+]

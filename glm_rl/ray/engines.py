@@ -80,8 +80,16 @@ class SGLangLauncher:
         return ray.remote(SGLangEngine).options(**options).remote(config)
 
 
-def engine_launcher(rollout: RolloutConfig, model: ModelConfig, *, routed_experts: bool, seed: int,
-                    colocate: bool, use_gpu: bool, api_key: str) -> EngineLauncher:
+def engine_launcher(
+    rollout: RolloutConfig,
+    model: ModelConfig,
+    *,
+    routed_experts: bool,
+    seed: int,
+    colocate: bool,
+    use_gpu: bool,
+    api_key: str,
+) -> EngineLauncher:
     """The launcher --rollout-engine names. `routed_experts`: engines must return the experts each token was
     routed to (`engines_return_routed_experts`). An embedded engine runs on the GPU of its placement bundle when
     there is one (Ray sets the actor's CUDA_VISIBLE_DEVICES, so "cuda" is that GPU). `api_key`: the run's
@@ -89,17 +97,33 @@ def engine_launcher(rollout: RolloutConfig, model: ModelConfig, *, routed_expert
     match rollout.rollout_engine:
         case "sglang":
             steps = rollout.speculative_num_steps
-            return SGLangLauncher(SGLangServerConfig(
-                model_path=model.hf_checkpoint, port=0, api_key=api_key,
-                tp_size=rollout.rollout_num_gpus_per_engine, random_seed=seed,
-                enable_return_routed_experts=routed_experts, enable_memory_saver=colocate,
-                speculative_num_steps=steps if rollout.enable_mtp else 0, speculative_num_draft_tokens=steps + 1,
-                extra_args=rollout.sglang_args))
+            return SGLangLauncher(
+                SGLangServerConfig(
+                    model_path=model.hf_checkpoint,
+                    port=0,
+                    api_key=api_key,
+                    tp_size=rollout.rollout_num_gpus_per_engine,
+                    random_seed=seed,
+                    enable_return_routed_experts=routed_experts,
+                    enable_memory_saver=colocate,
+                    speculative_num_steps=steps if rollout.enable_mtp else 0,
+                    speculative_num_draft_tokens=steps + 1,
+                    extra_args=rollout.sglang_args,
+                )
+            )
         case "embedded":
-            return EmbeddedLauncher(EngineConfig(
-                hf_checkpoint=model.hf_checkpoint, dtype=model.dtype, device="cuda" if use_gpu else "cpu",
-                api_key=api_key, seed=seed, record_routed_experts=routed_experts,
-                return_routed_experts_by_default=routed_experts, enable_mtp=rollout.enable_mtp,
-                speculative_num_steps=rollout.speculative_num_steps))
+            return EmbeddedLauncher(
+                EngineConfig(
+                    hf_checkpoint=model.hf_checkpoint,
+                    dtype=model.dtype,
+                    device="cuda" if use_gpu else "cpu",
+                    api_key=api_key,
+                    seed=seed,
+                    record_routed_experts=routed_experts,
+                    return_routed_experts_by_default=routed_experts,
+                    enable_mtp=rollout.enable_mtp,
+                    speculative_num_steps=rollout.speculative_num_steps,
+                )
+            )
         case other:
             raise ValueError(f"--rollout-engine {other!r} unknown; valid: embedded, sglang")

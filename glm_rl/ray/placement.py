@@ -53,8 +53,9 @@ def init_ray(address: str | None, num_cpus: int) -> None:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-def create_placement(n_trainers: int, n_engines: int, colocate: bool, use_gpu: bool,
-                     timeout_s: float = 120.0, strategy: str = "PACK") -> Placement:
+def create_placement(
+    n_trainers: int, n_engines: int, colocate: bool, use_gpu: bool, timeout_s: float = 120.0, strategy: str = "PACK"
+) -> Placement:
     n_bundles = n_trainers if colocate else n_trainers + n_engines
     bundle = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
     pg = placement_group([dict(bundle) for _ in range(n_bundles)], strategy=strategy)
@@ -63,8 +64,10 @@ def create_placement(n_trainers: int, n_engines: int, colocate: bool, use_gpu: b
         waited = time.time() - t0
         log.warning("waiting for %d placement bundles %s (%.0fs)", n_bundles, bundle, waited)
         if waited > timeout_s:
-            raise TimeoutError(f"placement group of {n_bundles} x {bundle} not ready after {timeout_s:.0f}s: "
-                               f"cluster resources {ray.cluster_resources()}")
+            raise TimeoutError(
+                f"placement group of {n_bundles} x {bundle} not ready after {timeout_s:.0f}s: "
+                f"cluster resources {ray.cluster_resources()}"
+            )
     trainers = list(range(n_trainers))
     engines = [i % n_trainers for i in range(n_engines)] if colocate else list(range(n_trainers, n_bundles))
     return Placement(pg, trainers, engines, use_gpu)

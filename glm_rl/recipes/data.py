@@ -24,7 +24,7 @@ import torch
 @dataclass
 class PackedRows:
     input_ids: torch.Tensor  # (N, S) long
-    targets: torch.Tensor    # (N, S) long: next token of each position
+    targets: torch.Tensor  # (N, S) long: next token of each position
     loss_mask: torch.Tensor  # (N, S) float: 1 where the target is trained on
 
     def __len__(self) -> int:
@@ -38,8 +38,9 @@ def read_records(path: str | Path) -> list[dict]:
         try:
             import datasets
         except ImportError:
-            raise ValueError(f"data.path {path}: Parquet needs HF `datasets` (pip install datasets); "
-                             f"or convert it to JSONL") from None
+            raise ValueError(
+                f"data.path {path}: Parquet needs HF `datasets` (pip install datasets); or convert it to JSONL"
+            ) from None
         return list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
     rows = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
@@ -63,8 +64,9 @@ def pack_pretrain(records: list[dict], tokenizer, seq_length: int, text_key: str
         stream += ids + [tokenizer.eos_token_id]
     n = (len(stream) - 1) // seq_length
     if n < 1:
-        raise ValueError(f"pretrain data has {len(stream)} tokens, fewer than one row of data.seq_length "
-                         f"{seq_length} + 1")
+        raise ValueError(
+            f"pretrain data has {len(stream)} tokens, fewer than one row of data.seq_length {seq_length} + 1"
+        )
     ids = torch.tensor(stream[: n * seq_length + 1])
     return PackedRows(ids[:-1].view(n, seq_length), ids[1:].view(n, seq_length), torch.ones(n, seq_length))
 
@@ -123,8 +125,11 @@ def load_rows(kind: str, path: str | Path, tokenizer, seq_length: int, text_key:
     records = read_records(path)
     if not records:
         raise ValueError(f"data.path {path}: no records")
-    return pack_pretrain(records, tokenizer, seq_length, text_key) if kind == "pretrain" else \
-        pack_sft(records, tokenizer, seq_length)
+    return (
+        pack_pretrain(records, tokenizer, seq_length, text_key)
+        if kind == "pretrain"
+        else pack_sft(records, tokenizer, seq_length)
+    )
 
 
 def batch_indices(n_rows: int, step: int, global_batch: int, dp_rank: int, dp_size: int, seed: int) -> list[int]:

@@ -96,7 +96,7 @@ class MegatronLoRA(nn.Module):
         init_adapter(a_full, torch.empty(1, rank), generator)
         rank_id = 0 if self.tp == 1 else torch.distributed.get_rank(base.tp_group)
         with torch.no_grad():
-            self.lora_A.copy_(a_full if self.column else a_full[:, rank_id * in_local:(rank_id + 1) * in_local])
+            self.lora_A.copy_(a_full if self.column else a_full[:, rank_id * in_local : (rank_id + 1) * in_local])
             self.lora_B.zero_()
         self.lora_magnitude = nn.Parameter(self._row_norm(w.detach()).detach()) if dora else None
         self._tag()
@@ -177,15 +177,16 @@ def global_name(model: nn.Module, name: str) -> str:
     out = list(parts)
     for i in range(1, len(parts) - 1):
         if parts[i - 1] == "decoder" and parts[i] == "layers" and parts[i + 1].isdigit():
-            out[i + 1] = str(model.get_submodule(".".join(parts[:i + 2])).layer_number - 1)  # layer_number: global
+            out[i + 1] = str(model.get_submodule(".".join(parts[: i + 2])).layer_number - 1)  # layer_number: global
         if parts[i] == "local_experts" and parts[i + 1].isdigit() and i >= 2:
-            moe = model.get_submodule(".".join(parts[:i - 1]))  # the MoE layer above `experts`
+            moe = model.get_submodule(".".join(parts[: i - 1]))  # the MoE layer above `experts`
             out[i + 1] = str(moe.local_expert_indices[int(parts[i + 1])])
     return ".".join(out)
 
 
-def apply_peft(model: nn.Module, rank: int, alpha: float, dora: bool = False, targets=TARGETS,
-               seed: int = 0) -> list[str]:
+def apply_peft(
+    model: nn.Module, rank: int, alpha: float, dora: bool = False, targets=TARGETS, seed: int = 0
+) -> list[str]:
     """Freeze `model` and wrap every Megatron linear whose leaf name is in `targets`; returns their names.
     Each adapter's A comes from a generator seeded by (seed, the weight's global name): every rank, and every
     TP / PP / EP layout, starts from the same adapters."""

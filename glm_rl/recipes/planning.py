@@ -1,10 +1,10 @@
 """Does a recipe's layout run on its documented GPU count? `glm-rl plan`'s trainer checks, applied to a recipe.
 
-The layout goes through Megatron's rules (`glm_rl.planner.estimate.trainer_layout`) and the heaviest pipeline stage's
-memory through `glm_rl.planner.estimate.trainer_memory` (bf16 weights, fp32 grads, distributed Adam, activations with the
-recipe's recompute). There is no rollout engine in these recipes, so the engine half of `glm-rl plan` is not
-used. PEFT: the base is frozen, so grads and optimizer state are only the adapters'; they are counted from the
-adapter shapes (rank r on every targeted linear: r × (in + out) per linear, per expert for routed experts).
+The layout goes through Megatron's rules (`glm_rl.planner.estimate.trainer_layout`) and the heaviest pipeline
+stage's memory through `glm_rl.planner.estimate.trainer_memory` (bf16 weights, fp32 grads, distributed Adam,
+activations with the recipe's recompute). There is no rollout engine in these recipes, so the engine half of
+`glm-rl plan` is not used. PEFT: the base is frozen, so grads and optimizer state are only the adapters'; they
+are counted from the adapter shapes (rank r on every targeted linear: r × (in + out) per linear, per expert for routed experts).
 """
 
 from __future__ import annotations
@@ -38,11 +38,18 @@ def recipe_plan(cfg: RecipeConfig, hardware: str = "H100", gpus: int | None = No
     p, spec = cfg.parallel, get_preset(cfg.model.preset)
     gpus = gpus or p.num_gpus
     hw = HARDWARE[hardware]
-    inp = PlanInput(spec=spec, hardware=hw, num_nodes=max(1, gpus // hw.gpus_per_node),
-                    gpus_per_node=min(gpus, hw.gpus_per_node), layout=p.layout(),
-                    max_tokens_per_gpu=cfg.data.seq_length * cfg.train.micro_batch_size // p.context_parallel_size,
-                    recompute_granularity=cfg.recompute.granularity, recompute_method=cfg.recompute.method,
-                    recompute_num_layers=cfg.recompute.num_layers, enable_mtp_training=cfg.mtp.enabled)
+    inp = PlanInput(
+        spec=spec,
+        hardware=hw,
+        num_nodes=max(1, gpus // hw.gpus_per_node),
+        gpus_per_node=min(gpus, hw.gpus_per_node),
+        layout=p.layout(),
+        max_tokens_per_gpu=cfg.data.seq_length * cfg.train.micro_batch_size // p.context_parallel_size,
+        recompute_granularity=cfg.recompute.granularity,
+        recompute_method=cfg.recompute.method,
+        recompute_num_layers=cfg.recompute.num_layers,
+        enable_mtp_training=cfg.mtp.enabled,
+    )
     lo, problems = trainer_layout(inp, gpus)
     if lo is None or problems:
         raise PlanError([f"recipe {cfg.name} on {gpus} GPUs: {x}" for x in problems])
@@ -53,7 +60,15 @@ def recipe_plan(cfg: RecipeConfig, hardware: str = "H100", gpus: int | None = No
         mem["peak"] = mem["weights"] + mem["grads"] + mem["optimizer"] + mem["activations"]
     total = mem["peak"] + RESERVE_GIB
     if total > hw.gpu_memory_gib:
-        raise PlanError([f"recipe {cfg.name} on {gpus} {hardware}: needs {total:.1f} GiB per GPU, has "
-                         f"{hw.gpu_memory_gib:.1f} GiB"])
-    return {"recipe": cfg.name, "gpus": gpus, "hardware": hardware, "dp": lo.dp, "gpu_total_gib": total,
-            "gpu_capacity_gib": hw.gpu_memory_gib, **{k: v for k, v in mem.items() if isinstance(v, float)}}
+        raise PlanError(
+            [f"recipe {cfg.name} on {gpus} {hardware}: needs {total:.1f} GiB per GPU, has {hw.gpu_memory_gib:.1f} GiB"]
+        )
+    return {
+        "recipe": cfg.name,
+        "gpus": gpus,
+        "hardware": hardware,
+        "dp": lo.dp,
+        "gpu_total_gib": total,
+        "gpu_capacity_gib": hw.gpu_memory_gib,
+        **{k: v for k, v in mem.items() if isinstance(v, float)},
+    }

@@ -71,13 +71,17 @@ def prepare(cfg: RecipeConfig):
         raise RecipeError(f"recipe {cfg.name} on {world} ranks: {e}") from None
     dp = layout.dp
     if cfg.train.global_batch_size % (cfg.train.micro_batch_size * dp):
-        raise RecipeError(f"train.global_batch_size {cfg.train.global_batch_size} is not a multiple of "
-                          f"train.micro_batch_size {cfg.train.micro_batch_size} x data-parallel size {dp} (every "
-                          f"rank must run the same number of micro-batches: the expert all-to-alls are collective)")
+        raise RecipeError(
+            f"train.global_batch_size {cfg.train.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size {cfg.train.micro_batch_size} x data-parallel size {dp} (every "
+            f"rank must run the same number of micro-batches: the expert all-to-alls are collective)"
+        )
     ckpt = cfg.pretrained_checkpoint or cfg.model.hf_checkpoint
     if ckpt is None or not (Path(ckpt) / "config.json").is_file():
-        raise RecipeError(f"{'pretrained_checkpoint' if cfg.is_finetune else 'model.hf_checkpoint'} {ckpt}: "
-                          f"an HF checkpoint dir is needed (pretraining from scratch reads only its tokenizer)")
+        raise RecipeError(
+            f"{'pretrained_checkpoint' if cfg.is_finetune else 'model.hf_checkpoint'} {ckpt}: "
+            f"an HF checkpoint dir is needed (pretraining from scratch reads only its tokenizer)"
+        )
     if cfg.pretrained_checkpoint:  # weights to start from: their shapes must be the preset's
         spec = check_matches_preset(ckpt, cfg.model.preset)
     else:
@@ -110,22 +114,35 @@ def build_model(cfg: RecipeConfig, spec, ckpt: Path, device: str):
     from glm_rl.trainer.backends.megatron.model import build_gpt_model, setup_model_parallel
 
     p = cfg.parallel
-    setup_model_parallel(tp=p.tensor_model_parallel_size, ep=p.expert_model_parallel_size,
-                         pp=p.pipeline_model_parallel_size, cp=p.context_parallel_size,
-                         etp=p.expert_tensor_parallel_size, seed=cfg.train.seed)
+    setup_model_parallel(
+        tp=p.tensor_model_parallel_size,
+        ep=p.expert_model_parallel_size,
+        pp=p.pipeline_model_parallel_size,
+        cp=p.context_parallel_size,
+        etp=p.expert_tensor_parallel_size,
+        seed=cfg.train.seed,
+    )
     # calculate_per_token_loss: our loss function already divides by the global token count, so the schedule
     # must neither divide by the micro-batch's tokens nor by the number of micro-batches (see _Trainer)
     over = dict(sequence_parallel=p.sequence_parallel_on, calculate_per_token_loss=True)
     if cfg.mtp.enabled:
         over |= dict(mtp_num_layers=cfg.mtp.mtp_num_layers, mtp_loss_scaling_factor=cfg.mtp.mtp_loss_scaling_factor)
     if cfg.recompute.granularity:
-        over |= dict(recompute_granularity=cfg.recompute.granularity,
-                     recompute_method=cfg.recompute.method if cfg.recompute.granularity == "full" else None,
-                     recompute_num_layers=cfg.recompute.num_layers if cfg.recompute.granularity == "full" else None)
-    model = build_gpt_model(spec, tp=p.tensor_model_parallel_size, ep=ps.get_expert_model_parallel_world_size(),
-                            params_dtype=getattr(torch, cfg.model.dtype), mtp=cfg.mtp.enabled,
-                            first_stage_layers=p.decoder_first_pipeline_num_layers,
-                            last_stage_layers=p.decoder_last_pipeline_num_layers, **over)
+        over |= dict(
+            recompute_granularity=cfg.recompute.granularity,
+            recompute_method=cfg.recompute.method if cfg.recompute.granularity == "full" else None,
+            recompute_num_layers=cfg.recompute.num_layers if cfg.recompute.granularity == "full" else None,
+        )
+    model = build_gpt_model(
+        spec,
+        tp=p.tensor_model_parallel_size,
+        ep=ps.get_expert_model_parallel_world_size(),
+        params_dtype=getattr(torch, cfg.model.dtype),
+        mtp=cfg.mtp.enabled,
+        first_stage_layers=p.decoder_first_pipeline_num_layers,
+        last_stage_layers=p.decoder_last_pipeline_num_layers,
+        **over,
+    )
     if cfg.pretrained_checkpoint:
         from glm_rl.models.glm45.checkpoint import load_hf_model
         from glm_rl.trainer.backends.megatron.bridge import import_hf_weights
@@ -142,8 +159,14 @@ def build_model(cfg: RecipeConfig, spec, ckpt: Path, device: str):
     if cfg.peft:
         from glm_rl.recipes.peft import apply_peft
 
-        apply_peft(model, cfg.lora.rank, cfg.lora.alpha, dora=cfg.peft == "dora",
-                   targets=tuple(cfg.lora.target_modules.split(",")), seed=cfg.train.seed)
+        apply_peft(
+            model,
+            cfg.lora.rank,
+            cfg.lora.alpha,
+            dora=cfg.peft == "dora",
+            targets=tuple(cfg.lora.target_modules.split(",")),
+            seed=cfg.train.seed,
+        )
     return model.to(device).train()
 
 
@@ -162,8 +185,11 @@ class _Trainer:
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.dp_group = ps.get_data_parallel_group()  # token counts: CP ranks hold parts of the SAME rows
         self.dp_cp_group = ps.get_data_parallel_group(with_context_parallel=True)  # sums of per-token figures
-        self.cp, self.cp_rank, self.cp_group = (ps.get_context_parallel_world_size(),
-                                                ps.get_context_parallel_rank(), ps.get_context_parallel_group())
+        self.cp, self.cp_rank, self.cp_group = (
+            ps.get_context_parallel_world_size(),
+            ps.get_context_parallel_rank(),
+            ps.get_context_parallel_group(),
+        )
         self.pp_group, self.last_stage = ps.get_pipeline_model_parallel_group(), ps.is_pipeline_last_stage()
         # rows padded to 2 equal chunks per CP rank, the CP share a multiple of TP under sequence parallelism
         tp_seq = p.tensor_model_parallel_size if p.sequence_parallel_on else 1
@@ -177,8 +203,13 @@ class _Trainer:
         model.config.mtp_grad_scale_func = lambda: self._mtp_scale
         # batch_p2p_comm (megatron's default) stays on: batch_isend_irecv works on gloo (seen, PP2 on CPU)
         self.forward_backward = get_forward_backward_func()
-        self.opt = Optimizer(model, lr=t.lr, weight_decay=t.weight_decay, betas=(t.adam_beta1, t.adam_beta2),
-                             fp32_master=cfg.model.dtype == "bfloat16")
+        self.opt = Optimizer(
+            model,
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            betas=(t.adam_beta1, t.adam_beta2),
+            fp32_master=cfg.model.dtype == "bfloat16",
+        )
 
     def _global_tokens(self, rows: PackedRows, idx: list[int]) -> float:
         """Loss tokens of the global batch. Summed over DP only: the CP ranks of a group hold the same rows."""
@@ -244,18 +275,24 @@ class _Trainer:
             g["lr"] = lr
         idx = batch_indices(len(rows), step, t.global_batch_size, self.dp_rank, self.dp_size, t.seed)
         self._total = total = self._global_tokens(rows, idx)
-        micro = [self._micro_batch(rows, idx[k:k + t.micro_batch_size], total)
-                 for k in range(0, len(idx), t.micro_batch_size)]
+        micro = [
+            self._micro_batch(rows, idx[k : k + t.micro_batch_size], total)
+            for k in range(0, len(idx), t.micro_batch_size)
+        ]
         for p in self.model.parameters():
             p.grad = None
         reports = self.forward_backward(
-            forward_step_func=self._forward_step, data_iterator=iter(micro), model=[self.model],
-            num_microbatches=len(micro), seq_length=micro[0]["seq_length"], micro_batch_size=t.micro_batch_size)
+            forward_step_func=self._forward_step,
+            data_iterator=iter(micro),
+            model=[self.model],
+            num_microbatches=len(micro),
+            seq_length=micro[0]["seq_length"],
+            micro_batch_size=t.micro_batch_size,
+        )
         figures = self._reduce_figures(reports)
         grad_norm = reduce_grads_and_clip(self.model, t.clip_grad, self.device)
         self.opt.step()
-        out = {"step": step + 1, "loss": float(figures[0]) / total, "lr": lr, "grad_norm": grad_norm,
-               "tokens": total}
+        out = {"step": step + 1, "loss": float(figures[0]) / total, "lr": lr, "grad_norm": grad_norm, "tokens": total}
         if self.mtp_layers:
             out["mtp_loss"] = float(figures[1:].mean())
         return out
@@ -301,8 +338,7 @@ def _save(cfg: RecipeConfig, model, spec, ckpt: Path, out: Path, final: bool = T
                 shutil.copy(f, out / "hf" / f.name)
 
 
-def run_recipe(cfg: RecipeConfig, output_dir: str | Path | None = None, device: str | None = None,
-               log=print) -> Path:
+def run_recipe(cfg: RecipeConfig, output_dir: str | Path | None = None, device: str | None = None, log=print) -> Path:
     """Train `cfg`; returns the run directory (metrics.jsonl, hf/, adapter/)."""
     spec, _, rows, ckpt = prepare(cfg)  # every input error before any process group
     out = Path(output_dir or cfg.checkpoint.save or f"runs/{cfg.name}")
@@ -337,11 +373,12 @@ def _train(cfg: RecipeConfig, spec, rows: PackedRows, ckpt: Path, out: Path, dev
                 f.write(json.dumps(m) + "\n")
             if step % cfg.train.log_interval == 0 or step + 1 == cfg.train.train_iters:
                 mtp = f" mtp_loss {m['mtp_loss']:.4f}" if "mtp_loss" in m else ""
-                log(f"[{cfg.name}] step {step + 1}/{cfg.train.train_iters} loss {m['loss']:.4f}{mtp} "
-                    f"lr {m['lr']:.2e} grad_norm {m['grad_norm']:.3f} ({m['seconds']:.1f}s)")
+                log(
+                    f"[{cfg.name}] step {step + 1}/{cfg.train.train_iters} loss {m['loss']:.4f}{mtp} "
+                    f"lr {m['lr']:.2e} grad_norm {m['grad_norm']:.3f} ({m['seconds']:.1f}s)"
+                )
         interval = cfg.checkpoint.save_interval
         if interval and (step + 1) % interval == 0 and step + 1 < cfg.train.train_iters:
             _save(cfg, model, spec, ckpt, out / f"iter_{step + 1}", final=False)
     _save(cfg, model, spec, ckpt, out)
     return out
-

@@ -36,11 +36,19 @@ class EngineError(RuntimeError):
         self.url, self.status, self.message = url, status, message
 
 
-def generate_payload(input_ids: list[int] | list[list[int]], sampling_params: dict[str, Any] | None = None, *,
-                     return_logprob: bool = False, return_routed_experts: bool = False,
-                     rid: str | list[str] | None = None) -> dict[str, Any]:
-    payload: dict[str, Any] = {"input_ids": input_ids, "sampling_params": dict(sampling_params or {}),
-                               "return_logprob": return_logprob}
+def generate_payload(
+    input_ids: list[int] | list[list[int]],
+    sampling_params: dict[str, Any] | None = None,
+    *,
+    return_logprob: bool = False,
+    return_routed_experts: bool = False,
+    rid: str | list[str] | None = None,
+) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "input_ids": input_ids,
+        "sampling_params": dict(sampling_params or {}),
+        "return_logprob": return_logprob,
+    }
     if return_routed_experts:
         payload["return_routed_experts"] = True
     if rid is not None:
@@ -97,15 +105,42 @@ class EngineClient:
         return self.request("POST", path, body or {})
 
     # endpoints
-    def generate(self, input_ids, sampling_params=None, return_logprob: bool = False,
-                 return_routed_experts: bool = False, rid=None) -> Any:
-        return self.post("/generate", generate_payload(input_ids, sampling_params, return_logprob=return_logprob,
-                                                       return_routed_experts=return_routed_experts, rid=rid))
+    def generate(
+        self,
+        input_ids,
+        sampling_params=None,
+        return_logprob: bool = False,
+        return_routed_experts: bool = False,
+        rid=None,
+    ) -> Any:
+        return self.post(
+            "/generate",
+            generate_payload(
+                input_ids,
+                sampling_params,
+                return_logprob=return_logprob,
+                return_routed_experts=return_routed_experts,
+                rid=rid,
+            ),
+        )
 
-    async def agenerate(self, input_ids, sampling_params=None, return_logprob: bool = False,
-                        return_routed_experts: bool = False, rid=None, *, session=None) -> Any:
-        payload = generate_payload(input_ids, sampling_params, return_logprob=return_logprob,
-                                   return_routed_experts=return_routed_experts, rid=rid)
+    async def agenerate(
+        self,
+        input_ids,
+        sampling_params=None,
+        return_logprob: bool = False,
+        return_routed_experts: bool = False,
+        rid=None,
+        *,
+        session=None,
+    ) -> Any:
+        payload = generate_payload(
+            input_ids,
+            sampling_params,
+            return_logprob=return_logprob,
+            return_routed_experts=return_routed_experts,
+            rid=rid,
+        )
         return await self.apost("/generate", payload, session=session)
 
     async def apost(self, path: str, body: dict[str, Any], *, session=None) -> Any:
@@ -160,41 +195,90 @@ class EngineClient:
     def resume_memory_occupation(self) -> Any:
         return self.post("/resume_memory_occupation")
 
-    def update_weights_from_tensor(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
-                                   weight_version: int | None = None, flush_cache: bool = True) -> Any:
+    def update_weights_from_tensor(
+        self,
+        named_tensors: Iterable[tuple[str, torch.Tensor]],
+        weight_version: int | None = None,
+        flush_cache: bool = True,
+    ) -> Any:
         ours, by_reference = self.weight_wire()
-        payload = encode_named_tensors(named_tensors, by_reference=by_reference) if ours else \
-            serialize_named_tensors(named_tensors)
-        return self.post("/update_weights_from_tensor", {
-            "serialized_named_tensors": [payload], "load_format": None,
-            "flush_cache": flush_cache, "weight_version": weight_version})
+        payload = (
+            encode_named_tensors(named_tensors, by_reference=by_reference)
+            if ours
+            else serialize_named_tensors(named_tensors)
+        )
+        return self.post(
+            "/update_weights_from_tensor",
+            {
+                "serialized_named_tensors": [payload],
+                "load_format": None,
+                "flush_cache": flush_cache,
+                "weight_version": weight_version,
+            },
+        )
 
-    def update_weights_from_flat(self, flat: torch.Tensor, layout: list[list], weight_version: int | None = None,
-                                 flush_cache: bool = True) -> Any:
+    def update_weights_from_flat(
+        self, flat: torch.Tensor, layout: list[list], weight_version: int | None = None, flush_cache: bool = True
+    ) -> Any:
         """The whole model as one shared buffer (`load_format` "flattened_bucket"; layout from
         `glm_rl.weights.flat.entries_to_json`). Keep `flat` alive until the engine has answered."""
         ours, by_reference = self.weight_wire()
-        payload = encode_flattened(flat, layout, by_reference=by_reference) if ours else \
-            serialize_flattened(flat, layout)
-        return self.post("/update_weights_from_tensor", {
-            "serialized_named_tensors": [payload],
-            "load_format": "flattened_bucket", "flush_cache": flush_cache, "weight_version": weight_version})
+        payload = (
+            encode_flattened(flat, layout, by_reference=by_reference) if ours else serialize_flattened(flat, layout)
+        )
+        return self.post(
+            "/update_weights_from_tensor",
+            {
+                "serialized_named_tensors": [payload],
+                "load_format": "flattened_bucket",
+                "flush_cache": flush_cache,
+                "weight_version": weight_version,
+            },
+        )
 
-    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
-                                  group_name: str, backend: str = "gloo") -> Any:
+    def init_weights_update_group(
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str,
+        backend: str = "gloo",
+    ) -> Any:
         """Blocks until every rank (the trainer's rank 0 too) has joined: call it from a thread."""
-        return self.post("/init_weights_update_group", {
-            "master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
-            "world_size": world_size, "group_name": group_name, "backend": backend})
+        return self.post(
+            "/init_weights_update_group",
+            {
+                "master_address": master_address,
+                "master_port": master_port,
+                "rank_offset": rank_offset,
+                "world_size": world_size,
+                "group_name": group_name,
+                "backend": backend,
+            },
+        )
 
-    def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
-                                        group_name: str, weight_version: int | None = None,
-                                        flush_cache: bool = True) -> Any:
+    def update_weights_from_distributed(
+        self,
+        names: list[str],
+        dtypes: list[str],
+        shapes: list[list[int]],
+        group_name: str,
+        weight_version: int | None = None,
+        flush_cache: bool = True,
+    ) -> Any:
         """Blocks until the trainer has broadcast every tensor, in order: call it from a thread."""
-        return self.post("/update_weights_from_distributed", {
-            "names": names, "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
-            "shapes": [list(s) for s in shapes], "group_name": group_name, "flush_cache": flush_cache,
-            "weight_version": weight_version})
+        return self.post(
+            "/update_weights_from_distributed",
+            {
+                "names": names,
+                "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
+                "shapes": [list(s) for s in shapes],
+                "group_name": group_name,
+                "flush_cache": flush_cache,
+                "weight_version": weight_version,
+            },
+        )
 
     def destroy_weights_update_group(self, group_name: str) -> Any:
         return self.post("/destroy_weights_update_group", {"group_name": group_name})

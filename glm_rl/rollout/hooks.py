@@ -40,9 +40,9 @@ GenerateFn = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 @dataclass(frozen=True)
 class GenerateContext:
     rollout: RolloutConfig
-    tokenizer: Any                   # the checkpoint's HF tokenizer (chat template included)
-    generate: GenerateFn             # one SGLang /generate request through the run's endpoints (retried)
-    return_routed_experts: bool      # R3: requests must ask for routed experts, samples must carry them
+    tokenizer: Any  # the checkpoint's HF tokenizer (chat template included)
+    generate: GenerateFn  # one SGLang /generate request through the run's endpoints (retried)
+    return_routed_experts: bool  # R3: requests must ask for routed experts, samples must carry them
     step: int
     seed: int
     agentic: AgenticConfig | None = None  # the built-in tool loop's section (`--max-turns`, `--tools-path`, ...)

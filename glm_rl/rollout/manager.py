@@ -69,25 +69,45 @@ class PromptStream:
 
 
 class RolloutManager:
-    def __init__(self, cfg: RolloutConfig, hf_checkpoint: str, generate: GenerateFn, *, seed: int,
-                 return_routed_experts: bool, eval_cfg: EvalConfig | None = None, abort: AbortFn | None = None,
-                 agentic: AgenticConfig | None = None):
+    def __init__(
+        self,
+        cfg: RolloutConfig,
+        hf_checkpoint: str,
+        generate: GenerateFn,
+        *,
+        seed: int,
+        return_routed_experts: bool,
+        eval_cfg: EvalConfig | None = None,
+        abort: AbortFn | None = None,
+        agentic: AgenticConfig | None = None,
+    ):
         self.cfg, self.seed, self.routed, self.abort_fn = cfg, seed, return_routed_experts, abort
         self.tokenizer = AutoTokenizer.from_pretrained(hf_checkpoint)
         self.rewarder = build_rewarder(cfg.rm_type, **cfg.rewarder_args())
         self.stream = PromptStream(load_prompts(cfg.prompt_data, **cfg.data_args()), seed, cfg.rollout_shuffle)
         hook = cfg.custom_generate_function_path
-        self.gen = SampleGenerator(cfg, self.tokenizer, generate, seed=seed,
-                                   custom_fn=load_function(hook, "--custom-generate-function-path") if hook else None,
-                                   agentic=agentic)
+        self.gen = SampleGenerator(
+            cfg,
+            self.tokenizer,
+            generate,
+            seed=seed,
+            custom_fn=load_function(hook, "--custom-generate-function-path") if hook else None,
+            agentic=agentic,
+        )
         path = cfg.dynamic_sampling_filter_path
         self.filter = filters.load_filter(path) if path else None
-        self.rollout_fn = load_function(cfg.rollout_function_path, "--rollout-function-path") \
-            if cfg.rollout_function_path else None
+        self.rollout_fn = (
+            load_function(cfg.rollout_function_path, "--rollout-function-path") if cfg.rollout_function_path else None
+        )
         self.evaluator = Evaluator(eval_cfg, cfg, self.gen, self.rewarder) if eval_cfg and eval_cfg.enabled else None
-        self.spec = SamplingSpec(temperature=cfg.rollout_temperature, top_p=cfg.rollout_top_p, top_k=cfg.rollout_top_k,
-                                 max_new_tokens=cfg.rollout_max_response_len, routed=return_routed_experts,
-                                 rid_prefix="s")
+        self.spec = SamplingSpec(
+            temperature=cfg.rollout_temperature,
+            top_p=cfg.rollout_top_p,
+            top_k=cfg.rollout_top_k,
+            max_new_tokens=cfg.rollout_max_response_len,
+            routed=return_routed_experts,
+            rid_prefix="s",
+        )
         self.skipped = 0
 
     def payload(self, prompt_ids: list[int], step: int, index: int) -> dict[str, Any]:
@@ -112,8 +132,10 @@ class RolloutManager:
             groups, stats = await self._collector(step).collect(self._abort_surplus)
             samples = renumber(groups)
         metrics = self._metrics(samples, stats)
-        metrics |= {"rollout/rm_retries": float(getattr(self.rewarder, "retried", 0) - rm_retries),
-                    "perf/rollout_s": time.time() - t0}
+        metrics |= {
+            "rollout/rm_retries": float(getattr(self.rewarder, "retried", 0) - rm_retries),
+            "perf/rollout_s": time.time() - t0,
+        }
         return samples, metrics
 
     async def evaluate(self, step: int) -> dict[str, float]:
@@ -127,19 +149,26 @@ class RolloutManager:
             return filters.keep_group(self.filter, c.dynamic_sampling_filter_path, c, group)
 
         def run_group(launch: int, prompt: tuple[PromptRow, list[int]]) -> Awaitable[list[Sample]]:
-            return generate_group(self.gen, self.rewarder, *prompt, spec=self.spec, step=step, group=launch,
-                                  n=c.n_samples_per_prompt)
+            return generate_group(
+                self.gen, self.rewarder, *prompt, spec=self.spec, step=step, group=launch, n=c.n_samples_per_prompt
+            )
 
-        return Collector(target=c.rollout_batch_size, per_round=c.launch_batch_size, next_prompts=self._next_prompts,
-                         run_group=run_group, keep=keep if self.filter is not None else None)
+        return Collector(
+            target=c.rollout_batch_size,
+            per_round=c.launch_batch_size,
+            next_prompts=self._next_prompts,
+            run_group=run_group,
+            keep=keep if self.filter is not None else None,
+        )
 
     def _next_prompts(self, k: int) -> list[tuple[PromptRow, list[int]]]:
         """`k` prompts that fit --rollout-max-prompt-len, with their ids; longer ones are skipped and counted."""
         kept = []
         while len(kept) < k:
             for row in self.stream.take(k - len(kept)):
-                ids = prompt_ids(self.tokenizer, row.prompt, tools=row.tools,
-                                 apply_chat_template=self.cfg.apply_chat_template)
+                ids = prompt_ids(
+                    self.tokenizer, row.prompt, tools=row.tools, apply_chat_template=self.cfg.apply_chat_template
+                )
                 if len(ids) > self.cfg.rollout_max_prompt_len:
                     self.skipped += 1
                 else:
@@ -174,25 +203,33 @@ class RolloutManager:
         samples = check_hook_samples(result, path, f"step {step}", self.routed)
         expected = c.rollout_batch_size * c.n_samples_per_prompt
         if len(samples) != expected:
-            raise RuntimeError(f"{path} returned {len(samples)} samples at step {step}; expected --rollout-batch-size"
-                               f" x --n-samples-per-prompt = {expected}, each group's samples contiguous")
+            raise RuntimeError(
+                f"{path} returned {len(samples)} samples at step {step}; expected --rollout-batch-size"
+                f" x --n-samples-per-prompt = {expected}, each group's samples contiguous"
+            )
         n = c.n_samples_per_prompt
-        return renumber([samples[i:i + n] for i in range(0, expected, n)])
+        return renumber([samples[i : i + n] for i in range(0, expected, n)])
 
     def _metrics(self, samples: list[Sample], stats: CollectStats | None) -> dict[str, float]:
         rewards = np.array([s.reward for s in samples])
         lengths = np.array([len(s.response_ids) for s in samples])
         counters = self.gen.counters
-        metrics = {"rollout/reward_mean": float(rewards.mean()), "rollout/response_len_mean": float(lengths.mean()),
-                   "rollout/truncated_frac": float(np.mean([s.finish_reason == "length" for s in samples])),
-                   "rollout/skipped_long_prompts": float(self.skipped),
-                   "rollout/retried_requests": float(counters.retried), "rollout/num_samples": float(len(samples))}
+        metrics = {
+            "rollout/reward_mean": float(rewards.mean()),
+            "rollout/response_len_mean": float(lengths.mean()),
+            "rollout/truncated_frac": float(np.mean([s.finish_reason == "length" for s in samples])),
+            "rollout/skipped_long_prompts": float(self.skipped),
+            "rollout/retried_requests": float(counters.retried),
+            "rollout/num_samples": float(len(samples)),
+        }
         if stats is not None:
-            metrics |= {"rollout/generated_groups": float(stats.launched),
-                        "rollout/sampling_rounds": float(stats.rounds),
-                        "rollout/filtered_groups": float(stats.filtered),
-                        "rollout/aborted_groups": float(stats.surplus),
-                        "rollout/aborted_requests": float(counters.aborted)}
+            metrics |= {
+                "rollout/generated_groups": float(stats.launched),
+                "rollout/sampling_rounds": float(stats.rounds),
+                "rollout/filtered_groups": float(stats.filtered),
+                "rollout/aborted_groups": float(stats.surplus),
+                "rollout/aborted_requests": float(counters.aborted),
+            }
         if counters.spec_verify:
             metrics["rollout/spec_accept_length"] = counters.spec_tokens / counters.spec_verify
         return metrics

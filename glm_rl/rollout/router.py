@@ -18,8 +18,9 @@ so they answer every /generate with the routing even though the router dropped t
 then go through the router like all others (`engines_return_routing=True`). For engines that do not (e.g. a
 stock SGLang server), a request that needs routed experts is sent straight to one engine, chosen round-robin
 (client side) over the router's current healthy workers (`GET /workers`, cached for `refresh_s`). Direct
-requests skip the router's retries and circuit breaker, so an engine failure surfaces as an error. `RouterProcess.generate_fn()` hands the rollout manager
-`RolloutEndpoints.generate` (payload → answer, picklable for a Ray actor), which applies this rule per payload.
+requests skip the router's retries and circuit breaker, so an engine failure surfaces as an error.
+`RouterProcess.generate_fn()` hands the rollout manager `RolloutEndpoints.generate` (payload → answer,
+picklable for a Ray actor), which applies this rule per payload.
 
 API key: with `api_key`, the router requires `Authorization: Bearer <key>` from clients and forwards it to
 workers on every call except its `/health` checks (engines leave /health* open, as SGLang does).
@@ -30,14 +31,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from glm_rl.ray.addresses import free_port
 from glm_rl.rollout.engine_client import EngineClient, EngineError
@@ -49,10 +50,10 @@ POLICIES = ("random", "round_robin", "cache_aware", "power_of_two")
 class RouterConfig:
     worker_urls: tuple[str, ...] = ()
     host: str = "127.0.0.1"
-    port: int = 0                    # 0: pick a free port
-    prometheus_port: int = 0         # 0: pick a free port
-    policy: str = "round_robin"      # the router's default, cache_aware, sent all our traffic to one worker
-    api_key: str | None = None       # the router's key; it also forwards it to workers
+    port: int = 0  # 0: pick a free port
+    prometheus_port: int = 0  # 0: pick a free port
+    policy: str = "round_robin"  # the router's default, cache_aware, sent all our traffic to one worker
+    api_key: str | None = None  # the router's key; it also forwards it to workers
     log_level: str = "warn"
     extra_args: tuple[str, ...] = ()
     startup_timeout_s: float = 60.0
@@ -62,15 +63,25 @@ class RouterConfig:
             raise ValueError(f"RouterConfig.policy must be one of {POLICIES}, got {self.policy!r}")
 
 
-def router_command(config: RouterConfig, *, port: int, prometheus_port: int,
-                   python: str = sys.executable) -> list[str]:
+def router_command(config: RouterConfig, *, port: int, prometheus_port: int, python: str = sys.executable) -> list[str]:
     """The launch command (ports already resolved)."""
     cmd = [python, "-m", "sglang_router.launch_router"]
     if config.worker_urls:
         cmd += ["--worker-urls", *config.worker_urls]
-    cmd += ["--host", config.host, "--port", str(port), "--policy", config.policy,
-            "--prometheus-host", config.host, "--prometheus-port", str(prometheus_port),
-            "--log-level", config.log_level]
+    cmd += [
+        "--host",
+        config.host,
+        "--port",
+        str(port),
+        "--policy",
+        config.policy,
+        "--prometheus-host",
+        config.host,
+        "--prometheus-port",
+        str(prometheus_port),
+        "--log-level",
+        config.log_level,
+    ]
     if config.api_key:
         cmd += ["--api-key", config.api_key]
     return cmd + list(config.extra_args)
@@ -104,8 +115,9 @@ class RouterProcess:
         self.command = router_command(self.config, port=port, prometheus_port=prom)
         fd, self.log_path = tempfile.mkstemp(prefix="sglang-router-", suffix=".log")
         with os.fdopen(fd, "wb") as log:
-            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         self.url = f"http://{self.config.host}:{port}"
         self.client = EngineClient(self.url, api_key=self.config.api_key, timeout=10)
         self._wait(lambda: all(self._healthy(u) for u in self.config.worker_urls), "workers healthy")
@@ -157,8 +169,9 @@ class RouterProcess:
         worker = self._find(url_or_id)
         worker_id = worker["id"] if worker else url_or_id
         self.client.request("DELETE", f"/workers/{worker_id}")
-        self._wait(lambda: not any(w.get("id") == worker_id for w in self.workers()),
-                   f"worker {url_or_id} removed", timeout_s)
+        self._wait(
+            lambda: not any(w.get("id") == worker_id for w in self.workers()), f"worker {url_or_id} removed", timeout_s
+        )
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """SIGTERM the router's process group, SIGKILL it if still there after `timeout_s`."""
@@ -177,14 +190,14 @@ class RouterProcess:
 
     stop = shutdown
 
-    def endpoints(self, refresh_s: float = 5.0) -> "RolloutEndpoints":
+    def endpoints(self, refresh_s: float = 5.0) -> RolloutEndpoints:
         return RolloutEndpoints(self.url, api_key=self.config.api_key, refresh_s=refresh_s)
 
     def generate_fn(self):
         """The rollout manager's `GenerateFn` (payload → answer), R3-aware; picklable (Ray actor argument)."""
         return self.endpoints().generate
 
-    def __enter__(self) -> "RouterProcess":
+    def __enter__(self) -> RouterProcess:
         if self.proc is None:
             self.start()
         return self
@@ -201,8 +214,14 @@ class RolloutEndpoints:
     payload to `url_for(payload.get("return_routed_experts"))` — the rollout manager's `GenerateFn`.
     """
 
-    def __init__(self, router_url: str, api_key: str | None = None, refresh_s: float = 5.0,
-                 timeout: float = 600.0, engines_return_routing: bool = False) -> None:
+    def __init__(
+        self,
+        router_url: str,
+        api_key: str | None = None,
+        refresh_s: float = 5.0,
+        timeout: float = 600.0,
+        engines_return_routing: bool = False,
+    ) -> None:
         self.router_url, self.api_key = router_url.rstrip("/"), api_key
         self.engines_return_routing = engines_return_routing
         self.refresh_s, self.timeout = refresh_s, timeout
@@ -212,8 +231,9 @@ class RolloutEndpoints:
         self._next = 0
 
     def __getstate__(self) -> dict[str, Any]:  # picklable (sent to a Ray actor): the lock and cache stay behind
-        return {k: getattr(self, k) for k in ("router_url", "api_key", "refresh_s", "timeout",
-                                              "engines_return_routing")}
+        return {
+            k: getattr(self, k) for k in ("router_url", "api_key", "refresh_s", "timeout", "engines_return_routing")
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
@@ -231,8 +251,7 @@ class RolloutEndpoints:
         with self._lock:
             workers = self._worker_urls()
             if not workers:
-                raise RuntimeError(f"router {self.router_url} lists no healthy worker for a routed-experts "
-                                   "request")
+                raise RuntimeError(f"router {self.router_url} lists no healthy worker for a routed-experts request")
             url = workers[self._next % len(workers)]
             self._next += 1
             return url

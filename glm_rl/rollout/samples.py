@@ -9,11 +9,11 @@ import numpy as np
 
 @dataclass
 class Sample:
-    index: int                       # position in the rollout batch (groups are contiguous)
-    group: int                       # prompt index within the rollout batch
+    index: int  # position in the rollout batch (groups are contiguous)
+    group: int  # prompt index within the rollout batch
     prompt_ids: list[int]
-    response_ids: list[int]          # includes the stop token when the engine stopped on one
-    rollout_logprobs: list[float]    # engine's logprob of each response token
+    response_ids: list[int]  # includes the stop token when the engine stopped on one
+    rollout_logprobs: list[float]  # engine's logprob of each response token
     reward: float = 0.0
     advantage: float = 0.0
     finish_reason: str = "stop"
@@ -32,7 +32,7 @@ class Sample:
     trainer_routing: np.ndarray | None = None  # R2: the trainer's own choice in the old-logprob pass
     ref_logprobs: np.ndarray | None = None
     token_weights: np.ndarray | None = None  # TIS / MIS weights
-    token_mask: np.ndarray | None = None     # MIS may drop tokens from the loss
+    token_mask: np.ndarray | None = None  # MIS may drop tokens from the loss
 
     @property
     def tokens(self) -> list[int]:

@@ -47,7 +47,7 @@ def check_server_flags(cmd: list[str]) -> None:
 class SGLangServerConfig:
     model_path: str
     host: str = "127.0.0.1"
-    port: int = 30000                            # 0: a free port, chosen when the engine starts
+    port: int = 30000  # 0: a free port, chosen when the engine starts
     tp_size: int = 1
     ep_size: int = 1
     dp_size: int = 1
@@ -57,11 +57,11 @@ class SGLangServerConfig:
     base_gpu_id: int = 0
     random_seed: int | None = None
     api_key: str | None = None
-    enable_return_routed_experts: bool = False   # R3
-    enable_memory_saver: bool = False            # colocate: release / resume memory around training
-    quantization: str | None = None              # "fp8" for FP8 rollout checkpoints
+    enable_return_routed_experts: bool = False  # R3
+    enable_memory_saver: bool = False  # colocate: release / resume memory around training
+    quantization: str | None = None  # "fp8" for FP8 rollout checkpoints
     # MTP speculative decoding (EAGLE-style in SGLang)
-    speculative_num_steps: int = 0               # 0: off
+    speculative_num_steps: int = 0  # 0: off
     speculative_eagle_topk: int = 1
     speculative_num_draft_tokens: int = 2
     extra_args: tuple[tuple[str, str | None], ...] = field(default=())  # --sglang-<field> pass-through
@@ -69,18 +69,36 @@ class SGLangServerConfig:
 
 def build_command(cfg: SGLangServerConfig, python: str = sys.executable) -> list[str]:
     """The launch_server command, one flag per element pair; validated against the pinned SGLang."""
-    cmd = [python, "-m", "sglang.launch_server", "--model-path", cfg.model_path, "--host", cfg.host,
-           "--port", str(cfg.port), "--tp-size", str(cfg.tp_size), "--base-gpu-id", str(cfg.base_gpu_id),
-           "--trust-remote-code", "--skip-server-warmup"]
+    cmd = [
+        python,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        cfg.model_path,
+        "--host",
+        cfg.host,
+        "--port",
+        str(cfg.port),
+        "--tp-size",
+        str(cfg.tp_size),
+        "--base-gpu-id",
+        str(cfg.base_gpu_id),
+        "--trust-remote-code",
+        "--skip-server-warmup",
+    ]
     if cfg.ep_size > 1:
         cmd += ["--ep-size", str(cfg.ep_size)]
     if cfg.dp_size > 1:
         cmd += ["--dp-size", str(cfg.dp_size)]
     if cfg.enable_dp_attention:
         cmd += ["--enable-dp-attention"]
-    for flag, value in (("--mem-fraction-static", cfg.mem_fraction_static), ("--context-length", cfg.context_length),
-                        ("--random-seed", cfg.random_seed), ("--api-key", cfg.api_key),
-                        ("--quantization", cfg.quantization)):
+    for flag, value in (
+        ("--mem-fraction-static", cfg.mem_fraction_static),
+        ("--context-length", cfg.context_length),
+        ("--random-seed", cfg.random_seed),
+        ("--api-key", cfg.api_key),
+        ("--quantization", cfg.quantization),
+    ):
         if value is not None:
             cmd += [flag, str(value)]
     if cfg.enable_return_routed_experts:
@@ -88,10 +106,17 @@ def build_command(cfg: SGLangServerConfig, python: str = sys.executable) -> list
     if cfg.enable_memory_saver:
         cmd += ["--enable-memory-saver"]
     if cfg.speculative_num_steps > 0:
-        cmd += ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", str(cfg.speculative_num_steps),
-                "--speculative-eagle-topk", str(cfg.speculative_eagle_topk),
-                "--speculative-num-draft-tokens", str(cfg.speculative_num_draft_tokens),
-                "--enable-weights-cpu-backup"]
+        cmd += [
+            "--speculative-algorithm",
+            "EAGLE",
+            "--speculative-num-steps",
+            str(cfg.speculative_num_steps),
+            "--speculative-eagle-topk",
+            str(cfg.speculative_eagle_topk),
+            "--speculative-num-draft-tokens",
+            str(cfg.speculative_num_draft_tokens),
+            "--enable-weights-cpu-backup",
+        ]
     for name, value in cfg.extra_args:
         cmd += [f"--{name}"] + ([] if value is None else [value])
     check_server_flags(cmd[3:])

@@ -58,20 +58,21 @@ def pack_micro_batches(samples: list[Sample], max_tokens: int) -> list[list[Samp
 @dataclass
 class MicroBatch:
     samples: list[Sample]
-    input_ids: torch.Tensor        # (B, T) tokens[:-1], right-padded
-    targets: torch.Tensor          # (B, T) tokens[1:]
-    valid: torch.Tensor            # (B, T) bool, real positions
-    loss_mask: torch.Tensor        # (B, T) float, positions whose target is a generated response token
-    rollout_logp: torch.Tensor     # (B, T) engine's logprobs on response targets, 0 elsewhere
-    advantages: torch.Tensor       # (B, T) sample advantage on response targets
+    input_ids: torch.Tensor  # (B, T) tokens[:-1], right-padded
+    targets: torch.Tensor  # (B, T) tokens[1:]
+    valid: torch.Tensor  # (B, T) bool, real positions
+    loss_mask: torch.Tensor  # (B, T) float, positions whose target is a generated response token
+    rollout_logp: torch.Tensor  # (B, T) engine's logprobs on response targets, 0 elsewhere
+    advantages: torch.Tensor  # (B, T) sample advantage on response targets
     routed_experts: torch.Tensor | None  # (B, T, n_moe, k) the routing to replay (R3 / R2), or None
-    extra: dict[str, torch.Tensor]       # (B, T) old_logprobs / ref_logprobs / token_weights when set
+    extra: dict[str, torch.Tensor]  # (B, T) old_logprobs / ref_logprobs / token_weights when set
 
     def per_sample(self, x: torch.Tensor) -> list[np.ndarray]:
         """Split a (B, T) tensor back into each sample's response-target values (one per response token,
         masked observation tokens included)."""
-        return [x[i, len(s.prompt_ids) - 1:s.num_positions].detach().cpu().numpy()
-                for i, s in enumerate(self.samples)]
+        return [
+            x[i, len(s.prompt_ids) - 1 : s.num_positions].detach().cpu().numpy() for i, s in enumerate(self.samples)
+        ]
 
 
 def response_loss_mask(s: Sample) -> np.ndarray:
@@ -100,9 +101,9 @@ def collate(samples: list[Sample], pad_id: int, routing: RoutingSource | None = 
         tokens = torch.tensor(s.tokens)
         n, p = s.num_positions, len(s.prompt_ids)
         input_ids[i, :n], targets[i, :n], valid[i, :n] = tokens[:-1], tokens[1:], True
-        loss_mask[i, p - 1:n] = torch.from_numpy(response_loss_mask(s))
-        rollout_logp[i, p - 1:n] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
-        advantages[i, p - 1:n] = s.advantage
+        loss_mask[i, p - 1 : n] = torch.from_numpy(response_loss_mask(s))
+        rollout_logp[i, p - 1 : n] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
+        advantages[i, p - 1 : n] = s.advantage
         if routing:
             chosen = routing(s)
             if chosen is None or chosen.shape[0] != n:
@@ -118,7 +119,7 @@ def collate(samples: list[Sample], pad_id: int, routing: RoutingSource | None = 
             extra[name] = torch.zeros((B, T))
             for i, s in enumerate(samples):
                 p = len(s.prompt_ids)
-                extra[name][i, p - 1:s.num_positions] = torch.tensor(np.asarray(getattr(s, name), dtype=np.float32))
+                extra[name][i, p - 1 : s.num_positions] = torch.tensor(np.asarray(getattr(s, name), dtype=np.float32))
     if "token_mask" in extra:
         loss_mask = loss_mask * extra.pop("token_mask")
     return MicroBatch(samples, input_ids, targets, valid, loss_mask, rollout_logp, advantages, routed, extra)

@@ -22,12 +22,11 @@ Mode = Literal["off", "record", "replay"]
 class RoutingReplay:
     def __init__(self, model) -> None:
         cfg = model.config
-        self.routers = [layer.mlp.gate for i, layer in enumerate(model.model.layers)
-                        if i >= cfg.first_k_dense_replace]
+        self.routers = [layer.mlp.gate for i, layer in enumerate(model.model.layers) if i >= cfg.first_k_dense_replace]
         self.top_k = cfg.num_experts_per_tok
         self.mode: Mode = "off"
-        self._forced: torch.Tensor | None = None   # (B, T, n_moe, k)
-        self._valid: torch.Tensor | None = None    # (B, T) bool
+        self._forced: torch.Tensor | None = None  # (B, T, n_moe, k)
+        self._valid: torch.Tensor | None = None  # (B, T) bool
         self._recorded: list[torch.Tensor | None] = [None] * len(self.routers)
         self.agree = 0
         self.total = 0
@@ -45,8 +44,9 @@ class RoutingReplay:
 
     def replay(self, forced: torch.Tensor, valid: torch.Tensor) -> None:
         if forced.shape[2:] != (len(self.routers), self.top_k):
-            raise ValueError(f"routing to replay has shape {tuple(forced.shape)}, expected "
-                             f"(B, T, {len(self.routers)}, {self.top_k})")
+            raise ValueError(
+                f"routing to replay has shape {tuple(forced.shape)}, expected (B, T, {len(self.routers)}, {self.top_k})"
+            )
         self.mode, self._forced, self._valid = "replay", forced, valid
 
     def off(self) -> None:

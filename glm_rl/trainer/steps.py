@@ -56,7 +56,7 @@ def _padded(rows: list, width: int) -> torch.Tensor:
     """(len(rows), width): each row's per-response-token values, zero-padded on the right."""
     out = torch.zeros((len(rows), width))
     for i, values in enumerate(rows):
-        out[i, :len(values)] = torch.tensor(np.asarray(values, dtype=np.float32))
+        out[i, : len(values)] = torch.tensor(np.asarray(values, dtype=np.float32))
     return out
 
 
@@ -68,12 +68,19 @@ def corrections(samples: list[Sample], a: AlgoConfig) -> dict[str, float]:
     rollout = _padded([s.rollout_logprobs for s in samples], width)  # (B, T)
     mask = torch.zeros_like(old)
     for i, s in enumerate(samples):
-        mask[i, :len(s.response_ids)] = torch.from_numpy(response_loss_mask(s))
+        mask[i, : len(s.response_ids)] = torch.from_numpy(response_loss_mask(s))
     metrics = mismatch_metrics(old, rollout, mask)
     weights = None
     if a.enable_mis:
-        weights, mask, m = mis_weights(old, rollout, mask, truncate=a.mis_truncate, mask_low=a.mis_mask_low,
-                                       mask_high=a.mis_mask_high, veto_threshold=a.mis_veto_threshold)
+        weights, mask, m = mis_weights(
+            old,
+            rollout,
+            mask,
+            truncate=a.mis_truncate,
+            mask_low=a.mis_mask_low,
+            mask_high=a.mis_mask_high,
+            veto_threshold=a.mis_veto_threshold,
+        )
         metrics |= m
     elif a.use_tis:
         weights, m = tis_weights(old, rollout, mask, clip=a.tis_clip, clip_low=a.tis_clip_low)
@@ -92,7 +99,7 @@ def train(samples: list[Sample], train_cfg: TrainConfig, trainers) -> dict[str, 
     tokens_total = 0.0
     grad_norms = []
     for start in range(0, len(samples), gbs):
-        batch = samples[start:start + gbs]
+        batch = samples[start : start + gbs]
         global_tokens = float(sum(s.token_mask.sum() for s in batch))
         if global_tokens == 0:  # e.g. MIS vetoed every sequence: skip the optimizer step
             continue

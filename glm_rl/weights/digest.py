@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import torch
 
-_PHI = -7046029254386353131       # 0x9E3779B97F4A7C15 as int64: the index stride
-_LANES = ((-4658895280553007687, -7723592293110705685, 30, 27, 31),   # 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
-          (-49064778989728563, -4265267296055464877, 33, 29, 32))     # 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53
-_CHUNK = 1 << 26                  # words per pass: bounds the int64 temporaries to 512 MiB per lane
+_PHI = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64: the index stride
+_LANES = (
+    (-4658895280553007687, -7723592293110705685, 30, 27, 31),  # 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+    (-49064778989728563, -4265267296055464877, 33, 29, 32),
+)  # 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53
+_CHUNK = 1 << 26  # words per pass: bounds the int64 temporaries to 512 MiB per lane
 
 
 def _mix(x: torch.Tensor, m1: int, m2: int, s1: int, s2: int, s3: int) -> torch.Tensor:
@@ -46,7 +48,7 @@ def tensor_digest(t: torch.Tensor) -> str:
     words = _words(t)
     sums = [0, 0]
     for start in range(0, words.numel(), _CHUNK):
-        w = words[start:start + _CHUNK]
+        w = words[start : start + _CHUNK]
         idx = torch.arange(start, start + w.numel(), device=w.device, dtype=torch.int64)
         x = w + idx * _PHI
         for lane, consts in enumerate(_LANES):

@@ -40,8 +40,7 @@ def plan_layout(named: list[tuple[str, torch.Tensor]]) -> tuple[list[FlatEntry],
 
 def views(flat: torch.Tensor, entries: list[FlatEntry]) -> list[tuple[str, torch.Tensor]]:
     """(name, view) for each entry of a uint8 buffer laid out by `plan_layout`."""
-    return [(e.name, flat[e.offset:e.offset + e.nbytes].view(getattr(torch, e.dtype)).view(e.shape))
-            for e in entries]
+    return [(e.name, flat[e.offset : e.offset + e.nbytes].view(getattr(torch, e.dtype)).view(e.shape)) for e in entries]
 
 
 def flatten_module_(module: torch.nn.Module) -> tuple[torch.Tensor, list[FlatEntry]]:

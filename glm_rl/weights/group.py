@@ -37,8 +37,16 @@ class WeightGroup:
         return tensor
 
 
-def create_weight_group(master_address: str, master_port: int, *, rank: int, world_size: int, group_name: str,
-                        backend: str = "gloo", timeout_s: float = 600.0) -> WeightGroup:
+def create_weight_group(
+    master_address: str,
+    master_port: int,
+    *,
+    rank: int,
+    world_size: int,
+    group_name: str,
+    backend: str = "gloo",
+    timeout_s: float = 600.0,
+) -> WeightGroup:
     """Join (rank 0: host) the group `group_name`; blocks until all `world_size` ranks have joined.
 
     Rank 0 hosts the TCPStore at master_address:master_port. The default process group is never used, so a
@@ -49,8 +57,9 @@ def create_weight_group(master_address: str, master_port: int, *, rank: int, wor
     if not 0 <= rank < world_size:
         raise ValueError(f"create_weight_group: rank {rank} outside world_size {world_size}")
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(master_address, int(master_port), world_size, is_master=(rank == 0), timeout=timeout,
-                          wait_for_workers=False)
+    store = dist.TCPStore(
+        master_address, int(master_port), world_size, is_master=(rank == 0), timeout=timeout, wait_for_workers=False
+    )
     prefixed = dist.PrefixStore(f"glm_rl_weights/{group_name}", store)
     opts = dist.ProcessGroupGloo._Options()
     opts._timeout = timeout

@@ -10,8 +10,9 @@ from glm_rl.weights.p2p import P2PTransport
 from glm_rl.weights.transports import BroadcastTransport, TensorTransport, WeightTransport
 
 
-def make_transport(mode: str, engine_urls: list[str], api_key: str | None, bucket_bytes: int,
-                   fp8: bool = False) -> WeightTransport:
+def make_transport(
+    mode: str, engine_urls: list[str], api_key: str | None, bucket_bytes: int, fp8: bool = False
+) -> WeightTransport:
     match mode:
         case "tensor":
             return TensorTransport(engine_urls, api_key, bucket_bytes, fp8=fp8)

@@ -31,14 +31,26 @@ from __future__ import annotations
 import itertools
 import math
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 Box = tuple[tuple[int, int], ...]
 SplitFn = Callable[[str, tuple[int, ...]], "int | None"]
 
-ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
-            "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+ITEMSIZE = {
+    "float64": 8,
+    "float32": 4,
+    "bfloat16": 2,
+    "float16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+}
 
 
 class PlanError(ValueError):
@@ -83,9 +95,9 @@ class Transfer:
     engine: int
     engine_rank: int
     name: str
-    box: Box          # in full-tensor coordinates
+    box: Box  # in full-tensor coordinates
     nbytes: int
-    dst_offset: int   # into the (engine, engine_rank) receive buffer
+    dst_offset: int  # into the (engine, engine_rank) receive buffer
 
 
 @dataclass(frozen=True)
@@ -93,7 +105,7 @@ class Plan:
     tensors: dict[str, TensorMeta]
     transfers: tuple[Transfer, ...]
     buffer_bytes: dict[tuple[int, int], int]  # (engine, engine_rank) -> receive buffer size
-    sources: tuple[int, ...]                  # every source rank of the layout, used or not
+    sources: tuple[int, ...]  # every source rank of the layout, used or not
 
     def for_source(self, rank: int) -> list[Transfer]:
         return [t for t in self.transfers if t.source == rank]
@@ -146,7 +158,7 @@ def split_box(meta: TensorMeta, dim: int | None, index: int, count: int) -> Box:
     if size % count:
         raise PlanError(f"tensor {meta.name!r}: dim {dim} of size {size} does not split into {count} equal parts")
     step = size // count
-    return box[:dim] + ((index * step, (index + 1) * step),) + box[dim + 1:]
+    return box[:dim] + ((index * step, (index + 1) * step),) + box[dim + 1 :]
 
 
 def _cells(need: Box, holders: list[Box]) -> Iterable[Box]:
@@ -168,13 +180,19 @@ def _chunks(box: Box, itemsize: int, chunk_bytes: int | None) -> list[Box]:
         if hi - lo > 1:
             per_row = nbytes // (hi - lo)
             rows = max(1, chunk_bytes // max(per_row, 1))
-            return [box[:d] + ((a, min(a + rows, hi)),) + box[d + 1:] for a in range(lo, hi, rows)]
+            return [box[:d] + ((a, min(a + rows, hi)),) + box[d + 1 :] for a in range(lo, hi, rows)]
     return [box]
 
 
 # -- the plan ---------------------------------------------------------------------------------------------
-def build_plan(tensors: Sequence[TensorMeta], sources: Sequence[SourceShard], engines: Sequence[EngineLayout], *,
-               chunk_bytes: int | None = None, align: int = 64) -> Plan:
+def build_plan(
+    tensors: Sequence[TensorMeta],
+    sources: Sequence[SourceShard],
+    engines: Sequence[EngineLayout],
+    *,
+    chunk_bytes: int | None = None,
+    align: int = 64,
+) -> Plan:
     """Transfers that deliver every engine rank's share of every tensor exactly once (see module docstring)."""
     metas = {m.name: m for m in tensors}
     held: dict[str, list[tuple[int, Box]]] = defaultdict(list)
@@ -196,8 +214,9 @@ def build_plan(tensors: Sequence[TensorMeta], sources: Sequence[SourceShard], en
                 for cell in _cells(need, holders):
                     cands = sorted({rank for rank, b in held[meta.name] if box_contains(b, cell)})
                     if not cands:
-                        raise PlanError(f"tensor {meta.name!r}: no source rank holds {cell} (needed by engine "
-                                        f"{e.engine} rank {r})")
+                        raise PlanError(
+                            f"tensor {meta.name!r}: no source rank holds {cell} (needed by engine {e.engine} rank {r})"
+                        )
                     for piece in _chunks(cell, meta.itemsize, chunk_bytes):
                         pieces.append((box_numel(piece) * meta.itemsize, e.engine, r, meta.name, piece, cands))
 
@@ -229,8 +248,9 @@ def layer_of(name: str) -> int | None:
     return int(parts[2]) if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() else None
 
 
-def megatron_sources(tensors: Sequence[TensorMeta], *, world: int, tp: int, pp: int, ep: int, num_layers: int,
-                     split: SplitFn) -> list[SourceShard]:
+def megatron_sources(
+    tensors: Sequence[TensorMeta], *, world: int, tp: int, pp: int, ep: int, num_layers: int, split: SplitFn
+) -> list[SourceShard]:
     """A simple model of Megatron's layout: rank = stage * (world // pp) + i; layers are cut into `pp` equal
     stages (embeddings on the first, final norm + LM head on the last); inside a stage, expert tensors are
     split over `ep` ranks along dim 0 (i % ep) and repeated over world // pp // ep expert-DP replicas, other

@@ -107,9 +107,17 @@ def _reference(t: torch.Tensor) -> dict[str, Any]:
         storage = t._typed_storage()
         dev, handle, size, off, rc_handle, rc_off, ev_handle, ev_sync = storage._share_cuda_()
         reductions.shared_cache[handle] = reductions.StorageWeakRef(storage)
-        return {"kind": "cuda_ipc", "device": dev, "handle": _b64(handle), "nbytes": size, "storage_offset": off,
-                "ref_counter_handle": _b64(rc_handle), "ref_counter_offset": rc_off,
-                "event_handle": _b64(ev_handle), "event_sync_required": bool(ev_sync)}
+        return {
+            "kind": "cuda_ipc",
+            "device": dev,
+            "handle": _b64(handle),
+            "nbytes": size,
+            "storage_offset": off,
+            "ref_counter_handle": _b64(rc_handle),
+            "ref_counter_offset": rc_off,
+            "event_handle": _b64(ev_handle),
+            "event_sync_required": bool(ev_sync),
+        }
     manager, handle, size = t.untyped_storage()._share_filename_cpu_()
     return {"kind": "shm", "manager": manager.decode(), "handle": handle.decode(), "nbytes": size}
 
@@ -135,8 +143,16 @@ def _encode(named: Iterable[tuple[str, torch.Tensor]], by_reference: bool, **ext
             else:
                 index, offset, stride = len(buffers), 0, list(t.contiguous().stride())
                 buffers.append(_inline(t))
-            tensors.append({"name": str(name), "buffer": index, "dtype": str(t.dtype).removeprefix("torch."),
-                            "shape": list(t.shape), "stride": stride, "offset": offset})
+            tensors.append(
+                {
+                    "name": str(name),
+                    "buffer": index,
+                    "dtype": str(t.dtype).removeprefix("torch."),
+                    "shape": list(t.shape),
+                    "stride": stride,
+                    "offset": offset,
+                }
+            )
     return json.dumps({"format": FORMAT, "buffers": buffers, "tensors": tensors, **extra}, separators=(",", ":"))
 
 
@@ -173,8 +189,12 @@ def _open_shm(b: dict, where: str) -> torch.UntypedStorage:
     manager, handle, nbytes = b.get("manager"), b.get("handle"), _nat(b.get("nbytes"), f"{where}.nbytes")
     if not isinstance(handle, str) or not _SHM_HANDLE.fullmatch(handle):
         raise WeightError(f"{where}.handle: expected a torch shared-memory name /torch_<pid>_<n>_<n>, got {handle!r}")
-    if not (isinstance(manager, str) and os.path.isabs(manager) and os.path.basename(manager) == "manager.sock"
-            and stat.S_ISSOCK(os.stat(manager).st_mode if os.path.exists(manager) else 0)):
+    if not (
+        isinstance(manager, str)
+        and os.path.isabs(manager)
+        and os.path.basename(manager) == "manager.sock"
+        and stat.S_ISSOCK(os.stat(manager).st_mode if os.path.exists(manager) else 0)
+    ):
         raise WeightError(f"{where}.manager: expected the path of torch's shm manager socket, got {manager!r}")
     path = "/dev/shm" + handle  # Linux: a named segment is this file; check it holds nbytes (else SIGBUS later)
     if os.path.isdir("/dev/shm") and (not os.path.isfile(path) or os.stat(path).st_size < nbytes):
@@ -196,8 +216,10 @@ def _open_buffer(b: Any, where: str, trusted: bool) -> Any:
     if kind not in ("shm", "cuda_ipc"):
         raise WeightError(f"{where}.kind: expected 'inline', 'shm' or 'cuda_ipc', got {kind!r}")
     if not trusted:
-        raise WeightError(f"{where}: {kind} buffers are opened only for an authenticated caller (start the "
-                          f"engine with an API key, or send inline buffers)")
+        raise WeightError(
+            f"{where}: {kind} buffers are opened only for an authenticated caller (start the "
+            f"engine with an API key, or send inline buffers)"
+        )
     if kind == "shm":
         return _open_shm(b, where)
     return _open_cuda(b, where)
@@ -208,8 +230,10 @@ def _open_cuda(b: dict, where: str) -> torch.UntypedStorage:
     device, nbytes = _nat(b.get("device"), f"{where}.device"), _nat(b.get("nbytes"), f"{where}.nbytes")
     handle = _unb64(b.get("handle"), f"{where}.handle")
     offset = _nat(b.get("storage_offset"), f"{where}.storage_offset")
-    counter = (_unb64(b.get("ref_counter_handle"), f"{where}.ref_counter_handle"),
-               _nat(b.get("ref_counter_offset"), f"{where}.ref_counter_offset"))
+    counter = (
+        _unb64(b.get("ref_counter_handle"), f"{where}.ref_counter_handle"),
+        _nat(b.get("ref_counter_offset"), f"{where}.ref_counter_offset"),
+    )
     event = None if b.get("event_handle") is None else _unb64(b["event_handle"], f"{where}.event_handle")
     try:
         storage = reductions.storage_from_cache(torch.UntypedStorage, (handle, offset))
@@ -217,8 +241,9 @@ def _open_cuda(b: dict, where: str) -> torch.UntypedStorage:
             torch.UntypedStorage._release_ipc_counter_cuda(*counter)
             return storage
         torch.cuda._lazy_init()
-        storage = torch.UntypedStorage._new_shared_cuda(device, handle, nbytes, offset, *counter, event,
-                                                        bool(b.get("event_sync_required")))
+        storage = torch.UntypedStorage._new_shared_cuda(
+            device, handle, nbytes, offset, *counter, event, bool(b.get("event_sync_required"))
+        )
     except RuntimeError as e:
         raise WeightError(f"{where}: cannot open the CUDA IPC handle ({e})") from None
     reductions.shared_cache[(handle, offset)] = reductions.StorageWeakRef(storage)
@@ -248,8 +273,9 @@ def _view(spec: Any, buffers: list, where: str) -> tuple[str, torch.Tensor]:
     for d in shape:
         numel *= d
     if numel and (end * dtype.itemsize > nbytes or numel * dtype.itemsize > nbytes):
-        raise WeightError(f"{where} {spec['name']!r}: {dtype} {shape} at offset {offset} overruns its "
-                          f"{nbytes}-byte buffer")
+        raise WeightError(
+            f"{where} {spec['name']!r}: {dtype} {shape} at offset {offset} overruns its {nbytes}-byte buffer"
+        )
     view = torch.empty(0, dtype=dtype, device=buf.device).set_(buf, offset if numel else 0, shape, stride)
     return spec["name"], view
 
@@ -299,10 +325,18 @@ def serialize_flattened(flat: torch.Tensor, layout: list[list]) -> str:
     return _serialize({"flattened_tensor": flat, "metadata": layout})
 
 
-_REBUILDERS = {("torch.multiprocessing.reductions", n) for n in (
-    "rebuild_tensor", "rebuild_typed_storage", "rebuild_storage_filename", "rebuild_cuda_tensor")}
-_CLASSES = {("torch", "Tensor"), ("torch", "Size"), ("torch.storage", "UntypedStorage"),
-            ("torch.storage", "TypedStorage"), ("torch", "UntypedStorage"), ("torch.nn.parameter", "Parameter")}
+_REBUILDERS = {
+    ("torch.multiprocessing.reductions", n)
+    for n in ("rebuild_tensor", "rebuild_typed_storage", "rebuild_storage_filename", "rebuild_cuda_tensor")
+}
+_CLASSES = {
+    ("torch", "Tensor"),
+    ("torch", "Size"),
+    ("torch.storage", "UntypedStorage"),
+    ("torch.storage", "TypedStorage"),
+    ("torch", "UntypedStorage"),
+    ("torch.nn.parameter", "Parameter"),
+}
 
 
 class _TensorUnpickler(pickle.Unpickler):
@@ -311,7 +345,8 @@ class _TensorUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _REBUILDERS | _CLASSES or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not a tensor-rebuild function")
 
@@ -328,8 +363,8 @@ def deserialize_named_tensors(payload: str) -> Named:
     except Exception as e:  # noqa: BLE001 - any decoding failure is the caller's bad input
         raise WeightError(f"serialized_named_tensors: cannot decode ({type(e).__name__}: {e})") from e
     if not isinstance(items, list) or not all(
-            isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], torch.Tensor)
-            for x in items):
+        isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], torch.Tensor) for x in items
+    ):
         raise WeightError("serialized_named_tensors: expected a pickled list of (name, tensor) pairs")
     return items
 
@@ -353,8 +388,10 @@ def _check_form(payload: Any, trusted: bool) -> bool:
     if payload.lstrip().startswith("{"):
         return True
     if not trusted:
-        raise WeightError(f"serialized_named_tensors: pickled payloads are accepted only with the engine's API "
-                          f"key; send {FORMAT} (JSON)")
+        raise WeightError(
+            f"serialized_named_tensors: pickled payloads are accepted only with the engine's API "
+            f"key; send {FORMAT} (JSON)"
+        )
     return False
 
 
@@ -385,10 +422,14 @@ def _flat_and_entries(flat: Any, layout: Any) -> tuple[torch.Tensor, list[FlatEn
             dtype = getattr(torch, e.dtype, None)
             if not isinstance(dtype, torch.dtype):
                 raise ValueError(f"entry {e.name!r}: unknown dtype {e.dtype!r}")
-            if e.offset < 0 or min(e.shape, default=0) < 0 or \
-                    e.offset + math.prod(e.shape) * dtype.itemsize > flat.numel():
-                raise ValueError(f"entry {e.name!r} ({e.dtype} {list(e.shape)} at {e.offset}) outside the "
-                                 f"{flat.numel()}-byte buffer")
+            if (
+                e.offset < 0
+                or min(e.shape, default=0) < 0
+                or e.offset + math.prod(e.shape) * dtype.itemsize > flat.numel()
+            ):
+                raise ValueError(
+                    f"entry {e.name!r} ({e.dtype} {list(e.shape)} at {e.offset}) outside the {flat.numel()}-byte buffer"
+                )
     except (TypeError, ValueError) as e:
         raise WeightError(f"metadata: bad flattened layout ({e})") from None
     return flat, entries

@@ -21,8 +21,11 @@ def _names_node(args: list[str], temp_dir: str, gcs_port: str) -> bool:
     if any(dir_pattern.search(arg) for arg in args):
         return True
     # the head's Ray client server names neither the temp dir nor a session dir, only the GCS address
-    return bool(gcs_port) and "ray.util.client.server" in args and any(
-        arg.startswith("--address=") and arg.endswith(":" + gcs_port) for arg in args)
+    return (
+        bool(gcs_port)
+        and "ray.util.client.server" in args
+        and any(arg.startswith("--address=") and arg.endswith(":" + gcs_port) for arg in args)
+    )
 
 
 def node_processes(temp_dir: str, gcs_port: str) -> list[psutil.Process]:

@@ -26,9 +26,18 @@ from glm_rl.engine.decode.static_speculative import run_static_speculative
 
 
 @torch.no_grad()
-def run_batch(model, requests: list[GenerationRequest], *, eos_ids: Iterable[int], pad_id: int,
-              gates: list[torch.nn.Module], should_abort: Callable[[], bool], decoder: StaticDecoder | None = None,
-              mtp=None, num_steps: int = 1) -> list[Row]:
+def run_batch(
+    model,
+    requests: list[GenerationRequest],
+    *,
+    eos_ids: Iterable[int],
+    pad_id: int,
+    gates: list[torch.nn.Module],
+    should_abort: Callable[[], bool],
+    decoder: StaticDecoder | None = None,
+    mtp=None,
+    num_steps: int = 1,
+) -> list[Row]:
     """Generate for every request in one batch; rows come back finished (stop / length / abort). With a
     `StaticDecoder` the batch runs over its preallocated cache, else over DynamicCaches; with `mtp` (HF's
     MtpModel) through MTP speculative decoding, `num_steps` drafts per verify forward (rows are `SpecRow`s, and
@@ -42,11 +51,13 @@ def run_batch(model, requests: list[GenerationRequest], *, eos_ids: Iterable[int
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if decoder is not None and decoder.mtp is not mtp:
-        raise ValueError("run_batch: the StaticDecoder must be built with this MTP module "
-                         "(StaticDecoder(model, ..., mtp=mtp))")
+        raise ValueError(
+            "run_batch: the StaticDecoder must be built with this MTP module (StaticDecoder(model, ..., mtp=mtp))"
+        )
     if decoder is not None and len(requests) > decoder.max_batch:
-        raise ValueError(f"run_batch: {len(requests)} requests exceed the StaticDecoder's "
-                         f"max_batch={decoder.max_batch}")
+        raise ValueError(
+            f"run_batch: {len(requests)} requests exceed the StaticDecoder's max_batch={decoder.max_batch}"
+        )
     rows = new_rows(model, requests, eos_ids, SpecRow)
     if decoder is not None:
         return run_static_speculative(decoder, rows, num_steps=num_steps, **common)

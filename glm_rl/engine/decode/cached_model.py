@@ -32,10 +32,10 @@ class CachedModel:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.groups = cfg.num_attention_heads // cfg.num_key_value_heads
         self.device, self.dtype = model.device, model.dtype
-        self.capacity = 0                                   # slots per cache row
+        self.capacity = 0  # slots per cache row
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
-        self.mtp_k: list[torch.Tensor] = []                 # the MTP layer's cache (with `mtp`), same shape
+        self.mtp_k: list[torch.Tensor] = []  # the MTP layer's cache (with `mtp`), same shape
         self.mtp_v: list[torch.Tensor] = []
 
     # -- cache -------------------------------------------------------------------------------------------------
@@ -56,11 +56,20 @@ class CachedModel:
             return
         index = torch.tensor(keep, device=self.device)
         for cache in (*self.k, *self.v, *self.mtp_k, *self.mtp_v):
-            cache[:len(keep), :, :span] = cache[index, :, :span]
+            cache[: len(keep), :, :span] = cache[index, :, :span]
 
     # -- the model, written out around the cache --------------------------------------------------------------
-    def _attention(self, cache: tuple[torch.Tensor, torch.Tensor], attn, x: torch.Tensor, cos, sin,
-                   slots: torch.Tensor, mask: torch.Tensor, span: int) -> torch.Tensor:
+    def _attention(
+        self,
+        cache: tuple[torch.Tensor, torch.Tensor],
+        attn,
+        x: torch.Tensor,
+        cos,
+        sin,
+        slots: torch.Tensor,
+        mask: torch.Tensor,
+        span: int,
+    ) -> torch.Tensor:
         """Attention of x [B, S, H] whose keys go to cache slots `slots` [B, S], over the first `span` slots."""
         B, S, _ = x.shape
         shape = (B, S, -1, self.head_dim)
@@ -75,8 +84,9 @@ class CachedModel:
         keys, values = k_cache[:B, :, :span], v_cache[:B, :, :span]
         # GQA without copying the cache: the query heads of one KV head become extra query rows
         q = q.reshape(B, self.kv_heads, self.groups * S, self.head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.repeat(1, 1, self.groups, 1),
-                                             scale=attn.scaling)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask.repeat(1, 1, self.groups, 1), scale=attn.scaling
+        )
         # reshape, not view: the attention kernel chosen (it differs under graph capture) sets out's strides
         out = out.reshape(B, self.kv_heads * self.groups, S, self.head_dim).transpose(1, 2).reshape(B, S, -1)
         return attn.o_proj(out)
@@ -88,13 +98,14 @@ class CachedModel:
         if not hasattr(layer.mlp, "experts"):
             return x + layer.mlp(h)
         moe, flat = layer.mlp, h.reshape(-1, h.shape[-1])
-        _, weights, experts = moe.gate(flat)                  # HF's router: sigmoid, bias, groups, scaling
+        _, weights, experts = moe.gate(flat)  # HF's router: sigmoid, bias, groups, scaling
         if routed is not None:
             routed.append(experts.reshape(*h.shape[:2], -1))
         return x + moe.experts(flat, experts, weights).view_as(h) + moe.shared_experts(h)
 
-    def body(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
-             span: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def body(
+        self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, span: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(final-normed hidden states [B, S, H], routed experts [B, S, n_moe, top_k] or None)."""
         body = self.model.model
         x = body.embed_tokens(ids)
@@ -104,8 +115,9 @@ class CachedModel:
             x = self._layer((self.k[i], self.v[i]), layer, x, cos, sin, pos, mask, span, routed)  # slot == position
         return body.norm(x), (torch.stack(routed, dim=2) if routed else None)
 
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, last: torch.Tensor,
-                span: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, last: torch.Tensor, span: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits [B, V] at column `last` of each row, routed experts [B, S, n_moe, top_k] or None)."""
         hidden, routed = self.body(ids, pos, mask, span)
         return self.model.lm_head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]), routed
@@ -115,8 +127,9 @@ class CachedModel:
         mask = (torch.arange(span, device=pos.device) <= pos)[:, None, None, :]  # [B, 1, 1, span]
         return self.forward(ids, pos, mask, torch.zeros_like(pos[:, 0]), span)
 
-    def sampled_step(self, ids: torch.Tensor, pos: torch.Tensor, bits: torch.Tensor, span: int, decode,
-                     sampling: SamplingParams):
+    def sampled_step(
+        self, ids: torch.Tensor, pos: torch.Tensor, bits: torch.Tensor, span: int, decode, sampling: SamplingParams
+    ):
         logits, routed = decode(ids, pos, span)
         tokens, logps = sample_tokens(logits, sampling, bits_to_uniform(bits))
         return tokens, logps, routed
@@ -130,10 +143,10 @@ class CachedModel:
         """`verify_greedy`'s step: the verify, the acceptance of greedy drafts and the next draft on the device."""
         logits, hidden, routed = self.verify_step(ids, pos, span)
         logits = logits.float()
-        best = logits.argmax(dim=-1)                                              # [B, 2]
+        best = logits.argmax(dim=-1)  # [B, 2]
         logp = torch.log_softmax(logits, dim=-1).gather(-1, best[..., None]).squeeze(-1)
-        mtp_logits, _ = self.mtp_step(best, pos + 1, hidden, span)               # pairs (h_t, argmax at t)
-        kept = (ids[:, 1] == best[:, 0]).long()                                   # 1 if the draft was right
+        mtp_logits, _ = self.mtp_step(best, pos + 1, hidden, span)  # pairs (h_t, argmax at t)
+        kept = (ids[:, 1] == best[:, 0]).long()  # 1 if the draft was right
         rows = torch.arange(ids.shape[0], device=ids.device)
         draft = mtp_logits[rows, kept].argmax(dim=-1)
         # the next step: [the last emitted token, the new draft] from start + kept + 1, clamped into the cache
@@ -153,8 +166,9 @@ class CachedModel:
         cos, sin = mtp.rotary_emb(embeds, pos)
         slots = pos - 1
         mask = (torch.arange(span, device=pos.device) <= slots[..., None])[:, None]  # [B, 1, S, span]
-        out = self._layer((self.mtp_k[0], self.mtp_v[0]), layer.mtp_block, layer.eh_proj(x), cos, sin, slots,
-                          mask, span, None)
+        out = self._layer(
+            (self.mtp_k[0], self.mtp_v[0]), layer.mtp_block, layer.eh_proj(x), cos, sin, slots, mask, span, None
+        )
         if layer.use_post_norm:
             out = layer.post_norm(out)
         if mtp.use_shared_post_norm:

@@ -25,21 +25,29 @@ def prefill_logits(model, rows: list[Row], pad_id: int, cache: DynamicCache, cap
     ids = torch.tensor([[pad_id] * (width - n) + list(r.req.input_ids) for r, n in zip(rows, lengths)], device=dev)
     mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], device=dev)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     if capture is not None:
         routed = capture.pop()
         for b, (row, n) in enumerate(zip(rows, lengths)):
-            row.routed.append(routed[b, width - n:])
+            row.routed.append(routed[b, width - n :])
     return out.logits[:, -1], mask
 
 
-def decode_logits(model, rows: list[Row], active: list[int], cache: DynamicCache, mask: torch.Tensor,
-                  capture: RouterCapture | None):
+def decode_logits(
+    model, rows: list[Row], active: list[int], cache: DynamicCache, mask: torch.Tensor, capture: RouterCapture | None
+):
     """Each active row's last token through the model; (logits [n, V], the grown attention mask)."""
     ids = torch.tensor([[rows[i].output_ids[-1]] for i in active], device=mask.device)
-    positions = torch.tensor([[len(rows[i].req.input_ids) + len(rows[i].output_ids) - 1] for i in active],
-                             device=mask.device)
+    positions = torch.tensor(
+        [[len(rows[i].req.input_ids) + len(rows[i].output_ids) - 1] for i in active], device=mask.device
+    )
     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
     if capture is not None:
@@ -73,8 +81,9 @@ class DynamicSteps:
 
 
 @torch.no_grad()
-def run_dynamic(model, rows: list[Row], *, pad_id: int, gates: list[torch.nn.Module],
-                should_abort: Callable[[], bool]) -> list[Row]:
+def run_dynamic(
+    model, rows: list[Row], *, pad_id: int, gates: list[torch.nn.Module], should_abort: Callable[[], bool]
+) -> list[Row]:
     """Decode `rows` to the end over a DynamicCache; routed experts are captured only if a request asks."""
     capture = RouterCapture(gates) if any(r.req.return_routed_experts for r in rows) else None
     try:

@@ -34,7 +34,7 @@ class StepGraphs:
 
     def __init__(self, device: torch.device, max_batch: int, enabled: bool) -> None:
         self.device, self.max_batch = device, max_batch
-        self.enabled = enabled                  # False: every step runs eagerly
+        self.enabled = enabled  # False: every step runs eagerly
         self.captured: dict[tuple, tuple[torch.cuda.CUDAGraph, dict]] = {}
         self._pool = None
 
@@ -42,21 +42,21 @@ class StepGraphs:
         """Drop every graph (their buffers point into a cache that is being replaced)."""
         self.captured.clear()
 
-    def run(self, key: tuple, eager: Callable, step: Callable, inputs: dict[str, torch.Tensor], span: int,
-            warm_pos: int):
+    def run(
+        self, key: tuple, eager: Callable, step: Callable, inputs: dict[str, torch.Tensor], span: int, warm_pos: int
+    ):
         """Run `step` for the live rows as the graph of (key[0], bucket, S, span, *key[1:]), copying the inputs
         into its buffers (unused rows get position 1, a valid slot); eagerly (`eager`) when no graph can hold it.
         `warm_pos`: the position the capture's warm-up runs write at (a slot no live row has written yet)."""
         n, S = inputs["ids"].shape
         kind, *extra = key
-        captured = self._graph((kind, batch_bucket(n, self.max_batch), S, span, *extra), eager, step, inputs,
-                               warm_pos)
+        captured = self._graph((kind, batch_bucket(n, self.max_batch), S, span, *extra), eager, step, inputs, warm_pos)
         if captured is None:
             return eager(**inputs, span=span)
         graph, io = captured
         for name, value in inputs.items():
             io[name][:n].copy_(value)
-        io["pos"][n:].fill_(1)                                  # unused rows attend slot 0 / 1 of their own row
+        io["pos"][n:].fill_(1)  # unused rows attend slot 0 / 1 of their own row
         graph.replay()
         return tuple(out[:n] if out is not None else None for out in io["out"])
 
@@ -79,8 +79,10 @@ class StepGraphs:
             return self.captured[key]
         kind, bucket, _, span = key[:4]
         # warm-up runs for real, at `warm_pos`, so no live key is overwritten
-        io = {name: torch.zeros((bucket, *value.shape[1:]), dtype=value.dtype, device=self.device)
-              for name, value in inputs.items()}
+        io = {
+            name: torch.zeros((bucket, *value.shape[1:]), dtype=value.dtype, device=self.device)
+            for name, value in inputs.items()
+        }
         io["pos"].fill_(warm_pos)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

@@ -20,8 +20,9 @@ from glm_rl.engine.batch import HostCopy, Row, SpecRow, emit_tokens
 from glm_rl.engine.sampling import sampling_probs
 
 
-def speculative_accept(p: torch.Tensor, q: torch.Tensor, drafts: list[int],
-                       generator: torch.Generator) -> tuple[list[int], int]:
+def speculative_accept(
+    p: torch.Tensor, q: torch.Tensor, drafts: list[int], generator: torch.Generator
+) -> tuple[list[int], int]:
     """Standard speculative sampling (Leviathan et al. 2023, Chen et al. 2023): (emitted tokens, drafts kept).
 
     p: [k+1, V] target probabilities (p[i] given the prefix and drafts[:i]); q: [k, V] the distributions the
@@ -39,8 +40,13 @@ def speculative_accept(p: torch.Tensor, q: torch.Tensor, drafts: list[int],
     return drafts + [int(torch.multinomial(p[len(drafts)], 1, generator=generator))], len(drafts)
 
 
-def accept(logits: torch.Tensor, rows: list[Row], active: list[int], drafts: list[list[int]],
-           q: list[list[torch.Tensor | None]]) -> tuple[list[list[int]], list[int], list[list[float]]]:
+def accept(
+    logits: torch.Tensor,
+    rows: list[Row],
+    active: list[int],
+    drafts: list[list[int]],
+    q: list[list[torch.Tensor | None]],
+) -> tuple[list[list[int]], list[int], list[list[float]]]:
     """The acceptance rule for every active row: (emitted tokens, drafts kept, logprob of each emitted token).
 
     logits: [n, k+1, V] verify logits. Greedy rows (temperature 0) keep drafts while they equal argmax p, then
@@ -62,8 +68,9 @@ def accept(logits: torch.Tensor, rows: list[Row], active: list[int], drafts: lis
                 a += 1
             tokens = drafts[b][:a] + [best[b][a]]
         else:
-            tokens, a = speculative_accept(sampling_probs(logits[b], row.req.sampling), _stack(q[b]), drafts[b],
-                                           row.generator)
+            tokens, a = speculative_accept(
+                sampling_probs(logits[b], row.req.sampling), _stack(q[b]), drafts[b], row.generator
+            )
         emitted.append(tokens)
         accepted.append(a)
     at_b, at_s, at_t = zip(*[(b, s, t) for b, tokens in enumerate(emitted) for s, t in enumerate(tokens)])
@@ -79,13 +86,13 @@ def _accept_greedy(logits: torch.Tensor, drafts: list[list[int]]):
     logp = torch.log_softmax(logits, dim=-1).gather(-1, best[..., None]).squeeze(-1)
     emitted, accepted, logprobs = [], [], []
     for d, row in zip(drafts, HostCopy(best, logp).rows()):
-        b, lp = row[:len(d) + 1], row[len(d) + 1:]
+        b, lp = row[: len(d) + 1], row[len(d) + 1 :]
         a = 0
         while a < len(d) and d[a] == b[a]:
             a += 1
-        emitted.append([int(t) for t in b[:a + 1]])
+        emitted.append([int(t) for t in b[: a + 1]])
         accepted.append(a)
-        logprobs.append(lp[:a + 1])
+        logprobs.append(lp[: a + 1])
     return emitted, accepted, logprobs
 
 
@@ -95,8 +102,11 @@ def _stack(q: list[torch.Tensor | None]) -> torch.Tensor | None:
 
 def record(row: SpecRow, tokens: list[int], a: int, logprobs: list[float], k: int) -> int:
     """Count one verify in the row's speculation counters and emit its tokens; returns how many were kept."""
-    row.verify_ct, row.draft_tokens, row.accepted_tokens = (row.verify_ct + 1, row.draft_tokens + k,
-                                                            row.accepted_tokens + a)
+    row.verify_ct, row.draft_tokens, row.accepted_tokens = (
+        row.verify_ct + 1,
+        row.draft_tokens + k,
+        row.accepted_tokens + a,
+    )
     return emit_tokens(row, tokens, logprobs)
 
 
@@ -110,8 +120,13 @@ def draft_row(logits: torch.Tensor, row: Row, best: int | None = None) -> tuple[
     return int(torch.multinomial(q, 1, generator=row.generator)), q
 
 
-def draft_all(logits: torch.Tensor, rows: list[Row], active: list[int], drafts: list[list[int]],
-              q: list[list[torch.Tensor | None]]) -> None:
+def draft_all(
+    logits: torch.Tensor,
+    rows: list[Row],
+    active: list[int],
+    drafts: list[list[int]],
+    q: list[list[torch.Tensor | None]],
+) -> None:
     """Append one draft per active row (`draft_row`) from MTP logits [n, V]; greedy rows' argmax crosses to
     the host once for the batch."""
     greedy = any(rows[i].req.sampling.temperature <= 0.0 for i in active)

@@ -50,19 +50,22 @@ from glm_rl.engine.decode.loop import step_rows
 from glm_rl.engine.decode.spec_rules import accept, draft_all, record
 
 
-def mtp_forward(mtp, hidden: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor]:
+def mtp_forward(
+    mtp, hidden: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: DynamicCache
+) -> tuple[torch.Tensor, torch.Tensor]:
     """MTP layer 0 over pairs (hidden[:, s], ids[:, s]) → logits [B, S, V] and output hidden states [B, S, H].
 
     HF's `MtpModel.forward_layer` builds its masks without a padding mask (batch 1 only); this is the same
     computation with our 2-D mask (`mask` covers the cached slots and the new ones).
     """
-    embeds = mtp.embed_tokens(ids)                                         # (B, S, H)
-    attn = create_causal_mask(config=mtp.config, inputs_embeds=embeds, attention_mask=mask,
-                              past_key_values=cache, position_ids=positions)
+    embeds = mtp.embed_tokens(ids)  # (B, S, H)
+    attn = create_causal_mask(
+        config=mtp.config, inputs_embeds=embeds, attention_mask=mask, past_key_values=cache, position_ids=positions
+    )
     rope = mtp.rotary_emb(embeds, position_ids=positions) if mtp.rotary_emb is not None else None
-    out = mtp.layers[0](embeds, hidden, position_embeddings=rope, attention_mask=attn, position_ids=positions,
-                        past_key_values=cache)
+    out = mtp.layers[0](
+        embeds, hidden, position_embeddings=rope, attention_mask=attn, position_ids=positions, past_key_values=cache
+    )
     if mtp.use_shared_post_norm:
         out = mtp.shared_post_norm(out)
     return mtp._project_to_logits(out), out
@@ -76,8 +79,8 @@ class _Batch:
     active: list[int]
     cache: DynamicCache
     mtp_cache: DynamicCache
-    mask: torch.Tensor                      # (B, main cache slots)
-    mtp_mask: torch.Tensor                  # (B, MTP cache slots)
+    mask: torch.Tensor  # (B, main cache slots)
+    mtp_mask: torch.Tensor  # (B, MTP cache slots)
     drafts: list[list[int]]
     q: list[list[torch.Tensor | None]]
 
@@ -89,8 +92,16 @@ class _Batch:
         self.active = [self.active[b] for b in keep]
 
 
-def _draft(mtp, batch: _Batch, hidden: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
-           valid: torch.Tensor, last: torch.Tensor, num_steps: int) -> None:
+def _draft(
+    mtp,
+    batch: _Batch,
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    last: torch.Tensor,
+    num_steps: int,
+) -> None:
     """Append the new MTP pairs (valid slots only) to the MTP cache, then draft `num_steps` tokens per row
     from slot `last` of each row (chaining the layer on its own output hidden state)."""
     batch.mtp_mask = torch.cat([batch.mtp_mask, valid.to(batch.mtp_mask.dtype)], dim=1)
@@ -108,7 +119,7 @@ def _draft(mtp, batch: _Batch, hidden: torch.Tensor, ids: torch.Tensor, position
         logits, out = mtp_forward(mtp, out, chain_ids, pos, batch.mtp_mask, batch.mtp_cache)
         logits = logits[:, -1]
     if num_steps > 1:  # the chain's slots held draft states: later queries must not see them
-        batch.mtp_mask[:, -(num_steps - 1):] = 0
+        batch.mtp_mask[:, -(num_steps - 1) :] = 0
 
 
 def _verify(model, batch: _Batch, capture: RouterCapture | None):
@@ -116,13 +127,13 @@ def _verify(model, batch: _Batch, capture: RouterCapture | None):
     rows, k = batch.rows, len(batch.drafts[0])
     dev = batch.mask.device
     ids = torch.tensor([[rows[i].output_ids[-1], *d] for i, d in zip(batch.active, batch.drafts)], device=dev)
-    start = torch.tensor([len(rows[i].req.input_ids) + len(rows[i].output_ids) - 1 for i in batch.active],
-                         device=dev)
-    positions = start[:, None] + torch.arange(k + 1, device=dev)           # (B, k+1)
+    start = torch.tensor([len(rows[i].req.input_ids) + len(rows[i].output_ids) - 1 for i in batch.active], device=dev)
+    positions = start[:, None] + torch.arange(k + 1, device=dev)  # (B, k+1)
     batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.active), k + 1)], dim=1)
-    hidden = model.model(input_ids=ids, attention_mask=batch.mask, position_ids=positions,
-                         past_key_values=batch.cache, use_cache=True).last_hidden_state  # (B, k+1, H)
-    logits = model.lm_head(hidden)                                          # (B, k+1, V)
+    hidden = model.model(
+        input_ids=ids, attention_mask=batch.mask, position_ids=positions, past_key_values=batch.cache, use_cache=True
+    ).last_hidden_state  # (B, k+1, H)
+    logits = model.lm_head(hidden)  # (B, k+1, V)
     routed = capture.pop() if capture is not None else None
     emitted, accepted, logprobs = accept(logits, rows, batch.active, batch.drafts, batch.q)
     next_ids = [[0] * (k + 1) for _ in batch.active]
@@ -131,13 +142,20 @@ def _verify(model, batch: _Batch, capture: RouterCapture | None):
         kept = record(rows[i], emitted[b], a, logprobs[b], k)
         if routed is not None:
             rows[i].routed.append(routed[b, :kept])
-        batch.mask[b, batch.mask.shape[1] - k + a:] = 0                     # slots of rejected drafts
-        next_ids[b][:a + 1] = emitted[b]
+        batch.mask[b, batch.mask.shape[1] - k + a :] = 0  # slots of rejected drafts
+        next_ids[b][: a + 1] = emitted[b]
     return hidden, torch.tensor(next_ids, device=dev), positions + 1, torch.tensor(accepted, device=dev)
 
 
-def _prefill(model, mtp, batch: _Batch, pad_id: int, capture: RouterCapture | None, num_steps: int,
-             should_abort: Callable[[], bool]) -> None:
+def _prefill(
+    model,
+    mtp,
+    batch: _Batch,
+    pad_id: int,
+    capture: RouterCapture | None,
+    num_steps: int,
+    should_abort: Callable[[], bool],
+) -> None:
     """Prompt forward, the first token (sampled as in the plain path), MTP over the prompt, first drafts."""
     rows, dev = batch.rows, batch.mask.device
     lengths = [len(r.req.input_ids) for r in rows]
@@ -145,12 +163,13 @@ def _prefill(model, mtp, batch: _Batch, pad_id: int, capture: RouterCapture | No
     ids = torch.tensor([[pad_id] * (width - n) + list(r.req.input_ids) for r, n in zip(rows, lengths)], device=dev)
     batch.mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], device=dev)
     positions = (batch.mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = model.model(input_ids=ids, attention_mask=batch.mask, position_ids=positions,
-                         past_key_values=batch.cache, use_cache=True).last_hidden_state  # (B, W, H)
+    hidden = model.model(
+        input_ids=ids, attention_mask=batch.mask, position_ids=positions, past_key_values=batch.cache, use_cache=True
+    ).last_hidden_state  # (B, W, H)
     if capture is not None:
         routed = capture.pop()
         for b, (row, n) in enumerate(zip(rows, lengths)):
-            row.routed.append(routed[b, width - n:])
+            row.routed.append(routed[b, width - n :])
     step_rows(rows, batch.active, model.lm_head(hidden[:, -1]))
     keep = survivors(batch.rows, batch.active, should_abort)
     if not keep:
@@ -166,14 +185,30 @@ def _prefill(model, mtp, batch: _Batch, pad_id: int, capture: RouterCapture | No
 
 
 @torch.no_grad()
-def run_speculative(model, mtp, rows: list[SpecRow], *, num_steps: int, pad_id: int, gates: list[torch.nn.Module],
-                    should_abort: Callable[[], bool]) -> list[SpecRow]:
+def run_speculative(
+    model,
+    mtp,
+    rows: list[SpecRow],
+    *,
+    num_steps: int,
+    pad_id: int,
+    gates: list[torch.nn.Module],
+    should_abort: Callable[[], bool],
+) -> list[SpecRow]:
     """Decode `rows` to the end with `num_steps` MTP drafts per verify forward, over DynamicCaches."""
     dev = model.device
     capture = RouterCapture(gates) if any(r.req.return_routed_experts for r in rows) else None
     empty = torch.zeros(len(rows), 0, dtype=torch.long, device=dev)
-    batch = _Batch(rows, list(range(len(rows))), DynamicCache(config=model.config),
-                   DynamicCache(config=mtp.config), empty, empty, [], [])
+    batch = _Batch(
+        rows,
+        list(range(len(rows))),
+        DynamicCache(config=model.config),
+        DynamicCache(config=mtp.config),
+        empty,
+        empty,
+        [],
+        [],
+    )
     try:
         _prefill(model, mtp, batch, pad_id, capture, num_steps, should_abort)
         while any(rows[i].finish is None for i in batch.active):

@@ -44,16 +44,18 @@ class StaticDecoder:
     """Prefill, decode and (with `mtp`) speculative verify / MTP steps over preallocated KV caches (`max_batch`
     rows), CUDA-graphed on GPU."""
 
-    def __init__(self, model, *, max_batch: int, cuda_graph: bool = True, torch_compile: bool = False,
-                 mtp=None) -> None:
+    def __init__(
+        self, model, *, max_batch: int, cuda_graph: bool = True, torch_compile: bool = False, mtp=None
+    ) -> None:
         self.model, self.max_batch = model, max_batch
-        self.mtp = mtp                                       # HF MtpModel (speculative decoding) or None
+        self.mtp = mtp  # HF MtpModel (speculative decoding) or None
         self.device, self.dtype = model.device, model.dtype
         self.cached = CachedModel(model, max_batch=max_batch, mtp=mtp)
         # graphs need a step without host synchronisation: transformers' grouped-GEMM experts are, on torch's
         # bf16 grouped GEMM; other dtypes take torch's fallback, which reads the expert offsets on the host
-        self.graphs = StepGraphs(self.device, max_batch,
-                                 enabled=cuda_graph and self.device.type == "cuda" and self.dtype == torch.bfloat16)
+        self.graphs = StepGraphs(
+            self.device, max_batch, enabled=cuda_graph and self.device.type == "cuda" and self.dtype == torch.bfloat16
+        )
         # torch.compile (SGLang's --enable-torch-compile) fuses the step's many small elementwise kernels; only
         # under graphs, whose bucketed shapes keep recompiles few (dynamic shapes after the first recompile), and
         # in bf16: under compile, transformers' grouped-GEMM experts fall back to a host-synchronising loop for
@@ -61,8 +63,12 @@ class StaticDecoder:
         self.compiled = torch_compile and self.graphs.enabled and self.dtype == torch.bfloat16
         cm = self.cached
         self._step = torch.compile(cm.decode_step) if self.compiled else cm.decode_step
-        self._eager_steps = {"decode": cm.decode_step, "verify": cm.verify_step, "mtp": cm.mtp_step,
-                             "greedy_spec": cm.greedy_spec_step}
+        self._eager_steps = {
+            "decode": cm.decode_step,
+            "verify": cm.verify_step,
+            "mtp": cm.mtp_step,
+            "greedy_spec": cm.greedy_spec_step,
+        }
 
     # -- cache -------------------------------------------------------------------------------------------------
     @property
@@ -101,8 +107,9 @@ class StaticDecoder:
         return self.cached.forward(ids, pos, mask, lengths - 1, width)
 
     @torch.no_grad()
-    def prefill_states(self, prompts: list[tuple[int, ...]],
-                       pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def prefill_states(
+        self, prompts: list[tuple[int, ...]], pad_id: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """`prefill` that also returns every position's final-normed hidden state [n, S, H] (what the MTP layer
         reads): (last-token logits [n, V], hidden states, routed experts or None)."""
         ids, pos, mask, lengths, width = self._prompt_batch(prompts, pad_id)
@@ -119,25 +126,34 @@ class StaticDecoder:
         return self._run("decode", span, True, ids=tokens[:, None], pos=positions[:, None])
 
     @torch.no_grad()
-    def decode_sampled(self, tokens: torch.Tensor, positions: list[int], bits,
-                       sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def decode_sampled(
+        self, tokens: torch.Tensor, positions: list[int], bits, sampling: SamplingParams
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """`decode`, then `sampling.sample_tokens` inside the same step (one CUDA graph per sampling params, from
         tokens in to tokens out), each row drawn at the uniform of its `counter_bits` (`bits`: ints or an int64
         array); (tokens [n], logprobs [n], routed experts or None), graph buffers. `tokens` is a device tensor
         (the previous step's output): nothing here waits for the GPU, so a caller can queue this step while the
         previous one runs (positions and bits cross in one copy from pinned memory)."""
         span = min(span_bucket(max(positions) + 1), self.capacity)
-        pos_bits = self.to_device(np.stack([np.asarray(positions, dtype=np.int64),
-                                             np.asarray(bits, dtype=np.int64)]))
+        pos_bits = self.to_device(np.stack([np.asarray(positions, dtype=np.int64), np.asarray(bits, dtype=np.int64)]))
         key = (sampling.temperature, sampling.top_k, sampling.top_p)
         eager = partial(self.cached.sampled_step, decode=self.cached.decode_step, sampling=sampling)
         fast = partial(self.cached.sampled_step, decode=self._step, sampling=sampling)
-        return self._run("sampled", span, True, key=key, steps=(eager, fast), ids=tokens[:, None],
-                         pos=pos_bits[0][:, None], bits=pos_bits[1])
+        return self._run(
+            "sampled",
+            span,
+            True,
+            key=key,
+            steps=(eager, fast),
+            ids=tokens[:, None],
+            pos=pos_bits[0][:, None],
+            bits=pos_bits[1],
+        )
 
     @torch.no_grad()
-    def verify(self, tokens: list[list[int]],
-               starts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def verify(
+        self, tokens: list[list[int]], starts: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Feed S tokens per live row (rows 0..n-1) at positions start..start+S-1 (speculative decoding's verify
         forward); (logits [n, S, V], final-normed hidden states [n, S, H], routed experts [n, S, n_moe, top_k]
         or None). Outputs may be graph buffers, rewritten by the next verify: copy what must outlive it."""
@@ -169,8 +185,14 @@ class StaticDecoder:
         return self._run("greedy_spec", span, True, ids=ids, pos=pos)
 
     @torch.no_grad()
-    def mtp_forward(self, hidden: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, graph: bool = True,
-                    max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def mtp_forward(
+        self,
+        hidden: torch.Tensor,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        graph: bool = True,
+        max_position: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The MTP layer over pairs (hidden[b, s], ids[b, s]) at HF position ids `positions` (the main position of
         the hidden state + 1; cache slot = position - 1) for live rows 0..n-1, each pair seeing the row's earlier
         slots: (logits [n, S, V], output hidden states [n, S, H]), possibly graph buffers (graph=False: eager,
@@ -184,8 +206,9 @@ class StaticDecoder:
     def _ids_and_positions(self, tokens: list[list[int]], starts: list[int]) -> torch.Tensor:
         """(ids [n, S], positions start..start+S-1 [n, S]) on the device, in one copy."""
         S = len(tokens[0])
-        return self.to_device(np.stack([np.asarray(tokens, dtype=np.int64),
-                                        np.asarray(starts, dtype=np.int64)[:, None] + np.arange(S)]))
+        return self.to_device(
+            np.stack([np.asarray(tokens, dtype=np.int64), np.asarray(starts, dtype=np.int64)[:, None] + np.arange(S)])
+        )
 
     def to_device(self, array: np.ndarray) -> torch.Tensor:
         """A host array on the decoder's device in one copy that does not wait for the GPU (from pinned memory)."""
@@ -194,8 +217,9 @@ class StaticDecoder:
             host = host.pin_memory()
         return host.to(self.device, non_blocking=True)
 
-    def _run(self, kind: str, span: int, use_graph: bool, key: tuple = (), steps: tuple | None = None,
-             **inputs: torch.Tensor):
+    def _run(
+        self, kind: str, span: int, use_graph: bool, key: tuple = (), steps: tuple | None = None, **inputs: torch.Tensor
+    ):
         """Run step `kind` (decode / sampled / verify / mtp / greedy_spec; `steps`: its (eager, graphed) functions
         when not the defaults) for the live rows: eagerly, or as its CUDA graph (`graphs.StepGraphs`)."""
         eager, fast = steps or (self._eager_steps[kind], self._step if kind == "decode" else self._eager_steps[kind])
@@ -223,7 +247,7 @@ class StaticSteps:
         logits, routed = self.decoder.prefill([r.req.input_ids for r in rows], self.pad_id)
         if self.want_routed:
             for b, row in enumerate(rows):
-                row.routed.append(routed[b, :len(row.req.input_ids)])
+                row.routed.append(routed[b, : len(row.req.input_ids)])
         return sample_rows(rows, list(range(len(rows))), logits)
 
     def ahead(self, active: list[int], out: tuple[torch.Tensor, torch.Tensor]):
@@ -267,7 +291,6 @@ class StaticSteps:
 
 
 @torch.no_grad()
-def run_static(decoder: StaticDecoder, rows: list[Row], *, pad_id: int,
-               should_abort: Callable[[], bool]) -> list[Row]:
+def run_static(decoder: StaticDecoder, rows: list[Row], *, pad_id: int, should_abort: Callable[[], bool]) -> list[Row]:
     """Decode `rows` to the end over the decoder's preallocated cache."""
     return run_steps(rows, StaticSteps(decoder, rows, pad_id), should_abort)

@@ -59,8 +59,9 @@ class StaticSpeculation:
         self._select(keep, span=width)
         sel = torch.tensor(keep, device=dev)
         positions = torch.arange(1, width + 1, device=dev).expand(len(keep), width)
-        mtp_logits, out = self.decoder.mtp_forward(hidden[sel], torch.tensor(ids, device=dev)[sel], positions,
-                                                   graph=False)  # one shape per prompt width: eager
+        mtp_logits, out = self.decoder.mtp_forward(
+            hidden[sel], torch.tensor(ids, device=dev)[sel], positions, graph=False
+        )  # one shape per prompt width: eager
         self._draft(mtp_logits, out, positions, torch.tensor([lengths[i] - 1 for i in self.active], device=dev))
         if self.fused_greedy and k == 1 and all(r.req.sampling.temperature <= 0.0 for r in rows):
             return self._run_greedy(should_abort)
@@ -76,8 +77,9 @@ class StaticSpeculation:
                 hidden, next_ids, positions, accepted = hidden[sel], next_ids[sel], positions[sel], accepted[sel]
                 starts = [starts[b] for b in keep]
             # positions + 1 reach start + k + 1: known on the host, so nothing here waits for the GPU
-            mtp_logits, out = self.decoder.mtp_forward(hidden, next_ids, positions + 1,
-                                                       max_position=max(starts) + k + 1)
+            mtp_logits, out = self.decoder.mtp_forward(
+                hidden, next_ids, positions + 1, max_position=max(starts) + k + 1
+            )
             self._draft(mtp_logits, out, positions + 1, accepted)
 
     def _run_greedy(self, should_abort: Callable[[], bool]) -> list[SpecRow]:
@@ -88,8 +90,9 @@ class StaticSpeculation:
         logprobs and counters as the general loop."""
         rows = self.rows
         starts = [len(rows[i].req.input_ids) + len(rows[i].output_ids) - 1 for i in self.active]
-        out = self.decoder.verify_greedy([[rows[i].output_ids[-1], d[0]] for i, d in zip(self.active, self.drafts)],
-                                         starts)
+        out = self.decoder.verify_greedy(
+            [[rows[i].output_ids[-1], d[0]] for i, d in zip(self.active, self.drafts)], starts
+        )
         while True:
             best, logp, draft, kept, next_ids, next_pos, routed = out
             # this step's results to the host (argmax at both positions, drafts kept, both logprobs; ids < 2^53
@@ -100,7 +103,7 @@ class StaticSpeculation:
             out = self.decoder.verify_greedy_queued(next_ids, next_pos, max(starts) + 2)  # a start grows <= 2
             for b, (i, (t0, t1, a, lp0, lp1)) in enumerate(zip(self.active, fetched.rows())):
                 a = int(a)
-                n = record(rows[i], [int(t0), int(t1)][:a + 1], a, [lp0, lp1][:a + 1], 1)
+                n = record(rows[i], [int(t0), int(t1)][: a + 1], a, [lp0, lp1][: a + 1], 1)
                 if self.want_routed:
                     rows[i].routed.append(routed[b, :n])
                 starts[b] += a + 1
@@ -140,7 +143,8 @@ class StaticSpeculation:
         rows, k = self.rows, self.k
         starts = [len(rows[i].req.input_ids) + len(rows[i].output_ids) - 1 for i in self.active]
         logits, hidden, routed = self.decoder.verify(
-            [[rows[i].output_ids[-1], *d] for i, d in zip(self.active, self.drafts)], starts)
+            [[rows[i].output_ids[-1], *d] for i, d in zip(self.active, self.drafts)], starts
+        )
         emitted, accepted, logprobs = accept(logits, rows, self.active, self.drafts, self.q)
         if self.want_routed:
             routed = routed.clone()  # a graph buffer: the next verify rewrites it
@@ -149,19 +153,20 @@ class StaticSpeculation:
             kept = record(rows[i], emitted[b], accepted[b], logprobs[b], k)
             if self.want_routed:
                 rows[i].routed.append(routed[b, :kept])
-            next_ids[b][:accepted[b] + 1] = emitted[b]
+            next_ids[b][: accepted[b] + 1] = emitted[b]
         n = len(starts)
         host = np.empty((n, 2 * (k + 1) + 1), dtype=np.int64)  # next ids | positions | accepted: one copy
-        host[:, :k + 1] = next_ids
-        host[:, k + 1:-1] = np.asarray(starts)[:, None] + np.arange(k + 1)
+        host[:, : k + 1] = next_ids
+        host[:, k + 1 : -1] = np.asarray(starts)[:, None] + np.arange(k + 1)
         host[:, -1] = accepted
         packed = self.decoder.to_device(host)
-        return (hidden, packed[:, :k + 1], packed[:, k + 1:-1], packed[:, -1], starts, accepted)
+        return (hidden, packed[:, : k + 1], packed[:, k + 1 : -1], packed[:, -1], starts, accepted)
 
 
 @torch.no_grad()
-def run_static_speculative(decoder: StaticDecoder, rows: list[SpecRow], *, num_steps: int, pad_id: int,
-                           should_abort: Callable[[], bool]) -> list[SpecRow]:
+def run_static_speculative(
+    decoder: StaticDecoder, rows: list[SpecRow], *, num_steps: int, pad_id: int, should_abort: Callable[[], bool]
+) -> list[SpecRow]:
     """Decode `rows` to the end with `num_steps` MTP drafts per verify, over the decoder's caches (built with
     the same MTP layer)."""
     return StaticSpeculation(decoder, rows, num_steps).run(pad_id, should_abort)

@@ -55,8 +55,11 @@ def _model_class(num_hidden_layers: int) -> type[Glm4MoeForCausalLM]:
     keeps transformers' module name: transformers decides from the class's module source whether a model may
     choose its experts kernel, and a class of another module silently gets the eager per-expert loop."""
     pattern = rf"model\.layers\.{num_hidden_layers}\..*"
-    return type("Glm4MoeForCausalLM", (Glm4MoeForCausalLM,), {"_keys_to_ignore_on_load_unexpected": [pattern],
-                                                              "__module__": Glm4MoeForCausalLM.__module__})
+    return type(
+        "Glm4MoeForCausalLM",
+        (Glm4MoeForCausalLM,),
+        {"_keys_to_ignore_on_load_unexpected": [pattern], "__module__": Glm4MoeForCausalLM.__module__},
+    )
 
 
 def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32, preset: str | None = None):
@@ -66,8 +69,9 @@ def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32, preset: 
     spec = check_matches_preset(path, preset) if preset else read_spec(path)
     source = _dequantized_copy(path, dtype)  # None unless the checkpoint is FP8
     experts = "grouped_mm" if dtype == torch.bfloat16 else "eager"
-    model = _model_class(spec.num_hidden_layers).from_pretrained(str(source or path), dtype=dtype,
-                                                                 experts_implementation=experts)
+    model = _model_class(spec.num_hidden_layers).from_pretrained(
+        str(source or path), dtype=dtype, experts_implementation=experts
+    )
     if source is not None:
         weakref.finalize(model, shutil.rmtree, source, ignore_errors=True)
     model.eval()

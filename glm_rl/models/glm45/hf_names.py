@@ -52,17 +52,21 @@ def fuse(disk: dict[str, torch.Tensor], spec: ModelSpec, where: str) -> dict[str
     for prefix, parts in experts.items():
         want = {(j, p) for j in range(spec.n_routed_experts) for p in ("gate", "up", "down")}
         if set(parts) != want:
-            raise ConvertError(f"{where}: {prefix}.* holds {len(parts)} expert tensors, expected "
-                               f"{spec.n_routed_experts} experts × gate/up/down; missing "
-                               f"{sorted(want - set(parts))[:3]}, unexpected {sorted(set(parts) - want)[:3]}")
+            raise ConvertError(
+                f"{where}: {prefix}.* holds {len(parts)} expert tensors, expected "
+                f"{spec.n_routed_experts} experts × gate/up/down; missing "
+                f"{sorted(want - set(parts))[:3]}, unexpected {sorted(set(parts) - want)[:3]}"
+            )
         n = spec.n_routed_experts
         out[prefix + ".gate_up_proj"] = torch.stack([torch.cat([parts[j, "gate"], parts[j, "up"]]) for j in range(n)])
         out[prefix + ".down_proj"] = torch.stack([parts[j, "down"] for j in range(n)])
     for copy, main in mtp_copies(spec).items():
         if copy in out:
             if main not in out or not torch.equal(out[copy], out[main]):
-                raise ConvertError(f"{where}: {copy} differs from {main}; Megatron's MTP layer shares the main "
-                                   "model's embedding / output layer, so this checkpoint cannot be represented")
+                raise ConvertError(
+                    f"{where}: {copy} differs from {main}; Megatron's MTP layer shares the main "
+                    "model's embedding / output layer, so this checkpoint cannot be represented"
+                )
             del out[copy]
     return out
 

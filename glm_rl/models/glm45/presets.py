@@ -61,12 +61,15 @@ class ModelSpec:
     def to_hf_config(self, **extra: Any) -> Glm4MoeConfig:
         """Build the HF config with every field set explicitly (HF's defaults differ from GLM-4.5)."""
         fields = {f: getattr(self, f) for f in HF_FIELDS}
-        rope = {"rope_type": "default", "rope_theta": self.rope_theta,
-                "partial_rotary_factor": self.partial_rotary_factor}
+        rope = {
+            "rope_type": "default",
+            "rope_theta": self.rope_theta,
+            "partial_rotary_factor": self.partial_rotary_factor,
+        }
         return Glm4MoeConfig(**fields, rope_parameters=rope, architectures=["Glm4MoeForCausalLM"], **extra)
 
     @classmethod
-    def from_hf_config(cls, config: Glm4MoeConfig | dict, name: str = "custom") -> "ModelSpec":
+    def from_hf_config(cls, config: Glm4MoeConfig | dict, name: str = "custom") -> ModelSpec:
         """Read the architecture numbers back from an HF config (object or config.json dict)."""
         d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         values = {f: d[f] for f in HF_FIELDS if f in d}
@@ -77,10 +80,9 @@ class ModelSpec:
             values["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
         return cls(name=name, **values)
 
-    def diff(self, other: "ModelSpec") -> dict[str, tuple[Any, Any]]:
+    def diff(self, other: ModelSpec) -> dict[str, tuple[Any, Any]]:
         """Architecture fields whose values differ: {field: (self's, other's)}."""
-        return {f: (getattr(self, f), getattr(other, f)) for f in ARCH_FIELDS
-                if getattr(self, f) != getattr(other, f)}
+        return {f: (getattr(self, f), getattr(other, f)) for f in ARCH_FIELDS if getattr(self, f) != getattr(other, f)}
 
     # -- parameter counts --------------------------------------------------------------------------------
     @property
@@ -119,42 +121,80 @@ class ModelSpec:
         return {"total_params": embed + head + body_total, "active_params": body_active, "mtp_params": mtp}
 
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, **self.param_counts(),
-                               "layers": self.num_hidden_layers, "dense_layers": self.first_k_dense_replace,
-                               "hidden": self.hidden_size, "experts": self.n_routed_experts,
-                               "top_k": self.num_experts_per_tok, "qk_norm": self.use_qk_norm}
+        out: dict[str, Any] = {
+            "name": self.name,
+            **self.param_counts(),
+            "layers": self.num_hidden_layers,
+            "dense_layers": self.first_k_dense_replace,
+            "hidden": self.hidden_size,
+            "experts": self.n_routed_experts,
+            "top_k": self.num_experts_per_tok,
+            "qk_norm": self.use_qk_norm,
+        }
         if self.hf_checkpoint:
             out["hf_checkpoint"] = self.hf_checkpoint
         return out
 
 
-HF_FIELDS = tuple(f.name for f in dataclasses.fields(ModelSpec)
-                  if f.name not in ("name", "hf_checkpoint", "rope_theta", "partial_rotary_factor"))
+HF_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(ModelSpec)
+    if f.name not in ("name", "hf_checkpoint", "rope_theta", "partial_rotary_factor")
+)
 ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ModelSpec) if f.name not in ("name", "hf_checkpoint"))
 
 
 def glm45_355b_a32b() -> ModelSpec:
     """GLM-4.5 (zai-org/GLM-4.5): 92 layers, first 3 dense, 160 experts, QK-norm, routed scaling 2.5."""
-    return ModelSpec(name="glm45-355b-a32b", hidden_size=5120, intermediate_size=12288, num_hidden_layers=92,
-                     first_k_dense_replace=3, n_routed_experts=160, routed_scaling_factor=2.5,
-                     moe_intermediate_size=1536, use_qk_norm=True)
+    return ModelSpec(
+        name="glm45-355b-a32b",
+        hidden_size=5120,
+        intermediate_size=12288,
+        num_hidden_layers=92,
+        first_k_dense_replace=3,
+        n_routed_experts=160,
+        routed_scaling_factor=2.5,
+        moe_intermediate_size=1536,
+        use_qk_norm=True,
+    )
 
 
 def glm45_air_106b_a12b() -> ModelSpec:
     """GLM-4.5-Air (zai-org/GLM-4.5-Air): 46 layers, first 1 dense, 128 experts, no QK-norm."""
-    return ModelSpec(name="glm45-air-106b-a12b", hidden_size=4096, intermediate_size=10944, num_hidden_layers=46,
-                     first_k_dense_replace=1, n_routed_experts=128, routed_scaling_factor=1.0,
-                     moe_intermediate_size=1408, use_qk_norm=False)
+    return ModelSpec(
+        name="glm45-air-106b-a12b",
+        hidden_size=4096,
+        intermediate_size=10944,
+        num_hidden_layers=46,
+        first_k_dense_replace=1,
+        n_routed_experts=128,
+        routed_scaling_factor=1.0,
+        moe_intermediate_size=1408,
+        use_qk_norm=False,
+    )
 
 
 def glm45_tiny() -> ModelSpec:
     """A ~1M-parameter model with every 355B feature (dense then MoE layers, shared expert, sigmoid router with
     expert bias, QK-norm, partial RoPE, GQA, one MTP layer), trained on the shipped arithmetic task."""
-    return ModelSpec(name="glm45-tiny", vocab_size=32, hidden_size=96, intermediate_size=192, num_hidden_layers=4,
-                     first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
-                     n_routed_experts=8, num_experts_per_tok=2, routed_scaling_factor=2.5,
-                     moe_intermediate_size=64, use_qk_norm=True, max_position_embeddings=128,
-                     hf_checkpoint=str(TINY_CHECKPOINT))
+    return ModelSpec(
+        name="glm45-tiny",
+        vocab_size=32,
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=4,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        routed_scaling_factor=2.5,
+        moe_intermediate_size=64,
+        use_qk_norm=True,
+        max_position_embeddings=128,
+        hf_checkpoint=str(TINY_CHECKPOINT),
+    )
 
 
 PRESETS = {spec().name: spec for spec in (glm45_355b_a32b, glm45_air_106b_a12b, glm45_tiny)}

@@ -31,9 +31,22 @@ from glm_rl.models.glm45.presets import TINY_CHECKPOINT
 from glm_rl.rollout.agentic.tools import CALCULATOR
 
 TOOLS = [CALCULATOR]
-NEW_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
-              "</arg_value>", "<tool_response>", "</tool_response>", "<tools>", "</tools>", "calculator",
-              "expression"]
+NEW_TOKENS = [
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "<arg_key>",
+    "</arg_key>",
+    "<arg_value>",
+    "</arg_value>",
+    "<tool_response>",
+    "</tool_response>",
+    "<tools>",
+    "</tools>",
+    "calculator",
+    "expression",
+]
 VOCAB = 48
 
 

@@ -43,8 +43,8 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class ParsedTurn:
-    thinking: str | None            # inside <think>…</think> (None: no think block)
-    content: str                    # visible text: neither thinking, nor tool calls, nor role tokens
+    thinking: str | None  # inside <think>…</think> (None: no think block)
+    content: str  # visible text: neither thinking, nor tool calls, nor role tokens
     calls: list[ToolCall] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # malformed calls, one message each
 
@@ -62,7 +62,7 @@ def _parse_call(body: str) -> ToolCall | str:
     name = head.strip()
     if not name or any(c in name for c in "<>\n "):
         return f"malformed tool call: no tool name after <tool_call> (got {body[:80]!r})"
-    args_text = body[len(head):]
+    args_text = body[len(head) :]
     args: dict[str, Any] = {}
     for m in _ARG.finditer(args_text):
         key = m.group(1).strip()
@@ -71,8 +71,10 @@ def _parse_call(body: str) -> ToolCall | str:
         args[key] = _arg_value(m.group(2).strip())
     leftover = _ARG.sub("", args_text).strip()
     if leftover:
-        return (f"malformed tool call to {name!r}: expected <arg_key>KEY</arg_key> <arg_value>VALUE</arg_value> "
-                f"pairs, found {leftover[:80]!r}")
+        return (
+            f"malformed tool call to {name!r}: expected <arg_key>KEY</arg_key> <arg_value>VALUE</arg_value> "
+            f"pairs, found {leftover[:80]!r}"
+        )
     return ToolCall(name, args)
 
 
@@ -115,10 +117,12 @@ def observation_text(tokenizer, results: list[str]) -> str:
     before = tokenizer.apply_chat_template(_ANCHOR, tokenize=False)
     tool_msgs = [{"role": "tool", "content": r} for r in results]
     after = tokenizer.apply_chat_template(_ANCHOR + tool_msgs, tokenize=False, add_generation_prompt=True)
-    delta = after[len(before):]
+    delta = after[len(before) :]
     if not after.startswith(before) or "<tool_response>" not in delta:
-        raise ValueError("the chat template does not render the `tool` role as GLM-4.5's "
-                         "<|observation|> <tool_response> turn; the tool loop needs it")
+        raise ValueError(
+            "the chat template does not render the `tool` role as GLM-4.5's "
+            "<|observation|> <tool_response> turn; the tool loop needs it"
+        )
     return delta
 
 

@@ -39,8 +39,8 @@ class SandboxLimits:
 
 @dataclass(frozen=True)
 class SandboxResult:
-    output: str               # stdout + stderr, decoded (invalid UTF-8 replaced), at most the cap
-    returncode: int | None    # None: killed by the sandbox (timeout or output cap)
+    output: str  # stdout + stderr, decoded (invalid UTF-8 replaced), at most the cap
+    returncode: int | None  # None: killed by the sandbox (timeout or output cap)
     timed_out: bool
     truncated: bool
 
@@ -65,8 +65,10 @@ def network_isolation() -> list[str]:
                 return prefix
         except (OSError, subprocess.TimeoutExpired):
             continue
-    log.warning("tool sandbox: no network namespace available (unshare -n / -rn failed); sandboxed tools keep "
-                "the host's network")
+    log.warning(
+        "tool sandbox: no network namespace available (unshare -n / -rn failed); sandboxed tools keep "
+        "the host's network"
+    )
     return []
 
 
@@ -77,6 +79,7 @@ def _limit(limits: SandboxLimits):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         cap = max(limits.max_output_bytes, 1 << 20)
         resource.setrlimit(resource.RLIMIT_FSIZE, (cap, cap))
+
     return apply
 
 
@@ -97,14 +100,21 @@ async def _read_capped(stream: asyncio.StreamReader, cap: int, data: bytearray) 
     return True
 
 
-async def run_sandboxed(argv: list[str], limits: SandboxLimits, *, stdin: bytes = b"",
-                        isolate_network: bool = True) -> SandboxResult:
+async def run_sandboxed(
+    argv: list[str], limits: SandboxLimits, *, stdin: bytes = b"", isolate_network: bool = True
+) -> SandboxResult:
     """Run argv under the limits; the result of whatever happened."""
     prefix = network_isolation() if isolate_network else []
     proc = await asyncio.create_subprocess_exec(
-        *prefix, *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT, start_new_session=True, preexec_fn=_limit(limits),
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONIOENCODING": "utf-8"})
+        *prefix,
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=_limit(limits),
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONIOENCODING": "utf-8"},
+    )
     try:
         proc.stdin.write(stdin)
         await proc.stdin.drain()
@@ -115,8 +125,7 @@ async def run_sandboxed(argv: list[str], limits: SandboxLimits, *, stdin: bytes 
     data = bytearray()
     deadline = asyncio.get_running_loop().time() + limits.timeout_s
     try:
-        truncated = await asyncio.wait_for(_read_capped(proc.stdout, limits.max_output_bytes, data),
-                                           limits.timeout_s)
+        truncated = await asyncio.wait_for(_read_capped(proc.stdout, limits.max_output_bytes, data), limits.timeout_s)
         if not truncated:  # output closed; the process may still run (it closed stdout, or forked)
             await asyncio.wait_for(proc.wait(), max(deadline - asyncio.get_running_loop().time(), 0.01))
     except TimeoutError:
@@ -124,7 +133,7 @@ async def run_sandboxed(argv: list[str], limits: SandboxLimits, *, stdin: bytes 
     if timed_out or truncated:
         _kill(proc)
     returncode = await proc.wait()
-    text = bytes(data[:limits.max_output_bytes]).decode("utf-8", errors="replace")
+    text = bytes(data[: limits.max_output_bytes]).decode("utf-8", errors="replace")
     return SandboxResult(text, None if (timed_out or truncated) else returncode, timed_out, truncated)
 
 

@@ -95,14 +95,19 @@ async def generate(ctx, sample: Sample, sampling_params: dict[str, Any]) -> Samp
     return await run_episode(ctx, sample, sampling_params, cfg, tools_for(cfg, _REGISTRIES))
 
 
-def _turn_payload(ctx, traj: Trajectory, sampling_params: dict, sample: Sample, turn: int,
-                  max_new: int) -> dict[str, Any]:
+def _turn_payload(
+    ctx, traj: Trajectory, sampling_params: dict, sample: Sample, turn: int, max_new: int
+) -> dict[str, Any]:
     params = dict(sampling_params, max_new_tokens=max_new)
     if params.get("sampling_seed") is not None:
         params["sampling_seed"] = int(params["sampling_seed"]) + 7919 * turn
-    return {"input_ids": traj.ids, "sampling_params": params, "return_logprob": True,
-            "return_routed_experts": ctx.return_routed_experts,
-            "rid": f"s{ctx.step}-{sample.index}-t{turn}"}
+    return {
+        "input_ids": traj.ids,
+        "sampling_params": params,
+        "return_logprob": True,
+        "return_routed_experts": ctx.return_routed_experts,
+        "rid": f"s{ctx.step}-{sample.index}-t{turn}",
+    }
 
 
 async def _observe(parsed: ParsedTurn, tools: dict[str, Tool], limits: SandboxLimits) -> list[str]:
@@ -111,8 +116,14 @@ async def _observe(parsed: ParsedTurn, tools: dict[str, Tool], limits: SandboxLi
     return results + [f"error: {e}" for e in parsed.errors]
 
 
-async def run_episode(ctx, sample: Sample, sampling_params: dict[str, Any], cfg: AgenticConfig,
-                      tools: dict[str, Tool], parse: Callable[[str], ParsedTurn] = parse_turn) -> Sample:
+async def run_episode(
+    ctx,
+    sample: Sample,
+    sampling_params: dict[str, Any],
+    cfg: AgenticConfig,
+    tools: dict[str, Tool],
+    parse: Callable[[str], ParsedTurn] = parse_turn,
+) -> Sample:
     """One episode; `parse` reads a turn's text (GLM-4.5's format; tests force calls with their own)."""
     limits = SandboxLimits(cfg.tool_timeout_s, cfg.tool_memory_mb, cfg.tool_max_output_bytes)
     max_ctx = cfg.rollout_max_context_len or (1 << 62)
@@ -128,8 +139,11 @@ async def run_episode(ctx, sample: Sample, sampling_params: dict[str, Any], cfg:
         out = await ctx.generate(_turn_payload(ctx, traj, sampling_params, sample, turn, budget))
         meta = out["meta_info"]
         output_ids = list(out["output_ids"])
-        traj.add_turn(output_ids, [float(lp[0]) for lp in meta["output_token_logprobs"]],
-                      meta.get("routed_experts") if ctx.return_routed_experts else None)
+        traj.add_turn(
+            output_ids,
+            [float(lp[0]) for lp in meta["output_token_logprobs"]],
+            meta.get("routed_experts") if ctx.return_routed_experts else None,
+        )
         finish, stats["turns"] = meta["finish_reason"]["type"], turn + 1
         versions.append(int(meta.get("weight_version", 0)))
         parsed = parse(ctx.tokenizer.decode(output_ids, skip_special_tokens=False))
@@ -151,13 +165,19 @@ async def run_episode(ctx, sample: Sample, sampling_params: dict[str, Any], cfg:
     return _to_sample(sample, traj, finish, min(versions, default=0), parsed, stats)
 
 
-def _to_sample(sample: Sample, traj: Trajectory, finish: str, version: int, last: ParsedTurn,
-               stats: dict) -> Sample:
+def _to_sample(sample: Sample, traj: Trajectory, finish: str, version: int, last: ParsedTurn, stats: dict) -> Sample:
     metadata = {**(sample.metadata or {}), "episode": stats}
     return dataclasses.replace(
-        sample, response_ids=traj.response_ids, rollout_logprobs=traj.logprobs, loss_mask=traj.loss_mask,
-        finish_reason=finish, weight_version=version, routed_experts=traj.routed_experts(),
-        response_text=last.content, metadata=metadata)
+        sample,
+        response_ids=traj.response_ids,
+        rollout_logprobs=traj.logprobs,
+        loss_mask=traj.loss_mask,
+        finish_reason=finish,
+        weight_version=version,
+        routed_experts=traj.routed_experts(),
+        response_text=last.content,
+        metadata=metadata,
+    )
 
 
 def tool_schemas(cfg: AgenticConfig) -> list[dict]:

@@ -37,16 +37,20 @@ class Tool:
     sandboxed: bool = False  # fn takes `limits: SandboxLimits`
 
     def schema(self) -> dict:
-        return {"type": "function",
-                "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
 
 
 def as_registry(tools: Any, where: str) -> dict[str, Tool]:
     """A list of Tools or a dict name → Tool, checked (names unique, each a Tool)."""
     items = list(tools.values()) if isinstance(tools, dict) else tools
     if not isinstance(items, (list, tuple)) or not all(isinstance(t, Tool) for t in items):
-        raise TypeError(f"{where}: expected a list of glm_rl.rollout.agentic.tools.Tool or a dict name -> Tool, "
-                        f"got {type(tools).__name__}")
+        raise TypeError(
+            f"{where}: expected a list of glm_rl.rollout.agentic.tools.Tool or a dict name -> Tool, "
+            f"got {type(tools).__name__}"
+        )
     registry = {t.name: t for t in items}
     if len(registry) != len(items):
         raise ValueError(f"{where}: tool names repeat: {[t.name for t in items]}")
@@ -85,8 +89,15 @@ async def call_tool(registry: dict[str, Tool], call: ToolCall, limits: SandboxLi
 
 
 # -- built-ins -------------------------------------------------------------------------------------------------
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-        ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+_OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 
 
@@ -116,9 +127,17 @@ async def python_code(code: Any, limits: SandboxLimits) -> str:
     return (await run_python(str(code), limits)).observation(limits)
 
 
-CALCULATOR = Tool("calculator", "Evaluate an arithmetic expression such as 12*34.", calculate,
-                  {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]})
-PYTHON = Tool("python", "Run Python code in a sandbox (no network, time and memory limits); returns its output.",
-              python_code, {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]},
-              sandboxed=True)
+CALCULATOR = Tool(
+    "calculator",
+    "Evaluate an arithmetic expression such as 12*34.",
+    calculate,
+    {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
+)
+PYTHON = Tool(
+    "python",
+    "Run Python code in a sandbox (no network, time and memory limits); returns its output.",
+    python_code,
+    {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]},
+    sandboxed=True,
+)
 TOOLS = [CALCULATOR, PYTHON]

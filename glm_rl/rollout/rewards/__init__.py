@@ -6,13 +6,7 @@
 - `serve(...)` / `python -m glm_rl.rollout.rewards.server`: an HTTP reward server (server.py).
 """
 
-from glm_rl.rollout.rewards.hub import (
-    Rewarder,
-    RewardError,
-    RewardRequest,
-    build_rewarder,
-    reward_option_errors,
-)
+from glm_rl.rollout.rewards.hub import Rewarder, RewardError, RewardRequest, build_rewarder, reward_option_errors
 from glm_rl.rollout.rewards.math_grader import extract_math_answer, math_equal
 from glm_rl.rollout.rewards.remote import RemoteRewardClient, RemoteRewardError
 from glm_rl.rollout.rewards.rule import (

@@ -136,8 +136,9 @@ class PolicyBackend:
         return agree, total
 
     # -- driving micro-batches through the model (overridable) ---------------------------------------------------
-    def _forward_pass(self, model, mbs: list[MicroBatch],
-                      phase: str | None) -> list[tuple[torch.Tensor | None, np.ndarray | None]]:
+    def _forward_pass(
+        self, model, mbs: list[MicroBatch], phase: str | None
+    ) -> list[tuple[torch.Tensor | None, np.ndarray | None]]:
         """Per micro-batch: (logp (B, T) or None where this rank has none, R2's recorded routing (B, T, n_moe, k)
         or None). `phase` None: no routing replay (the reference model)."""
         out = []
@@ -159,8 +160,9 @@ class PolicyBackend:
                 loss.backward()
 
     # -- the shared step -----------------------------------------------------------------------------------------
-    def micro_batch_loss(self, logp: torch.Tensor, entropy: torch.Tensor | None, mb: MicroBatch,
-                         global_tokens: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def micro_batch_loss(
+        self, logp: torch.Tensor, entropy: torch.Tensor | None, mb: MicroBatch, global_tokens: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """(loss to backpropagate, metric sums) of one micro-batch. The policy loss is scaled by the micro-batch's
         share of the global response tokens, so gradients summed over micro-batches and ranks are the global
         token mean's; metrics are token-weighted sums with "n_tokens" (`train_step` divides). A micro-batch
@@ -170,9 +172,15 @@ class PolicyBackend:
         if n_tokens == 0:
             return logp.sum() * 0.0, {}
         loss, metrics = policy_loss(
-            logp, mb.extra["old_logprobs"].to(self.device), mb.advantages.to(self.device),
-            mb.loss_mask.to(self.device), self.loss_cfg, ref_logp=_to(mb.extra.get("ref_logprobs"), self.device),
-            token_weights=_to(mb.extra.get("token_weights"), self.device), entropy=entropy)
+            logp,
+            mb.extra["old_logprobs"].to(self.device),
+            mb.advantages.to(self.device),
+            mb.loss_mask.to(self.device),
+            self.loss_cfg,
+            ref_logp=_to(mb.extra.get("ref_logprobs"), self.device),
+            token_weights=_to(mb.extra.get("token_weights"), self.device),
+            entropy=entropy,
+        )
         metrics["train/loss"] = float(loss.detach())
         sums = {k: v * n_tokens for k, v in metrics.items()}
         sums["n_tokens"] = n_tokens
@@ -189,7 +197,7 @@ class PolicyBackend:
         for mb, (logp, recorded) in zip(mbs, self._forward_pass(self.model, mbs, "logprob")):
             if recorded is not None:
                 for i, s in enumerate(mb.samples):
-                    routing[s.index] = recorded[i, :s.num_positions]
+                    routing[s.index] = recorded[i, : s.num_positions]
             if logp is not None:
                 for s, lp in zip(mb.samples, mb.per_sample(logp)):
                     old[s.index] = lp
@@ -224,7 +232,6 @@ class PolicyBackend:
         if total:  # replayed routing vs the current weights' own choice (drifts with later optimizer steps)
             out["routing/train_replay_agreement"] = agree / total
         return out
-
 
     # -- hooks a backend implements ---------------------------------------------------------------------------------
     def _forward(self, model, mb: MicroBatch, with_entropy: bool = False):

@@ -21,8 +21,15 @@ p.add_argument("--api-key")
 p.add_argument("--enable-return-routed-experts", action="store_true")
 args, _ = p.parse_known_args()
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])  # like SGLang's scheduler
-engine = EmbeddedEngine(EngineConfig(hf_checkpoint=args.model_path, host=args.host, port=args.port,
-                                     api_key=args.api_key, record_routed_experts=args.enable_return_routed_experts))
+engine = EmbeddedEngine(
+    EngineConfig(
+        hf_checkpoint=args.model_path,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        record_routed_experts=args.enable_return_routed_experts,
+    )
+)
 engine.start()
 done = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: done.set())

@@ -68,23 +68,33 @@ def _layer_entries(spec: ModelSpec, m: str, h: str, moe: bool, ep_rank: int, ep_
     if spec.attention_bias:
         out.append(_e(m + "self_attention.linear_qkv.bias", "qkv", *(h + attn + f"{p}_proj.bias" for p in "qkv")))
     if spec.use_qk_norm:
-        out += [_e(m + "self_attention.q_layernorm.weight", "rep", h + attn + "q_norm.weight"),
-                _e(m + "self_attention.k_layernorm.weight", "rep", h + attn + "k_norm.weight")]
+        out += [
+            _e(m + "self_attention.q_layernorm.weight", "rep", h + attn + "q_norm.weight"),
+            _e(m + "self_attention.k_layernorm.weight", "rep", h + attn + "k_norm.weight"),
+        ]
     if not moe:
-        return out + [_e(m + "mlp.linear_fc1.weight", "gate_up", h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"),
-                      _e(m + "mlp.linear_fc2.weight", "row", h + "mlp.down_proj.weight")]
-    out += [_e(m + "mlp.router.weight", "rep", h + "mlp.gate.weight"),
-            _e(m + "mlp.router.expert_bias", "rep", h + "mlp.gate.e_score_correction_bias")]
+        return out + [
+            _e(m + "mlp.linear_fc1.weight", "gate_up", h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"),
+            _e(m + "mlp.linear_fc2.weight", "row", h + "mlp.down_proj.weight"),
+        ]
+    out += [
+        _e(m + "mlp.router.weight", "rep", h + "mlp.gate.weight"),
+        _e(m + "mlp.router.expert_bias", "rep", h + "mlp.gate.e_score_correction_bias"),
+    ]
     if spec.n_shared_experts:
         s = h + "mlp.shared_experts."
-        out += [_e(m + "mlp.shared_experts.linear_fc1.weight", "gate_up", s + "gate_proj.weight", s + "up_proj.weight"),
-                _e(m + "mlp.shared_experts.linear_fc2.weight", "row", s + "down_proj.weight")]
+        out += [
+            _e(m + "mlp.shared_experts.linear_fc1.weight", "gate_up", s + "gate_proj.weight", s + "up_proj.weight"),
+            _e(m + "mlp.shared_experts.linear_fc2.weight", "row", s + "down_proj.weight"),
+        ]
     n_local = spec.n_routed_experts // ep_size
     for local in range(n_local):
         g = ep_rank * n_local + local
         x = m + f"mlp.experts.local_experts.{local}."
-        out += [_e(x + "linear_fc1.weight", "gate_up", HFRef(h + "mlp.experts.gate_up_proj", g)),  # fused already
-                _e(x + "linear_fc2.weight", "row", HFRef(h + "mlp.experts.down_proj", g))]
+        out += [
+            _e(x + "linear_fc1.weight", "gate_up", HFRef(h + "mlp.experts.gate_up_proj", g)),  # fused already
+            _e(x + "linear_fc2.weight", "row", HFRef(h + "mlp.experts.down_proj", g)),
+        ]
     return out
 
 
@@ -92,15 +102,25 @@ def _mtp_entries(spec: ModelSpec, j: int, ep_rank: int, ep_size: int) -> list[En
     """MTP layer j: HF `model.layers.{num_hidden_layers + j}.*` (the checkpoint's names; `shared_head.norm` is
     HF's post-norm, Megatron's `final_layernorm`). The MTP embedding / head are the main model's."""
     m, h = f"mtp.layers.{j}.", f"model.layers.{spec.num_hidden_layers + j}."
-    return [_e(m + "enorm.weight", "rep", h + "enorm.weight"),
-            _e(m + "hnorm.weight", "rep", h + "hnorm.weight"),
-            _e(m + "eh_proj.weight", "col", h + "eh_proj.weight"),
-            _e(m + "final_layernorm.weight", "rep", h + "shared_head.norm.weight"),
-            *_layer_entries(spec, m + "mtp_model_layer.", h, True, ep_rank, ep_size)]
+    return [
+        _e(m + "enorm.weight", "rep", h + "enorm.weight"),
+        _e(m + "hnorm.weight", "rep", h + "hnorm.weight"),
+        _e(m + "eh_proj.weight", "col", h + "eh_proj.weight"),
+        _e(m + "final_layernorm.weight", "rep", h + "shared_head.norm.weight"),
+        *_layer_entries(spec, m + "mtp_model_layer.", h, True, ep_rank, ep_size),
+    ]
 
 
-def weight_table(spec: ModelSpec, *, ep_rank: int = 0, ep_size: int = 1, layers: range | None = None,
-                 pre_process: bool = True, post_process: bool = True, mtp: bool = False) -> list[Entry]:
+def weight_table(
+    spec: ModelSpec,
+    *,
+    ep_rank: int = 0,
+    ep_size: int = 1,
+    layers: range | None = None,
+    pre_process: bool = True,
+    post_process: bool = True,
+    mtp: bool = False,
+) -> list[Entry]:
     """Every Megatron parameter/buffer one pipeline stage of this EP rank holds, with its HF sources.
     `layers`: the stage's global decoder layer numbers (default: all); `mtp`: the stage holds the MTP layers
     (and so, off the first stage, its own embedding copy). The defaults describe the un-pipelined model."""
@@ -110,8 +130,9 @@ def weight_table(spec: ModelSpec, *, ep_rank: int = 0, ep_size: int = 1, layers:
     embedding = _e("embedding.word_embeddings.weight", "vocab", "model.embed_tokens.weight")
     table = [embedding] if pre_process or mtp else []
     for j, i in enumerate(layers):
-        table += _layer_entries(spec, f"decoder.layers.{j}.", f"model.layers.{i}.", i >= spec.first_k_dense_replace,
-                                ep_rank, ep_size)
+        table += _layer_entries(
+            spec, f"decoder.layers.{j}.", f"model.layers.{i}.", i >= spec.first_k_dense_replace, ep_rank, ep_size
+        )
     if post_process:
         table.append(_e("decoder.final_layernorm.weight", "rep", "model.norm.weight"))
         if not spec.tie_word_embeddings:
@@ -144,12 +165,12 @@ def _split(spec: ModelSpec, kind: str, full: torch.Tensor, n_parts: int) -> list
         g, d = spec.num_key_value_heads, spec.head_dim
         per = spec.num_attention_heads // g
         grouped = full.reshape(g, per + 2, d, *full.shape[1:])
-        q, k, v = grouped[:, :per], grouped[:, per:per + 1], grouped[:, per + 1:]
+        q, k, v = grouped[:, :per], grouped[:, per : per + 1], grouped[:, per + 1 :]
         return [t.reshape(-1, *full.shape[1:]).contiguous() for t in (q, k, v)]
     if kind == "gate_up" and n_parts == 2:
         return list(full.chunk(2, dim=0))
     if kind == "vocab":
-        return [full[:spec.vocab_size]]
+        return [full[: spec.vocab_size]]
     return [full]
 
 
@@ -190,14 +211,20 @@ class _Layout(NamedTuple):
 def _layout() -> _Layout:
     from megatron.core import parallel_state as ps
 
-    return _Layout(ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
-                   ps.get_tensor_model_parallel_group(),
-                   ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size(),
-                   ps.get_expert_tensor_parallel_group(check_initialized=False),
-                   ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size(),
-                   ps.get_expert_model_parallel_group(check_initialized=False),
-                   ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size(),
-                   ps.get_pipeline_model_parallel_group())
+    return _Layout(
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_group(),
+        ps.get_expert_tensor_parallel_rank(),
+        ps.get_expert_tensor_parallel_world_size(),
+        ps.get_expert_tensor_parallel_group(check_initialized=False),
+        ps.get_expert_model_parallel_rank(),
+        ps.get_expert_model_parallel_world_size(),
+        ps.get_expert_model_parallel_group(check_initialized=False),
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_group(),
+    )
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -211,9 +238,15 @@ def _stage_table(model: torch.nn.Module, spec: ModelSpec, lay: _Layout) -> list[
     """The table of what this rank's model holds; the layer offset is the one megatron numbered it with."""
     layers = model.decoder.layers
     offset = layers[0].layer_number - 1 if len(layers) else 0
-    return weight_table(spec, ep_rank=lay.ep_rank, ep_size=lay.ep, layers=range(offset, offset + len(layers)),
-                        pre_process=model.pre_process, post_process=model.post_process,
-                        mtp=getattr(model, "mtp_process", False))
+    return weight_table(
+        spec,
+        ep_rank=lay.ep_rank,
+        ep_size=lay.ep,
+        layers=range(offset, offset + len(layers)),
+        pre_process=model.pre_process,
+        post_process=model.post_process,
+        mtp=getattr(model, "mtp_process", False),
+    )
 
 
 def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -239,8 +272,10 @@ def import_hf_weights(model: torch.nn.Module, spec: ModelSpec, hf_state: dict[st
     anywhere = {r.name for e in weight_table(spec, mtp=bool(model.config.mtp_num_layers)) for r in e.hf}
     missing, unused = sorted(needed - set(hf_state)), sorted(set(hf_state) - anywhere)
     if uncovered or missing or unused:
-        raise KeyError(f"HF ↔ Megatron table mismatch: megatron tensors not in the table {uncovered[:5]}, "
-                       f"HF tensors missing {missing[:5]}, HF tensors unused {unused[:5]}")
+        raise KeyError(
+            f"HF ↔ Megatron table mismatch: megatron tensors not in the table {uncovered[:5]}, "
+            f"HF tensors missing {missing[:5]}, HF tensors unused {unused[:5]}"
+        )
     for e in table:
         parts = [hf_state[r.name] if r.expert is None else hf_state[r.name][r.expert] for r in e.hf]
         rank, size = (lay.etp_rank, lay.etp) if _is_expert(e.mcore) else (lay.tp_rank, lay.tp)
@@ -259,8 +294,9 @@ def _gather(t: torch.Tensor, size: int, group) -> list[torch.Tensor]:
     return out
 
 
-def _export_stage(model: torch.nn.Module, spec: ModelSpec, lay: _Layout,
-                  skip: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def _export_stage(
+    model: torch.nn.Module, spec: ModelSpec, lay: _Layout, skip: set[str]
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) for this rank's pipeline stage, gathered over TP / expert-TP / EP. Entries whose
     HF names are all in `skip` (already yielded by an earlier stage) are passed over — the same on every rank
     of the stage, so the stage's collectives stay matched."""

@@ -64,9 +64,17 @@ class ContextParallelAttention(torch.nn.Module):
     """Causal softmax attention over K/V gathered from the CP group (drop-in for megatron's local
     `DotProductAttention`: same constructor and forward signature, [s, b, heads, d] in, [s, b, heads·d] out)."""
 
-    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
-                 attention_dropout: float | None = None, softmax_scale: float | None = None,
-                 cp_comm_type: str | None = None, pg_collection=None):
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ):
         super().__init__()
         from megatron.core import parallel_state as ps
         from megatron.core.transformer.enums import AttnMaskType
@@ -79,8 +87,9 @@ class ContextParallelAttention(torch.nn.Module):
         self.cp_group = pg_collection.cp if pg_collection is not None else ps.get_context_parallel_group()
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
         if packed_seq_params is not None or attention_bias is not None:

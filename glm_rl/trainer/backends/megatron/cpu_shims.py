@@ -153,9 +153,9 @@ def _patch_cp_rope_chunks():
         if cp_group is None:
             raise ValueError("cp_group must be provided to get positional embedding per CP rank")
         cp, rank = cp_group.size(), cp_group.rank()
-        chunks = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp, -1, *pos_emb.shape[seq_dim + 1:])
+        chunks = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp, -1, *pos_emb.shape[seq_dim + 1 :])
         chunks = chunks.index_select(seq_dim, torch.tensor([rank, 2 * cp - rank - 1]))
-        return chunks.view(*chunks.shape[:seq_dim], -1, *chunks.shape[seq_dim + 2:])
+        return chunks.view(*chunks.shape[:seq_dim], -1, *chunks.shape[seq_dim + 2 :])
 
     rope_utils.get_pos_emb_on_this_cp_rank = get_pos_emb_on_this_cp_rank
     rotary_pos_embedding.get_pos_emb_on_this_cp_rank = get_pos_emb_on_this_cp_rank

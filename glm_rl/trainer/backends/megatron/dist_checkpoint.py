@@ -70,15 +70,19 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if not path.is_dir():
         raise DistCheckpointError(f"{path}: no such directory (expected a torch_dist checkpoint)")
     if not (path / "metadata.json").is_file():
-        raise DistCheckpointError(f"{path}: no metadata.json — not a megatron torch_dist checkpoint "
-                                  "(write one with `glm-rl convert import`)")
+        raise DistCheckpointError(
+            f"{path}: no metadata.json — not a megatron torch_dist checkpoint (write one with `glm-rl convert import`)"
+        )
     meta = load_common_state_dict(str(path)).get(META_KEY)
     if not isinstance(meta, dict) or "hf_config" not in meta:
-        raise DistCheckpointError(f"{path}: a torch_dist checkpoint without the `{META_KEY}` entry "
-                                  "(not written by glm_rl; its architecture is unknown)")
+        raise DistCheckpointError(
+            f"{path}: a torch_dist checkpoint without the `{META_KEY}` entry "
+            "(not written by glm_rl; its architecture is unknown)"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
-        raise DistCheckpointError(f"{path}: glm_rl checkpoint format {meta.get('format_version')!r}, "
-                                  f"this version reads {FORMAT_VERSION}")
+        raise DistCheckpointError(
+            f"{path}: glm_rl checkpoint format {meta.get('format_version')!r}, this version reads {FORMAT_VERSION}"
+        )
     return meta
 
 

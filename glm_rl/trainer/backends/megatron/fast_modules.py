@@ -36,12 +36,19 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 class GroupedExperts(SequentialMLP):
     """`SequentialMLP` with one grouped GEMM per projection (same parameters, same state dict)."""
 
-    def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
-                permuted_probs: torch.Tensor):
+    def forward(
+        self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor, permuted_probs: torch.Tensor
+    ):
         cfg = self.config
-        plain = (self.tp_group.size() == 1 and cfg.gated_linear_unit and not cfg.add_bias_linear
-                 and not cfg.moe_apply_probs_on_input and not (cfg.fp8 or cfg.fp4)
-                 and cfg.activation_func_clamp_value is None and not cfg.glu_linear_offset)
+        plain = (
+            self.tp_group.size() == 1
+            and cfg.gated_linear_unit
+            and not cfg.add_bias_linear
+            and not cfg.moe_apply_probs_on_input
+            and not (cfg.fp8 or cfg.fp4)
+            and cfg.activation_func_clamp_value is None
+            and not cfg.glu_linear_offset
+        )
         if not plain or self.num_local_experts == 1:  # expert-TP, biases, quantisation: the reference path
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         x = permuted_local_hidden_states
@@ -72,8 +79,9 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
 class SDPAAttention(DotProductAttention):
     """Causal core attention through `F.scaled_dot_product_attention`; inputs [s, b, heads, d] as Megatron's."""
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         mask_type = attn_mask_type or self.attn_mask_type
         if packed_seq_params is not None or attention_bias is not None or mask_type != AttnMaskType.causal:
             raise NotImplementedError("SDPAAttention handles causal attention without packing or bias only")
@@ -81,8 +89,14 @@ class SDPAAttention(DotProductAttention):
         groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
-                                             dropout_p=self.attention_dropout.p if self.training else 0.0)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=True,
+            scale=self.softmax_scale,
+            dropout_p=self.attention_dropout.p if self.training else 0.0,
+        )
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, self.hidden_size_per_partition)
 
@@ -121,8 +135,9 @@ _HOST_SYNC_METHODS = ("_maybe_dtoh_and_synchronize", "dispatch_postprocess", "co
 
 def compile_decoder_layers(model: nn.Module) -> int:
     """Regional compile: `layer.compile(dynamic=False)` on each `model.decoder.layers[i]` (shapes are fixed per
-    step; layers of one kind, dense or MoE, share graphs), keeping the parameters. Patches megatron's tensor-parallel linear to skip
-    the per-call warning (process-wide, numerics unchanged). Returns the number of layers compiled."""
+    step; layers of one kind, dense or MoE, share graphs), keeping the parameters. Patches megatron's
+    tensor-parallel linear to skip the per-call warning (process-wide, numerics unchanged). Returns the number of
+    layers compiled."""
     from megatron.core.tensor_parallel import layers as tp_layers
 
     tp_layers.get_tensor_model_parallel_group_if_none = _tp_group_or_default

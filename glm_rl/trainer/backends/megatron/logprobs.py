@@ -32,8 +32,15 @@ def _row_sums(x: torch.Tensor, m: torch.Tensor, inv_t: float) -> tuple[torch.Ten
     return e.sum(-1), (e * z).sum(-1)
 
 
-def _row_grad(x: torch.Tensor, lse: torch.Tensor, mean_z: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
-              local_t: torch.Tensor, inv_t: float) -> torch.Tensor:
+def _row_grad(
+    x: torch.Tensor,
+    lse: torch.Tensor,
+    mean_z: torch.Tensor,
+    g: torch.Tensor,
+    h: torch.Tensor,
+    local_t: torch.Tensor,
+    inv_t: float,
+) -> torch.Tensor:
     z = x.float() * inv_t
     p = torch.exp(z - lse[:, None])
     hit = torch.arange(x.shape[-1], device=x.device)[None, :] == local_t[:, None]  # never true off this shard
@@ -70,11 +77,14 @@ class _VocabParallelLogprob(torch.autograd.Function):
         owned = (local_t >= 0) & (local_t < width)
         local_t = torch.where(owned, local_t, torch.full_like(local_t, -1))
         chunks = range(0, x.shape[0], CHUNK_ROWS)
-        m = torch.cat([row_max(x[i:i + CHUNK_ROWS], inv_t) for i in chunks]) if x.shape[0] else x.new_zeros(0).float()
+        m = torch.cat([row_max(x[i : i + CHUNK_ROWS], inv_t) for i in chunks]) if x.shape[0] else x.new_zeros(0).float()
         _all_reduce(m, dist.ReduceOp.MAX, group)
-        sums = [row_sums(x[i:i + CHUNK_ROWS], m[i:i + CHUNK_ROWS], inv_t) for i in chunks]
-        stats = torch.stack([torch.cat([s[0] for s in sums]), torch.cat([s[1] for s in sums])]) if sums \
+        sums = [row_sums(x[i : i + CHUNK_ROWS], m[i : i + CHUNK_ROWS], inv_t) for i in chunks]
+        stats = (
+            torch.stack([torch.cat([s[0] for s in sums]), torch.cat([s[1] for s in sums])])
+            if sums
             else m.new_zeros(2, 0)
+        )
         z_t = torch.where(owned, x.gather(-1, local_t.clamp(min=0)[:, None]).squeeze(-1).float() * inv_t, 0.0)
         stats = _all_reduce(torch.cat([stats, z_t[None]]), dist.ReduceOp.SUM, group)
         s, sz, z_t = stats
@@ -99,8 +109,9 @@ class _VocabParallelLogprob(torch.autograd.Function):
         return out.reshape(logits.shape), None, None, None, None
 
 
-def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
-                            vocab_start: int = 0, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+def vocab_parallel_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0, vocab_start: int = 0, group=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(targets), entropy), each shaped like `targets`, of softmax(logits / temperature) over the full
     vocab; `logits` (..., V_local) hold this rank's vocab shard starting at global id `vocab_start`, `group`
     is the TP group (None: the whole vocab is here). Differentiable in both outputs."""

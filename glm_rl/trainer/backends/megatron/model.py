@@ -48,13 +48,16 @@ def check_spec(spec: ModelSpec, tp: int = 1, ep: int = 1) -> None:
         raise MegatronLayoutError(f"n_group={spec.n_group}: group-limited routing differs from HF's; only 1 is built")
     if spec.hidden_act != "silu":
         raise MegatronLayoutError(f"hidden_act {spec.hidden_act!r}: only silu (SwiGLU) is built")
-    for name, value in (("num_attention_heads", spec.num_attention_heads),
-                        ("num_key_value_heads", spec.num_key_value_heads)):
+    for name, value in (
+        ("num_attention_heads", spec.num_attention_heads),
+        ("num_key_value_heads", spec.num_key_value_heads),
+    ):
         if value % tp:
             raise MegatronLayoutError(f"{name}={value} is not divisible by tensor parallel size {tp}")
     if spec.n_routed_experts % ep:
-        raise MegatronLayoutError(f"n_routed_experts={spec.n_routed_experts} is not divisible by "
-                                  f"expert parallel size {ep}")
+        raise MegatronLayoutError(
+            f"n_routed_experts={spec.n_routed_experts} is not divisible by expert parallel size {ep}"
+        )
 
 
 def _state_sizes() -> dict[str, int | None]:
@@ -63,13 +66,24 @@ def _state_sizes() -> dict[str, int | None]:
 
     if not ps.model_parallel_is_initialized():
         return {"pp": 1, "cp": 1, "etp": None}
-    return {"pp": ps.get_pipeline_model_parallel_world_size(), "cp": ps.get_context_parallel_world_size(),
-            "etp": ps.get_expert_tensor_parallel_world_size()}
+    return {
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "cp": ps.get_context_parallel_world_size(),
+        "etp": ps.get_expert_tensor_parallel_world_size(),
+    }
 
 
-def transformer_config(spec: ModelSpec, *, tp: int = 1, ep: int = 1, params_dtype: torch.dtype = torch.float32,
-                       mtp: bool = False, first_stage_layers: int | None = None,
-                       last_stage_layers: int | None = None, **overrides):
+def transformer_config(
+    spec: ModelSpec,
+    *,
+    tp: int = 1,
+    ep: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    mtp: bool = False,
+    first_stage_layers: int | None = None,
+    last_stage_layers: int | None = None,
+    **overrides,
+):
     """The megatron `TransformerConfig` for `spec`. PP / CP / expert-TP come from megatron's parallel state;
     `first_stage_layers` / `last_stage_layers` are --decoder-first/last-pipeline-num-layers; `mtp` builds the
     spec's MTP layers; `overrides` are passed through (e.g. recompute flags)."""
@@ -78,33 +92,58 @@ def transformer_config(spec: ModelSpec, *, tp: int = 1, ep: int = 1, params_dtyp
     check_spec(spec, tp, ep)
     sizes = _state_sizes()
     fields = dict(
-        num_layers=spec.num_hidden_layers, hidden_size=spec.hidden_size,
-        ffn_hidden_size=spec.intermediate_size, num_attention_heads=spec.num_attention_heads,
-        num_query_groups=spec.num_key_value_heads, kv_channels=spec.head_dim,
-        normalization="RMSNorm", layernorm_epsilon=spec.rms_norm_eps,
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=spec.attention_bias,
-        qk_layernorm=spec.use_qk_norm, hidden_dropout=0.0, attention_dropout=0.0,
+        num_layers=spec.num_hidden_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.intermediate_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_key_value_heads,
+        kv_channels=spec.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=spec.attention_bias,
+        qk_layernorm=spec.use_qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
         # MoE
-        num_moe_experts=spec.n_routed_experts, moe_router_topk=spec.num_experts_per_tok,
+        num_moe_experts=spec.n_routed_experts,
+        moe_router_topk=spec.num_experts_per_tok,
         moe_ffn_hidden_size=spec.moe_intermediate_size,
         moe_shared_expert_intermediate_size=spec.n_shared_experts * spec.moe_intermediate_size or None,
         moe_layer_freq=[0] * spec.first_k_dense_replace + [1] * spec.num_moe_layers,
-        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, moe_router_bias_update_rate=0.0,
-        moe_router_topk_scaling_factor=spec.routed_scaling_factor, moe_router_dtype="fp32",
-        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
-        moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=0.0,
+        moe_router_topk_scaling_factor=spec.routed_scaling_factor,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
         # MTP (GLM-4.5's next-n layer, on the last pipeline stage)
         mtp_num_layers=spec.num_nextn_predict_layers if mtp and spec.num_nextn_predict_layers else None,
         # parallel / precision / kernels
-        tensor_model_parallel_size=tp, sequence_parallel=tp > 1, expert_model_parallel_size=ep,
-        pipeline_model_parallel_size=sizes["pp"], context_parallel_size=sizes["cp"],
+        tensor_model_parallel_size=tp,
+        sequence_parallel=tp > 1,
+        expert_model_parallel_size=ep,
+        pipeline_model_parallel_size=sizes["pp"],
+        context_parallel_size=sizes["cp"],
         expert_tensor_parallel_size=sizes["etp"],
-        num_layers_in_first_pipeline_stage=first_stage_layers, num_layers_in_last_pipeline_stage=last_stage_layers,
+        num_layers_in_first_pipeline_stage=first_stage_layers,
+        num_layers_in_last_pipeline_stage=last_stage_layers,
         pipeline_dtype=params_dtype if sizes["pp"] > 1 else None,
-        params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
-        use_cpu_initialization=True, transformer_impl="local",
-        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=True,
+        transformer_impl="local",
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
     )
     fields.update(overrides)
     return TransformerConfig(**fields)
@@ -128,29 +167,51 @@ def _block_spec(config, fast: bool = False):
     return block
 
 
-def build_gpt_model(spec: ModelSpec, *, tp: int = 1, ep: int = 1, params_dtype: torch.dtype = torch.float32,
-                    pre_process: bool | None = None, post_process: bool | None = None, mtp: bool = False,
-                    first_stage_layers: int | None = None, last_stage_layers: int | None = None,
-                    fast: bool = False, **overrides):
+def build_gpt_model(
+    spec: ModelSpec,
+    *,
+    tp: int = 1,
+    ep: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    mtp: bool = False,
+    first_stage_layers: int | None = None,
+    last_stage_layers: int | None = None,
+    fast: bool = False,
+    **overrides,
+):
     """This pipeline stage's GLM-4.5 `GPTModel` (the whole model without PP). `pre_process` / `post_process`
     default to this rank's stage being first / last; the vocab is padded for TP (module docstring)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    config = transformer_config(spec, tp=tp, ep=ep, params_dtype=params_dtype, mtp=mtp,
-                                first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers,
-                                **overrides)
+    config = transformer_config(
+        spec,
+        tp=tp,
+        ep=ep,
+        params_dtype=params_dtype,
+        mtp=mtp,
+        first_stage_layers=first_stage_layers,
+        last_stage_layers=last_stage_layers,
+        **overrides,
+    )
     block = _block_spec(config, fast)
     mtp_spec = get_gpt_mtp_block_spec(config, block, use_transformer_engine=False) if mtp else None
     first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
     model = GPTModel(
-        config=config, transformer_layer_spec=block, vocab_size=padded_vocab_size(spec, tp),
+        config=config,
+        transformer_layer_spec=block,
+        vocab_size=padded_vocab_size(spec, tp),
         max_sequence_length=spec.max_position_embeddings,
         pre_process=first if pre_process is None else pre_process,
         post_process=last if post_process is None else post_process,
-        share_embeddings_and_output_weights=spec.tie_word_embeddings, position_embedding_type="rope",
-        rotary_percent=spec.partial_rotary_factor, rotary_base=int(spec.rope_theta), mtp_block_spec=mtp_spec,
+        share_embeddings_and_output_weights=spec.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=spec.partial_rotary_factor,
+        rotary_base=int(spec.rope_theta),
+        mtp_block_spec=mtp_spec,
     )
     if model.post_process:
         _mask_padded_vocab(model.output_layer, spec.vocab_size, padded_vocab_size(spec, tp) // tp)
@@ -178,8 +239,9 @@ def _mask_padded_vocab(output_layer: torch.nn.Module, vocab_size: int, local_voc
     output_layer.register_forward_hook(hook)
 
 
-def setup_model_parallel(*, tp: int = 1, ep: int = 1, pp: int = 1, cp: int = 1, etp: int | None = None,
-                         seed: int = 1234) -> None:
+def setup_model_parallel(
+    *, tp: int = 1, ep: int = 1, pp: int = 1, cp: int = 1, etp: int | None = None, seed: int = 1234
+) -> None:
     """Megatron parallel state + RNG on an already initialised torch.distributed group (world = TP×PP×CP×DP;
     `etp` None keeps Megatron's default, expert-TP = TP). Norms under sequence parallelism are patched (on GPU
     too); on a host without CUDA the CPU/gloo shims are applied first (explicitly, here — never on import)."""
@@ -190,7 +252,11 @@ def setup_model_parallel(*, tp: int = 1, ep: int = 1, pp: int = 1, cp: int = 1, 
 
     apply_cpu_shims()
     apply_norm_sequence_parallel_patch()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                             context_parallel_size=cp, expert_model_parallel_size=ep,
-                                             expert_tensor_parallel_size=etp)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
     model_parallel_cuda_manual_seed(seed)

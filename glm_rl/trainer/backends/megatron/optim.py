@@ -41,8 +41,9 @@ def _sum_duplicated_embedding(model: torch.nn.Module) -> None:
     from megatron.core import parallel_state as ps
 
     config = getattr(model, "config", None)
-    if config is None or not (getattr(model, "share_embeddings_and_output_weights", False)
-                              or getattr(config, "mtp_num_layers", None)):
+    if config is None or not (
+        getattr(model, "share_embeddings_and_output_weights", False) or getattr(config, "mtp_num_layers", None)
+    ):
         return
     group = ps.get_embedding_group(check_initialized=False)
     if group is None or dist.get_world_size(group) == 1 or dist.get_rank() not in dist.get_process_group_ranks(group):
@@ -65,18 +66,29 @@ def reduce_grads_and_clip(model: torch.nn.Module, clip_grad: float, device: str 
     groups = {  # group → grads summed over it; one flat all-reduce each
         "tp": [p.grad for n, p in params if getattr(p, "sequence_parallel", False) and tp > 1],
         "dp": [p.grad for n, p in params if n not in expert],
-        "edp": [p.grad for n, p in params if n in expert]}
+        "edp": [p.grad for n, p in params if n in expert],
+    }
     # CP ranks hold the same weights and split the tokens: their dense grads are summed with DP's
-    pg = {"tp": ps.get_tensor_model_parallel_group(), "dp": ps.get_data_parallel_group(with_context_parallel=True),
-          "edp": ps.get_expert_data_parallel_group()}
+    pg = {
+        "tp": ps.get_tensor_model_parallel_group(),
+        "dp": ps.get_data_parallel_group(with_context_parallel=True),
+        "edp": ps.get_expert_data_parallel_group(),
+    }
     for key in ("tp", "dp", "edp"):  # SP's TP sum first: the DP sum then adds whole TP-summed grads
         _all_reduce_flat(groups[key], pg[key])
     _sum_duplicated_embedding(model)
-    dense_sq = sum((p.grad.float() ** 2).sum() for n, p in params
-                   if n not in expert and not getattr(p, "shared", False)  # the last stage's embedding copy
-                   and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0))
-    expert_sq = sum((p.grad.float() ** 2).sum() for n, p in params if n in expert and
-                    (getattr(p, "tensor_model_parallel", False) or ps.get_expert_tensor_parallel_rank() == 0))
+    dense_sq = sum(
+        (p.grad.float() ** 2).sum()
+        for n, p in params
+        if n not in expert
+        and not getattr(p, "shared", False)  # the last stage's embedding copy
+        and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
+    )
+    expert_sq = sum(
+        (p.grad.float() ** 2).sum()
+        for n, p in params
+        if n in expert and (getattr(p, "tensor_model_parallel", False) or ps.get_expert_tensor_parallel_rank() == 0)
+    )
     sq = torch.stack([torch.as_tensor(x, dtype=torch.float32, device=device) for x in (dense_sq, expert_sq)])
     if dist.is_initialized():
         dist.all_reduce(sq[:1], group=ps.get_model_parallel_group())
@@ -93,14 +105,23 @@ class Optimizer:
     """torch AdamW on the model's trainable parameters, or on fp32 master copies (`fp32_master`, on the CPU with
     `cpu_offload`) whose result is copied back after each step."""
 
-    def __init__(self, model: torch.nn.Module, *, lr: float, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), cpu_offload: bool = False,
-                 fp32_master: bool = False) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        lr: float,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        cpu_offload: bool = False,
+        fp32_master: bool = False,
+    ) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.master = None
         if cpu_offload or fp32_master:
-            self.master = [p.detach().to(device="cpu" if cpu_offload else p.device, dtype=torch.float32, copy=True)
-                           for p in self.params]
+            self.master = [
+                p.detach().to(device="cpu" if cpu_offload else p.device, dtype=torch.float32, copy=True)
+                for p in self.params
+            ]
         self.opt = torch.optim.AdamW(self.master or self.params, lr=lr, weight_decay=weight_decay, betas=betas)
 
     def step(self) -> None:

@@ -19,7 +19,8 @@ computed and backpropagated on the last stage). Choices, and why:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -28,9 +29,14 @@ from glm_rl.trainer.batching import MicroBatch
 PIPELINE_CONFIG = dict(variable_seq_lengths=True)  # TransformerConfig fields the schedule needs (see above)
 
 
-def run_micro_batches(model, mbs: list[MicroBatch], forward: Callable[[MicroBatch], torch.Tensor],
-                      loss: Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, Any]], *,
-                      forward_only: bool) -> list[Any]:
+def run_micro_batches(
+    model,
+    mbs: list[MicroBatch],
+    forward: Callable[[MicroBatch], torch.Tensor],
+    loss: Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, Any]],
+    *,
+    forward_only: bool,
+) -> list[Any]:
     """Run `mbs` through this rank's stage. `forward(mb)` runs the stage's model on `mb` (the schedule has set
     the stage's input tensor from the previous stage); on the last stage `loss(mb, output)` returns (loss to
     backpropagate, a result to keep). Returns the kept results in micro-batch order on the last stage, [] on
@@ -39,8 +45,10 @@ def run_micro_batches(model, mbs: list[MicroBatch], forward: Callable[[MicroBatc
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if ps.get_pipeline_model_parallel_world_size() > 1 and not model.config.variable_seq_lengths:
-        raise ValueError("pipeline parallelism over micro-batches of different lengths needs the model built "
-                         "with variable_seq_lengths=True (pipeline.PIPELINE_CONFIG)")
+        raise ValueError(
+            "pipeline parallelism over micro-batches of different lengths needs the model built "
+            "with variable_seq_lengths=True (pipeline.PIPELINE_CONFIG)"
+        )
     if not mbs:
         return []
     n = len(mbs)
@@ -59,7 +67,12 @@ def run_micro_batches(model, mbs: list[MicroBatch], forward: Callable[[MicroBatc
         return output, loss_func
 
     get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iter(mbs), model=model, num_microbatches=n,
+        forward_step_func=step,
+        data_iterator=iter(mbs),
+        model=model,
+        num_microbatches=n,
         seq_length=max(mb.input_ids.shape[1] for mb in mbs),  # unused with variable_seq_lengths
-        micro_batch_size=max(mb.input_ids.shape[0] for mb in mbs), forward_only=forward_only)
+        micro_batch_size=max(mb.input_ids.shape[0] for mb in mbs),
+        forward_only=forward_only,
+    )
     return results

@@ -30,12 +30,24 @@ from glm_rl.trainer.backends.megatron.cp_attention import gather_from_cp, split_
 
 
 class MegatronRoutingReplay:
-    def __init__(self, model: torch.nn.Module, top_k: int, *, tp_rank: int = 0, tp_size: int = 1, tp_group=None,
-                 sequence_parallel: bool = False, cp_group=None, pp_group=None, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        top_k: int,
+        *,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        tp_group=None,
+        sequence_parallel: bool = False,
+        cp_group=None,
+        pp_group=None,
+        device: str = "cpu",
+    ) -> None:
         from megatron.core.transformer.moe.router import TopKRouter
 
-        self.layers = [m.router_replay for m in model.modules()
-                       if isinstance(m, TopKRouter) and m.router_replay is not None]
+        self.layers = [
+            m.router_replay for m in model.modules() if isinstance(m, TopKRouter) and m.router_replay is not None
+        ]
         self.top_k, self.device = top_k, device
         self.split = tp_size if sequence_parallel else 1  # ranks the sequence is cut over inside the MoE layer
         self.rank, self.group = (tp_rank, tp_group) if sequence_parallel else (0, None)
@@ -46,7 +58,7 @@ class MegatronRoutingReplay:
         if self.pp_group:  # MoE layers per stage, in stage order
             counts = [None] * self.pp_group.size()
             dist.all_gather_object(counts, len(self.layers), group=self.pp_group)
-        self.offset = sum(counts[:self.pp_group.rank()]) if self.pp_group else 0
+        self.offset = sum(counts[: self.pp_group.rank()]) if self.pp_group else 0
         self.num_moe_layers = sum(counts)  # the whole model's
         self.mode = "off"
         self._valid: torch.Tensor | None = None  # (N_local,) bool, this rank's tokens in router order
@@ -60,7 +72,7 @@ class MegatronRoutingReplay:
         x = split_for_cp(x, self.cp_rank, self.cp, dim=1)
         B, T = x.shape[:2]
         chunk = T // self.split
-        x = x[:, self.rank * chunk:(self.rank + 1) * chunk].transpose(0, 1)  # (S_local, B, ...)
+        x = x[:, self.rank * chunk : (self.rank + 1) * chunk].transpose(0, 1)  # (S_local, B, ...)
         return x.reshape(chunk * B, *x.shape[2:])
 
     def record(self, valid: torch.Tensor) -> None:
@@ -77,10 +89,12 @@ class MegatronRoutingReplay:
         from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
         if tuple(forced.shape[2:]) != (self.num_moe_layers, self.top_k):
-            raise ValueError(f"routing to replay has shape {tuple(forced.shape)}, expected "
-                             f"(B, T, {self.num_moe_layers}, {self.top_k})")
+            raise ValueError(
+                f"routing to replay has shape {tuple(forced.shape)}, expected "
+                f"(B, T, {self.num_moe_layers}, {self.top_k})"
+            )
         self.mode, self._shape, self._valid = "replay", tuple(valid.shape), self._local(valid)
-        local = self._local(forced[:, :, self.offset:self.offset + len(self.layers)])  # (N_local, n_stage, k)
+        local = self._local(forced[:, :, self.offset : self.offset + len(self.layers)])  # (N_local, n_stage, k)
         for j, r in enumerate(self.layers):
             r.set_target_indices(local[:, j].contiguous())
             r.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
