@@ -1,7 +1,8 @@
 """The `glm-rl plan` command: flags -> `PlanInput`, then a table (or `--json`) and the exit code.
 
 Exit codes: 0 fits; 1 a valid layout that does not fit (the table says where); 2 a layout or input that cannot
-run at all (every reason listed). The memory model and its assumptions are in `glm_rl/planner/estimate.py`.
+run at all (every reason listed). The memory model and its assumptions are in `glm_rl/planner/estimate.py`,
+the weight-sync model in `glm_rl/planner/sync.py`.
 """
 
 from __future__ import annotations
@@ -55,42 +56,10 @@ def plan_command(
 ) -> None:
     """Check a parallel layout and print per-GPU memory and predicted weight-sync time (exit 1: does not fit,
     2: invalid)."""
+    flags = dict(locals())  # every flag above, by parameter name (`_plan_input` reads them)
     try:
-        hw = get_hardware(hardware)
-        nodes, per_node = _cluster(num_nodes, gpus_per_node, hostfile, hw.gpus_per_node)
-        _check_choices(recompute_granularity, recompute_method, update_weight_transfer_mode)
-        tp = tensor_model_parallel_size
-        layout = ParallelLayout(
-            tp=tp,
-            pp=pipeline_model_parallel_size,
-            cp=context_parallel_size,
-            ep=expert_model_parallel_size,
-            etp=expert_tensor_parallel_size,
-            sequence_parallel=tp > 1 if sequence_parallel is None else sequence_parallel,
-            decoder_first_pipeline_num_layers=decoder_first_pipeline_num_layers,
-            decoder_last_pipeline_num_layers=decoder_last_pipeline_num_layers,
-        )
-        inp = PlanInput(
-            spec=get_preset(model_preset),
-            hardware=hw,
-            num_nodes=nodes,
-            gpus_per_node=per_node,
-            layout=layout,
-            max_tokens_per_gpu=max_tokens_per_gpu,
-            recompute_granularity=recompute_granularity,
-            recompute_method=recompute_method,
-            recompute_num_layers=recompute_num_layers,
-            optimizer_cpu_offload=optimizer_cpu_offload,
-            enable_mtp_training=enable_mtp_training,
-            colocate=colocate,
-            rollout_num_gpus=rollout_num_gpus,
-            rollout_num_gpus_per_engine=rollout_num_gpus_per_engine,
-            enable_mtp=enable_mtp,
-            mem_fraction_static=sglang_mem_fraction_static,
-            update_weight_transfer_mode=update_weight_transfer_mode,
-        )
         plan = make_plan(
-            inp,
+            _plan_input(flags),
             with_sync=not skip_sync,
             progress=None if as_json else lambda msg: print(msg, file=sys.stderr, flush=True),
         )
@@ -103,6 +72,44 @@ def plan_command(
         render(plan)
     if not plan.fits:
         raise typer.Exit(1)
+
+
+def _plan_input(f: dict) -> PlanInput:
+    """`plan_command`'s flags (by parameter name) -> the checked `PlanInput` (PlanError / LayoutError /
+    ValueError when a flag is out of range)."""
+    hw = get_hardware(f["hardware"])
+    nodes, per_node = _cluster(f["num_nodes"], f["gpus_per_node"], f["hostfile"], hw.gpus_per_node)
+    _check_choices(f["recompute_granularity"], f["recompute_method"], f["update_weight_transfer_mode"])
+    tp, sequence_parallel = f["tensor_model_parallel_size"], f["sequence_parallel"]
+    layout = ParallelLayout(
+        tp=tp,
+        pp=f["pipeline_model_parallel_size"],
+        cp=f["context_parallel_size"],
+        ep=f["expert_model_parallel_size"],
+        etp=f["expert_tensor_parallel_size"],
+        sequence_parallel=tp > 1 if sequence_parallel is None else sequence_parallel,
+        decoder_first_pipeline_num_layers=f["decoder_first_pipeline_num_layers"],
+        decoder_last_pipeline_num_layers=f["decoder_last_pipeline_num_layers"],
+    )
+    return PlanInput(
+        spec=get_preset(f["model_preset"]),
+        hardware=hw,
+        num_nodes=nodes,
+        gpus_per_node=per_node,
+        layout=layout,
+        max_tokens_per_gpu=f["max_tokens_per_gpu"],
+        recompute_granularity=f["recompute_granularity"],
+        recompute_method=f["recompute_method"],
+        recompute_num_layers=f["recompute_num_layers"],
+        optimizer_cpu_offload=f["optimizer_cpu_offload"],
+        enable_mtp_training=f["enable_mtp_training"],
+        colocate=f["colocate"],
+        rollout_num_gpus=f["rollout_num_gpus"],
+        rollout_num_gpus_per_engine=f["rollout_num_gpus_per_engine"],
+        enable_mtp=f["enable_mtp"],
+        mem_fraction_static=f["sglang_mem_fraction_static"],
+        update_weight_transfer_mode=f["update_weight_transfer_mode"],
+    )
 
 
 def _check_choices(recompute_granularity: str | None, recompute_method: str, update_weight_transfer_mode: str) -> None:
