@@ -115,24 +115,7 @@ class Runtime:
         router = RouterProcess(RouterConfig(worker_urls=tuple(urls), api_key=api_key, host=node_ip()))
         undo.callback(router.stop)
         router.start()
-        # routed experts through the router only from engines that return them unasked (it drops the flag)
-        endpoints = RolloutEndpoints(
-            router.url, api_key=api_key, engines_return_routing=launcher.returns_routing_by_default
-        )
-        manager = (
-            ray.remote(RolloutManager)
-            .options(num_cpus=0)
-            .remote(
-                cfg.rollout,
-                cfg.model.hf_checkpoint,
-                endpoints.generate,
-                seed=cfg.seed,
-                return_routed_experts=routed,
-                eval_cfg=cfg.eval,
-                abort=AbortEngines(router.url, api_key),
-                agentic=cfg.agentic,
-            )
-        )
+        manager = _start_manager(cfg, router, launcher.returns_routing_by_default, routed, api_key)
         undo.callback(_kill_all, [manager])
         trainers.setup_sync(cfg.sync, urls, api_key)
         _write_placement(Path(cfg.output_dir), trainers, urls, router.url)
@@ -234,6 +217,26 @@ class Runtime:
                     stop()
                 except Exception as e:  # keep tearing down the rest
                     log.warning("shutdown step failed: %s", e)
+
+
+def _start_manager(cfg: RunConfig, router: RouterProcess, engines_return_routing: bool, routed: bool, api_key: str):
+    """The rollout manager actor, sending /generate through the router (routed experts through it only from engines
+    that return them unasked: the router drops the flag)."""
+    endpoints = RolloutEndpoints(router.url, api_key=api_key, engines_return_routing=engines_return_routing)
+    return (
+        ray.remote(RolloutManager)
+        .options(num_cpus=0)
+        .remote(
+            cfg.rollout,
+            cfg.model.hf_checkpoint,
+            endpoints.generate,
+            seed=cfg.seed,
+            return_routed_experts=routed,
+            eval_cfg=cfg.eval,
+            abort=AbortEngines(router.url, api_key),
+            agentic=cfg.agentic,
+        )
+    )
 
 
 @contextlib.contextmanager

@@ -11,12 +11,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from glm_rl.checkpoint import CheckpointError, resume_hint
 from glm_rl.config import RunConfig
 from glm_rl.metrics import MetricsWriter, console_line, write_report
+from glm_rl.recovery import EnginesLost
 from glm_rl.replay import ReplayRuntime
 from glm_rl.rollout.debug_data import save_rollout
 from glm_rl.runtime import Runtime
 from glm_rl.trainer import steps
+from glm_rl.trainer.group import TrainerRankDied
 
 
 def train(cfg: RunConfig) -> Path:
@@ -27,14 +30,15 @@ def train(cfg: RunConfig) -> Path:
     try:
         start = rt.resume()
         writer = MetricsWriter(out, cfg.log, append=start > 0, run_config=json.loads(cfg.to_json()))
-        if start == 0 and cfg.eval.due(0, cfg.num_rollout):                # --eval-before-train
+        if start == 0 and cfg.eval.due(0, cfg.num_rollout):  # --eval-before-train
             row = {"step": 0} | rt.evaluate(0)
             writer.write(row)
             tqdm.write(console_line(row))
-        for step in tqdm(range(start, cfg.num_rollout), desc="RL steps", initial=start, total=cfg.num_rollout,
-                         dynamic_ncols=True):
+        for step in tqdm(
+            range(start, cfg.num_rollout), desc="RL steps", initial=start, total=cfg.num_rollout, dynamic_ncols=True
+        ):
             metrics = run_step(cfg, rt, step)
-            if cfg.eval.due(step + 1, cfg.num_rollout):                     # --eval-interval, and the last step
+            if cfg.eval.due(step + 1, cfg.num_rollout):  # --eval-interval, and the last step
                 metrics |= rt.evaluate(step + 1)
             writer.write(metrics)
             tqdm.write(console_line(metrics))
@@ -42,6 +46,8 @@ def train(cfg: RunConfig) -> Path:
                 rt.save(step + 1)
         rt.save(cfg.num_rollout)
         writer.close()
+    except (TrainerRankDied, EnginesLost, CheckpointError) as e:  # the run cannot go on: say how to resume
+        raise SystemExit(f"glm-rl train stopped: {e}. {resume_hint(cfg.save_dir)}") from None
     finally:
         rt.shutdown()
     if cfg.report:
@@ -51,21 +57,31 @@ def train(cfg: RunConfig) -> Path:
 
 def run_step(cfg: RunConfig, rt: Runtime | ReplayRuntime, step: int) -> dict:
     t0 = time.time()
-    health = rt.ensure_engines()                                 # restart dead engines, give them weights
-    samples, metrics = rt.rollout(step)                          # engines, through the router
-    if cfg.debug.save_debug_rollout_data:                        # before the driver adds advantages
+    health = rt.ensure_engines()  # restart dead engines, give them weights
+    samples, metrics = rt.rollout(step)  # engines, through the router
+    if cfg.debug.save_debug_rollout_data:  # before the driver adds advantages
         save_rollout(cfg.debug.path(cfg.debug.save_debug_rollout_data, step), step, samples, metrics)
     steps.assign_advantages(samples, cfg.algo, cfg.rollout.n_samples_per_prompt)  # GRPO / GSPO / Dr.GRPO
     t1 = time.time()
     metrics |= steps.old_logprobs(samples, cfg.algo, rt.trainers)  # recompute (R2 record / R3 replay)
-    metrics |= steps.corrections(samples, cfg.algo)              # TIS / MIS, mismatch metrics
+    metrics |= steps.corrections(samples, cfg.algo)  # TIS / MIS, mismatch metrics
     t2 = time.time()
-    metrics |= steps.train(samples, cfg.train, rt.trainers)      # one optimizer step per global batch
+    metrics |= steps.train(samples, cfg.train, rt.trainers)  # one optimizer step per global batch
     t3 = time.time()
-    metrics |= rt.sync_weights(version=step + 1)                 # trainer → engines, verified
+    metrics |= rt.sync_weights(version=step + 1)  # trainer → engines, verified
     t4 = time.time()
-    metrics |= health | {"step": step + 1, "perf/logprob_s": t2 - t1, "perf/train_s": t3 - t2, "perf/sync_s": t4 - t3,
-                "perf/step_s": time.time() - t0, "perf/prep_s": t1 - t0 - metrics["perf/rollout_s"]}
+    metrics = (
+        health
+        | metrics
+        | {  # the sync's engines/restarted counts the whole step
+            "step": step + 1,
+            "perf/logprob_s": t2 - t1,
+            "perf/train_s": t3 - t2,
+            "perf/sync_s": t4 - t3,
+            "perf/step_s": time.time() - t0,
+            "perf/prep_s": t1 - t0 - metrics["perf/rollout_s"],
+        }
+    )
     return metrics
 
 

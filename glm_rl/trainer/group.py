@@ -4,10 +4,16 @@ The driver shards samples over data-parallel ranks only: with the megatron backe
 DP rank (and, for weight export, every rank) take part in the same collectives, so each receives its DP rank's
 shard, and only one rank per DP rank reports results (the backend's `dp_coords`: for megatron the last pipeline
 stage's TP-rank-0, CP-rank-0 rank, which holds the logprobs and the loss), so nothing is counted twice.
+
+Faults: every call waits on the ranks' results one by one (`_get`), so the first failure is seen at once. A rank
+whose process died raises `TrainerRankDied` naming it (its shard and optimizer state are gone: the run must
+stop and resume from a checkpoint); a checkpoint error raised by a rank comes back as itself (one line naming
+the file and the OS's reason).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +22,21 @@ import ray
 import torch
 import torch.distributed as dist
 
+from glm_rl.checkpoint import CheckpointError
 from glm_rl.config import AlgoConfig, LoraConfig, MegatronConfig, ModelConfig, SyncConfig, TrainConfig
 from glm_rl.ray.addresses import bind_gloo_to, free_port, host_for_url, node_ip
 from glm_rl.ray.placement import Placement
 from glm_rl.rollout.samples import Sample
 from glm_rl.trainer.backends.base import TrainerBackend
 from glm_rl.trainer.backends.torch_backend import TorchBackend
+
+
+class TrainerRankDied(RuntimeError):
+    """A trainer rank's process died; `ranks` names them."""
+
+    def __init__(self, ranks: list[int], detail: str) -> None:
+        super().__init__(f"trainer rank {', '.join(map(str, ranks))} died ({detail})")
+        self.ranks = ranks
 
 
 @dataclass(frozen=True)
@@ -45,8 +60,9 @@ def make_backend(c: TrainerSections, device: str) -> TrainerBackend:
         case "megatron":
             from glm_rl.trainer.backends.megatron.backend import MegatronBackend
 
-            return MegatronBackend(c.model, c.train, c.algo, megatron_cfg=c.megatron, temperature=c.temperature,
-                                   seed=c.seed, device=device)
+            return MegatronBackend(
+                c.model, c.train, c.algo, megatron_cfg=c.megatron, temperature=c.temperature, seed=c.seed, device=device
+            )
         case other:
             raise ValueError(f"--backend {other!r} unknown; valid: torch, megatron")
 
@@ -73,8 +89,12 @@ class TrainerActor:
 
     def setup(self, master: str) -> None:
         """Join the trainer process group at `master`, then build the backend (its groups need the world)."""
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=master,
-                                rank=self.rank, world_size=self.world_size)
+        dist.init_process_group(
+            "nccl" if torch.cuda.is_available() else "gloo",
+            init_method=master,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.backend = make_backend(self.sections, device)
 
@@ -123,8 +143,13 @@ class TrainerActor:
 
 
 class TrainerGroup:
-    def __init__(self, sections: TrainerSections, placement: Placement, share: float,
-                 on_start: Callable[[list], None] | None = None) -> None:
+    def __init__(
+        self,
+        sections: TrainerSections,
+        placement: Placement,
+        share: float,
+        on_start: Callable[[list], None] | None = None,
+    ) -> None:
         """`on_start(actors)` is called as soon as the actors exist (the runtime registers their cleanup)."""
         n = sections.train.num_trainer_ranks
         options = {}
@@ -133,14 +158,18 @@ class TrainerGroup:
             # CPU for tiny fused ops): the actor process must start with dynamo off (FACTS.md, cpu_shims.py).
             options["runtime_env"] = {"env_vars": {"TORCHDYNAMO_DISABLE": "1"}}
         remote = ray.remote(TrainerActor)
-        self.actors = [remote.options(**placement.actor_options(placement.trainer_bundles[r], share), **options)
-                       .remote(sections, r, n) for r in range(n)]
+        self.actors = [
+            remote.options(**placement.actor_options(placement.trainer_bundles[r], share), **options).remote(
+                sections, r, n
+            )
+            for r in range(n)
+        ]
         if on_start is not None:
             on_start(self.actors)
         master = ray.get(self.actors[0].rendezvous.remote())  # rank 0's node, not the driver's
         ray.get([a.setup.remote(master) for a in self.actors])
         coords = ray.get([a.dp_coords.remote() for a in self.actors])
-        self.dp_rank = [dp for dp, _ in coords]              # the shard each actor trains on
+        self.dp_rank = [dp for dp, _ in coords]  # the shard each actor trains on
         self.reporters = [i for i, (_, lead) in enumerate(coords) if lead]  # one per DP rank
         self.dp_size = len(self.reporters)
         self.collective_export = sections.train.backend == "megatron"
@@ -152,24 +181,28 @@ class TrainerGroup:
     def setup_sync(self, sync: SyncConfig, engine_urls: list[str], api_key: str | None) -> None:
         """Weight-sync sources: every rank for p2p (each sends its share of the plan), else rank 0 alone."""
         self._sync_ranks = list(range(len(self.actors))) if sync.update_weight_transfer_mode == "p2p" else [0]
-        ray.get([self.actors[r].setup_sync.remote(sync, engine_urls, api_key) for r in self._sync_ranks])
+        self._get(
+            [self.actors[r].setup_sync.remote(sync, engine_urls, api_key) for r in self._sync_ranks], self._sync_ranks
+        )
 
     def push_weights(self, version: int) -> dict:
         """Push on every source rank at once (verified when --check-weight-update-equal); rank 0's result (it
         commits and verifies). With a collective export (megatron), the other ranks run the export alongside
         without sending."""
         pushes = [self.actors[r].push_weights.remote(version) for r in self._sync_ranks]
-        helpers = [a.export_weights.remote() for r, a in enumerate(self.actors)
-                   if self.collective_export and r not in self._sync_ranks]
-        ray.get(helpers)
-        return ray.get(pushes)[0]
+        helpers = [r for r in range(len(self.actors)) if self.collective_export and r not in self._sync_ranks]
+        results = self._get(
+            pushes + [self.actors[r].export_weights.remote() for r in helpers], self._sync_ranks + helpers
+        )
+        return results[0]
 
-    def _per_dp(self, call: Callable[[ray.actor.ActorHandle, list[Sample]], ray.ObjectRef],
-                shards: list[list[Sample]]) -> list[dict]:
+    def _per_dp(
+        self, call: Callable[[ray.actor.ActorHandle, list[Sample]], ray.ObjectRef], shards: list[list[Sample]]
+    ) -> list[dict]:
         """`call(actor, shard)` on every actor with its DP rank's shard; the reporting ranks' results, by DP rank."""
         if len(shards) != self.dp_size:
             raise ValueError(f"{len(shards)} sample shards for {self.dp_size} data-parallel ranks")
-        results = ray.get([call(a, shards[dp]) for a, dp in zip(self.actors, self.dp_rank)])
+        results = self._get([call(a, shards[dp]) for a, dp in zip(self.actors, self.dp_rank)], self.ranks)
         return [results[i] for i in self.reporters]
 
     def logprobs(self, shards: list[list[Sample]]) -> list[dict]:
@@ -179,10 +212,47 @@ class TrainerGroup:
         return self._per_dp(lambda a, shard: a.train_step.remote(shard, global_tokens), shards)
 
     def save(self, path: Path) -> None:
-        ray.get([a.save.remote(str(path)) for a in self.actors])
+        self._get([a.save.remote(str(path)) for a in self.actors], self.ranks)
 
     def load(self, path: Path) -> None:
-        ray.get([a.load.remote(str(path)) for a in self.actors])
+        self._get([a.load.remote(str(path)) for a in self.actors], self.ranks)
 
-    def shutdown(self) -> None:
-        ray.get([a.shutdown.remote() for a in self.actors])
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        ray.get([a.shutdown.remote() for a in self.actors], timeout=timeout_s)
+
+    @property
+    def ranks(self) -> list[int]:
+        return list(range(len(self.actors)))
+
+    def _get(self, refs: list, ranks: list[int]) -> list:
+        """`ray.get(refs)`, refs[i] running on rank ranks[i], raising at the first failure (a stuck collective on
+        the other ranks is not waited for): TrainerRankDied when ranks died, a rank's CheckpointError as itself."""
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(ready[0])
+            except ray.exceptions.RayError as e:
+                dead = _dead_ranks(refs, ranks)
+                if dead:
+                    raise TrainerRankDied(dead, (str(e).strip().splitlines() or [""])[-1][:300]) from None
+                if isinstance(getattr(e, "cause", None), CheckpointError):
+                    raise CheckpointError(str(e.cause)) from None
+                raise
+        return ray.get(refs)
+
+
+def _dead_ranks(refs: list, ranks: list[int], wait_s: float = 10.0) -> list[int]:
+    """The ranks among `ranks` whose call failed because their actor died (waiting up to `wait_s` in all)."""
+    deadline, dead = time.monotonic() + wait_s, set()
+    for ref, rank in zip(refs, ranks):
+        ready, _ = ray.wait([ref], timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            continue
+        try:
+            ray.get(ready[0])
+        except ray.exceptions.RayActorError:
+            dead.add(rank)
+        except Exception:  # noqa: BLE001 - another failure: not a death
+            pass
+    return sorted(dead)

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+
+from glm_rl.checkpoint import load_safetensors, make_dirs, save_safetensors, write_file
 
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TARGETS = LINEAR_TARGETS + ("experts",)
@@ -66,8 +67,9 @@ def init_adapter(a: torch.Tensor, b: torch.Tensor, generator: torch.Generator) -
 class LoRALinear(nn.Module):
     """nn.Linear + a rank-r adapter; `base` keeps the frozen original (its weight and bias names)."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, dora: bool,
-                 generator: torch.Generator) -> None:
+    def __init__(
+        self, base: nn.Linear, rank: int, alpha: float, dropout: float, dora: bool, generator: torch.Generator
+    ) -> None:
         super().__init__()
         self.base, self.scale = base.requires_grad_(False), alpha / rank
         w = base.weight
@@ -118,9 +120,16 @@ class LoRAExperts(nn.Module):
             self.register_parameter(f"{name}_lora_magnitude", nn.Parameter(w.detach().norm(dim=-1)) if dora else None)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {name: adapted_weight(getattr(self.base, name), getattr(self, f"{name}_lora_A"),
-                                     getattr(self, f"{name}_lora_B"), self.scale,
-                                     getattr(self, f"{name}_lora_magnitude")) for name in self.PARAMS}
+        return {
+            name: adapted_weight(
+                getattr(self.base, name),
+                getattr(self, f"{name}_lora_A"),
+                getattr(self, f"{name}_lora_B"),
+                self.scale,
+                getattr(self, f"{name}_lora_magnitude"),
+            )
+            for name in self.PARAMS
+        }
 
     def forward(self, *args, **kwargs):
         return torch.func.functional_call(self.base, self.weights(), args, kwargs)
@@ -141,8 +150,15 @@ def check_targets(targets: tuple[str, ...] | list[str]) -> None:
         raise ValueError(f"--target-modules {','.join(targets)}: {problem}; valid: {','.join(TARGETS)}")
 
 
-def apply_lora(model: nn.Module, rank: int, alpha: float, targets=DEFAULT_TARGETS, dora: bool = False,
-               dropout: float = 0.0, seed: int = 0) -> list[str]:
+def apply_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float,
+    targets=DEFAULT_TARGETS,
+    dora: bool = False,
+    dropout: float = 0.0,
+    seed: int = 0,
+) -> list[str]:
     """Freeze `model` and wrap its target modules in place; returns the wrapped module names.
 
     A is drawn from a generator seeded with `seed`, so every data-parallel rank builds the same adapter."""
@@ -160,8 +176,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets=DEFAULT_TARGET
             continue
         if isinstance(module, nn.Linear):
             new = LoRALinear(module, rank, alpha, dropout, dora, gen)
-        elif leaf == "experts" and all(isinstance(getattr(module, p, None), nn.Parameter)
-                                       for p in LoRAExperts.PARAMS):
+        elif leaf == "experts" and all(isinstance(getattr(module, p, None), nn.Parameter) for p in LoRAExperts.PARAMS):
             new = LoRAExperts(module, rank, alpha, dora, gen)
         else:
             raise TypeError(f"LoRA target {name} is a {type(module).__name__}, not nn.Linear or fused experts")
@@ -196,33 +211,37 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if prefix is None:
             out[key] = value
         elif key.startswith(prefix + ".base."):
-            hf = prefix + "." + key[len(prefix) + len(".base."):]
+            hf = prefix + "." + key[len(prefix) + len(".base.") :]
             out[hf] = merged[hf]
     return out
 
 
 def save_adapter(model: nn.Module, path: Path) -> None:
     """Adapter-only checkpoint: adapter_model.safetensors + adapter_config.json (rank, alpha, targets, dora)."""
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in adapter_state_dict(model).items()}, str(path / ADAPTER_WEIGHTS))
-    (path / ADAPTER_CONFIG).write_text(json.dumps(model.lora_config, indent=2))
+    make_dirs(path)
+    save_safetensors(adapter_state_dict(model).items(), path / ADAPTER_WEIGHTS)
+    write_file(path / ADAPTER_CONFIG, lambda f: f.write(json.dumps(model.lora_config, indent=2).encode()))
 
 
 def load_adapter(model: nn.Module, path: Path) -> None:
     """Load an adapter saved by `save_adapter` into a model wrapped with the same settings (checked first)."""
     if not (path / ADAPTER_CONFIG).is_file():
-        raise FileNotFoundError(f"{path}: no {ADAPTER_CONFIG} (not an adapter checkpoint; was it saved without "
-                                f"--lora-rank?)")
+        raise FileNotFoundError(
+            f"{path}: no {ADAPTER_CONFIG} (not an adapter checkpoint; was it saved without --lora-rank?)"
+        )
     config = json.loads((path / ADAPTER_CONFIG).read_text())
     if config != model.lora_config:
-        raise ValueError(f"{path / ADAPTER_CONFIG}: adapter was saved with {config}, this model has "
-                         f"{model.lora_config}")
-    tensors = load_file(str(path / ADAPTER_WEIGHTS))
+        raise ValueError(
+            f"{path / ADAPTER_CONFIG}: adapter was saved with {config}, this model has {model.lora_config}"
+        )
+    tensors = load_safetensors(path / ADAPTER_WEIGHTS)
     params = dict(model.named_parameters())
     own = set(adapter_state_dict(model))
     if set(tensors) != own:
-        raise ValueError(f"{path / ADAPTER_WEIGHTS}: tensors differ from the model's adapters "
-                         f"(missing {sorted(own - set(tensors))[:3]}, unexpected {sorted(set(tensors) - own)[:3]})")
+        raise ValueError(
+            f"{path / ADAPTER_WEIGHTS}: tensors differ from the model's adapters "
+            f"(missing {sorted(own - set(tensors))[:3]}, unexpected {sorted(set(tensors) - own)[:3]})"
+        )
     with torch.no_grad():
         for n, t in tensors.items():
             params[n].copy_(t)

@@ -18,6 +18,11 @@ One sync (`push`, run on EVERY trainer rank at once; `TrainerGroup.push_weights`
    writes the next sync into a buffer that is still being loaded — and, with `verify`, compares every
    engine's sha256 per tensor.
 
+An engine that dies (Mooncake's -1, a failed commit): rank 0 probes every engine's /health (`mark_dead`) and
+broadcasts the dead ones; every rank drops their pieces and the sync is written and committed again on the
+others, and the push reports them (`"dead"`) for the runtime to restart. A failure with every engine alive is
+raised on every rank.
+
 Failure: Mooncake returns -1 at once for a dead peer (connection refused / reset); a stuck peer (e.g. a stopped
 process) blocks inside Mooncake, so each bucket's writes run in daemon threads joined against a deadline
 (`timeout_s` per push) and the push raises `TimeoutError` naming the engine. After a timeout the staging buffer
@@ -47,8 +52,8 @@ from typing import Any
 
 import torch
 
-from glm_rl.ray.addresses import node_ip
 from glm_rl.models.glm45.hf_names import split_dim
+from glm_rl.ray.addresses import node_ip
 from glm_rl.weights.mooncake import new_transfer_engine
 from glm_rl.weights.transfer_plan import (
     EngineLayout,
@@ -79,8 +84,11 @@ class Coordinator:
         data = pickle.dumps(obj) if self.rank == 0 else b""
         size = torch.tensor([len(data)], dtype=torch.int64)
         self._bcast(size)
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == 0 else \
-            torch.empty(int(size), dtype=torch.uint8)
+        buf = (
+            torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            if self.rank == 0
+            else torch.empty(int(size), dtype=torch.uint8)
+        )
         self._bcast(buf)
         return obj if self.rank == 0 else pickle.loads(buf.numpy().tobytes())
 
@@ -92,10 +100,10 @@ class Coordinator:
         self.pg.allgather([sizes], [torch.tensor([len(data)], dtype=torch.int64)]).wait()
         n = int(max(sizes))
         mine = torch.zeros(n, dtype=torch.uint8)
-        mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         outs = [torch.zeros(n, dtype=torch.uint8) for _ in range(self.world_size)]
         self.pg.allgather([outs], [mine]).wait()
-        return [pickle.loads(o[:int(s)].numpy().tobytes()) for o, s in zip(outs, sizes)]
+        return [pickle.loads(o[: int(s)].numpy().tobytes()) for o, s in zip(outs, sizes)]
 
     def _bcast(self, t: torch.Tensor) -> None:
         import torch.distributed as dist
@@ -108,9 +116,19 @@ class Coordinator:
 class P2PTransport(BaseTransport):
     """The `p2p` WeightTransport of one trainer rank (see the module docstring)."""
 
-    def __init__(self, engine_urls: list[str], api_key: str | None, bucket_bytes: int, *, rank: int = 0,
-                 world_size: int = 1, pg: Any = None, timeout_s: float = 120.0, protocol: str = "tcp",
-                 host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        engine_urls: list[str],
+        api_key: str | None,
+        bucket_bytes: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        pg: Any = None,
+        timeout_s: float = 120.0,
+        protocol: str = "tcp",
+        host: str = "127.0.0.1",
+    ) -> None:
         super().__init__(engine_urls, api_key, bucket_bytes)
         for c in self.clients:
             c.timeout = timeout_s
@@ -118,7 +136,7 @@ class P2PTransport(BaseTransport):
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
         self.protocol, self.host = protocol, host
         self.coord = Coordinator(pg, rank, world_size)
-        self.fallback_mode = False                  # SGLang engines: rank 0 broadcasts, the others idle
+        self.fallback_mode = False  # SGLang engines: rank 0 broadcasts, the others idle
         self.fallback: BroadcastTransport | None = None
         self.plan: Plan | None = None
         self._plan_key: tuple | None = None
@@ -151,8 +169,7 @@ class P2PTransport(BaseTransport):
         self.engine_dtype = parse_dtype(dtypes.pop())
         foreign = [u for u, s in zip(self.urls, info) if s.get("engine") != "glm_rl.embedded"]
         if foreign:
-            log.warning("p2p weight sync: engines %s take no P2P weights (SGLang); falling back to broadcast",
-                        foreign)
+            log.warning("p2p weight sync: engines %s take no P2P weights (SGLang); falling back to broadcast", foreign)
             self.fallback_mode = True
             if self.rank == 0:
                 self.fallback = BroadcastTransport(self.urls, self.clients[0].api_key, self.bucket_bytes)
@@ -169,8 +186,9 @@ class P2PTransport(BaseTransport):
         key = tuple((m.name, m.shape) for m in metas)
         if key == self._plan_key:
             return
-        plan = build_plan(metas, replicated_sources(metas, range(self.world_size)), self.engines,
-                          chunk_bytes=self.bucket_bytes)
+        plan = build_plan(
+            metas, replicated_sources(metas, range(self.world_size)), self.engines, chunk_bytes=self.bucket_bytes
+        )
         endpoints = _guard(lambda: self._prepare_engines(plan)) if self.rank == 0 else None
         self._endpoints = _unwrap(self.coord.broadcast(endpoints))
         mine = plan.for_source(self.rank)
@@ -185,16 +203,31 @@ class P2PTransport(BaseTransport):
         self.plan, self._plan_key = plan, key
 
     def _prepare_engines(self, plan: Plan) -> list[tuple[str, int]]:
-        def one(i: int) -> tuple[str, int]:
+        def one(i: int) -> tuple[str, int] | None:
+            if i in self.dead:
+                return None
             if self.engines[i].tp_size != 1:
-                raise RuntimeError(f"p2p: engine {self.urls[i]} has tp_size {self.engines[i].tp_size}; "
-                                   f"the embedded engine receives on one rank")
-            pieces = [{"name": t.name, "dtype": plan.tensors[t.name].dtype, "shape": list(plan.tensors[t.name].shape),
-                       "box": [list(r) for r in t.box], "offset": t.dst_offset, "nbytes": t.nbytes}
-                      for t in plan.for_engine(i, 0)]
-            ans = self.clients[i].post("/p2p/prepare", {"tensors": pieces, "protocol": self.protocol,
-                                                        "buffer_bytes": plan.buffer_bytes[(i, 0)]})
+                raise RuntimeError(
+                    f"p2p: engine {self.urls[i]} has tp_size {self.engines[i].tp_size}; "
+                    f"the embedded engine receives on one rank"
+                )
+            pieces = [
+                {
+                    "name": t.name,
+                    "dtype": plan.tensors[t.name].dtype,
+                    "shape": list(plan.tensors[t.name].shape),
+                    "box": [list(r) for r in t.box],
+                    "offset": t.dst_offset,
+                    "nbytes": t.nbytes,
+                }
+                for t in plan.for_engine(i, 0)
+            ]
+            ans = self.clients[i].post(
+                "/p2p/prepare",
+                {"tensors": pieces, "protocol": self.protocol, "buffer_bytes": plan.buffer_bytes[(i, 0)]},
+            )
             return ans["session_id"], int(ans["buffer_ptr"])
+
         return [f.result() for f in [self.pool.submit(one, i) for i in range(len(self.clients))]]
 
     # -- one sync ----------------------------------------------------------------------------------------
@@ -205,17 +238,17 @@ class P2PTransport(BaseTransport):
             raise RuntimeError(f"p2p transport unusable after an earlier failure: {self._broken}")
         t0 = time.time()
         self._ensure_plan(named)
-        sent = _guard(lambda: self._write(dict(named), t0 + self.timeout_s))
-        errors = [(r, e) for r, e in enumerate(self.coord.all_gather(sent)) if isinstance(e, _Failed)]
-        if errors:
-            raise RuntimeError(f"p2p weight sync v{version} failed on source rank(s): "
-                               + "; ".join(f"rank {r}: {e.message}" for r, e in errors))
-        # nobody writes the next sync into the buffers before every engine has loaded this one
-        committed = _guard(lambda: self._each(lambda c: c.post("/p2p/commit", {"weight_version": version}))) \
-            if self.rank == 0 else None
-        committed = self.coord.broadcast(committed)
-        if isinstance(committed, _Failed):
-            raise RuntimeError(f"p2p weight sync v{version}: commit failed: {committed.message}")
+        for _ in range(len(self.clients) + 1):
+            failure, stuck = self._write_and_commit(dict(named), version, t0)
+            if failure is None:
+                break
+            dead = [] if stuck else self.coord.broadcast(self._dead_after(failure) if self.rank == 0 else None)
+            if not dead:  # no death, or a write that timed out (its staging buffer may still be read): raise
+                raise RuntimeError(f"p2p weight sync v{version} failed: {failure}")
+            self.dead.update(dead)  # every rank: their pieces are skipped, the others written again
+        else:
+            raise RuntimeError(f"p2p weight sync v{version}: engines kept dying")
+        sent = self._sent
         if self.rank != 0:
             return {"verified": False, "bytes": sent, "tensors": 0, "seconds": time.time() - t0}
         if verify:
@@ -223,9 +256,33 @@ class P2PTransport(BaseTransport):
         result = self._finish(named, version, verify, t0)
         return {**result, "bytes_sent_by_rank0": sent}
 
+    def _write_and_commit(self, tensors: dict[str, torch.Tensor], version: int, t0: float) -> tuple[str | None, bool]:
+        """Write every rank's pieces, then (rank 0) commit on every live engine. (None, False), or what failed
+        and whether a write timed out: the same on every rank."""
+        sent = _guard(lambda: self._write(tensors, t0 + self.timeout_s))
+        errors = [(r, e) for r, e in enumerate(self.coord.all_gather(sent)) if isinstance(e, _Failed)]
+        if errors:
+            return "; ".join(f"source rank {r}: {e.message}" for r, e in errors), any(e.timed_out for _, e in errors)
+        self._sent = sent
+        # nobody writes the next sync into the buffers before every engine has loaded this one
+        committed = (
+            _guard(lambda: self._each(lambda c: c.post("/p2p/commit", {"weight_version": version})))
+            if self.rank == 0
+            else None
+        )
+        committed = self.coord.broadcast(committed)
+        return (f"commit failed: {committed.message}" if isinstance(committed, _Failed) else None), False
+
+    def _dead_after(self, failure: str) -> list[int]:
+        """Rank 0: the engines found dead after `failure` (none: it was no death)."""
+        try:
+            return self.mark_dead(RuntimeError(failure))
+        except RuntimeError:
+            return []
+
     def _write(self, tensors: dict[str, torch.Tensor], deadline: float) -> int:
-        """Pack and write this rank's pieces, bucket by bucket; returns the bytes sent."""
-        mine = self.plan.for_source(self.rank)
+        """Pack and write this rank's pieces for the live engines, bucket by bucket; returns the bytes sent."""
+        mine = [t for t in self.plan.for_source(self.rank) if t.engine not in self.dead]
         buckets: list[list[Transfer]] = [[]]
         used = 0
         for t in mine:
@@ -243,7 +300,7 @@ class P2PTransport(BaseTransport):
         off, base = 0, self._staging.data_ptr()
         for t in bucket:
             src = tensors[t.name].detach()[local_slices(t.box, self.plan.tensors[t.name].full_box)]
-            dst = self._staging[off:off + t.nbytes].view(self.engine_dtype).view(src.shape)
+            dst = self._staging[off : off + t.nbytes].view(self.engine_dtype).view(src.shape)
             dst.copy_(src)
             srcs, dsts, lens = per_engine.setdefault(t.engine, ([], [], []))
             srcs.append(base + off)
@@ -255,19 +312,24 @@ class P2PTransport(BaseTransport):
         for eng, (srcs, dsts, lens) in per_engine.items():
             session = self._endpoints[eng][0]
             fn = lambda e=eng, s=session, a=srcs, b=dsts, n=lens: results.__setitem__(  # noqa: E731
-                e, self._te.batch_transfer_sync_write(s, a, b, n))
+                e, self._te.batch_transfer_sync_write(s, a, b, n)
+            )
             threads.append((eng, threading.Thread(target=fn, daemon=True, name=f"p2p-write-{eng}")))
             threads[-1][1].start()
         for eng, th in threads:
             th.join(timeout=max(0.0, deadline - time.time()))
             if th.is_alive():
                 self._broken = f"write to engine {self.urls[eng]} timed out"
-                raise TimeoutError(f"p2p write to engine {self.urls[eng]} (Mooncake session "
-                                   f"{self._endpoints[eng][0]}) did not finish within {self.timeout_s:.0f}s")
+                raise TimeoutError(
+                    f"p2p write to engine {self.urls[eng]} (Mooncake session "
+                    f"{self._endpoints[eng][0]}) did not finish within {self.timeout_s:.0f}s"
+                )
             if results.get(eng) != 0:
-                raise RuntimeError(f"p2p write to engine {self.urls[eng]} (Mooncake session "
-                                   f"{self._endpoints[eng][0]}) failed: rc {results.get(eng)} (dead peer or bad "
-                                   f"address)")
+                raise RuntimeError(
+                    f"p2p write to engine {self.urls[eng]} (Mooncake session "
+                    f"{self._endpoints[eng][0]}) failed: rc {results.get(eng)} (dead peer or bad "
+                    f"address)"
+                )
 
     def close(self) -> None:
         try:
@@ -286,6 +348,7 @@ class P2PTransport(BaseTransport):
 @dataclass(frozen=True)
 class _Failed:
     message: str
+    timed_out: bool = False
 
 
 def _guard(fn):
@@ -295,7 +358,7 @@ def _guard(fn):
         return fn()
     except Exception as e:  # noqa: BLE001 - re-raised by _unwrap / push on every rank
         log.exception("p2p weight sync step failed")
-        return _Failed(f"{type(e).__name__}: {e}")
+        return _Failed(f"{type(e).__name__}: {e}", isinstance(e, TimeoutError))
 
 
 def _unwrap(value):

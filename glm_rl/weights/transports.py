@@ -16,16 +16,24 @@ Verification then expects, for those tensors, the dequantization of the very byt
 `BaseTransport` holds what every transport shares (clients, thread pool, fp8 wire form, verification); the third
 transport, `p2p`, builds on it in `p2p.py`, and `modes.make_transport` picks one per
 `--update-weight-transfer-mode`.
+
+An engine that dies during a sync (`liveness.py`): a failed call makes the transport probe every engine's /health;
+the silent ones are marked dead and skipped from then on, and `push` reports them (`"dead"`: their indices) so
+the runtime restarts them and pushes again. `tensor` finishes the sync on the others (each engine loads on its
+own); `broadcast` builds its group again without the dead engine and redoes the sync; verification covers the
+live engines. A failure while every engine still answers is raised as it is.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 
 from glm_rl.models.fp8 import dequantize_named, gloo_view, quantize_named
 from glm_rl.ray.addresses import free_port, node_ip
@@ -33,6 +41,7 @@ from glm_rl.rollout.engine_client import EngineClient
 from glm_rl.weights.bucketing import iter_buckets
 from glm_rl.weights.flat import entries_to_json
 from glm_rl.weights.group import create_weight_group
+from glm_rl.weights.liveness import abandon, first_failure, in_thread, probe_dead, wait_work
 from glm_rl.weights.wire import shared_copy, tensor_checksum
 
 Named = list[tuple[str, torch.Tensor]]
@@ -53,6 +62,7 @@ class BaseTransport:
         self.bucket_bytes = bucket_bytes
         self.fp8 = fp8
         self.pool = ThreadPoolExecutor(max_workers=max(2, len(self.clients)))
+        self.dead: set[int] = set()  # engines found dead: skipped from then on, reported by push ("dead")
 
     def prepare(self) -> None:
         pass
@@ -60,8 +70,38 @@ class BaseTransport:
     def close(self) -> None:
         self.pool.shutdown(wait=False)
 
+    def live(self) -> list[int]:
+        return [i for i in range(len(self.clients)) if i not in self.dead]
+
     def _each(self, fn) -> list:
-        return [f.result() for f in [self.pool.submit(fn, c) for c in self.clients]]
+        """fn(client) on every live engine at once; the results in engine order."""
+        return [f.result() for f in [self.pool.submit(fn, self.clients[i]) for i in self.live()]]
+
+    def _each_surviving(self, fn) -> None:
+        """fn(client) on every live engine at once; when calls fail, the engines found dead are marked and
+        skipped (`mark_dead`), and a failure with no engine dead is raised."""
+        errors = [
+            e
+            for e in (f.exception() for f in [self.pool.submit(fn, self.clients[i]) for i in self.live()])
+            if e is not None
+        ]
+        if errors:
+            self.mark_dead(errors[0])
+
+    def mark_dead(self, error: BaseException) -> list[int]:
+        """After `error`: the live engines that no longer answer /health are marked dead and returned; `error`
+        is raised when every engine still answers (then it is no death)."""
+        dead = probe_dead({i: self.clients[i].url for i in self.live()})
+        if not dead:
+            raise error
+        for i in dead:
+            log.warning(
+                "engine %s died during the weight sync (%s): going on without it",
+                self.clients[i].url,
+                (str(error).strip().splitlines() or [type(error).__name__])[0][:200],
+            )
+        self.dead.update(dead)
+        return dead
 
     def verify(self, named: Named, version: int, expected: dict[str, str] | None = None) -> bool:
         """Every engine holds bitwise the source's tensors (sha256 per tensor; `expected` when given) at `version`."""
@@ -69,8 +109,10 @@ class BaseTransport:
         for answer in self._each(lambda c: c.weights_checksum(list(expected))):
             if answer["weight_version"] != version or answer["checksums"] != expected:
                 bad = [n for n, h in expected.items() if answer["checksums"].get(n) != h]
-                raise RuntimeError(f"weight sync v{version}: engine differs on {len(bad)} tensors, e.g. {bad[:3]} "
-                                   f"(engine version {answer['weight_version']})")
+                raise RuntimeError(
+                    f"weight sync v{version}: engine differs on {len(bad)} tensors, e.g. {bad[:3]} "
+                    f"(engine version {answer['weight_version']})"
+                )
         return True
 
     def _to_wire(self, bucket: Named, held: dict[str, str]) -> Named:
@@ -85,8 +127,20 @@ class BaseTransport:
 
     def _finish(self, named: Named, version: int, verify: bool, t0: float, held: dict[str, str] | None = None) -> dict:
         nbytes = sum(t.numel() * t.element_size() for _, t in named)
-        verified = self.verify(named, version, held) if verify else False
-        return {"verified": verified, "bytes": nbytes, "tensors": len(named), "seconds": time.time() - t0}
+        verified = False
+        while verify and self.live():  # an engine dying during verification is marked, the others verified
+            try:
+                verified = self.verify(named, version, held)
+                break
+            except Exception as e:  # noqa: BLE001 - mark_dead raises it again unless an engine died
+                self.mark_dead(e)
+        return {
+            "verified": verified,
+            "bytes": nbytes,
+            "tensors": len(named),
+            "seconds": time.time() - t0,
+            "dead": sorted(self.dead),
+        }
 
 
 class TensorTransport(BaseTransport):
@@ -97,57 +151,120 @@ class TensorTransport(BaseTransport):
         if self.flat is not None and not self.fp8:
             flat, entries = self.flat
             layout = entries_to_json(entries)
-            self._each(lambda c: c.update_weights_from_flat(flat, layout, weight_version=version))
+            self._each_surviving(lambda c: c.update_weights_from_flat(flat, layout, weight_version=version))
             return self._finish(named, version, verify, t0, held)
         buckets = list(iter_buckets(named, self.bucket_bytes))
         for i, bucket in enumerate(buckets):
             bucket = self._to_wire(bucket, held)
             shared = [(n, _shareable(t)) for n, t in bucket]  # CPU copies are freed after the bucket
             last = i == len(buckets) - 1
-            self._each(lambda c: c.update_weights_from_tensor(shared, weight_version=version if last else None,
-                                                              flush_cache=last))
+            self._each_surviving(
+                lambda c, shared=shared: c.update_weights_from_tensor(
+                    shared, weight_version=version if last else None, flush_cache=last
+                )
+            )
             del shared
         return self._finish(named, version, verify, t0, held)
 
 
 class BroadcastTransport(BaseTransport):
-    group_name = "glm_rl_weights"
+    group_timeout_s = 60.0  # the source's side of the group (join and each operation)
+    group_name = ""  # a new name per group built: a join of an abandoned one may still run on an engine
+    group = None
 
     def prepare(self) -> None:
-        """Build the group: engines join over HTTP (threads) while this rank hosts it as rank 0."""
+        """Build the group of this (source) rank and the live engines; an engine that dies before it is complete
+        is marked dead and the group built again without it."""
+        for _ in range(len(self.clients) + 1):
+            try:
+                self._build_group()
+                return
+            except Exception as e:  # noqa: BLE001 - mark_dead raises it again unless an engine died
+                self.mark_dead(e)
+                self._abandon_group()
+        raise RuntimeError("broadcast weight group: engines kept dying while it was built")
+
+    def _build_group(self) -> None:
+        """Engines join over HTTP (own threads) while this rank hosts the group as rank 0; the first failure
+        ends the wait."""
         host = node_ip()  # this (source) rank's node: engines on other nodes connect to it
         port = free_port(host)
-        world = 1 + len(self.clients)
-        joins = [self.pool.submit(c.init_weights_update_group, host, port, 1 + i, world, self.group_name)
-                 for i, c in enumerate(self.clients)]
-        self.group = create_weight_group(host, port, rank=0, world_size=world, group_name=self.group_name)
-        for j in joins:
-            j.result()
+        live = self.live()
+        world = 1 + len(live)
+        self.group_name = f"glm_rl_weights_{secrets.token_hex(4)}"
+        joins = [
+            in_thread(self.clients[i].init_weights_update_group, host, port, 1 + k, world, self.group_name)
+            for k, i in enumerate(live)
+        ]
+        source = in_thread(
+            create_weight_group,
+            host,
+            port,
+            rank=0,
+            world_size=world,
+            group_name=self.group_name,
+            timeout_s=self.group_timeout_s,
+        )
+        self.group = first_failure([source, *joins])[0]
 
     def push(self, named: Named, version: int, verify: bool) -> dict:
+        """Send every bucket; when an engine dies on the way, build the group without it and send again."""
         t0, held = time.time(), {}
+        for _ in range(len(self.clients) + 1):
+            try:
+                self._send(named, version, held)
+                return self._finish(named, version, verify, t0, held)
+            except Exception as e:  # noqa: BLE001 - mark_dead raises it again unless an engine died
+                self.mark_dead(e)
+                self._abandon_group()
+                self.prepare()
+        raise RuntimeError(f"weight sync v{version}: engines kept dying during the broadcast")
+
+    def _send(self, named: Named, version: int, held: dict[str, str]) -> None:
         buckets = list(iter_buckets(named, self.bucket_bytes))
+        opts = dist.BroadcastOptions()
+        opts.rootRank, opts.rootTensor = 0, 0
         for i, bucket in enumerate(buckets):
             last = i == len(buckets) - 1
             bucket = self._to_wire(bucket, held)
             names = [n for n, _ in bucket]
             dtypes = [str(t.dtype) for _, t in bucket]
             shapes = [list(t.shape) for _, t in bucket]
-            pending = [self.pool.submit(c.update_weights_from_distributed, names, dtypes, shapes, self.group_name,
-                                        version if last else None, last) for c in self.clients]
-            for _, t in bucket:
-                self.group.broadcast(gloo_view(t.detach().to("cpu").contiguous()))
-            for p in pending:
-                p.result()
-        return self._finish(named, version, verify, t0, held)
+            pending = [
+                in_thread(
+                    self.clients[k].update_weights_from_distributed,
+                    names,
+                    dtypes,
+                    shapes,
+                    self.group_name,
+                    version if last else None,
+                    last,
+                )
+                for k in self.live()
+            ]
+            for _, t in bucket:  # each broadcast also ends when an engine's receive fails (liveness.wait_work)
+                wait_work(self.group.pg.broadcast([gloo_view(t.detach().to("cpu").contiguous())], opts), pending)
+            first_failure(pending)
+
+    def _abandon_group(self) -> None:
+        """Leave the current group after a failure: engines destroy their side (best effort), this side is kept
+        until its stuck operations time out (liveness.abandon)."""
+        for f in [in_thread(self.clients[i].destroy_weights_update_group, self.group_name) for i in self.live()]:
+            try:
+                f.result(timeout=10)
+            except Exception:  # noqa: BLE001 - an engine that never joined, or one being replaced
+                pass
+        abandon(self.group, self.group_timeout_s)
+        self.group = None
 
     def close(self) -> None:
         """Leave the group on every engine still alive (a dead one is being replaced)."""
-        for c in self.clients:
+        for i in self.live():
             try:
-                c.destroy_weights_update_group(self.group_name)
+                self.clients[i].destroy_weights_update_group(self.group_name)
             except Exception as e:
-                log.warning("destroying the weight group on %s failed: %s", c.url, e)
+                log.warning("destroying the weight group on %s failed: %s", self.clients[i].url, e)
+        abandon(None, 0.0)  # drop the groups abandoned long enough ago
         super().close()
 
 
@@ -156,4 +273,3 @@ def _shareable(t: torch.Tensor) -> torch.Tensor:
     sync). CPU: one copy, into named shared memory (`wire.shared_copy`), so the trainer's own storage never
     moves."""
     return t.detach() if t.is_cuda else shared_copy(t)
-

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from glm_rl.algo import PolicyLossConfig, entropy_from_logits
+from glm_rl.checkpoint import MODEL_WEIGHTS, load_safetensors, load_torch, make_dirs, save_safetensors, save_torch
 from glm_rl.config import AlgoConfig, LoraConfig, ModelConfig, TrainConfig
 from glm_rl.models.glm45.checkpoint import load_hf_model
 from glm_rl.rollout.samples import Sample
@@ -29,16 +30,30 @@ from glm_rl.trainer.routing_replay import RoutingReplay
 
 
 def loss_config(algo: AlgoConfig) -> PolicyLossConfig:
-    return PolicyLossConfig(eps_clip=algo.eps_clip, eps_clip_high=algo.eps_clip_high, eps_clip_c=algo.eps_clip_c,
-                            level="sequence" if algo.advantage_estimator == "gspo" else "token",
-                            kl_coef=algo.kl_loss_coef, kl_type=algo.kl_loss_type, entropy_coef=algo.entropy_coef)
+    return PolicyLossConfig(
+        eps_clip=algo.eps_clip,
+        eps_clip_high=algo.eps_clip_high,
+        eps_clip_c=algo.eps_clip_c,
+        level="sequence" if algo.advantage_estimator == "gspo" else "token",
+        kl_coef=algo.kl_loss_coef,
+        kl_type=algo.kl_loss_type,
+        entropy_coef=algo.entropy_coef,
+    )
 
 
 class TorchBackend(PolicyBackend):
     """A `TrainerBackend` over the HF model; `lora_cfg` (default: none) wraps it with adapters."""
 
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, algo: AlgoConfig, *,
-                 lora_cfg: LoraConfig | None = None, temperature: float, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        algo: AlgoConfig,
+        *,
+        lora_cfg: LoraConfig | None = None,
+        temperature: float,
+        device: str = "cpu",
+    ) -> None:
         lora_cfg = lora_cfg or LoraConfig()
         dtype = getattr(torch, model_cfg.dtype)
         self.model, tokenizer = load_hf_model(model_cfg.hf_checkpoint, dtype=dtype, preset=model_cfg.model_preset)
@@ -46,8 +61,15 @@ class TorchBackend(PolicyBackend):
         self.lora = lora_cfg.enabled
         self.flat = None  # (buffer, layout) once `flatten_weights` ran (colocated tensor sync)
         if self.lora:  # same seed on every rank (the actor seeds torch first), so every replica starts equal
-            lora.apply_lora(self.model, lora_cfg.lora_rank, lora_cfg.lora_alpha, lora_cfg.lora_targets,
-                            dora=lora_cfg.use_dora, dropout=lora_cfg.lora_dropout, seed=torch.initial_seed())
+            lora.apply_lora(
+                self.model,
+                lora_cfg.lora_rank,
+                lora_cfg.lora_alpha,
+                lora_cfg.lora_targets,
+                dora=lora_cfg.use_dora,
+                dropout=lora_cfg.lora_dropout,
+                seed=torch.initial_seed(),
+            )
         self.pad_id = tokenizer.pad_token_id
         self.cfg, self.algo, self.device = train_cfg, algo, device
         self.temperature = temperature if temperature > 0 else 1.0
@@ -58,8 +80,12 @@ class TorchBackend(PolicyBackend):
             self.ref_model, _ = load_hf_model(model_cfg.hf_checkpoint, dtype=dtype)
             self.ref_model.to(device).requires_grad_(False)
         trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters only
-        self.opt = torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
-                                     betas=(train_cfg.adam_beta1, train_cfg.adam_beta2))
+        self.opt = torch.optim.AdamW(
+            trainable,
+            lr=train_cfg.lr,
+            weight_decay=train_cfg.weight_decay,
+            betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+        )
 
     # -- forward ---------------------------------------------------------------------------------------------
     def _forward(self, model, mb: MicroBatch, with_entropy: bool = False):
@@ -85,8 +111,9 @@ class TorchBackend(PolicyBackend):
 
     def _micro_batches(self, samples: list[Sample], phase: Phase) -> list[MicroBatch]:
         routing = self._routing_source(phase)
-        return [collate(group, self.pad_id, routing)
-                for group in pack_micro_batches(samples, self.cfg.max_tokens_per_gpu)]
+        return [
+            collate(group, self.pad_id, routing) for group in pack_micro_batches(samples, self.cfg.max_tokens_per_gpu)
+        ]
 
     # -- weights / checkpoints -----------------------------------------------------------------------------------
     def flatten_weights(self):
@@ -120,20 +147,24 @@ class TorchBackend(PolicyBackend):
         return out
 
     def save(self, path: Path) -> None:
-        """Full: model + optimizer in trainer.pt. LoRA: the adapter alone (`adapter/`, safetensors) + optimizer."""
-        path.mkdir(parents=True, exist_ok=True)
+        """Full: the model in model.safetensors (tensor by tensor: flattened weights of several dtypes save
+        too) + the optimizer in trainer.pt. LoRA: the adapter alone (`adapter/`, safetensors) + optimizer."""
+        make_dirs(path)
         if self.lora:
             lora.save_adapter(self.model, path / "adapter")
-            torch.save({"optimizer": self.opt.state_dict()}, path / "trainer.pt")
-            return
-        torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}, path / "trainer.pt")
+        else:
+            save_safetensors(self.model.state_dict().items(), path / MODEL_WEIGHTS)
+        save_torch({"optimizer": self.opt.state_dict()}, path / "trainer.pt")
 
     def load(self, path: Path) -> None:
-        state = torch.load(path / "trainer.pt", map_location=self.device, weights_only=True)
+        """Both formats: model.safetensors, or (checkpoints written before it) the model inside trainer.pt."""
+        state = load_torch(path / "trainer.pt", self.device)
         if self.lora:
             lora.load_adapter(self.model, path / "adapter")
-        elif "model" not in state:
-            raise ValueError(f"{path}: holds a LoRA adapter, not full weights; resume it with its --lora-rank flags")
-        else:
+        elif (path / MODEL_WEIGHTS).is_file():
+            self.model.load_state_dict(load_safetensors(path / MODEL_WEIGHTS, self.device))  # copies in place
+        elif "model" in state:
             self.model.load_state_dict(state["model"])
+        else:
+            raise ValueError(f"{path}: holds a LoRA adapter, not full weights; resume it with its --lora-rank flags")
         self.opt.load_state_dict(state["optimizer"])

@@ -321,11 +321,15 @@ class MegatronBackend(PolicyBackend):
         raise NotImplementedError("--update-weight-transfer-mode tensor needs --backend torch")
 
     def save(self, path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}, path / "trainer.pt")
+        from glm_rl.checkpoint import make_dirs, save_torch
+
+        make_dirs(path)
+        save_torch({"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}, path / "trainer.pt")
 
     def load(self, path: Path) -> None:
-        state = torch.load(path / "trainer.pt", map_location=self.device, weights_only=False)
+        from glm_rl.checkpoint import load_torch
+
+        state = load_torch(path / "trainer.pt", self.device)  # weights_only: loading runs no code
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
 
