@@ -166,21 +166,11 @@ def generate(
 ) -> None:
     """Generate with the embedded engine in-process (no Ray): tokens, text, logprobs, speculation stats.
     With --megatron-path: greedy text from a torch_dist checkpoint (Megatron's model, same output as HF)."""
-    import time
+    from glm_rl.generate import generate_engine, generate_megatron, read_prompts
 
-    from glm_rl.engine import EmbeddedEngine, EngineConfig
-    from glm_rl.engine.batch import GenerationRequest, SamplingParams, request_seed
-    from glm_rl.evaluate import chat_prompt_ids
-
-    if (prompt_file is None) == (not prompt):
-        raise ValueError("give the prompts with --prompt TEXT (repeatable) or --prompt-file FILE (one of them)")
-    texts = (
-        list(prompt)
-        if prompt
-        else [_prompt_text(line) for line in prompt_file.read_text().splitlines() if line.strip()]
-    )
+    texts = read_prompts(prompt_file, prompt)
     if megatron_path is not None:
-        _generate_megatron(
+        generate_megatron(
             megatron_path,
             hf_checkpoint,
             texts,
@@ -191,146 +181,20 @@ def generate(
             as_json=as_json,
         )
         return
-    temperature = 1.0 if temperature is None else temperature
-    engine = EmbeddedEngine(
-        EngineConfig(
-            hf_checkpoint=str(hf_checkpoint),
-            dtype=dtype,
-            seed=seed,
-            enable_mtp=enable_mtp,
-            speculative_num_steps=speculative_num_steps,
-        )
+    generate_engine(
+        hf_checkpoint,
+        texts,
+        dtype=dtype,
+        seed=seed,
+        enable_mtp=enable_mtp,
+        speculative_num_steps=speculative_num_steps,
+        temperature=1.0 if temperature is None else temperature,
+        top_p=top_p,
+        top_k=top_k,
+        max_new_tokens=max_new_tokens,
+        chat_template=chat_template,
+        as_json=as_json,
     )
-    engine.start()
-    try:
-        requests = []
-        for i, text in enumerate(texts):
-            ids = (
-                chat_prompt_ids(engine.tokenizer, text)
-                if chat_template
-                else engine.tokenizer.encode(text, add_special_tokens=False)
-            )
-            room = engine.max_total_len - len(ids)
-            if room < 1:
-                raise ValueError(f"prompt {i + 1}: {len(ids)} tokens fill the context")
-            sampling = SamplingParams(
-                temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=min(max_new_tokens, room)
-            )
-            requests.append(
-                GenerationRequest(
-                    rid=f"p{i}",
-                    input_ids=tuple(ids),
-                    sampling=sampling,
-                    seed=request_seed(seed, ("generate", i)),
-                    return_logprob=True,
-                )
-            )
-        t0 = time.perf_counter()
-        answers = [f.result() for f in engine.submit(requests)]
-        seconds = time.perf_counter() - t0
-    finally:
-        engine.shutdown()
-    _print_generations(texts, answers, seconds, enable_mtp, temperature, as_json)
-
-
-def _generate_megatron(
-    megatron_path: Path,
-    hf_model: Path,
-    texts: list[str],
-    *,
-    max_new_tokens: int,
-    chat_template: bool,
-    temperature: float | None,
-    enable_mtp: bool,
-    as_json: bool,
-) -> None:
-    """`generate --megatron-path`: checks first (cheap), then Megatron's greedy decoding on one CPU rank."""
-    import time
-
-    from transformers import AutoTokenizer, GenerationConfig
-
-    from glm_rl.convert import check_generate, megatron_generate
-    from glm_rl.evaluate import chat_prompt_ids
-
-    if temperature not in (None, 0.0) or enable_mtp:
-        raise ValueError("--megatron-path decodes greedily: drop --temperature / --enable-mtp")
-    spec = check_generate(megatron_path, hf_model)
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_model))
-    prompts = [
-        chat_prompt_ids(tokenizer, t) if chat_template else tokenizer.encode(t, add_special_tokens=False) for t in texts
-    ]
-    for i, ids in enumerate(prompts):
-        if len(ids) >= spec.max_position_embeddings:
-            raise ValueError(f"prompt {i + 1}: {len(ids)} tokens fill the context")
-    eos = GenerationConfig.from_pretrained(str(hf_model)).eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    t0 = time.perf_counter()
-    outs = megatron_generate(megatron_path, prompts, max_new_tokens, eos, in_process=True)
-    seconds = time.perf_counter() - t0
-    answers = [
-        {
-            "output_ids": o["output_ids"],
-            "text": tokenizer.decode(o["output_ids"], skip_special_tokens=True),
-            "meta_info": {
-                "output_token_logprobs": [(lp, t, None) for lp, t in zip(o["logprobs"], o["output_ids"])],
-                "finish_reason": {"type": o["finish_reason"]},
-            },
-        }  # the engine's answer shape
-        for o in outs
-    ]
-    _print_generations(texts, answers, seconds, False, 0.0, as_json)
-
-
-def _print_generations(
-    texts: list[str], answers: list[dict], seconds: float, enable_mtp: bool, temperature: float, as_json: bool
-) -> None:
-    results = [
-        {
-            "prompt": text,
-            "output_ids": a["output_ids"],
-            "text": a["text"],
-            "logprobs": [lp for lp, _, _ in a["meta_info"]["output_token_logprobs"]],
-            "finish_reason": a["meta_info"]["finish_reason"]["type"],
-            **{k: v for k, v in a["meta_info"].items() if k.startswith("spec_")},
-        }
-        for text, a in zip(texts, answers)
-    ]
-    tokens = sum(len(r["output_ids"]) for r in results)
-    verify = sum(r.get("spec_verify_ct", 0) for r in results)
-    summary = {
-        "prompts": len(results),
-        "completion_tokens": tokens,
-        "seconds": round(seconds, 4),
-        "tokens_per_s": round(tokens / seconds, 2) if seconds else None,
-        "enable_mtp": enable_mtp,
-        "temperature": temperature,
-        "spec_verify_ct": verify if enable_mtp else None,
-        "spec_accept_length": round(tokens / verify, 4) if verify else None,
-    }
-    if as_json:
-        typer.echo(json.dumps({"results": results, "summary": summary}))
-        return
-    for i, r in enumerate(results):
-        spec = f", accept length {r['spec_accept_length']:.2f}" if "spec_accept_length" in r else ""
-        typer.echo(
-            f"[{i}] {r['prompt']!r} -> {r['text']!r}  ({len(r['output_ids'])} tokens, "
-            f"{r['finish_reason']}{spec})\n    tokens {r['output_ids']}\n"
-            f"    logprobs {[round(x, 4) for x in r['logprobs']]}"
-        )
-    typer.echo(json.dumps(summary))
-
-
-def _prompt_text(line: str) -> str:
-    """A prompt-file line: a JSON object's `prompt`, or the line itself."""
-    try:
-        row = json.loads(line)
-    except ValueError:
-        return line
-    if isinstance(row, dict):
-        if not isinstance(row.get("prompt"), str):
-            raise ValueError(f"prompt file: JSON line without a string `prompt`: {line[:80]!r}")
-        return row["prompt"]
-    return line
 
 
 from glm_rl.planner.command import plan_command  # noqa: E402  (the command's flags live with it)

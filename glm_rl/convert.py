@@ -1,7 +1,8 @@
-"""HF ↔ Megatron torch_dist checkpoints for GLM-4.5, and greedy text straight from a torch_dist checkpoint.
+"""HF ↔ Megatron torch_dist checkpoints for GLM-4.5.
 
-`glm-rl convert import|export`, `glm-rl generate --megatron-path` and tools/convert_*.py are thin entry points
-over the three jobs here. Choices, and why:
+`glm-rl convert import|export` and tools/convert_*.py are thin entry points over the two jobs here (greedy text
+straight from a torch_dist checkpoint, `glm-rl generate --megatron-path`, is `glm_rl/megatron_generate.py`,
+which runs on the same ranks). Choices, and why:
 - Everything that can be wrong with the input (missing dirs, a config that contradicts the preset, an FP8 or
   non-GLM checkpoint, a layout Megatron cannot build, a non-empty output dir) is checked in the calling process
   before any process group or model exists (`check_*`).
@@ -144,7 +145,7 @@ def check_export(
 ) -> ExportJob:
     """Validate an export: a glm_rl torch_dist checkpoint whose architecture equals the template's."""
     load, hf_checkpoint, save = Path(load), Path(hf_checkpoint), Path(save)
-    _check_pair(load, hf_checkpoint, flags[0])
+    check_pair(load, hf_checkpoint, flags[0])
     _weight_files(hf_checkpoint)
     if int(os.environ.get("WORLD_SIZE", 1)) != 1:
         raise ConvertError(
@@ -154,7 +155,7 @@ def check_export(
     return ExportJob(load, hf_checkpoint, save, progress)
 
 
-def _check_pair(load: Path, hf_dir: Path, flag: str) -> ModelSpec:
+def check_pair(load: Path, hf_dir: Path, flag: str) -> ModelSpec:
     """The torch_dist checkpoint's spec, which must equal the HF directory's (the fields named if not)."""
     from glm_rl.trainer.backends.megatron.dist_checkpoint import read_meta
 
@@ -220,7 +221,8 @@ def run(fn, world: int, *args, in_process: bool = False) -> None:
 
 
 @contextmanager
-def _megatron(rank: int, world: int, init_method: str, layout: ParallelLayout):
+def megatron_ranks(rank: int, world: int, init_method: str, layout: ParallelLayout):
+    """This rank in a gloo process group with Megatron's model-parallel groups for `layout`, torn down after."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -236,7 +238,8 @@ def _megatron(rank: int, world: int, init_method: str, layout: ParallelLayout):
         dist.destroy_process_group()
 
 
-def _build(spec: ModelSpec, layout: ParallelLayout, dtype: torch.dtype, mtp: bool):
+def build_model(spec: ModelSpec, layout: ParallelLayout, dtype: torch.dtype, mtp: bool):
+    """This rank's Megatron GPT model for `spec` at `layout`, in eval mode (weights not loaded)."""
     from glm_rl.trainer.backends.megatron.model import build_gpt_model
 
     return build_gpt_model(
@@ -274,13 +277,13 @@ def import_worker(rank: int, world: int, init_method: str, job: ImportJob) -> No
     from glm_rl.trainer.backends.megatron.dist_checkpoint import save_model
 
     status = _Status("convert import", 4, job.progress and rank == 0)
-    with _megatron(rank, world, init_method, job.layout):
+    with megatron_ranks(rank, world, init_method, job.layout):
         with status("read HF checkpoint"):
             state = read_hf_state(job.hf_checkpoint, job.spec)
             mtp = has_mtp_layer(state, job.spec)
             dtype = state["model.embed_tokens.weight"].dtype
         with status(f"build Megatron model ({world} ranks: {_layout_text(job.layout)}, mtp={mtp})"):
-            model = _build(job.spec, job.layout, dtype, mtp)
+            model = build_model(job.spec, job.layout, dtype, mtp)
         with status("import weights through the bridge"):
             import_hf_weights(model, job.spec, state)
         with status(f"save torch_dist to {job.save}"), _atomic_dir(job.save, rank) as partial:
@@ -301,9 +304,9 @@ def export_worker(rank: int, world: int, init_method: str, job: ExportJob) -> No
     status = _Status("convert export", 3, job.progress and rank == 0)
     meta = read_meta(job.load)
     spec = ModelSpec.from_hf_config(meta["hf_config"], name=job.load.name)
-    with _megatron(rank, world, init_method, ParallelLayout()):
+    with megatron_ranks(rank, world, init_method, ParallelLayout()):
         with status("build Megatron model and load torch_dist"):
-            model = _build(spec, ParallelLayout(), getattr(torch, meta["dtype"]), meta["mtp"])
+            model = build_model(spec, ParallelLayout(), getattr(torch, meta["dtype"]), meta["mtp"])
             load_model(model, job.load)
         with status("export weights through the bridge"):
             state = {name: t.clone() for name, t in export_hf_weights(model, spec)}
@@ -360,67 +363,3 @@ def import_checkpoint(job: ImportJob, in_process: bool = False) -> None:
 
 def export_checkpoint(job: ExportJob, in_process: bool = False) -> None:
     run(export_worker, 1, job, in_process=in_process)
-
-
-# -- greedy text from a torch_dist checkpoint ------------------------------------------------------------------
-@dataclass(frozen=True)
-class GenerateJob:
-    load: Path
-    prompts: tuple[tuple[int, ...], ...]  # token ids, chat template already applied
-    max_new_tokens: int
-    eos_token_ids: tuple[int, ...]
-    result: Path
-
-
-def check_generate(megatron_path: str | Path, hf_model: str | Path) -> ModelSpec:
-    """A torch_dist checkpoint and the HF directory that supplies its tokenizer, with the same architecture."""
-    return _check_pair(Path(megatron_path), Path(hf_model), "--hf-model")
-
-
-@torch.no_grad()
-def greedy(model, spec: ModelSpec, prompt: list[int], max_new_tokens: int, eos: set[int]) -> dict:
-    """Greedy decoding recomputing the whole sequence each step (no KV cache: fine for checks on small
-    models). Logits are sliced to the real vocab, so Megatron's padded rows never win."""
-    ids, logprobs, finish = list(prompt), [], "length"
-    for _ in range(min(max_new_tokens, spec.max_position_embeddings - len(prompt))):
-        x = torch.tensor([ids])  # (1, T)
-        logits = model(x, torch.arange(len(ids))[None], attention_mask=None)[0, -1, : spec.vocab_size].float()
-        token = int(logits.argmax())
-        ids.append(token)
-        logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
-        if token in eos:
-            finish = "stop"
-            break
-    return {"output_ids": ids[len(prompt) :], "logprobs": logprobs, "finish_reason": finish}
-
-
-def generate_worker(rank: int, world: int, init_method: str, job: GenerateJob) -> None:
-    from glm_rl.trainer.backends.megatron.dist_checkpoint import load_model, read_meta
-
-    meta = read_meta(job.load)
-    spec = ModelSpec.from_hf_config(meta["hf_config"], name=job.load.name)
-    with _megatron(rank, world, init_method, ParallelLayout()):
-        model = _build(spec, ParallelLayout(), getattr(torch, meta["dtype"]), mtp=False)  # decoding needs no MTP
-        load_model(model, job.load)  # reads only the tensors this model asks for
-        out = [greedy(model, spec, list(p), job.max_new_tokens, set(job.eos_token_ids)) for p in job.prompts]
-    torch.save(out, job.result)
-
-
-def megatron_generate(
-    megatron_path: str | Path,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    eos_token_ids: list[int],
-    in_process: bool = False,
-) -> list[dict]:
-    """Greedy continuations of `prompts` by the torch_dist checkpoint's model (one CPU rank, TP1)."""
-    with tempfile.TemporaryDirectory(prefix="glm_rl_generate_") as tmp:
-        job = GenerateJob(
-            Path(megatron_path),
-            tuple(map(tuple, prompts)),
-            max_new_tokens,
-            tuple(eos_token_ids),
-            Path(tmp) / "result.pt",
-        )
-        run(generate_worker, 1, job, in_process=in_process)
-        return torch.load(job.result)
