@@ -4,7 +4,8 @@ The layout goes through Megatron's rules (`glm_rl.planner.estimate.trainer_layou
 stage's memory through `glm_rl.planner.estimate.trainer_memory` (bf16 weights, fp32 grads, distributed Adam,
 activations with the recipe's recompute). There is no rollout engine in these recipes, so the engine half of
 `glm-rl plan` is not used. PEFT: the base is frozen, so grads and optimizer state are only the adapters'; they
-are counted from the adapter shapes (rank r on every targeted linear: r × (in + out) per linear, per expert for routed experts).
+are counted from the adapter shapes (rank r on every targeted linear: r × (in + out) per linear, per expert for
+routed experts).
 """
 
 from __future__ import annotations

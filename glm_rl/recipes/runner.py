@@ -122,17 +122,6 @@ def build_model(cfg: RecipeConfig, spec, ckpt: Path, device: str):
         etp=p.expert_tensor_parallel_size,
         seed=cfg.train.seed,
     )
-    # calculate_per_token_loss: our loss function already divides by the global token count, so the schedule
-    # must neither divide by the micro-batch's tokens nor by the number of micro-batches (see _Trainer)
-    over = dict(sequence_parallel=p.sequence_parallel_on, calculate_per_token_loss=True)
-    if cfg.mtp.enabled:
-        over |= dict(mtp_num_layers=cfg.mtp.mtp_num_layers, mtp_loss_scaling_factor=cfg.mtp.mtp_loss_scaling_factor)
-    if cfg.recompute.granularity:
-        over |= dict(
-            recompute_granularity=cfg.recompute.granularity,
-            recompute_method=cfg.recompute.method if cfg.recompute.granularity == "full" else None,
-            recompute_num_layers=cfg.recompute.num_layers if cfg.recompute.granularity == "full" else None,
-        )
     model = build_gpt_model(
         spec,
         tp=p.tensor_model_parallel_size,
@@ -141,21 +130,10 @@ def build_model(cfg: RecipeConfig, spec, ckpt: Path, device: str):
         mtp=cfg.mtp.enabled,
         first_stage_layers=p.decoder_first_pipeline_num_layers,
         last_stage_layers=p.decoder_last_pipeline_num_layers,
-        **over,
+        **_transformer_overrides(cfg),
     )
     if cfg.pretrained_checkpoint:
-        from glm_rl.models.glm45.checkpoint import load_hf_model
-        from glm_rl.trainer.backends.megatron.bridge import import_hf_weights
-
-        hf, _ = load_hf_model(ckpt, dtype=getattr(torch, cfg.model.dtype))
-        state = hf.state_dict()
-        if cfg.mtp.enabled:  # HF's model ignores the MTP layer's tensors: load them as the engine does
-            from glm_rl.models.glm45.checkpoint import load_mtp
-            from glm_rl.models.glm45.hf_names import mtp_named_tensors
-
-            state |= mtp_named_tensors(load_mtp(hf), spec.num_hidden_layers)
-        import_hf_weights(model, spec, state)
-        del hf, state
+        _load_hf_weights(model, cfg, spec, ckpt)
     if cfg.peft:
         from glm_rl.recipes.peft import apply_peft
 
@@ -168,6 +146,38 @@ def build_model(cfg: RecipeConfig, spec, ckpt: Path, device: str):
             seed=cfg.train.seed,
         )
     return model.to(device).train()
+
+
+def _transformer_overrides(cfg: RecipeConfig) -> dict:
+    """The recipe's settings of Megatron's TransformerConfig (sequence parallel, MTP, recomputation)."""
+    # calculate_per_token_loss: our loss function already divides by the global token count, so the schedule
+    # must neither divide by the micro-batch's tokens nor by the number of micro-batches (see _Trainer)
+    over = dict(sequence_parallel=cfg.parallel.sequence_parallel_on, calculate_per_token_loss=True)
+    if cfg.mtp.enabled:
+        over |= dict(mtp_num_layers=cfg.mtp.mtp_num_layers, mtp_loss_scaling_factor=cfg.mtp.mtp_loss_scaling_factor)
+    if cfg.recompute.granularity:
+        over |= dict(
+            recompute_granularity=cfg.recompute.granularity,
+            recompute_method=cfg.recompute.method if cfg.recompute.granularity == "full" else None,
+            recompute_num_layers=cfg.recompute.num_layers if cfg.recompute.granularity == "full" else None,
+        )
+    return over
+
+
+def _load_hf_weights(model, cfg: RecipeConfig, spec, ckpt: Path) -> None:
+    """The HF checkpoint's weights (and its MTP layer's, with MTP on) into this rank's stage, via the bridge."""
+    from glm_rl.models.glm45.checkpoint import load_hf_model
+    from glm_rl.trainer.backends.megatron.bridge import import_hf_weights
+
+    hf, _ = load_hf_model(ckpt, dtype=getattr(torch, cfg.model.dtype))
+    state = hf.state_dict()
+    if cfg.mtp.enabled:  # HF's model ignores the MTP layer's tensors: load them as the engine does
+        from glm_rl.models.glm45.checkpoint import load_mtp
+        from glm_rl.models.glm45.hf_names import mtp_named_tensors
+
+        state |= mtp_named_tensors(load_mtp(hf), spec.num_hidden_layers)
+    import_hf_weights(model, spec, state)
+    del hf, state
 
 
 class _Trainer:
