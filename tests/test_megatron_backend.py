@@ -416,7 +416,8 @@ def test_rl_loop_tp2_with_r3_and_resume(tmp_path):
         str(ck),
     )
     _check_rl_rows(rows, [1, 2, 3])
-    assert sorted(p.name for p in (ck / "step_000002").iterdir()) == ["rank0", "rank1", "state.json"]
+    listing = sorted(p.name for p in (ck / "step_000002").iterdir())
+    assert listing == ["manifest.json", "rank0", "rank1", "state.json"]
     (ck / "latest").write_text("step_000002")
     resumed = _train(
         tmp_path / "resumed",
@@ -481,7 +482,8 @@ def test_rl_loop_pp2_cp2_with_r3_gspo_and_resume(tmp_path):
     _check_rl_rows(rows, [1, 2])
     # the reference model runs through the same pipeline: equal to the policy at step 1, apart after a step
     assert rows[0]["train/kl_loss"] == pytest.approx(0.0, abs=1e-7) and rows[1]["train/kl_loss"] > 1e-7
-    assert sorted(p.name for p in (ck / "step_000001").iterdir()) == [f"rank{r}" for r in range(4)] + ["state.json"]
+    listing = sorted(p.name for p in (ck / "step_000001").iterdir())
+    assert listing == ["manifest.json"] + [f"rank{r}" for r in range(4)] + ["state.json"]
     (ck / "latest").write_text("step_000001")
     resumed = _train(tmp_path / "resumed", *layout, "--load", str(ck), "--save", str(tmp_path / "ck2"))
     assert [r["step"] for r in resumed] == [2]
