@@ -14,8 +14,9 @@ format changes in one place.
   into other processes' memory. "flattened_bucket" is one uint8 tensor named `flattened_tensor` plus its layout
   in `metadata` (`weights/flat.py`).
 - SGLang's: base64 of a ForkingPickler pickle (`serialize_named_tensors` / `serialize_flattened`, what a real
-  SGLang engine needs). The engine decodes it only for a trusted caller, and even then with an unpickler that
-  resolves nothing but torch's tensor-rebuild functions, so a crafted pickle cannot run code.
+  SGLang engine needs; in `wire_sglang.py`, re-exported here). The engine decodes it only for a trusted caller,
+  and even then with an unpickler that resolves nothing but torch's tensor-rebuild functions, so a crafted pickle
+  cannot run code; `deserialize_*` here check what it rebuilt.
 `decode_named_tensors` / `decode_flattened` take either form (JSON starts with `{`) and enforce both rules.
 
 Also: `parse_dtype` (the dtype names weight routes carry), `tensor_checksum` (the digest `/weights_checksum`
@@ -26,26 +27,21 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
-import io
 import json
 import math
 import os
-import pickle
 import re
 import stat
-import threading
-from collections.abc import Iterable, Iterator
-from multiprocessing.reduction import ForkingPickler
+from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.multiprocessing  # noqa: F401 - registers the tensor reductions on ForkingPickler
 from torch.multiprocessing import reductions
 
 from glm_rl.weights.digest import tensor_digest
 from glm_rl.weights.flat import FlatEntry, entries_from_json
+from glm_rl.weights.wire_sglang import SHARING_LOCK, serialize_flattened, serialize_named_tensors, unpickle_tensors
 
 FORMAT = "glm_rl.tensors.v1"
 Named = list[tuple[str, torch.Tensor]]
@@ -83,11 +79,6 @@ def parse_dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {name!r}")
     return dtype
-
-
-# torch's sharing strategy is process-global and moving a storage into shared memory is not thread-safe: this
-# lock keeps concurrent encodings (one thread per engine, often of the same buffer) apart.
-_SHARING_LOCK = threading.Lock()
 
 
 # -- glm_rl.tensors.v1: encoding ---------------------------------------------------------------------------------
@@ -131,7 +122,7 @@ def _encode(named: Iterable[tuple[str, torch.Tensor]], by_reference: bool, **ext
     buffers: list[dict] = []
     seen: dict[int, int] = {}  # storage (its StorageImpl) → buffer index
     tensors = []
-    with _SHARING_LOCK:
+    with SHARING_LOCK:
         for name, t in named:
             t = t.detach()
             if by_reference and t.numel() > 0:
@@ -294,72 +285,12 @@ def _decode(payload: str, trusted: bool) -> tuple[Named, dict]:
     return [_view(s, opened, f"tensors[{i}]") for i, s in enumerate(tensors)], doc
 
 
-# -- SGLang's pickled form -----------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _file_system_sharing() -> Iterator[None]:
-    """Use torch's "file_system" sharing strategy while pickling (shared-memory files are named, not fds)."""
-    with _SHARING_LOCK:
-        before = torch.multiprocessing.get_sharing_strategy()
-        torch.multiprocessing.set_sharing_strategy("file_system")
-        try:
-            yield
-        finally:
-            torch.multiprocessing.set_sharing_strategy(before)
-
-
-def _serialize(obj: Any) -> str:
-    """base64 of a ForkingPickler pickle: CPU tensors in shared memory travel by name, CUDA ones as IPC handles."""
-    buf = io.BytesIO()
-    with _file_system_sharing():
-        ForkingPickler(buf).dump(obj)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def serialize_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """SGLang's form of [(name, tensor)] (for SGLang engines): keep the tensors alive until it has answered."""
-    return _serialize([(str(n), t) for n, t in named_tensors])
-
-
-def serialize_flattened(flat: torch.Tensor, layout: list[list]) -> str:
-    """SGLang-style load_format "flattened_bucket": one uint8 buffer and its layout; keep `flat` alive."""
-    return _serialize({"flattened_tensor": flat, "metadata": layout})
-
-
-_REBUILDERS = {
-    ("torch.multiprocessing.reductions", n)
-    for n in ("rebuild_tensor", "rebuild_typed_storage", "rebuild_storage_filename", "rebuild_cuda_tensor")
-}
-_CLASSES = {
-    ("torch", "Tensor"),
-    ("torch", "Size"),
-    ("torch.storage", "UntypedStorage"),
-    ("torch.storage", "TypedStorage"),
-    ("torch", "UntypedStorage"),
-    ("torch.nn.parameter", "Parameter"),
-}
-
-
-class _TensorUnpickler(pickle.Unpickler):
-    """Resolves only torch's tensor-rebuild functions, tensor / storage / Size classes and dtypes: a pickle that
-    names anything else (os.system, builtins.eval, ...) fails before it is called."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _REBUILDERS | _CLASSES or (
-            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        ):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not a tensor-rebuild function")
-
-
-def _unpickle(payload: str) -> Any:
-    return _TensorUnpickler(io.BytesIO(base64.b64decode(payload, validate=True))).load()
-
-
+# -- SGLang's pickled form, checked (encoder and unpickler: wire_sglang.py) --------------------------------------------
 def deserialize_named_tensors(payload: str) -> Named:
-    """Inverse of `serialize_named_tensors`, through `_TensorUnpickler` (still: only for trusted callers, since
+    """Inverse of `serialize_named_tensors`, through `TensorUnpickler` (still: only for trusted callers, since
     the tensors it rebuilds point into other processes' memory)."""
     try:
-        items = _unpickle(payload)
+        items = unpickle_tensors(payload)
     except Exception as e:  # noqa: BLE001 - any decoding failure is the caller's bad input
         raise WeightError(f"serialized_named_tensors: cannot decode ({type(e).__name__}: {e})") from e
     if not isinstance(items, list) or not all(
@@ -370,9 +301,9 @@ def deserialize_named_tensors(payload: str) -> Named:
 
 
 def deserialize_flattened(payload: str) -> tuple[torch.Tensor, list[FlatEntry]]:
-    """Inverse of `serialize_flattened` (through `_TensorUnpickler`): the shared uint8 buffer and its layout."""
+    """Inverse of `serialize_flattened` (through `TensorUnpickler`): the shared uint8 buffer and its layout."""
     try:
-        obj = _unpickle(payload)
+        obj = unpickle_tensors(payload)
         return _flat_and_entries(obj["flattened_tensor"], obj["metadata"])
     except WeightError:
         raise
@@ -433,3 +364,24 @@ def _flat_and_entries(flat: Any, layout: Any) -> tuple[torch.Tensor, list[FlatEn
     except (TypeError, ValueError) as e:
         raise WeightError(f"metadata: bad flattened layout ({e})") from None
     return flat, entries
+
+
+# Re-exported from wire_sglang (callers import both forms' encoders from here).
+__all__ = [
+    "CHECKSUM_ALGOS",
+    "FORMAT",
+    "Named",
+    "WeightError",
+    "checksum_algo",
+    "decode_flattened",
+    "decode_named_tensors",
+    "deserialize_flattened",
+    "deserialize_named_tensors",
+    "encode_flattened",
+    "encode_named_tensors",
+    "parse_dtype",
+    "serialize_flattened",
+    "serialize_named_tensors",
+    "shared_copy",
+    "tensor_checksum",
+]
