@@ -73,25 +73,9 @@ def _state_sizes() -> dict[str, int | None]:
     }
 
 
-def transformer_config(
-    spec: ModelSpec,
-    *,
-    tp: int = 1,
-    ep: int = 1,
-    params_dtype: torch.dtype = torch.float32,
-    mtp: bool = False,
-    first_stage_layers: int | None = None,
-    last_stage_layers: int | None = None,
-    **overrides,
-):
-    """The megatron `TransformerConfig` for `spec`. PP / CP / expert-TP come from megatron's parallel state;
-    `first_stage_layers` / `last_stage_layers` are --decoder-first/last-pipeline-num-layers; `mtp` builds the
-    spec's MTP layers; `overrides` are passed through (e.g. recompute flags)."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    check_spec(spec, tp, ep)
-    sizes = _state_sizes()
-    fields = dict(
+def _dense_fields(spec: ModelSpec) -> dict:
+    """TransformerConfig fields of the dense architecture: sizes, RMSNorm, SwiGLU, QK norm, no dropout."""
+    return dict(
         num_layers=spec.num_hidden_layers,
         hidden_size=spec.hidden_size,
         ffn_hidden_size=spec.intermediate_size,
@@ -107,7 +91,12 @@ def transformer_config(
         qk_layernorm=spec.use_qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        # MoE
+    )
+
+
+def _moe_fields(spec: ModelSpec) -> dict:
+    """TransformerConfig fields of the MoE layers: fp32 sigmoid router with a frozen expert bias, no aux loss."""
+    return dict(
         num_moe_experts=spec.n_routed_experts,
         moe_router_topk=spec.num_experts_per_tok,
         moe_ffn_hidden_size=spec.moe_intermediate_size,
@@ -122,9 +111,16 @@ def transformer_config(
         moe_aux_loss_coeff=0.0,
         moe_token_dispatcher_type="alltoall",
         moe_grouped_gemm=False,
-        # MTP (GLM-4.5's next-n layer, on the last pipeline stage)
-        mtp_num_layers=spec.num_nextn_predict_layers if mtp and spec.num_nextn_predict_layers else None,
-        # parallel / precision / kernels
+    )
+
+
+def _parallel_fields(
+    tp: int, ep: int, params_dtype: torch.dtype, first_stage_layers: int | None, last_stage_layers: int | None
+) -> dict:
+    """TransformerConfig fields of the parallel layout (PP / CP / expert-TP from megatron's parallel state),
+    precision, and the local (non-fused) kernels."""
+    sizes = _state_sizes()
+    return dict(
         tensor_model_parallel_size=tp,
         sequence_parallel=tp > 1,
         expert_model_parallel_size=ep,
@@ -145,6 +141,32 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
     )
+
+
+def transformer_config(
+    spec: ModelSpec,
+    *,
+    tp: int = 1,
+    ep: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    mtp: bool = False,
+    first_stage_layers: int | None = None,
+    last_stage_layers: int | None = None,
+    **overrides,
+):
+    """The megatron `TransformerConfig` for `spec`. PP / CP / expert-TP come from megatron's parallel state;
+    `first_stage_layers` / `last_stage_layers` are --decoder-first/last-pipeline-num-layers; `mtp` builds the
+    spec's MTP layers; `overrides` are passed through (e.g. recompute flags)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    check_spec(spec, tp, ep)
+    fields = {
+        **_dense_fields(spec),
+        **_moe_fields(spec),
+        # MTP (GLM-4.5's next-n layer, on the last pipeline stage)
+        "mtp_num_layers": spec.num_nextn_predict_layers if mtp and spec.num_nextn_predict_layers else None,
+        **_parallel_fields(tp, ep, params_dtype, first_stage_layers, last_stage_layers),
+    }
     fields.update(overrides)
     return TransformerConfig(**fields)
 
