@@ -42,7 +42,7 @@ from glm_rl.weights.bucketing import iter_buckets
 from glm_rl.weights.flat import entries_to_json
 from glm_rl.weights.group import create_weight_group
 from glm_rl.weights.liveness import abandon, first_failure, in_thread, probe_dead, wait_work
-from glm_rl.weights.wire import shared_copy, tensor_checksum
+from glm_rl.weights.wire import checksum_algo, shared_copy, tensor_checksum
 
 Named = list[tuple[str, torch.Tensor]]
 log = logging.getLogger(__name__)
@@ -104,9 +104,13 @@ class BaseTransport:
         return dead
 
     def verify(self, named: Named, version: int, expected: dict[str, str] | None = None) -> bool:
-        """Every engine holds bitwise the source's tensors (sha256 per tensor; `expected` when given) at `version`."""
-        expected = expected or {n: tensor_checksum(t) for n, t in named}
-        for answer in self._each(lambda c: c.weights_checksum(list(expected))):
+        """Every engine holds bitwise the source's tensors (a digest per tensor; `expected` when given) at `version`.
+        CUDA sources use the device digest (`d128`, 16 bytes per tensor leave the GPU) on both ends, else sha256."""
+        algo = checksum_algo(t for _, t in named)
+        expected = expected or {n: tensor_checksum(t, algo) for n, t in named}
+        if any(h.startswith("d128:") for h in expected.values()):
+            algo = "d128"
+        for answer in self._each(lambda c: c.weights_checksum(list(expected), algo)):
             if answer["weight_version"] != version or answer["checksums"] != expected:
                 bad = [n for n, h in expected.items() if answer["checksums"].get(n) != h]
                 raise RuntimeError(
@@ -122,7 +126,8 @@ class BaseTransport:
             return bucket
         wire = quantize_named((n, t.detach()) for n, t in bucket)  # on the trainer's device
         dtypes = {n: t.dtype for n, t in bucket}
-        held.update((n, tensor_checksum(t)) for n, t in dequantize_named(wire, dtypes.__getitem__))
+        algo = checksum_algo(t for _, t in bucket)
+        held.update((n, tensor_checksum(t, algo)) for n, t in dequantize_named(wire, dtypes.__getitem__))
         return wire
 
     def _finish(self, named: Named, version: int, verify: bool, t0: float, held: dict[str, str] | None = None) -> dict:
