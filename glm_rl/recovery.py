@@ -45,7 +45,7 @@ class EnginesLost(RuntimeError):
 
 class EngineRecovery:
     def __init__(
-        self, rt: Runtime, timeout_s: float = 300.0, rounds_with_live: int = 2, start_timeout_s: float = 180.0
+        self, rt: Runtime, timeout_s: float = 600.0, rounds_with_live: int = 2, start_timeout_s: float = 600.0
     ) -> None:
         self.rt, self.timeout_s, self.rounds_with_live = rt, timeout_s, rounds_with_live
         self.start_timeout_s = start_timeout_s
@@ -105,6 +105,7 @@ class EngineRecovery:
 
     def restore(self, dead: list[int]) -> dict:
         """Restart `dead` engines and give them the current weights (module docstring); the last push's result."""
+        self.rt.trainers.check_alive()  # a lost node takes trainer ranks too: stop, do not wait on its engines
         n, deadline = len(self.rt.engine_urls), time.monotonic() + self.timeout_s
         pending, rounds, result = sorted(set(dead)), 0, {}
         while pending:

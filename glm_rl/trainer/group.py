@@ -220,6 +220,11 @@ class TrainerGroup:
     def shutdown(self, timeout_s: float = 10.0) -> None:
         ray.get([a.shutdown.remote() for a in self.actors], timeout=timeout_s)
 
+    def check_alive(self) -> None:
+        """TrainerRankDied when a rank's process is gone (a no-op call on every rank, answered at once by idle
+        ranks)."""
+        self._get([a.__ray_ready__.remote() for a in self.actors], self.ranks)
+
     @property
     def ranks(self) -> list[int]:
         return list(range(len(self.actors)))
