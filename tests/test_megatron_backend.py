@@ -119,14 +119,14 @@ def _mtp_control_grads(b, shard, tokens) -> dict:
 
     from glm_rl.trainer.backends.megatron import backend
 
-    exact = backend._mtp_token_counts
+    exact = backend.mtp_token_counts
 
     def per_rank(mask, layers, cp_rank, cp):
         counts = exact(mask, layers, cp_rank, cp)
         return torch.stack([counts[:, 1], counts[:, 1]], dim=1)
 
     step, b.opt.step = b.opt.step, lambda: None
-    with mock.patch.object(backend, "_mtp_token_counts", per_rank):
+    with mock.patch.object(backend, "mtp_token_counts", per_rank):
         b.train_step(shard, tokens)
     b.opt.step = step
     params = list(b.model.parameters())

@@ -43,7 +43,6 @@ algorithms and metrics are shared (base.py, including the per-micro-batch loss).
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -52,9 +51,16 @@ import torch.distributed as dist
 from glm_rl.config import AlgoConfig, MegatronConfig, ModelConfig, RoutingReplay, TrainConfig
 from glm_rl.rollout.samples import Sample
 from glm_rl.trainer.backends.base import Phase, PolicyBackend
+from glm_rl.trainer.backends.megatron.build import (
+    LossScale,
+    ModelBuilder,
+    load_states,
+    mtp_token_counts,
+    pad_batch,
+    pad_to,
+)
 from glm_rl.trainer.backends.megatron.logprobs import vocab_parallel_logprobs
 from glm_rl.trainer.backends.megatron.optim import Optimizer, reduce_grads_and_clip
-from glm_rl.trainer.backends.megatron.pipeline import PIPELINE_CONFIG
 from glm_rl.trainer.backends.megatron.replay import MegatronRoutingReplay
 from glm_rl.trainer.backends.torch_backend import loss_config
 from glm_rl.trainer.batching import MicroBatch, collate, pack_micro_batches
@@ -69,32 +75,22 @@ def init_parallel(megatron_cfg: MegatronConfig, world_size: int, seed: int) -> N
     setup_model_parallel(tp=lay.tp, ep=lay.ep, pp=lay.pp, cp=lay.cp, etp=lay.etp, seed=seed)
 
 
-def _model_overrides(t: MegatronConfig) -> dict:
-    """TransformerConfig fields the megatron flags set (build_gpt_model passes them through), plus what the
-    pipeline schedule needs (pipeline.PIPELINE_CONFIG)."""
-    over = dict(sequence_parallel=t.sequence_parallel_on, moe_token_dispatcher_type=t.moe_token_dispatcher_type,
-                first_stage_layers=t.decoder_first_pipeline_num_layers,
-                last_stage_layers=t.decoder_last_pipeline_num_layers, **PIPELINE_CONFIG)
-    if t.moe_enable_deepep:
-        over["moe_flex_dispatcher_backend"] = "deepep"
-    if t.recompute_granularity:
-        over |= dict(recompute_granularity=t.recompute_granularity, recompute_method=t.recompute_method,
-                     recompute_num_layers=t.recompute_num_layers)
-    return over
-
-
 class MegatronBackend(PolicyBackend):
     """A `TrainerBackend` over megatron-core's GPTModel; `megatron_cfg` (default: one rank, no parallelism) sets
     the layout and Megatron's options."""
 
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, algo: AlgoConfig, *,
-                 megatron_cfg: MegatronConfig | None = None, temperature: float, seed: int = 1234,
-                 device: str = "cpu") -> None:
-        from megatron.core import parallel_state as ps
-
-        from glm_rl.models.glm45.checkpoint import check_matches_preset, load_hf_model, read_spec
-        from glm_rl.trainer.backends.megatron.bridge import import_hf_weights
-        from glm_rl.trainer.backends.megatron.model import build_gpt_model
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        algo: AlgoConfig,
+        *,
+        megatron_cfg: MegatronConfig | None = None,
+        temperature: float,
+        seed: int = 1234,
+        device: str = "cpu",
+    ) -> None:
+        from glm_rl.models.glm45.checkpoint import check_matches_preset, read_spec
 
         m = megatron_cfg or MegatronConfig()
         ckpt = model_cfg.hf_checkpoint
@@ -106,51 +102,50 @@ class MegatronBackend(PolicyBackend):
         self.loss_cfg = loss_config(algo)
         self._parallel_groups()
         self.sp = m.sequence_parallel_on
-        hf, tokenizer = load_hf_model(ckpt, dtype=self.dtype)  # the HF model: the one reader of the checkpoint
-        hf_state, self.pad_id = hf.state_dict(), tokenizer.pad_token_id
         self.mtp_training = m.enable_mtp_training
-        mtp_state = {}
-        if self.mtp_training:  # HF's model ignores the MTP layer's tensors: load them as the engine does
-            from glm_rl.models.glm45.checkpoint import load_mtp
-            from glm_rl.models.glm45.hf_names import mtp_named_tensors
-
-            mtp_state = {k: v.detach().clone() for k, v in
-                         mtp_named_tensors(load_mtp(hf), self.spec.num_hidden_layers).items()}
+        self._mtp_scale = LossScale(device)  # the schedule's MTP loss scale, set per micro-batch in training
+        states = load_states(ckpt, self.dtype, self.spec, mtp=self.mtp_training)
+        self.pad_id = states.pad_id
         # the engine's dtype per tensor: megatron keeps torch norms in fp32 under bf16, HF (and so the engine) not
-        self.hf_dtypes = {name: t.dtype for name, t in {**hf_state, **mtp_state}.items()}
-        self._mtp_scale = _LossScale(device)  # the schedule's MTP loss scale, set per micro-batch in training
-
-        def build(routing_replay: bool, mtp: bool = False):
-            # MTP training: megatron's `mtp_detach_heads` feeds the MTP layer detached hidden states, embeddings
-            # and LM-head weight, so its loss trains the MTP layer alone (the backbone's gradients are unchanged)
-            over = dict(mtp_loss_scaling_factor=m.mtp_loss_scaling_factor, mtp_detach_heads=True,
-                        mtp_grad_scale_func=self._mtp_scale) if mtp else {}
-            model = build_gpt_model(self.spec, tp=self.tp, ep=ps.get_expert_model_parallel_world_size(),
-                                    params_dtype=self.dtype, moe_enable_routing_replay=routing_replay,
-                                    fast=device.startswith("cuda"), mtp=mtp, **over, **_model_overrides(m))
-            import_hf_weights(model, self.spec, {**hf_state, **mtp_state} if mtp else hf_state)
-            return model.to(device)
-
-        self.model = build(algo.routing_replay is not RoutingReplay.OFF, mtp=self.mtp_training).train()
+        self.hf_dtypes = {name: t.dtype for name, t in {**states.hf, **states.mtp}.items()}
+        builder = ModelBuilder(
+            self.spec, m, tp=self.tp, dtype=self.dtype, device=device, states=states, mtp_scale=self._mtp_scale
+        )
+        self.model = builder.build(algo.routing_replay is not RoutingReplay.OFF, mtp=self.mtp_training).train()
         self.mtp_layers = self.model.config.mtp_num_layers or 0
         self._mtp_batches, self._mtp_figures = 0, []  # this step's: see _weigh_mtp
         # this stage's decoder routers only: the engine's routing (R3) covers the main layers, not the MTP layer's
-        self.replay = MegatronRoutingReplay(self.model.decoder, self.spec.num_experts_per_tok, tp_rank=self.tp_rank,
-                                            tp_size=self.tp, tp_group=self.tp_group, sequence_parallel=self.sp,
-                                            cp_group=self.cp_group, pp_group=self.pp_group, device=device)
-        self.ref_model = build(False).requires_grad_(False) if algo.kl_loss_coef > 0 else None
-        del hf, hf_state, mtp_state
-        self.opt = Optimizer(self.model, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
-                             betas=(train_cfg.adam_beta1, train_cfg.adam_beta2), cpu_offload=m.optimizer_cpu_offload,
-                             fp32_master=m.use_precision_aware_optimizer)
+        self.replay = MegatronRoutingReplay(
+            self.model.decoder,
+            self.spec.num_experts_per_tok,
+            tp_rank=self.tp_rank,
+            tp_size=self.tp,
+            tp_group=self.tp_group,
+            sequence_parallel=self.sp,
+            cp_group=self.cp_group,
+            pp_group=self.pp_group,
+            device=device,
+        )
+        self.ref_model = builder.build(False).requires_grad_(False) if algo.kl_loss_coef > 0 else None
+        del builder, states
+        self.opt = Optimizer(
+            self.model,
+            lr=train_cfg.lr,
+            weight_decay=train_cfg.weight_decay,
+            betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+            cpu_offload=m.optimizer_cpu_offload,
+            fp32_master=m.use_precision_aware_optimizer,
+        )
 
     def _parallel_groups(self) -> None:
         """This rank's TP / CP / PP sizes, ranks and groups, from megatron's parallel state."""
         from megatron.core import parallel_state as ps
 
-        self.tp, self.tp_rank, self.tp_group = (ps.get_tensor_model_parallel_world_size(),
-                                                ps.get_tensor_model_parallel_rank(),
-                                                ps.get_tensor_model_parallel_group())
+        self.tp, self.tp_rank, self.tp_group = (
+            ps.get_tensor_model_parallel_world_size(),
+            ps.get_tensor_model_parallel_rank(),
+            ps.get_tensor_model_parallel_group(),
+        )
         self.cp, self.cp_group = ps.get_context_parallel_world_size(), ps.get_context_parallel_group()
         self.cp_rank = ps.get_context_parallel_rank()
         self.pp_group = ps.get_pipeline_model_parallel_group()
@@ -177,8 +172,12 @@ class MegatronBackend(PolicyBackend):
         pos = split_for_cp(torch.arange(ids.shape[1], device=self.device).expand_as(ids), rank, self.cp)
         # MTP training: the MTP loss (megatron adds it through MTPLossAutoScaler) covers the response tokens only
         mtp_mask = mb.loss_mask.to(self.device) if self.mtp_training and model.training else None
-        out = model(split_for_cp(ids, rank, self.cp), pos, attention_mask=None,
-                    loss_mask=None if mtp_mask is None else split_for_cp(mtp_mask, rank, self.cp))
+        out = model(
+            split_for_cp(ids, rank, self.cp),
+            pos,
+            attention_mask=None,
+            loss_mask=None if mtp_mask is None else split_for_cp(mtp_mask, rank, self.cp),
+        )
         if phase is not None:
             self.replay.forward_done()
         return out
@@ -190,9 +189,13 @@ class MegatronBackend(PolicyBackend):
         from glm_rl.trainer.backends.megatron.cp_attention import gather_from_cp_with_grad, split_for_cp
 
         targets = split_for_cp(mb.targets.to(self.device), self.cp_group.rank(), self.cp)
-        logp, entropy = vocab_parallel_logprobs(logits, targets, temperature=self.temperature,
-                                                vocab_start=self.tp_rank * logits.shape[-1],
-                                                group=self.tp_group if self.tp > 1 else None)
+        logp, entropy = vocab_parallel_logprobs(
+            logits,
+            targets,
+            temperature=self.temperature,
+            vocab_start=self.tp_rank * logits.shape[-1],
+            group=self.tp_group if self.tp > 1 else None,
+        )
         logp = gather_from_cp_with_grad(logp, self.cp_group)
         return logp, (gather_from_cp_with_grad(entropy, self.cp_group) if with_entropy else None)
 
@@ -230,8 +233,9 @@ class MegatronBackend(PolicyBackend):
                 self._weigh_mtp(mb, len(mbs))
             return loss_fn(logp, entropy, mb), None
 
-        run_micro_batches(self.model, mbs, lambda mb: self._stage_forward(self.model, mb, "train"), loss,
-                          forward_only=False)
+        run_micro_batches(
+            self.model, mbs, lambda mb: self._stage_forward(self.model, mb, "train"), loss, forward_only=False
+        )
 
     def _weigh_mtp(self, mb: MicroBatch, num_micro_batches: int) -> None:
         """After `mb`'s forward on the last stage, before its backward: set its MTP backward scale and keep this
@@ -242,7 +246,7 @@ class MegatronBackend(PolicyBackend):
         from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
         share = float(mb.loss_mask.sum()) / self._global_tokens
-        counts = _mtp_token_counts(mb.loss_mask, self.mtp_layers, self.cp_rank, self.cp)  # (layer, [own, all])
+        counts = mtp_token_counts(mb.loss_mask, self.mtp_layers, self.cp_rank, self.cp)  # (layer, [own, all])
         own, whole = counts[0].tolist()  # one scale serves all layers: the config refuses >1 MTP layer with CP
         self._mtp_scale.value = share * num_micro_batches * own / max(whole, 1.0)
         self._mtp_batches += share > 0
@@ -250,8 +254,12 @@ class MegatronBackend(PolicyBackend):
         # (S_r / n_r), correct top-1 predictions and tokens; kept as sums, which add up over CP peers
         tracker = MTPLossLoggingHelper.tracker
         own_tokens = counts[:, 0].to(tracker["loss_values"])
-        self._mtp_figures.append(torch.stack([tracker["loss_values"] * own_tokens, own_tokens,
-                                              tracker["correct_values"], tracker["total_values"]], dim=1))
+        self._mtp_figures.append(
+            torch.stack(
+                [tracker["loss_values"] * own_tokens, own_tokens, tracker["correct_values"], tracker["total_values"]],
+                dim=1,
+            )
+        )
         MTPLossLoggingHelper.clean_metrics_in_tracker()
 
     def _take_mtp_metrics(self) -> dict[str, float]:
@@ -266,29 +274,36 @@ class MegatronBackend(PolicyBackend):
         if self.cp > 1:
             dist.all_reduce(f, group=self.cp_group)
         loss = (f[..., 0] / f[..., 1].clamp(min=1)).sum(0) / batches
-        return {"train/mtp_loss": float(loss.mean()),
-                # top-1 accuracy of the MTP head on t+2 (what speculative decoding's acceptance rests on)
-                "train/mtp_accuracy": float(f[..., 2].sum() / f[..., 3].sum().clamp(min=1))}
+        return {
+            "train/mtp_loss": float(loss.mean()),
+            # top-1 accuracy of the MTP head on t+2 (what speculative decoding's acceptance rests on)
+            "train/mtp_accuracy": float(f[..., 2].sum() / f[..., 3].sum().clamp(min=1)),
+        }
 
     def _micro_batches(self, samples: list[Sample], phase: Phase) -> list[MicroBatch]:
         """Packed by --max-tokens-per-gpu, padded for SP and CP, and topped up with pad batches so every rank runs
         as many as the busiest one (expert all-to-alls are collectives)."""
         routing = self._routing_source(phase)
         multiple = (self.tp if self.sp else 1) * (2 * self.cp if self.cp > 1 else 1)
-        mbs = [_pad_to(collate(g, self.pad_id, routing), multiple, self.pad_id)
-               for g in pack_micro_batches(samples, self.cfg.max_tokens_per_gpu)]
+        mbs = [
+            pad_to(collate(g, self.pad_id, routing), multiple, self.pad_id)
+            for g in pack_micro_batches(samples, self.cfg.max_tokens_per_gpu)
+        ]
         count = torch.tensor([len(mbs)], device=self.device)  # on the device: NCCL reduces device tensors only
         if dist.is_initialized():
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
         k = (self.replay.num_moe_layers, self.spec.num_experts_per_tok) if routing is not None else None
-        return mbs + [_pad_batch(multiple, self.pad_id, k) for _ in range(int(count) - len(mbs))]
+        return mbs + [pad_batch(multiple, self.pad_id, k) for _ in range(int(count) - len(mbs))]
 
     def _count(self, agree: int, total: int) -> tuple[int, int]:
         """Replay agreement summed over the ranks that split a DP rank's work — SP peers (tokens), CP peers
         (tokens), pipeline stages (layers) — so every rank reports its DP rank's whole count."""
         t = torch.tensor([agree, total], dtype=torch.long, device=self.device)
-        for group, split in ((self.tp_group, self.sp and self.tp > 1), (self.cp_group, self.cp > 1),
-                             (self.pp_group, self.pp_group.size() > 1)):
+        for group, split in (
+            (self.tp_group, self.sp and self.tp > 1),
+            (self.cp_group, self.cp > 1),
+            (self.pp_group, self.pp_group.size() > 1),
+        ):
             if split:
                 dist.all_reduce(t, group=group)
         return tuple(t.tolist())
@@ -332,61 +347,3 @@ class MegatronBackend(PolicyBackend):
         state = load_torch(path / "trainer.pt", self.device)  # weights_only: loading runs no code
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
-
-
-class _LossScale:
-    """`mtp_grad_scale_func` for megatron's schedule, which multiplies the MTP loss by its value / the number of
-    micro-batches (pipeline.py). A small object, not a bound method: megatron deep-copies the config."""
-
-    def __init__(self, device: str) -> None:
-        self.device, self.value = device, 0.0
-
-    def __call__(self) -> torch.Tensor:
-        return torch.tensor(self.value, device=self.device)
-
-
-def _mtp_token_counts(loss_mask: torch.Tensor, layers: int, cp_rank: int, cp: int) -> torch.Tensor:
-    """(layers, 2): [this CP rank's, the whole micro-batch's] MTP tokens per MTP layer, as megatron counts them:
-    with no labels given it derives them from the input ids and rolls the loss mask left once with them, then
-    once more per layer — over the whole sequence under CP (zero at its end), of which rank `cp_rank` holds its
-    load-balanced chunks. From the full (B, T) mask every CP peer holds: no communication."""
-    from glm_rl.trainer.backends.megatron.cp_attention import split_for_cp
-
-    counts = []
-    for k in range(layers):
-        rolled = torch.nn.functional.pad(loss_mask[:, k + 2:], (0, k + 2))
-        counts.append((float(split_for_cp(rolled, cp_rank, cp).sum()), float(rolled.sum())))
-    return torch.tensor(counts, dtype=torch.float64)
-
-
-def _pad_to(mb: MicroBatch, multiple: int, pad_id: int) -> MicroBatch:
-    """Right-pad every (B, T, ...) field of `mb` to T a multiple of `multiple` (pad positions are not valid)."""
-    T = mb.input_ids.shape[1]
-    extra = -T % multiple
-    if not extra:
-        return mb
-
-    def pad(x: torch.Tensor, value) -> torch.Tensor:
-        tail = torch.full((x.shape[0], extra, *x.shape[2:]), value, dtype=x.dtype)
-        return torch.cat([x, tail], dim=1)
-
-    routed = None
-    if mb.routed_experts is not None:
-        routed = pad(mb.routed_experts, 0)
-        routed[:, T:] = torch.arange(routed.shape[-1])  # distinct ids on pad rows
-    return replace(mb, input_ids=pad(mb.input_ids, pad_id), targets=pad(mb.targets, pad_id),
-                   valid=pad(mb.valid, False), loss_mask=pad(mb.loss_mask, 0.0),
-                   rollout_logp=pad(mb.rollout_logp, 0.0), advantages=pad(mb.advantages, 0.0),
-                   routed_experts=routed, extra={k: pad(v, 0.0) for k, v in mb.extra.items()})
-
-
-def _pad_batch(length: int, pad_id: int, routing: tuple[int, int] | None) -> MicroBatch:
-    """A one-row micro-batch of pad tokens with no loss: keeps this rank in step with the others."""
-    zeros = torch.zeros((1, length))
-    ids = torch.full((1, length), pad_id, dtype=torch.long)
-    routed = None
-    if routing:
-        routed = torch.zeros((1, length, *routing), dtype=torch.long)
-        routed[:] = torch.arange(routing[1])
-    return MicroBatch([], ids, ids.clone(), torch.zeros((1, length), dtype=torch.bool), zeros, zeros.clone(),
-                      zeros.clone(), routed, {"old_logprobs": zeros.clone()})
