@@ -43,18 +43,7 @@ class ReplayRuntime:
         with contextlib.ExitStack() as undo:
             undo.callback(ray.util.remove_placement_group, placement.pg)
             trainers = TrainerGroup(
-                TrainerSections(
-                    cfg.model,
-                    cfg.train,
-                    cfg.algo,
-                    cfg.megatron,
-                    cfg.lora,
-                    temperature=cfg.rollout.rollout_temperature,
-                    seed=cfg.seed,
-                ),
-                placement,
-                1.0,
-                on_start=lambda actors: undo.callback(_kill_all, actors),
+                TrainerSections.of(cfg), placement, 1.0, on_start=lambda actors: undo.callback(_kill_all, actors)
             )
             undo.pop_all()
         return cls(cfg, placement, trainers)

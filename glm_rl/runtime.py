@@ -98,18 +98,7 @@ class Runtime:
         undo.callback(_kill_all, engines)
         engines += [launcher.launch(placement, b, share) for b in placement.engine_bundles]
         trainers = TrainerGroup(
-            TrainerSections(
-                cfg.model,
-                cfg.train,
-                cfg.algo,
-                cfg.megatron,
-                cfg.lora,
-                temperature=cfg.rollout.rollout_temperature,
-                seed=cfg.seed,
-            ),
-            placement,
-            share,
-            on_start=lambda actors: undo.callback(_kill_all, actors),
+            TrainerSections.of(cfg), placement, share, on_start=lambda actors: undo.callback(_kill_all, actors)
         )
         urls = ray.get([e.start.remote() for e in engines])
         router = RouterProcess(RouterConfig(worker_urls=tuple(urls), api_key=api_key, host=node_ip()))

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from glm_rl.checkpoint import CheckpointError
-from glm_rl.config import AlgoConfig, LoraConfig, MegatronConfig, ModelConfig, SyncConfig, TrainConfig
+from glm_rl.config import AlgoConfig, LoraConfig, MegatronConfig, ModelConfig, RunConfig, SyncConfig, TrainConfig
 from glm_rl.ray.addresses import bind_gloo_to, free_port, host_for_url, node_ip
 from glm_rl.ray.placement import Placement
 from glm_rl.rollout.samples import Sample
@@ -50,6 +50,18 @@ class TrainerSections:
     lora: LoraConfig
     temperature: float  # the rollout's sampling temperature: logprobs are taken under it
     seed: int
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> TrainerSections:
+        return cls(
+            cfg.model,
+            cfg.train,
+            cfg.algo,
+            cfg.megatron,
+            cfg.lora,
+            temperature=cfg.rollout.rollout_temperature,
+            seed=cfg.seed,
+        )
 
 
 def make_backend(c: TrainerSections, device: str) -> TrainerBackend:
