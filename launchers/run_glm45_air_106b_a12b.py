@@ -2,7 +2,8 @@
 
     python launchers/run_glm45_air_106b_a12b.py --num-nodes N --hostfile FILE [--dry-run]
 
-Every step lives in glm_rl/launch.py, the recipe tables in glm_rl/launch_recipes.py (shared with the other model's launcher).
+Every step lives in glm_rl/launch.py, the recipe tables in glm_rl/launch_recipes.py (shared with the
+other model's launcher).
 """
 
 import sys
