@@ -37,10 +37,6 @@ def free_port(host: str = LOOPBACK) -> int:
         return s.getsockname()[1]
 
 
-def url(host: str, port: int) -> str:
-    return f"http://{host_for_url(host)}:{port}"
-
-
 def host_for_url(host: str) -> str:
     """IPv6 literals go in brackets in URLs and `tcp://` init methods."""
     try:
