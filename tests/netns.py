@@ -320,33 +320,35 @@ def _is_sshd(pid: int) -> bool:
         return False
 
 
+def write_sshd_files(root: Path, port: int, hosts: list[str]) -> None:
+    """A throwaway sshd's files under `root`: host and user keys (ed25519), authorized_keys, and an sshd_config
+    listening on `hosts`:`port` with key-only root login (also used by the bash launcher's loopback test)."""
+    for key in ("host_key", "user_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / key)], check=True)
+    shutil.copy(root / "user_key.pub", root / "authorized_keys")
+    lines = [
+        f"Port {port}",
+        *(f"ListenAddress {h}" for h in hosts),
+        f"HostKey {root / 'host_key'}",
+        f"AuthorizedKeysFile {root / 'authorized_keys'}",
+        f"PidFile {root / 'sshd.pid'}",
+        "StrictModes no",
+        "UsePAM no",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "PubkeyAuthentication yes",
+        "PermitRootLogin prohibit-password",
+        "LogLevel ERROR",
+    ]
+    (root / "sshd_config").write_text("\n".join(lines) + "\n")
+
+
 def _start_sshd(root: Path, ns: tuple[str, str], host: str, port: int = 22) -> Sshd:
     sshd, ssh = shutil.which("sshd") or "/usr/sbin/sshd", shutil.which("ssh")
     if not (Path(sshd).exists() and ssh):
         raise NetnsUnavailable("needs OpenSSH (openssh-server, openssh-client)")
     root.mkdir(parents=True, exist_ok=True)
-    for key in ("host_key", "user_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / key)], check=True)
-    shutil.copy(root / "user_key.pub", root / "authorized_keys")
-    (root / "sshd_config").write_text(
-        "\n".join(
-            [
-                f"Port {port}",
-                f"ListenAddress {host}",
-                f"HostKey {root / 'host_key'}",
-                f"AuthorizedKeysFile {root / 'authorized_keys'}",
-                f"PidFile {root / 'sshd.pid'}",
-                "StrictModes no",
-                "UsePAM no",
-                "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no",
-                "PubkeyAuthentication yes",
-                "PermitRootLogin prohibit-password",
-                "LogLevel ERROR",
-            ]
-        )
-        + "\n"
-    )
+    write_sshd_files(root, port, [host])
     os.makedirs("/run/sshd", exist_ok=True)  # privilege-separation directory
     with open(root / "sshd.log", "w") as log:  # sshd keeps its own copy of the descriptor
         proc = subprocess.Popen(

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from netns import write_sshd_files
 
 from glm_rl.config import MegatronConfig, TrainConfig, build_parser, split_sglang_args
 from glm_rl.models.glm45.presets import TINY_CHECKPOINT, get_preset
@@ -296,32 +297,10 @@ def two_hosts():
     """sshd on 127.0.0.1 and 127.0.0.2 with a generated key; yields (root dir, env for the launcher)."""
     sshd, ssh = shutil.which("sshd") or "/usr/sbin/sshd", shutil.which("ssh")
     if not (os.path.exists(sshd) and ssh):
-        pytest.skip("needs OpenSSH (apt-get install openssh-server openssh-client; .ci/run installs it)")
+        pytest.skip("needs OpenSSH (apt-get install openssh-server openssh-client; scripts/install.sh installs it)")
     root = Path(tempfile.mkdtemp(prefix="glr", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    for key in ("host_key", "user_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / key)], check=True)
-    shutil.copy(root / "user_key.pub", root / "authorized_keys")
     port = _free_block(1)
-    (root / "sshd_config").write_text(
-        "\n".join(
-            [
-                f"Port {port}",
-                "ListenAddress 127.0.0.1",
-                "ListenAddress 127.0.0.2",
-                f"HostKey {root / 'host_key'}",
-                f"AuthorizedKeysFile {root / 'authorized_keys'}",
-                f"PidFile {root / 'sshd.pid'}",
-                "StrictModes no",
-                "UsePAM no",
-                "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no",
-                "PubkeyAuthentication yes",
-                "PermitRootLogin prohibit-password",
-                "LogLevel ERROR",
-            ]
-        )
-        + "\n"
-    )
+    write_sshd_files(root, port, ["127.0.0.1", "127.0.0.2"])
     try:
         os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
     except OSError:
