@@ -75,10 +75,10 @@ def test_dotted_overrides_are_typed():
     [
         ("train.global_batch_sizes=3", "valid keys here: train.train_iters, train.global_batch_size"),
         ("trian.lr=1", "valid keys here: name, model, data, train"),
-        ("peft=qlora", "valid: None, lora, dora"),
+        ("peft=qlora", "valid: None, dora, lora"),
         ("train.lr=fast", "train.lr='fast': expected float"),
         ("train.train_iters=2.5", "expected int"),
-        ("recompute.granularity=some", "valid: None, selective, full"),
+        ("recompute.granularity=some", "valid: None, full, selective"),
         ("train=3", "'train' is a section; set one of: train.train_iters"),
         ("train.lr", "expected dotted.key=value"),
     ],
@@ -111,7 +111,7 @@ def test_bad_recipe_and_checkpoint():
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--recipe", "glm45_tiny_finetune", "peft=qlora"], "valid: None, lora, dora"),
+        (["--recipe", "glm45_tiny_finetune", "peft=qlora"], "valid: None, dora, lora"),
         (["--recipe", "glm45_tiny_finetune", "--pretrained-checkpoint", "no/such/dir"], "no such HF checkpoint"),
         (["--recipe", "glm45_tiny_pretrain", "train.nope=1"], "unknown override key 'train.nope'"),
         (
@@ -575,3 +575,13 @@ def test_lora_adapters_start_alike_under_pp2(tmp_path):
     for a, b in zip(one, two):
         for key, tol in (("loss", 1e-5), ("grad_norm", 1e-4)):
             assert abs(a[key] - b[key]) <= tol * abs(a[key]), (key, a, b)
+
+
+def test_choice_order_does_not_depend_on_which_module_built_the_literal_first():
+    """Regression: CI listed `None, full, selective` where a local run listed `None, selective, full` — typing
+    caches `Literal["full", "selective"]` and `Literal["selective", "full"]` as one object."""
+    from typing import Literal
+
+    Literal["selective", "full"], Literal["full", "selective"]  # noqa: B018 - warm typing's cache both ways
+    with pytest.raises(RecipeError, match="valid: None, full, selective$"):
+        apply_overrides(get_recipe("glm45_tiny_finetune"), ["recompute.granularity=some"])

@@ -23,6 +23,12 @@ __all__ = ["RECIPES", "RECIPE_DATA", "RecipeConfig", "RecipeError", "apply_overr
 
 
 # -- dotted overrides -------------------------------------------------------------------------------------------
+def _literal_choices(tp) -> list:
+    """A Literal's values, sorted: typing caches Literals that differ only in order, so which order
+    `get_args` returns depends on which module built its Literal first."""
+    return sorted(typing.get_args(tp), key=str)
+
+
 def _convert(key: str, text: str, tp):
     """`text` as the annotated type `tp` (Optional, Literal, bool, int, float, str)."""
     args = typing.get_args(tp)
@@ -33,10 +39,10 @@ def _convert(key: str, text: str, tp):
                 return None
         inner = [a for a in args if a is not type(None)][0]
         if typing.get_origin(inner) is Literal:  # list None among the choices
-            check_choice(key, text, (None, *typing.get_args(inner)))
+            check_choice(key, text, (None, *_literal_choices(inner)))
         return _convert(key, text, inner)
     if origin is Literal:
-        check_choice(key, text, args)
+        check_choice(key, text, _literal_choices(tp))
         return text
     if tp is bool:
         if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
