@@ -79,7 +79,7 @@ def test_mis_reference_values():
 def test_mis_without_normalisation_and_truncation():
     # widen the band so the ratio 3 is kept; truncate 2 caps it at 2
     old, rollout = _pair([[1.0, 3.0, 0.7]])
-    w, new_mask, m = mis_weights(old, rollout, torch.ones(1, 3), mask_high=5.0, truncate=2.0, normalize=False)
+    w, new_mask, m = mis_weights(old, rollout, torch.ones(1, 3), mask_high=5.0, truncate=2.0, normalization="none")
     torch.testing.assert_close(w, torch.tensor([[1.0, 2.0, 0.7]]))
     torch.testing.assert_close(new_mask, torch.ones(1, 3))
     assert m["correction/mis_weight_mean"] == pytest.approx(3.7 / 3, abs=1e-6)

@@ -12,7 +12,7 @@ from glm_rl.algo.advantages import (
     grpo_advantages,
     gspo_advantages,
 )
-from glm_rl.algo.corrections import mis_weights, tis_weights
+from glm_rl.algo.corrections import GSPO_TOKEN_WEIGHTS, MIS_NORMALIZATIONS, gspo_token_weights, mis_weights, tis_weights
 from glm_rl.algo.kl import KL_KINDS, entropy_from_logits, kl_estimate
 from glm_rl.algo.losses import LEVELS, PolicyLoss, PolicyLossConfig, policy_loss
 from glm_rl.algo.masking import masked_mean, masked_sum
@@ -20,8 +20,10 @@ from glm_rl.algo.mismatch import mismatch_metrics
 
 __all__ = [
     "ESTIMATORS",
+    "GSPO_TOKEN_WEIGHTS",
     "KL_KINDS",
     "LEVELS",
+    "MIS_NORMALIZATIONS",
     "PolicyLoss",
     "PolicyLossConfig",
     "broadcast_to_tokens",
@@ -30,6 +32,7 @@ __all__ = [
     "entropy_from_logits",
     "grpo_advantages",
     "gspo_advantages",
+    "gspo_token_weights",
     "kl_estimate",
     "masked_mean",
     "masked_sum",

@@ -15,8 +15,10 @@ Ratio level:
   rho_t = exp(sg[log s_i] + logp_t - sg[logp_t]): its value is s_i on every token, and its gradient is
   s_i * grad logp_t, so the mean over the |y_i| tokens of a response gives (1/|y_i|) sum_t s_i grad logp_t,
   GSPO's sequence gradient. Clipping then acts on s_i, i.e. on whole responses.
-  (With one advantage per response this gives the same gradient as differentiating s_i itself; the token
-  form also stays correct when advantages vary per token.)
+  Without token_weights and with one advantage per response this is the gradient of differentiating s_i
+  itself (slime / miles). With TIS / MIS token_weights w_t it is not: the loss values agree, but here token t's
+  gradient is scaled by w_t, there by its response's mean weight. `corrections.gspo_token_weights` turns the
+  weights into either form (--gspo-token-weights); this loss always applies w_t to token t.
 
 Aggregation: every term is a masked mean over ALL response tokens in the batch (sum / total mask count), so
 a batch's loss is the token-count-weighted mean of its micro-batches' losses. For GSPO with responses of

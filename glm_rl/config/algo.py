@@ -53,6 +53,16 @@ class AlgoConfig:
     mis_mask_low: float = opt(0.5, "MIS: tokens with ratio below this leave the loss")
     mis_mask_high: float = opt(2.0, "MIS: tokens with ratio above this leave the loss")
     mis_veto_threshold: float = opt(1e-4, "MIS: a sequence with any token ratio below this is dropped")
+    mis_normalization: Literal["kept-tokens", "all-tokens", "none"] = opt(
+        "kept-tokens",
+        "MIS: divide the weights by their mean over the kept tokens (they then average 1), or by the mean of "
+        "min(ratio, --mis-truncate) over all generated tokens, rejected and vetoed ones included (miles), or none",
+    )
+    gspo_token_weights: Literal["per-token", "sequence-mean"] = opt(
+        "per-token",
+        "GSPO with TIS/MIS: each token's weight scales its own gradient term (GSPO-token form), or every token "
+        "gets its sequence's mean weight (slime/miles differentiate the sequence ratio); same loss value",
+    )
     use_rollout_logprobs: bool = opt(False, "use the engine's logprobs as old logprobs (skips the recompute)")
     use_routing_replay: bool = opt(False, "R2: record the trainer's routing in the old-logprob pass, replay it")
     use_rollout_routing_replay: bool = opt(True, "R3: replay the experts the engine chose")
@@ -63,5 +73,10 @@ class AlgoConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.gspo_token_weights != "per-token" and self.advantage_estimator != "gspo":
+            raise ValueError(
+                f"invalid configuration:\n  --gspo-token-weights {self.gspo_token_weights} needs "
+                f"--advantage-estimator gspo (got {self.advantage_estimator})"
+            )
         replay = RoutingReplay.from_flags(self.use_routing_replay, self.use_rollout_routing_replay)
         object.__setattr__(self, "routing_replay", replay)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from glm_rl.algo import compute_advantages, mis_weights, mismatch_metrics, tis_weights
+from glm_rl.algo import compute_advantages, gspo_token_weights, mis_weights, mismatch_metrics, tis_weights
 from glm_rl.config import AlgoConfig, TrainConfig
 from glm_rl.rollout.samples import Sample
 from glm_rl.trainer.batching import response_loss_mask, split_for_dp
@@ -61,8 +61,9 @@ def _padded(rows: list, width: int) -> torch.Tensor:
 
 
 def corrections(samples: list[Sample], a: AlgoConfig) -> dict[str, float]:
-    """Train/rollout mismatch metrics, then TIS or MIS weights per response token (batch-level); generated
-    tokens only (`Sample.loss_mask`): appended observations count in neither the metrics nor the loss."""
+    """Train/rollout mismatch metrics, then TIS or MIS weights per response token (batch-level), in the form
+    --gspo-token-weights asks for; generated tokens only (`Sample.loss_mask`): appended observations count in
+    neither the metrics nor the loss."""
     width = max(len(s.response_ids) for s in samples)
     old = _padded([s.old_logprobs for s in samples], width)  # (B, T)
     rollout = _padded([s.rollout_logprobs for s in samples], width)  # (B, T)
@@ -80,11 +81,14 @@ def corrections(samples: list[Sample], a: AlgoConfig) -> dict[str, float]:
             mask_low=a.mis_mask_low,
             mask_high=a.mis_mask_high,
             veto_threshold=a.mis_veto_threshold,
+            normalization=a.mis_normalization,
         )
         metrics |= m
     elif a.use_tis:
         weights, m = tis_weights(old, rollout, mask, clip=a.tis_clip, clip_low=a.tis_clip_low)
         metrics |= m
+    if weights is not None:  # "sequence-mean" needs --advantage-estimator gspo (AlgoConfig checks)
+        weights = gspo_token_weights(weights, mask, a.gspo_token_weights)
     for i, s in enumerate(samples):
         n = len(s.response_ids)
         s.token_mask = mask[i, :n].numpy()
