@@ -63,7 +63,7 @@ class ReplayRuntime:
         self.weight_version = version  # nothing to send: no engines
         return {}
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, data_state: dict | None = None) -> None:  # noqa: ARG002 - no prompts to place
         path = self.cfg.save_dir / f"step_{step:06d}"
         self.trainers.save(path)
         (path / "state.json").write_text(json.dumps({"step": step, "weight_version": self.weight_version}))

@@ -156,14 +156,15 @@ class Runtime:
         }
 
     # -- checkpoints -----------------------------------------------------------------------------------------
-    def save(self, step: int) -> None:
+    def save(self, step: int, data_state: dict | None = None) -> None:
         """Write step `step` durably (checkpoint.py); on failure `latest` still names the previous checkpoint,
-        and the CheckpointError says so."""
+        and the CheckpointError says so. `data_state`: the prompt position to resume from, when a rollout ran
+        ahead of training (overlap.py); else the rollout manager's."""
         ckpt = CheckpointDir(self.cfg.save_dir)
         state = {
             "step": step,
             "weight_version": self.weight_version,
-            "data": ray.get(self.rollout_manager.data_state.remote()),
+            "data": data_state or ray.get(self.rollout_manager.data_state.remote()),
         }
         try:
             path = ckpt.save(step, self.trainers.save, state)
@@ -224,6 +225,7 @@ def _start_manager(cfg: RunConfig, router: RouterProcess, engines_return_routing
             eval_cfg=cfg.eval,
             abort=AbortEngines(router.url, api_key),
             agentic=cfg.agentic,
+            asynchrony=cfg.asynchrony,
         )
     )
 

@@ -1,4 +1,5 @@
 """The RL loop, top-down: generate → advantages → old logprobs → corrections → train → sync → log → save.
+With --one-step-off / --fully-async the rollout runs ahead of the step (overlap.py); the step is the same.
 
 Every stage is one call on an object built in `setup`; the loop itself holds no algorithm details.
 """
@@ -14,6 +15,7 @@ from tqdm import tqdm
 from glm_rl.checkpoint import CheckpointError, resume_hint
 from glm_rl.config import RunConfig
 from glm_rl.metrics import MetricsWriter, console_line, write_report
+from glm_rl.overlap import SyncRollouts, mask_older_versions, rollouts_for, staleness_metrics
 from glm_rl.recovery import EnginesLost
 from glm_rl.replay import ReplayRuntime
 from glm_rl.rollout.debug_data import save_rollout
@@ -27,6 +29,7 @@ def train(cfg: RunConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.to_json())
     rt = (ReplayRuntime if cfg.debug.load_debug_rollout_data else Runtime).start(cfg)  # replay: trainers only
+    rollouts = rollouts_for(cfg, rt)  # synchronous, one-step-off or fully async (overlap.py)
     try:
         start = rt.resume()
         writer = MetricsWriter(out, cfg.log, append=start > 0, run_config=json.loads(cfg.to_json()))
@@ -37,28 +40,34 @@ def train(cfg: RunConfig) -> Path:
         for step in tqdm(
             range(start, cfg.num_rollout), desc="RL steps", initial=start, total=cfg.num_rollout, dynamic_ncols=True
         ):
-            metrics = run_step(cfg, rt, step)
+            metrics = run_step(cfg, rt, step, rollouts)
             if cfg.eval.due(step + 1, cfg.num_rollout):  # --eval-interval, and the last step
                 metrics |= rt.evaluate(step + 1)
             writer.write(metrics)
             tqdm.write(console_line(metrics))
             if cfg.save_interval and (step + 1) % cfg.save_interval == 0 and step + 1 < cfg.num_rollout:
-                rt.save(step + 1)
-        rt.save(cfg.num_rollout)
+                rt.save(step + 1, rollouts.data_state())
+        rt.save(cfg.num_rollout, rollouts.data_state())
         writer.close()
     except (TrainerRankDied, EnginesLost, CheckpointError) as e:  # the run cannot go on: say how to resume
         raise SystemExit(f"glm-rl train stopped: {e}. {resume_hint(cfg.save_dir)}") from None
     finally:
+        rollouts.close()
         rt.shutdown()
     if cfg.report:
         write_report(out / "metrics.jsonl", out / "report.png")
     return out
 
 
-def run_step(cfg: RunConfig, rt: Runtime | ReplayRuntime, step: int) -> dict:
+def run_step(cfg: RunConfig, rt: Runtime | ReplayRuntime, step: int, rollouts: SyncRollouts | None = None) -> dict:
+    rollouts = rollouts or SyncRollouts(rt)
     t0 = time.time()
     health = rt.ensure_engines()  # restart dead engines, give them weights
-    samples, metrics = rt.rollout(step)  # engines, through the router
+    samples, metrics = rollouts.get(step)  # engines, through the router (ahead of the step when async)
+    if cfg.asynchrony.mode != "sync":
+        metrics |= staleness_metrics(samples, rt.weight_version)
+        if cfg.asynchrony.mask_offpolicy_in_partial_rollout:
+            metrics["rollout/offpolicy_masked_tokens"] = float(mask_older_versions(samples))
     if cfg.debug.save_debug_rollout_data:  # before the driver adds advantages
         save_rollout(cfg.debug.path(cfg.debug.save_debug_rollout_data, step), step, samples, metrics)
     steps.assign_advantages(samples, cfg.algo, cfg.rollout.n_samples_per_prompt)  # GRPO / GSPO / Dr.GRPO
@@ -68,7 +77,7 @@ def run_step(cfg: RunConfig, rt: Runtime | ReplayRuntime, step: int) -> dict:
     t2 = time.time()
     metrics |= steps.train(samples, cfg.train, rt.trainers)  # one optimizer step per global batch
     t3 = time.time()
-    metrics |= rt.sync_weights(version=step + 1)  # trainer → engines, verified
+    metrics |= rollouts.sync(version=step + 1)  # trainer → engines, verified (async: pausing / waiting as needed)
     t4 = time.time()
     metrics = (
         health

@@ -14,6 +14,8 @@ Each section is a frozen dataclass handed only to the component that owns it:
 - `log`      (log.py)      TensorBoard and W&B: the metrics writer
 - `debug`    (debug.py)    rollout dumps (save) and train-only replays (load): the driver
 - `agentic`  (agentic.py)  the built-in tool loop (tools, turns, context, sandbox limits): the generate hook
+- `asynchrony` (asynchrony.py) synchronous, one-step-off or fully async loop; staleness, partial rollouts: the
+                           driver's loop (overlap.py) and the rollout manager
 - `RunConfig` (run.py)     the sections, run-wide flags (steps, output, checkpoints, seed, colocation) and the
                            checks across sections; `parser.py` turns argv into it.
 
@@ -25,6 +27,7 @@ users know them: `--rollout-batch-size`, `--n-samples-per-prompt`, `--eps-clip-h
 
 from glm_rl.config.agentic import AgenticConfig
 from glm_rl.config.algo import AlgoConfig, RoutingReplay, engines_return_routed_experts
+from glm_rl.config.asynchrony import AsyncConfig
 from glm_rl.config.debug import DebugConfig
 from glm_rl.config.eval import EvalConfig
 from glm_rl.config.fields import opt
@@ -43,6 +46,7 @@ __all__ = [
     "SECTIONS",
     "TINY_DATA",
     "AlgoConfig",
+    "AsyncConfig",
     "DebugConfig",
     "EvalConfig",
     "LogConfig",

@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from glm_rl.config.agentic import AgenticConfig
 from glm_rl.config.algo import AlgoConfig
+from glm_rl.config.asynchrony import AsyncConfig
 from glm_rl.config.debug import DebugConfig
 from glm_rl.config.eval import EvalConfig
 from glm_rl.config.log import LogConfig
@@ -37,6 +38,7 @@ SECTIONS = {
     "log": LogConfig,
     "debug": DebugConfig,
     "agentic": AgenticConfig,
+    "asynchrony": AsyncConfig,
 }
 
 

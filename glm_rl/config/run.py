@@ -15,6 +15,7 @@ from typing import Literal
 
 from glm_rl.config.agentic import AgenticConfig
 from glm_rl.config.algo import AlgoConfig, RoutingReplay
+from glm_rl.config.asynchrony import AsyncConfig
 from glm_rl.config.debug import DebugConfig
 from glm_rl.config.eval import EvalConfig
 from glm_rl.config.fields import opt
@@ -40,6 +41,7 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     agentic: AgenticConfig = field(default_factory=AgenticConfig)
+    asynchrony: AsyncConfig = field(default_factory=AsyncConfig)
     num_rollout: int = opt(60, "RL steps (rollout + train + sync)")
     output_dir: str = opt("outputs/tiny-demo", "everything a run writes goes here")
     save: str | None = opt(None, "checkpoint directory (default: <output-dir>/checkpoints)")
@@ -255,4 +257,20 @@ class RunConfig:
             + self.eval.errors(self.rollout)
             + self.log.errors()
             + self.debug.errors(self.num_rollout, self.eval.enabled)
+            + self._check_async()
         )
+
+    def _check_async(self) -> list[str]:
+        """The async loops need engines of their own, and a rollout the framework batches."""
+        a = self.asynchrony
+        errors = a.errors()
+        if a.mode == "sync":
+            return errors
+        flag = f"--{a.mode}"
+        if self.colocate:
+            errors.append(f"{flag} needs engines on their own devices; --colocate time-shares them with the trainer")
+        if self.debug.load_debug_rollout_data:
+            errors.append(f"{flag} overlaps rollout with training; --load-debug-rollout-data has no rollout")
+        if a.fully_async and self.rollout.rollout_function_path:
+            errors.append("--fully-async batches the rollout itself; --rollout-function-path owns batching")
+        return errors

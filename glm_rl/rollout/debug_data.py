@@ -28,6 +28,7 @@ SAVED_FIELDS = (
     "reward",
     "finish_reason",
     "weight_version",
+    "token_versions",
     "routed_experts",
     "label",
     "metadata",

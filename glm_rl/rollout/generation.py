@@ -6,6 +6,8 @@ reaches the engines through (`GenerateContext.generate` is `SampleGenerator.gene
 - a request whose engine failed or answered "abort" (a pause during an engine restart) is re-issued, except
   while the manager aborts its own surplus requests (dynamic sampling): then an "abort" answer is returned as
   is, a request not yet sent raises `RolloutAborted`, and each is counted in `counters.aborted`;
+- with `partial_rollout` (--partial-rollout), a request cut by a weight update ("abort" with tokens) continues
+  from its prefix under the new weights (partial.py), counted in `counters.continued`;
 - a hook's result is checked (a Sample or a non-empty list of them, one logprob per response token, a loss
   mask as long, routed experts when R3 needs them) and every failure names the function and the sample.
 """
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from glm_rl.config import AgenticConfig, RolloutConfig
+from glm_rl.rollout import partial
 from glm_rl.rollout.hooks import GenerateContext
 from glm_rl.rollout.samples import Sample
 
@@ -30,6 +33,10 @@ HOOK_FLAG = "--custom-generate-function-path"
 
 class RolloutAborted(RuntimeError):
     """A request the manager no longer wants (surplus of dynamic sampling): never sent."""
+
+
+class RequestFailed(RuntimeError):
+    """A request that failed on every attempt (its engines died or kept failing): worth running again later."""
 
 
 class HookError(RuntimeError):
@@ -55,6 +62,7 @@ class Counters:
     aborted: int = 0  # surplus requests aborted (dynamic sampling)
     spec_tokens: int = 0  # MTP: completion tokens ...
     spec_verify: int = 0  # ... and verify forwards
+    continued: int = 0  # partial rollouts continued after a weight update
 
 
 class SampleGenerator:
@@ -67,8 +75,10 @@ class SampleGenerator:
         seed: int,
         custom_fn: Callable[..., Awaitable[Any]] | None = None,
         agentic: AgenticConfig | None = None,
+        partial_rollout: bool = False,
     ) -> None:
         self.cfg, self.tokenizer, self.generate_fn, self.seed = cfg, tokenizer, generate, seed
+        self.partial_rollout = partial_rollout
         self.agentic = agentic
         self.custom_fn = custom_fn
         self.counters = Counters()
@@ -98,7 +108,23 @@ class SampleGenerator:
         }
 
     async def generate(self, payload: dict[str, Any], attempts: int = 6) -> dict[str, Any]:
-        """One /generate answer, re-issued on failure (the same rid and seed give the same sample)."""
+        """One /generate answer, re-issued on failure (the same rid and seed give the same sample); with
+        partial rollouts, continued after each weight update that cut it (partial.py)."""
+        if not self.partial_rollout:
+            return await self._request(payload, attempts)
+        segments: list[dict[str, Any]] = []
+        while True:
+            body = partial.continuation(payload, segments)
+            if body is None:  # cut exactly as its budget ran out
+                return partial.merge(segments, finish_if_spent=True)
+            out = await self._request(body, attempts, keep_partial=True)
+            segments.append(out)
+            if out["meta_info"]["finish_reason"]["type"] != "abort" or self.aborting:
+                return partial.merge(segments)
+            self.counters.continued += 1
+
+    async def _request(self, payload: dict[str, Any], attempts: int, keep_partial: bool = False) -> dict[str, Any]:
+        """One answer; `keep_partial`: an "abort" answer that carries tokens is returned (to be continued)."""
         error: Exception | None = None
         for attempt in range(attempts):
             if self.aborting:
@@ -120,10 +146,12 @@ class SampleGenerator:
                 if self.aborting:
                     self.counters.aborted += 1
                     return out
+                if keep_partial and out["output_ids"]:
+                    return out
                 error = RuntimeError(f"request {payload.get('rid')} aborted")
             self.counters.retried += 1
             await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
-        raise RuntimeError(f"request {payload.get('rid')} failed {attempts} times; last error: {error}")
+        raise RequestFailed(f"request {payload.get('rid')} failed {attempts} times; last error: {error}")
 
     def context(self, step: int, routed: bool) -> GenerateContext:
         return GenerateContext(
@@ -156,6 +184,7 @@ class SampleGenerator:
             rollout_logprobs=[float(lp[0]) for lp in meta.get("output_token_logprobs", [])],
             finish_reason=meta["finish_reason"]["type"],
             weight_version=int(meta.get("weight_version", 0)),
+            token_versions=list(meta["weight_versions"]) if "weight_versions" in meta else None,
             routed_experts=experts,
         )
 

@@ -14,16 +14,19 @@ the whole step. Prompts over `rollout_max_prompt_len` tokens are skipped and cou
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
 from transformers import AutoTokenizer
 
-from glm_rl.config import AgenticConfig, EvalConfig, RolloutConfig
+from glm_rl.config import AgenticConfig, AsyncConfig, EvalConfig, RolloutConfig
 from glm_rl.rollout import filters
+from glm_rl.rollout.async_buffer import AsyncProducer
 from glm_rl.rollout.data import PromptRow, load_prompts, prompt_ids
 from glm_rl.rollout.dynamic import Collector, CollectStats
 from glm_rl.rollout.evaluation import Evaluator
@@ -37,11 +40,13 @@ AbortFn = Callable[[], Awaitable[Any]]  # abort every request in flight on the e
 
 
 class PromptStream:
-    """Epoch-shuffled prompt order with a resumable position."""
+    """Epoch-shuffled prompt order with a resumable position. Prompts given back (`give_back`: generated but not
+    trained, e.g. in flight at a save or dropped as too stale) are taken again first, and saved with the state."""
 
     def __init__(self, rows: list[PromptRow], seed: int, shuffle: bool) -> None:
         self.rows, self.seed, self.shuffle = rows, seed, shuffle
         self.epoch, self.offset = 0, 0
+        self.replay: deque[int] = deque()  # row indices to take before the next new one
         self._order = self._make_order()
 
     def _make_order(self) -> list[int]:
@@ -50,21 +55,34 @@ class PromptStream:
             random.Random(self.seed + self.epoch).shuffle(order)
         return order
 
-    def take(self, n: int) -> list[PromptRow]:
+    def take_indexed(self, n: int) -> list[tuple[int, PromptRow]]:
+        """The next `n` prompts with their row indices."""
         out = []
         while len(out) < n:
-            if self.offset == len(self._order):
-                self.epoch, self.offset = self.epoch + 1, 0
-                self._order = self._make_order()
-            out.append(self.rows[self._order[self.offset]])
-            self.offset += 1
+            if self.replay:
+                i = self.replay.popleft()
+            else:
+                if self.offset == len(self._order):
+                    self.epoch, self.offset = self.epoch + 1, 0
+                    self._order = self._make_order()
+                i = self._order[self.offset]
+                self.offset += 1
+            out.append((i, self.rows[i]))
         return out
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "offset": self.offset}
+    def take(self, n: int) -> list[PromptRow]:
+        return [row for _, row in self.take_indexed(n)]
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def give_back(self, index: int) -> None:
+        self.replay.append(index)
+
+    def state_dict(self, untrained: list[int] = ()) -> dict:
+        """The position; `untrained`: row indices taken but not trained, to be taken first after a resume."""
+        return {"epoch": self.epoch, "offset": self.offset, "replay": [*untrained, *self.replay]}
+
+    def load_state_dict(self, state: dict) -> None:
         self.epoch, self.offset = state["epoch"], state["offset"]
+        self.replay = deque(int(i) for i in state.get("replay", ()))
         self._order = self._make_order()
 
 
@@ -80,8 +98,10 @@ class RolloutManager:
         eval_cfg: EvalConfig | None = None,
         abort: AbortFn | None = None,
         agentic: AgenticConfig | None = None,
+        asynchrony: AsyncConfig | None = None,
     ):
         self.cfg, self.seed, self.routed, self.abort_fn = cfg, seed, return_routed_experts, abort
+        self.asynchrony = asynchrony or AsyncConfig()
         self.tokenizer = AutoTokenizer.from_pretrained(hf_checkpoint)
         self.rewarder = build_rewarder(cfg.rm_type, **cfg.rewarder_args())
         self.stream = PromptStream(load_prompts(cfg.prompt_data, **cfg.data_args()), seed, cfg.rollout_shuffle)
@@ -93,6 +113,7 @@ class RolloutManager:
             seed=seed,
             custom_fn=load_function(hook, "--custom-generate-function-path") if hook else None,
             agentic=agentic,
+            partial_rollout=self.asynchrony.partial_rollout,
         )
         path = cfg.dynamic_sampling_filter_path
         self.filter = filters.load_filter(path) if path else None
@@ -109,15 +130,17 @@ class RolloutManager:
             rid_prefix="s",
         )
         self.skipped = 0
+        self.producer: AsyncProducer | None = None  # --fully-async: started by the first take_batch
 
     def payload(self, prompt_ids: list[int], step: int, index: int) -> dict[str, Any]:
         """The SGLang /generate body of training sample `index` of `step`."""
         return self.gen.payload(prompt_ids, self.spec, step, index)
 
-    def data_state(self) -> dict[str, int]:
-        return self.stream.state_dict()
+    def data_state(self) -> dict:
+        """The prompt position; with --fully-async, prompts in flight or buffered are listed to be replayed."""
+        return self.stream.state_dict(self.producer.untrained() if self.producer is not None else [])
 
-    def load_data_state(self, state: dict[str, int]) -> None:
+    def load_data_state(self, state: dict) -> None:
         self.stream.load_state_dict(state)
 
     # -- one rollout step ------------------------------------------------------------------------------------------
@@ -137,6 +160,63 @@ class RolloutManager:
             "perf/rollout_s": time.time() - t0,
         }
         return samples, metrics
+
+    async def take_batch(self, trainer_version: int, timeout_s: float = 5.0) -> tuple[list[Sample], dict] | None:
+        """--fully-async: the next batch from the buffer the engines fill continuously (async_buffer.py), fresh
+        enough for `trainer_version`; None when not ready within `timeout_s`."""
+        if self.producer is None:
+            self.producer = self._producer()
+        self.skipped = 0
+        got = await self.producer.take(trainer_version, timeout_s)
+        if got is None:
+            return None
+        groups, stats = got
+        samples = renumber(groups)
+        counters, self.gen.counters = self.gen.counters, Counters()
+        metrics = self._metrics(samples, None, counters) | {
+            "rollout/generated_groups": float(stats.launched),
+            "rollout/filtered_groups": float(stats.filtered),
+            "rollout/stale_dropped": float(stats.stale_dropped),
+            "rollout/failed_groups": float(stats.failed),
+            "async/trainer_wait_s": stats.trainer_wait_s,
+            "async/engine_idle_s": stats.engine_idle_s,
+            "perf/rollout_s": stats.trainer_wait_s,
+        }
+        return samples, metrics
+
+    async def stop_producer(self) -> None:
+        if self.producer is not None:
+            await self.producer.stop()
+
+    def _producer(self) -> AsyncProducer:
+        c, spec = self.cfg, dataclasses.replace(self.spec, rid_prefix="a")
+
+        def next_prompt() -> tuple[int, tuple[PromptRow, list[int]]]:
+            while True:
+                [(index, row)] = self.stream.take_indexed(1)
+                ids = prompt_ids(
+                    self.tokenizer, row.prompt, tools=row.tools, apply_chat_template=self.cfg.apply_chat_template
+                )
+                if len(ids) <= c.rollout_max_prompt_len:
+                    return index, (row, ids)
+                self.skipped += 1
+
+        def run_group(launch: int, prompt: tuple[PromptRow, list[int]]) -> Awaitable[list[Sample]]:
+            return generate_group(
+                self.gen, self.rewarder, *prompt, spec=spec, step=launch, group=0, n=c.n_samples_per_prompt
+            )
+
+        def keep(group: list[Sample]) -> bool:
+            return filters.keep_group(self.filter, c.dynamic_sampling_filter_path, c, group)
+
+        return AsyncProducer(
+            batch_groups=c.rollout_batch_size,
+            max_staleness=self.asynchrony.max_weight_staleness,
+            next_prompt=next_prompt,
+            give_back=self.stream.give_back,
+            run_group=run_group,
+            keep=keep if self.filter is not None else None,
+        )
 
     async def evaluate(self, step: int) -> dict[str, float]:
         """The eval sets' metrics at the engines' current weights (empty without --eval-prompt-data)."""
@@ -210,10 +290,12 @@ class RolloutManager:
         n = c.n_samples_per_prompt
         return renumber([samples[i : i + n] for i in range(0, expected, n)])
 
-    def _metrics(self, samples: list[Sample], stats: CollectStats | None) -> dict[str, float]:
+    def _metrics(
+        self, samples: list[Sample], stats: CollectStats | None, counters: Counters | None = None
+    ) -> dict[str, float]:
         rewards = np.array([s.reward for s in samples])
         lengths = np.array([len(s.response_ids) for s in samples])
-        counters = self.gen.counters
+        counters = counters or self.gen.counters
         metrics = {
             "rollout/reward_mean": float(rewards.mean()),
             "rollout/response_len_mean": float(lengths.mean()),
@@ -230,6 +312,8 @@ class RolloutManager:
                 "rollout/aborted_groups": float(stats.surplus),
                 "rollout/aborted_requests": float(counters.aborted),
             }
+        if self.asynchrony.partial_rollout:
+            metrics["rollout/partial_continued"] = float(counters.continued)
         if counters.spec_verify:
             metrics["rollout/spec_accept_length"] = counters.spec_tokens / counters.spec_verify
         return metrics

@@ -17,7 +17,10 @@ class Sample:
     reward: float = 0.0
     advantage: float = 0.0
     finish_reason: str = "stop"
-    weight_version: int = 0
+    weight_version: int = 0  # the oldest weight version among the response tokens
+    # per response token, the weight version that generated it (None: all `weight_version`); differs within a
+    # sample only when a partial rollout continued under new weights (--partial-rollout)
+    token_versions: list[int] | None = None
     routed_experts: np.ndarray | None = None  # (len(tokens) - 1, n_moe_layers, top_k), engine's choice (R3)
     # what the prompt row carried (the reward function and custom generate functions read them)
     label: str | None = None
@@ -37,6 +40,10 @@ class Sample:
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.response_ids
+
+    def staleness(self, trainer_version: int) -> int:
+        """How many weight versions the sample's oldest token lags `trainer_version`."""
+        return trainer_version - self.weight_version
 
     @property
     def num_positions(self) -> int:
