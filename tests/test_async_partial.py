@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from glm_rl.config import RolloutConfig
-from glm_rl.engine import EmbeddedEngine, EngineConfig
+from glm_rl.engine import EmbeddedEngine, EngineConfig, routed_experts
 from glm_rl.models.glm45.checkpoint import load_hf_model
 from glm_rl.models.glm45.presets import TINY_CHECKPOINT
 from glm_rl.rollout import partial
@@ -69,7 +70,7 @@ def _cut_by_an_update(client, gen, payload, version) -> dict:
 
 def test_a_cut_request_keeps_its_prefix_and_continues_under_the_new_weights(client):
     payload = _payload(seed=11)
-    reference = client.post("/generate", payload)  # the whole answer under the old weights (version 0)
+    reference = _decoded(client.post("/generate", payload))  # the whole answer under the old weights (version 0)
     assert client.server_info()["weight_version"] == 0
 
     async def post(body):
@@ -86,16 +87,16 @@ def test_a_cut_request_keeps_its_prefix_and_continues_under_the_new_weights(clie
     assert merged["output_ids"][:n] == reference["output_ids"][:n]
     assert meta["output_token_logprobs"][:n] == ref_meta["output_token_logprobs"][:n]
     rows = len(PROMPT) + n - 1  # positions the first segment decided
-    assert meta["routed_experts"][:rows] == ref_meta["routed_experts"][:rows]
+    assert np.array_equal(meta["routed_experts"][:rows], ref_meta["routed_experts"][:rows])
     assert len(merged["output_ids"]) == LENGTH and meta["finish_reason"]["type"] == "length"
     assert len(meta["routed_experts"]) == len(PROMPT) + LENGTH - 1
     # the rest is what a fresh request on prompt + prefix gives under the new weights (same continuation seed)
     first = {"output_ids": merged["output_ids"][:n], "meta_info": {"weight_version": 0}}
-    rest = client.post("/generate", partial.continuation(payload, [first]))
+    rest = _decoded(client.post("/generate", partial.continuation(payload, [first])))
     assert rest["meta_info"]["weight_version"] == 1
     assert merged["output_ids"][n:] == rest["output_ids"]
     assert meta["output_token_logprobs"][n:] == rest["meta_info"]["output_token_logprobs"]
-    assert meta["routed_experts"][rows:] == rest["meta_info"]["routed_experts"][rows:]
+    assert np.array_equal(meta["routed_experts"][rows:], rest["meta_info"]["routed_experts"][rows:])
 
     sample = gen.from_answer(_template(), merged, routed=True)
     assert sample.token_versions == versions and sample.weight_version == 0 and sample.staleness(1) == 1
@@ -110,6 +111,11 @@ def test_without_partial_rollout_a_cut_request_starts_again_on_the_new_weights(c
     assert "weight_versions" not in out["meta_info"] and len(out["output_ids"]) == LENGTH
     assert out["meta_info"]["weight_version"] == client.server_info()["weight_version"]
     assert gen.counters.retried == 1 and gen.counters.continued == 0
+
+
+def _decoded(answer: dict) -> dict:
+    answer["meta_info"]["routed_experts"] = routed_experts.decode(answer["meta_info"])
+    return answer
 
 
 def _template():

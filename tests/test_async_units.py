@@ -53,7 +53,7 @@ def test_merge_keeps_the_prefix_and_records_each_tokens_version():
     assert merged["output_ids"] == [7, 8, 9]
     assert [lp[0] for lp in meta["output_token_logprobs"]] == [-0.1, -0.2, -0.3]
     assert meta["weight_versions"] == [3, 3, 4] and meta["weight_version"] == 3
-    assert meta["routed_experts"] == [[[1]], [[2]], [[3]], [[6]]]
+    assert meta["routed_experts"].tolist() == [[[1]], [[2]], [[3]], [[6]]]
     assert meta["finish_reason"]["type"] == "stop" and meta["completion_tokens"] == 3
     assert partial.merge([rest]) is rest
     spent = partial.merge([first], finish_if_spent=True)

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 import torch
 
-from glm_rl.engine import EmbeddedEngine, EngineConfig
+from glm_rl.engine import EmbeddedEngine, EngineConfig, routed_experts
 from glm_rl.evaluate import chat_prompt_ids
 from glm_rl.models.glm45.checkpoint import load_hf_model
 from glm_rl.models.glm45.presets import ASSETS, TINY_CHECKPOINT
@@ -124,11 +124,9 @@ def test_logprobs_and_routed_experts_match_full_recompute(hf, prompts, client, t
         got = torch.tensor([lp for lp, _, _ in meta["output_token_logprobs"]])
         assert [t for _, t, _ in meta["output_token_logprobs"]] == out
         assert (got - logp[len(p) - 1 :]).abs().max().item() <= 1e-5
-        experts = meta["routed_experts"]
-        assert len(experts) == len(tokens) - 1 and all(
-            len(e) == n_moe and all(len(x) == top_k for x in e) for e in experts
-        )
-        assert torch.equal(torch.tensor(experts), routed)
+        experts = routed_experts.decode(meta)  # the compact wire form: one base64 buffer
+        assert isinstance(meta["routed_experts"], str) and experts.shape == (len(tokens) - 1, n_moe, top_k)
+        assert torch.equal(torch.from_numpy(experts).to(routed.dtype), routed)
 
 
 def test_sampling_is_reproducible_and_seeded(prompts, client):

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from glm_rl.engine import EmbeddedEngine, EngineConfig
+from glm_rl.engine import EmbeddedEngine, EngineConfig, routed_experts
 from glm_rl.engine.batch import GenerationRequest, SamplingParams
 from glm_rl.engine.decode import run_batch, spec_rules
 from glm_rl.engine.decode.spec_rules import speculative_accept
@@ -260,7 +260,7 @@ def test_logprobs_and_routed_experts_match_full_recompute(hf, eval_prompts, clie
         assert [t for _, t, _ in meta["output_token_logprobs"]] == ans["output_ids"]
         assert (got - logp[len(p) - 1 :]).abs().max().item() <= 1e-5
         routed = torch.stack(choices, dim=1).sort(dim=-1).values  # (L-1, n_moe, top_k)
-        assert torch.equal(torch.tensor(meta["routed_experts"]), routed)
+        assert torch.equal(torch.from_numpy(routed_experts.decode(meta)).to(routed.dtype), routed)
         assert routed.shape[1:] == (model.config.num_hidden_layers - n_dense, top_k)
 
 

@@ -9,7 +9,7 @@ import sys
 import aiohttp
 import pytest
 
-from glm_rl.engine import EmbeddedEngine, EngineConfig
+from glm_rl.engine import EmbeddedEngine, EngineConfig, routed_experts
 from glm_rl.models.glm45.presets import TINY_CHECKPOINT
 from glm_rl.rollout.engine_client import EngineClient, EngineError
 from glm_rl.rollout.router import RolloutEndpoints, RouterConfig, RouterProcess, router_command
@@ -94,7 +94,7 @@ def test_router_drops_return_routed_experts(stack):
     assert "routed_experts" not in via_router["meta_info"]  # the router rebuilt the body without it
     assert "output_token_logprobs" in via_router["meta_info"]  # return_logprob survives
     direct = engines[0].post("/generate", body)
-    assert len(direct["meta_info"]["routed_experts"]) == len(PROMPTS[0]) + len(direct["output_ids"]) - 1
+    assert len(routed_experts.decode(direct["meta_info"])) == len(PROMPTS[0]) + len(direct["output_ids"]) - 1
 
 
 def test_r3_path_goes_to_engines_round_robin(stack):
@@ -111,9 +111,8 @@ def test_r3_path_goes_to_engines_round_robin(stack):
             return await asyncio.gather(*(endpoints.generate(payload, session=session) for _ in range(4)))
 
     for answer in asyncio.run(run()):
-        experts = answer["meta_info"]["routed_experts"]
-        assert len(experts) == len(PROMPTS[1]) + len(answer["output_ids"]) - 1
-        assert all(len(e) == 3 and all(len(x) == 2 for x in e) for e in experts)  # 3 MoE layers, top-2
+        experts = routed_experts.decode(answer["meta_info"])
+        assert experts.shape == (len(PROMPTS[1]) + len(answer["output_ids"]) - 1, 3, 2)  # 3 MoE layers, top-2
     assert [b - a for a, b in zip(before, _served(engines))] == [2, 2]
 
 

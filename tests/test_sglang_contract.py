@@ -17,11 +17,15 @@ import socket
 import threading
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
+from transformers import AutoConfig
 
 from glm_rl.config import RolloutConfig
+from glm_rl.engine import EmbeddedEngine, EngineConfig, routed_experts
+from glm_rl.engine.routed_experts import FORMAT_KEY, RoutingLayout
 from glm_rl.models.glm45.presets import TINY_CHECKPOINT
 from glm_rl.rollout.engine_client import EngineClient
 from glm_rl.rollout.manager import RolloutManager
@@ -155,10 +159,22 @@ def test_engine_lifecycle_with_fake_sglang(monkeypatch):
     )
     url = engine.start()
     try:
-        out = EngineClient(url).generate(
-            [1, 2, 4, 23, 8, 17, 9, 5, 23], {"temperature": 0, "max_new_tokens": 6}, return_logprob=True
-        )
+        prompt, greedy = [1, 2, 4, 23, 8, 17, 9, 5, 23], {"temperature": 0, "max_new_tokens": 6}
+        out = EngineClient(url).generate(prompt, greedy, return_logprob=True, return_routed_experts=True)
         assert len(out["output_ids"]) == len(out["meta_info"]["output_token_logprobs"]) > 0
+        # SGLang's routed-experts form (int32 over every layer) decodes to what the compact form carries
+        assert isinstance(out["meta_info"]["routed_experts"], str) and FORMAT_KEY not in out["meta_info"]
+        layout = RoutingLayout.of(AutoConfig.from_pretrained(TINY_CHECKPOINT))
+        sglang_rows = routed_experts.decode(out["meta_info"], layout)
+        local = EmbeddedEngine(EngineConfig(hf_checkpoint=str(TINY_CHECKPOINT)))
+        try:
+            ours = EngineClient(local.start()).generate(prompt, greedy, return_routed_experts=True)
+        finally:
+            local.shutdown()
+        assert ours["output_ids"] == out["output_ids"]
+        compact = routed_experts.decode(ours["meta_info"])
+        assert compact.shape == (len(prompt) + len(out["output_ids"]) - 1, len(layout.moe_layers), layout.top_k)
+        assert np.array_equal(sglang_rows, compact)
         children = psutil.Process(engine.proc.pid).children(recursive=True)
         assert children
     finally:

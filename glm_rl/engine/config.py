@@ -29,6 +29,9 @@ class EngineConfig:
     # R3 behind sglang-router: the router drops `return_routed_experts` from the request body but passes the
     # answer through, so an engine started for R3 returns the routing unless a request says false.
     return_routed_experts_by_default: bool = False
+    # answer routed experts in SGLang's wire form (int32, every decoder layer) instead of the compact one
+    # (routed_experts.py); the fake SGLang server of the tests uses it, so clients are tested against that form
+    sglang_routed_experts_form: bool = False
     # a weights-update group join (and each broadcast in it) that does not complete in this time fails with 400
     weight_group_timeout_s: float = 30.0
     # MTP speculative decoding (decode/speculative.py): draft with the checkpoint's MTP layer, verify in one

@@ -10,11 +10,12 @@ thread (`http_server.py`). Weight updates and checksums belong to `EngineWeights
 engine holds as `engine.weights`. Usable in-process (`start()` → url, `shutdown()`), as a Ray actor
 (`actor.engine_actor_class()`), or as a process (`python -m glm_rl.engine --hf-checkpoint DIR --port P`).
 
-Routed experts (R3): `meta_info["routed_experts"]` is a list with one entry per position that went through the
-model — prompt_len + completion_len - 1 positions (the last generated token is never fed back) — and each entry
-is a list over MoE layers (layer index >= first_k_dense_replace, in order) of the top-k expert ids the router
-chose there, sorted ascending: shape [L - 1][n_moe_layers][top_k], ints. Captured by forward hooks on
-`model.model.layers[i].mlp.gate` (`batch.RouterCapture`), mapping batch rows and excluding left-pad positions.
+Routed experts (R3): `meta_info["routed_experts"]` holds one row per position that went through the model —
+prompt_len + completion_len - 1 positions (the last generated token is never fed back) — and each row, per MoE
+layer (layer index >= first_k_dense_replace, in order), the top-k expert ids the router chose there, sorted
+ascending: shape [L - 1][n_moe_layers][top_k], as one base64 buffer (`routed_experts.py`: `decode` reads it).
+Captured by forward hooks on `model.model.layers[i].mlp.gate` (`batch.RouterCapture`), mapping batch rows and
+excluding left-pad positions.
 
 Pause semantics: `pause(mode="abort")` (SGLang's default mode) stops taking batches, aborts the running batch at
 its next decode step (its requests return what they generated so far with finish_reason "abort") and answers
@@ -47,6 +48,7 @@ from typing import Any
 
 import torch
 
+from glm_rl.engine import routed_experts
 from glm_rl.engine.batch import GenerationRequest, Row, SpecRow, accumulate_stats
 from glm_rl.engine.config import DTYPES, EngineConfig
 from glm_rl.engine.decode import run_batch
@@ -213,7 +215,11 @@ class EmbeddedEngine:
         if req.return_logprob:
             meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(row.logprobs, row.output_ids)]
         if req.return_routed_experts:
-            meta["routed_experts"] = torch.cat(row.routed).sort(dim=-1).values.tolist() if row.routed else []
+            ids = torch.cat(row.routed).sort(dim=-1).values if row.routed else torch.zeros(0, 0, 0, dtype=torch.int16)
+            if self.config.sglang_routed_experts_form:
+                meta.update(routed_experts.encode_sglang(ids, routed_experts.RoutingLayout.of(self.model.config)))
+            else:
+                meta.update(routed_experts.encode(ids))
         if isinstance(row, SpecRow):
             meta.update(row.spec_meta())
         text = self.tokenizer.decode(row.output_ids, skip_special_tokens=req.sampling.skip_special_tokens)

@@ -8,6 +8,8 @@ reaches the engines through (`GenerateContext.generate` is `SampleGenerator.gene
   is, a request not yet sent raises `RolloutAborted`, and each is counted in `counters.aborted`;
 - with `partial_rollout` (--partial-rollout), a request cut by a weight update ("abort" with tokens) continues
   from its prefix under the new weights (partial.py), counted in `counters.continued`;
+- routed experts (R3) are decoded once, on arrival, into a (positions, MoE layers, top_k) int16 array, whichever
+  wire form the engine used (engine/routed_experts.py), so hooks and partial rollouts see arrays;
 - a hook's result is checked (a Sample or a non-empty list of them, one logprob per response token, a loss
   mask as long, routed experts when R3 needs them) and every failure names the function and the sample.
 """
@@ -23,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from glm_rl.config import AgenticConfig, RolloutConfig
+from glm_rl.engine import routed_experts
+from glm_rl.engine.routed_experts import RoutingLayout
 from glm_rl.rollout import partial
 from glm_rl.rollout.hooks import GenerateContext
 from glm_rl.rollout.samples import Sample
@@ -76,9 +80,10 @@ class SampleGenerator:
         custom_fn: Callable[..., Awaitable[Any]] | None = None,
         agentic: AgenticConfig | None = None,
         partial_rollout: bool = False,
+        routing_layout: RoutingLayout | None = None,
     ) -> None:
         self.cfg, self.tokenizer, self.generate_fn, self.seed = cfg, tokenizer, generate, seed
-        self.partial_rollout = partial_rollout
+        self.partial_rollout, self.routing_layout = partial_rollout, routing_layout
         self.agentic = agentic
         self.custom_fn = custom_fn
         self.counters = Counters()
@@ -132,6 +137,8 @@ class SampleGenerator:
                 raise RolloutAborted(f"request {payload.get('rid')} aborted (surplus of dynamic sampling)")
             try:
                 out = await self.generate_fn(payload)
+                if "routed_experts" in out["meta_info"]:  # one base64 buffer → (positions, MoE layers, top_k)
+                    out["meta_info"]["routed_experts"] = routed_experts.decode(out["meta_info"], self.routing_layout)
             except asyncio.CancelledError:
                 self.counters.aborted += int(self.aborting)
                 raise

@@ -22,9 +22,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from glm_rl.config import AgenticConfig, AsyncConfig, EvalConfig, RolloutConfig
+from glm_rl.engine.routed_experts import RoutingLayout
 from glm_rl.rollout import filters
 from glm_rl.rollout.async_buffer import AsyncProducer
 from glm_rl.rollout.data import PromptRow, load_prompts, prompt_ids
@@ -86,6 +87,11 @@ class PromptStream:
         self._order = self._make_order()
 
 
+def _routing_layout(hf_checkpoint: str) -> RoutingLayout:
+    """The checkpoint's MoE layers and top-k: what decoding SGLang's form of routed experts needs."""
+    return RoutingLayout.of(AutoConfig.from_pretrained(hf_checkpoint))
+
+
 class RolloutManager:
     def __init__(
         self,
@@ -114,6 +120,7 @@ class RolloutManager:
             custom_fn=load_function(hook, "--custom-generate-function-path") if hook else None,
             agentic=agentic,
             partial_rollout=self.asynchrony.partial_rollout,
+            routing_layout=_routing_layout(hf_checkpoint) if return_routed_experts else None,
         )
         path = cfg.dynamic_sampling_filter_path
         self.filter = filters.load_filter(path) if path else None

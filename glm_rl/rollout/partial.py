@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 SEED_STRIDE = 7_919  # a continuation's seed: the request's + its segment number x this prime
 
 
@@ -45,14 +47,15 @@ def merge(segments: list[dict[str, Any]], finish_if_spent: bool = False) -> dict
     ids: list[int] = []
     logprobs: list = []
     versions: list[int] = []
-    routed: list | None = [] if "routed_experts" in meta else None
+    routed: list | None = [] if meta.get("routed_experts") is not None else None
     for seg in segments:
         m = seg["meta_info"]
         ids += seg["output_ids"]
         logprobs += m.get("output_token_logprobs", [])
         versions += [int(m.get("weight_version", 0))] * len(seg["output_ids"])
-        if routed is not None:  # rows by position: keep the rows earlier segments already decided
-            routed += list(m.get("routed_experts") or [])[len(routed) :]
+        rows = m.get("routed_experts")
+        if routed is not None and rows is not None:  # rows by position: keep the rows earlier segments decided
+            routed += list(rows)[len(routed) :]
     meta.update(
         completion_tokens=len(ids),
         output_token_logprobs=logprobs,
@@ -61,7 +64,7 @@ def merge(segments: list[dict[str, Any]], finish_if_spent: bool = False) -> dict
         partial_segments=len(segments),
     )
     if routed is not None:
-        meta["routed_experts"] = routed
+        meta["routed_experts"] = np.asarray(routed, dtype=np.int16) if routed else routed
     if finish_if_spent:
         meta["finish_reason"] = {"type": "length", "length": len(ids)}
     return {"text": "".join(seg.get("text", "") for seg in segments), "output_ids": ids, "meta_info": meta}

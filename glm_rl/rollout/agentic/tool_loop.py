@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from glm_rl.config.agentic import AgenticConfig
+from glm_rl.engine import routed_experts
 from glm_rl.rollout.agentic.glm45_format import ParsedTurn, observation_ids, parse_turn
 from glm_rl.rollout.agentic.sandbox import SandboxLimits
 from glm_rl.rollout.agentic.tools import TOOLS, Tool, as_registry, call_tool, load_tools
@@ -142,7 +143,7 @@ async def run_episode(
         traj.add_turn(
             output_ids,
             [float(lp[0]) for lp in meta["output_token_logprobs"]],
-            meta.get("routed_experts") if ctx.return_routed_experts else None,
+            routed_experts.decode(meta) if ctx.return_routed_experts else None,  # decoded already via ctx.generate
         )
         finish, stats["turns"] = meta["finish_reason"]["type"], turn + 1
         versions.append(int(meta.get("weight_version", 0)))

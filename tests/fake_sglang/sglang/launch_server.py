@@ -28,6 +28,7 @@ engine = EmbeddedEngine(
         port=args.port,
         api_key=args.api_key,
         record_routed_experts=args.enable_return_routed_experts,
+        sglang_routed_experts_form=True,  # int32 over every layer, base64: what SGLang answers
     )
 )
 engine.start()
