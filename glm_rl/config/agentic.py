@@ -1,8 +1,10 @@
-"""The `agentic` section: the built-in multi-turn tool loop (glm_rl/rollout/agentic/) and its tool sandbox.
+"""The `agentic` section: the built-in multi-turn tool loop (glm_rl/rollout/agentic/), its tool sandbox, and
+OpenAI-API agents run over chat sessions (`--custom-agent-function-path`).
 
-Read by `glm_rl.rollout.agentic.tool_loop.generate` (a `--custom-generate-function-path` hook) through the
-`GenerateContext`. Checks run at construction, naming the flag and value (`--max-turns 0` is refused: an
-episode has at least the first model turn).
+Read by `glm_rl.rollout.agentic.tool_loop.generate` and `glm_rl.rollout.agentic.openai_agent.generate` (both
+`--custom-generate-function-path` hooks) through the `GenerateContext`. Checks run at construction, naming the
+flag and value (`--max-turns 0` is refused: an episode has at least the first model turn; an agent path must
+import now, not mid-run).
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ class AgenticConfig:
     tool_timeout_s: float = opt(5.0, "wall-clock limit of one sandboxed tool run, seconds")
     tool_memory_mb: int = opt(512, "address-space limit (RLIMIT_AS) of one sandboxed tool run, MiB")
     tool_max_output_bytes: int = opt(4096, "a tool's output beyond this many bytes is cut (and says so)")
+    custom_agent_function_path: str | None = opt(
+        None,
+        "module.fn: async fn(client: openai.AsyncOpenAI, sample: SampleInfo) runs one agent episode per sample "
+        "against the session server's /v1/chat/completions; used by --custom-generate-function-path "
+        "glm_rl.rollout.agentic.openai_agent.generate (--max-turns and --rollout-max-context-len apply)",
+    )
 
     def __post_init__(self) -> None:
         errors = self.errors()
@@ -53,4 +61,22 @@ class AgenticConfig:
             errors.append(f"--tool-max-output-bytes must be >= 1 (got {self.tool_max_output_bytes})")
         if self.tools_path is not None and "." not in self.tools_path.strip("."):
             errors.append(f"--tools-path must be module.ATTR (got {self.tools_path!r})")
+        if self.custom_agent_function_path is not None:
+            errors += _agent_path_errors(self.custom_agent_function_path)
         return errors
+
+
+def _agent_path_errors(path: str) -> list[str]:
+    """The agent function must import (and the `openai` client with it) before any process starts."""
+    import importlib.util
+
+    from glm_rl.rollout.rewards.custom import CustomRewardError, load_function
+
+    flag = "--custom-agent-function-path"
+    if importlib.util.find_spec("openai") is None:
+        return [f"{flag} {path}: the agent needs the openai package (pip install 'glm-rl[agent]')"]
+    try:
+        load_function(path, flag)
+    except CustomRewardError as e:
+        return [str(e)]
+    return []
