@@ -53,6 +53,16 @@ def test_ten_megabytes_of_output_are_cut():
     assert out == "x" * 1000 + "\n[output cut at 1000 bytes]"
 
 
+def test_output_cap_with_a_writer_still_running_does_not_hang():
+    """Regression: a reader paused by flow control (the cap reached, a full pipe behind it) never saw EOF after the
+    kill, so asyncio's wait() hung forever (seen on a loaded 2-core box)."""
+    t0 = time.monotonic()
+    code = "import sys, time\nfor _ in range(64):\n    sys.stdout.write('y' * (1 << 16))\nsys.stdout.flush()\n"
+    out = run(code + "time.sleep(60)")
+    assert time.monotonic() - t0 < 15
+    assert out == "y" * 1000 + "\n[output cut at 1000 bytes]"
+
+
 def test_memory_limit():
     out = run("b = bytearray(1 << 30)\nprint('allocated')")
     assert "MemoryError" in out and "allocated" not in out

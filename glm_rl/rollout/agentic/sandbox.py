@@ -132,7 +132,16 @@ async def run_sandboxed(
         timed_out = True
     if timed_out or truncated:
         _kill(proc)
-    returncode = await proc.wait()
+        # asyncio's wait() returns only once stdout reaches EOF, and a reader paused by flow control (we stopped
+        # reading at the cap) never sees it: read the rest away, then wait, both bounded
+        try:
+            await asyncio.wait_for(_read_capped(proc.stdout, 1 << 62, bytearray()), 5.0)
+        except TimeoutError:
+            pass
+    try:
+        returncode = await asyncio.wait_for(proc.wait(), 5.0)
+    except TimeoutError:  # a grandchild outside the process group still holds the pipe
+        returncode = None
     text = bytes(data[: limits.max_output_bytes]).decode("utf-8", errors="replace")
     return SandboxResult(text, None if (timed_out or truncated) else returncode, timed_out, truncated)
 
