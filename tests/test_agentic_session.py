@@ -368,3 +368,23 @@ def test_a_failed_engine_request_can_be_sent_again(engine_url, tok):
     s = run(openai_agent.run_agent(retrying, ctx, template(tok), GREEDY, AgenticConfig()))
     assert codes == [(502, "engine_error")] and len(log) == 1
     assert s.tokens == log[0][0]["input_ids"] + log[0][1]["output_ids"] and s.metadata["episode"]["turns"] == 1
+
+
+def test_the_agent_flag_selects_its_hook_and_refuses_another():
+    from glm_rl.config import parse_args
+    from glm_rl.rollout.manager import OPENAI_AGENT_HOOK
+
+    agent = "glm_rl.rollout.agentic.tools.call_tool"  # callable: the check at parse time resolves it
+    cfg = parse_args(["--custom-agent-function-path", agent])
+    assert cfg.rollout.custom_generate_function_path is None  # the rollout manager runs OPENAI_AGENT_HOOK
+    assert OPENAI_AGENT_HOOK == f"{openai_agent.__name__}.generate"
+    assert parse_args(["--custom-agent-function-path", agent, "--custom-generate-function-path", OPENAI_AGENT_HOOK])
+    with pytest.raises(ValueError, match="would replace it"):
+        parse_args(
+            [
+                "--custom-agent-function-path",
+                agent,
+                "--custom-generate-function-path",
+                "glm_rl.rollout.agentic.tool_loop.generate",
+            ]
+        )

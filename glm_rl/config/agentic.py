@@ -37,8 +37,8 @@ class AgenticConfig:
     custom_agent_function_path: str | None = opt(
         None,
         "module.fn: async fn(client: openai.AsyncOpenAI, sample: SampleInfo) runs one agent episode per sample "
-        "against the session server's /v1/chat/completions; used by --custom-generate-function-path "
-        "glm_rl.rollout.agentic.openai_agent.generate (--max-turns and --rollout-max-context-len apply)",
+        "against the session server's /v1/chat/completions (it selects the generate hook "
+        "glm_rl.rollout.agentic.openai_agent.generate; --max-turns and --rollout-max-context-len apply)",
     )
 
     def __post_init__(self) -> None:

@@ -258,7 +258,18 @@ class RunConfig:
             + self.log.errors()
             + self.debug.errors(self.num_rollout, self.eval.enabled)
             + self._check_async()
+            + self._check_agent()
         )
+
+    def _check_agent(self) -> list[str]:
+        """--custom-agent-function-path runs through the OpenAI-session hook; another generate hook cannot."""
+        hook, agent = self.rollout.custom_generate_function_path, self.agentic.custom_agent_function_path
+        if agent and hook not in (None, "glm_rl.rollout.agentic.openai_agent.generate"):
+            return [
+                f"--custom-agent-function-path {agent} runs through glm_rl.rollout.agentic.openai_agent.generate; "
+                f"--custom-generate-function-path {hook} would replace it"
+            ]
+        return []
 
     def _check_async(self) -> list[str]:
         """The async loops need engines of their own, and a rollout the framework batches."""

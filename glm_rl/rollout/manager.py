@@ -37,6 +37,7 @@ from glm_rl.rollout.rewards import build_rewarder
 from glm_rl.rollout.rewards.custom import load_function
 from glm_rl.rollout.samples import Sample
 
+OPENAI_AGENT_HOOK = "glm_rl.rollout.agentic.openai_agent.generate"  # --custom-agent-function-path runs it
 AbortFn = Callable[[], Awaitable[Any]]  # abort every request in flight on the engines
 
 
@@ -112,6 +113,8 @@ class RolloutManager:
         self.rewarder = build_rewarder(cfg.rm_type, **cfg.rewarder_args())
         self.stream = PromptStream(load_prompts(cfg.prompt_data, **cfg.data_args()), seed, cfg.rollout_shuffle)
         hook = cfg.custom_generate_function_path
+        if hook is None and agentic is not None and agentic.custom_agent_function_path:  # the agent's own hook
+            hook = OPENAI_AGENT_HOOK
         self.gen = SampleGenerator(
             cfg,
             self.tokenizer,
