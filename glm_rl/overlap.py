@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import ray
@@ -116,23 +117,24 @@ class FullyAsync(SyncRollouts):
 
     def sync(self, version: int) -> dict:
         t0 = time.time()
-        clients = [EngineClient(url, self.rt.api_key) for url in self.rt.engine_urls]
-        for client in clients:
-            try:
-                client.pause(self.pause_mode)
-            except Exception as e:  # noqa: BLE001 - a dead engine: the push restores it
-                log.warning("pausing %s failed: %s", client.url, e)
+        self._each_engine("pausing", lambda c: c.pause(self.pause_mode))  # all at once: the wait is the slowest
         t1 = time.time()
         try:
             result = self.rt.sync_weights(version)
         finally:
-            for client in [EngineClient(url, self.rt.api_key) for url in self.rt.engine_urls]:
+            self._each_engine("continuing", lambda c: c.resume())
+        return result | {"async/pause_s": time.time() - t0, "async/pause_wait_s": t1 - t0}
+
+    def _each_engine(self, what: str, call) -> None:
+        """`call(client)` on every engine concurrently; a dead engine is logged (the push or the next step's
+        check restores it)."""
+        clients = [EngineClient(url, self.rt.api_key) for url in self.rt.engine_urls]
+        with ThreadPoolExecutor(max_workers=max(1, len(clients))) as pool:
+            for client, future in [(c, pool.submit(call, c)) for c in clients]:
                 try:
-                    client.resume()
-                except Exception as e:  # noqa: BLE001 - dead again: the next step's check restores it
-                    log.warning("continuing %s failed: %s", client.url, e)
-        paused = time.time() - t0
-        return result | {"async/pause_s": paused, "async/pause_wait_s": t1 - t0}
+                    future.result()
+                except Exception as e:  # noqa: BLE001 - see the docstring
+                    log.warning("%s %s failed: %s", what, client.url, e)
 
     def data_state(self) -> dict | None:
         return None  # the manager lists its in-flight and buffered prompts itself
