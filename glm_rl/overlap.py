@@ -9,8 +9,10 @@ sync waits for or pauses. The loop (train.py) calls the same three methods in ev
 - `OneStepOff`: `get(k)` hands over rollout k (started during step k-1) and starts rollout k+1 on the weights the
   engines hold; `sync` waits for that rollout first, so batch k+1 is exactly one version old.
 - `FullyAsync`: `get` takes the next batch from the rollout manager's buffer (rollout/async_buffer.py), checking
-  engines while it waits; `sync` pauses the engines (`in_place`, or `abort` with --partial-rollout so unfinished
-  samples continue under the new weights), pushes, and lets them go on.
+  engines while it waits; `sync` pushes while the engines generate. The embedded engine stages an update that
+  arrives mid-batch and swaps it in before its next batch (engine/weights.py), so nothing waits; SGLang engines
+  are paused `in_place` around the push (their running batch finishes first). With --partial-rollout every
+  engine is paused `abort`, so unfinished samples continue under the new weights.
 Every mode reports `rollout/staleness_mean` / `_max` (versions between each sample's oldest token and the trainer)
 in the async modes, and --mask-offpolicy-in-partial-rollout drops older-version prefixes from the loss here.
 """
@@ -97,10 +99,11 @@ class OneStepOff(SyncRollouts):
 
 
 class FullyAsync(SyncRollouts):
-    def __init__(self, rt, cfg: AsyncConfig, wait_s: float = 5.0) -> None:
+    def __init__(self, rt, cfg: AsyncConfig, engine: str, wait_s: float = 5.0) -> None:
         super().__init__(rt)
         self.cfg, self.wait_s = cfg, wait_s
-        self.pause_mode = "abort" if cfg.partial_rollout else "in_place"
+        # None: push without pausing (the embedded engine stages an update that lands mid-batch)
+        self.pause_mode = "abort" if cfg.partial_rollout else "in_place" if engine == "sglang" else None
 
     def get(self, step: int) -> tuple[list[Sample], dict]:
         manager, waited = self.rt.rollout_manager, 0.0
@@ -117,6 +120,8 @@ class FullyAsync(SyncRollouts):
 
     def sync(self, version: int) -> dict:
         t0 = time.time()
+        if self.pause_mode is None:
+            return self.rt.sync_weights(version) | {"async/pause_s": 0.0, "async/pause_wait_s": 0.0}
         self._each_engine("pausing", lambda c: c.pause(self.pause_mode))  # all at once: the wait is the slowest
         t1 = time.time()
         try:
@@ -150,7 +155,7 @@ def rollouts_for(cfg, rt) -> SyncRollouts:
     """The rollout source of `cfg.asynchrony`'s loop."""
     a = cfg.asynchrony
     if a.fully_async:
-        return FullyAsync(rt, a)
+        return FullyAsync(rt, a, cfg.rollout.rollout_engine)
     if a.one_step_off:
         return OneStepOff(rt, cfg.num_rollout)
     return SyncRollouts(rt)

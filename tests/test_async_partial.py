@@ -122,3 +122,41 @@ def _template():
     from glm_rl.rollout.samples import Sample
 
     return Sample(index=0, group=0, prompt_ids=PROMPT, response_ids=[], rollout_logprobs=[])
+
+
+def test_an_update_during_a_batch_is_staged_and_the_sender_does_not_wait(client):
+    """The fully-async sync pushes while engines generate: the push returns before the running batch ends, the
+    batch finishes on the old weights, the checksum already answers for the new ones, and the next batch uses
+    them."""
+    from glm_rl.weights.wire import tensor_checksum
+
+    old = client.server_info()["weight_version"]
+    new = [(n, t + 0.01) for n, t in _new_weights()]
+    result: dict = {}
+
+    async def main():
+        task = asyncio.ensure_future(asyncio.to_thread(client.post, "/generate", _payload(seed=13)))
+        deadline = time.monotonic() + 30
+        while client.get_load()[0]["num_reqs"] == 0:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.002)
+        result["push"] = await asyncio.to_thread(client.update_weights_from_tensor, new, old + 1)
+        result["running_after_push"] = client.get_load()[0]["num_reqs"]
+        result["checksum"] = await asyncio.to_thread(client.weights_checksum, [new[0][0]])
+        return await task
+
+    answer = asyncio.run(main())
+    assert "staged" in result["push"]["message"] and result["push"]["weight_version"] == old + 1
+    assert result["running_after_push"] == 1  # the push came back while the batch still decoded
+    assert answer["meta_info"]["weight_version"] == old  # that batch finished on the old weights
+    assert result["checksum"]["weight_version"] == old + 1
+    assert result["checksum"]["checksums"][new[0][0]] == tensor_checksum(new[0][1], "sha256")
+    after = client.post("/generate", _payload(seed=14))
+    assert after["meta_info"]["weight_version"] == old + 1
+    fresh = EmbeddedEngine(EngineConfig(hf_checkpoint=str(TINY_CHECKPOINT)))
+    try:
+        fresh_client = EngineClient(fresh.start(), timeout=60)
+        fresh_client.update_weights_from_tensor(new, old + 1)
+        assert fresh_client.post("/generate", _payload(seed=14))["output_ids"] == after["output_ids"]
+    finally:
+        fresh.shutdown()

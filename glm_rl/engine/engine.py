@@ -165,6 +165,7 @@ class EmbeddedEngine:
         while (batch := self._take_batch()) is not None:
             try:
                 with self._model_lock:
+                    self.weights.apply_staged()  # an update that came during the last batch
                     version = self.weight_version
                     rows = self._run_batch([r for r, _ in batch])
                 for (_, fut), row in zip(batch, rows):

@@ -6,6 +6,11 @@ broadcasts over a weights-update group (`update_weights_from_distributed`) and M
 batch never decodes with half an update, and the version bumped once — and `/weights_checksum` reads the same
 tensors. The engine holds one `EngineWeights` and its HTTP routes call it.
 
+An update that arrives while a batch decodes is staged (copied aside) and swapped in by the scheduler before the
+next batch (`apply_staged`), so the sender never waits for the batch (fully-async RL pushes while engines
+generate); `version` and `/weights_checksum` already answer for the staged weights, which are what the next batch
+uses. Every write to the model and every checksum holds `_stage_lock`, so a checksum never reads half a swap.
+
 Names: the model's `state_dict()` names (detached views sharing the parameters' storage), plus the MTP layer's
 under `model.layers.{num_hidden_layers}.*` when speculative decoding is on (`add_mtp`). The main model's weights
 live in one buffer (`weights/flat.py`), so a colocated trainer's flattened update is one copy.
@@ -37,7 +42,11 @@ class EngineWeights:
         self, model: torch.nn.Module, *, lock: threading.Lock, host: str, group_timeout_s: float = 30.0
     ) -> None:
         self.lock = lock  # the engine's model lock: held by every batch and every load
-        self.version = 0
+        self._version = 0  # of the weights in the model
+        self._stage_lock = threading.Lock()
+        self._staged: dict[str, torch.Tensor] = {}  # name -> tensor waiting for the next batch
+        self._staged_flat: torch.Tensor | None = None  # a whole flat buffer waiting (the one-copy path)
+        self._staged_version: int | None = None
         self.flat = flatten_module_(model)
         self.state = model.state_dict()  # detached views sharing the parameters' storage
         self.host, self.group_timeout_s = host, group_timeout_s
@@ -50,8 +59,41 @@ class EngineWeights:
         """Expose the MTP layer's tensors under the checkpoint's names (`model.layers.{num_hidden_layers}.*`)."""
         self.state.update(mtp_named_tensors(mtp, num_hidden_layers))
 
-    def _bump(self, weight_version: int | None) -> None:
-        self.version = int(weight_version) if weight_version is not None else self.version + 1
+    @property
+    def version(self) -> int:
+        """The version the next batch decodes with (staged weights count)."""
+        return self._staged_version if self._staged_version is not None else self._version
+
+    def _next_version(self, weight_version: int | None) -> int:
+        return int(weight_version) if weight_version is not None else self.version + 1
+
+    def apply_staged(self) -> None:
+        """Swap staged weights in (the scheduler calls this holding the model lock, before each batch)."""
+        with self._stage_lock:
+            if self._staged_version is None:
+                return
+            if self._staged_flat is not None:
+                self.flat[0].copy_(self._staged_flat)
+            for name, tensor in self._staged.items():
+                self.state[name].copy_(tensor)
+            self._version, self._staged_version = self._staged_version, None
+            self._staged, self._staged_flat = {}, None
+
+    def _write(self, write, stage, weight_version: int | None) -> tuple[int, bool]:
+        """Run `write()` into the model now if no batch holds it, else `stage()` aside; (version, staged?)."""
+        if self.lock.acquire(blocking=False):
+            try:
+                self.apply_staged()  # an earlier staged update first, so the order is kept
+                with self._stage_lock:
+                    write()
+                    self._version = self._next_version(weight_version)
+                return self._version, False
+            finally:
+                self.lock.release()
+        with self._stage_lock:
+            stage()
+            self._staged_version = self._next_version(weight_version)
+            return self._staged_version, True
 
     # -- loading -----------------------------------------------------------------------------------------------
     def load(self, named: list[tuple[str, torch.Tensor]], weight_version: int | None) -> dict[str, Any]:
@@ -70,24 +112,34 @@ class EngineWeights:
                     f"weight {name!r}: shape {tuple(tensor.shape)} does not match the engine's "
                     f"{tuple(self.state[name].shape)}"
                 )
-        with self.lock:
+
+        def write() -> None:
             for name, tensor in named:
                 self.state[name].copy_(tensor)
-            self._bump(weight_version)
-        return {"success": True, "message": f"loaded {len(named)} tensors", "weight_version": self.version}
+
+        def stage() -> None:  # copies: the sender's buffers (a P2P region, shared memory) may change after this
+            if self._staged_flat is not None:  # keep one staged form: fold the flat buffer into named tensors
+                self._staged.update({n: t.clone() for n, t in views(self._staged_flat, self.flat[1])})
+                self._staged_flat = None
+            self._staged.update({name: tensor.clone() for name, tensor in named})
+
+        version, staged = self._write(write, stage, weight_version)
+        what = "staged (swapped in before the next batch)" if staged else "loaded"
+        return {"success": True, "message": f"{what} {len(named)} tensors", "weight_version": version}
 
     def load_flattened(self, flat: torch.Tensor, entries: list[FlatEntry], weight_version: int | None):
         """A whole model in one buffer: when its layout is the engine's own, one copy; else view by view."""
         own, own_entries = self.flat
         if entries == own_entries and flat.numel() == own.numel():
-            with self.lock:
-                own.copy_(flat)
-                self._bump(weight_version)
-            return {
-                "success": True,
-                "message": f"loaded {len(entries)} tensors (one copy)",
-                "weight_version": self.version,
-            }
+            replaced = {e.name for e in own_entries}
+
+            def stage() -> None:  # a whole model replaces whatever main-model tensors were staged before
+                self._staged = {n: t for n, t in self._staged.items() if n not in replaced}
+                self._staged_flat = flat.clone()
+
+            version, staged = self._write(lambda: own.copy_(flat), stage, weight_version)
+            what = "staged (swapped in before the next batch)" if staged else "loaded"
+            return {"success": True, "message": f"{what} {len(entries)} tensors (one copy)", "weight_version": version}
         return self.load(views(flat, entries), weight_version)
 
     def checksums(self, names: list[str] | None, algo: str = "sha256") -> dict[str, Any]:
@@ -99,10 +151,14 @@ class EngineWeights:
         unknown = [n for n in names if n not in self.state]
         if unknown:
             raise WeightError(f"unknown weight name(s) {unknown}")
-        with self.lock:
+        with self._stage_lock:  # staged tensors are what the next batch uses
+            if self._staged_flat is not None:
+                staged = dict(views(self._staged_flat, self.flat[1])) | self._staged
+            else:
+                staged = self._staged
             return {
                 "weight_version": self.version,
-                "checksums": {n: tensor_checksum(self.state[n], algo) for n in names},
+                "checksums": {n: tensor_checksum(staged.get(n, self.state[n]), algo) for n in names},
             }
 
     # -- weights-update groups (update_weights_from_distributed) -----------------------------------------------
