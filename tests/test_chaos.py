@@ -6,7 +6,7 @@ trajectory is exactly step x batch (no prompt trained twice or skipped, across e
 and the resume); every engine kill was survived (`engines/restarted`); and no process of either run is left
 afterwards — Ray's processes and the router, recorded by pid and start time while they ran.
 
-The seed comes from GLM_RL_CHAOS_SEED (default 0): CI runs it with three seeds.
+The seed comes from GLM_RL_CHAOS_SEED (default 0, what CI runs; other seeds by hand: GLM_RL_CHAOS_SEED=1 pytest …).
 """
 
 from __future__ import annotations
