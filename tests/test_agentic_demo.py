@@ -1,7 +1,8 @@
 """Tool-use demo checkpoint (glm_rl/rollout/agentic/demo.py): its tokenizer keeps the tiny model's ids and adds
-GLM-4.5's tags as single tokens; a 2-turn tool-loop rollout through the real engine on it is token-exact and the
-trainer's fp32 logprobs match the engine's on generated tokens. (The checkpoint never calls the tool on its own:
-the first turn is read as a `calculator` call on the prompt, so the observation is the real tool's answer.)"""
+GLM-4.5's tags as single tokens; the warm-start makes it call the calculator in some, not all, sampled episodes;
+a 2-turn tool-loop rollout through the real engine on it is token-exact and the trainer's fp32 logprobs match
+the engine's on generated tokens. (In that rollout the first turn is read as a `calculator` call on the prompt
+whatever the model wrote, so the observation is the real tool's answer.)"""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import json
 
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from glm_rl.config import AlgoConfig, ModelConfig, RolloutConfig, TrainConfig
 from glm_rl.config.agentic import AgenticConfig
@@ -19,7 +21,7 @@ from glm_rl.models.glm45.presets import TINY_CHECKPOINT
 from glm_rl.rollout.agentic.demo import TOOLS, make_checkpoint, make_data
 from glm_rl.rollout.agentic.glm45_format import ParsedTurn, ToolCall, observation_ids, parse_turn
 from glm_rl.rollout.agentic.tool_loop import run_episode
-from glm_rl.rollout.agentic.tools import as_registry
+from glm_rl.rollout.agentic.tools import as_registry, calculate
 from glm_rl.rollout.data import load_prompts, prompt_ids
 from glm_rl.rollout.engine_client import EngineClient
 from glm_rl.rollout.hooks import GenerateContext
@@ -46,6 +48,30 @@ def test_demo_tokenizer_extends_the_tiny_one(demo):
     a, b = (int(x) for x in rows[0].prompt.split("*"))
     assert rows[0].label == str(a * b) and rows[0].tools[0]["function"]["name"] == "calculator"
     assert json.loads((ckpt / "config.json").read_text())["vocab_size"] == 48
+
+
+def test_warm_start_calls_the_tool_sometimes(demo):
+    """At temperature 1 the checkpoint calls `calculator` (GLM-4.5's format, expression = the prompt) in some
+    episodes and guesses in the others; its guesses are mostly wrong."""
+    ckpt, _ = demo
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
+    ids = torch.tensor([prompt_ids(tok, "12*34", tools=[t.schema() for t in TOOLS])] * 64)  # (N, T)
+    torch.manual_seed(0)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, max_new_tokens=32)
+    turns = [parse_turn(tok.decode(o[ids.shape[1] :], skip_special_tokens=False)) for o in out]
+    calls = [t for t in turns if t.calls or t.errors]
+    right = [
+        t
+        for t in calls
+        if [c.name for c in t.calls] == ["calculator"]
+        and not t.errors
+        and calculate(t.calls[0].arguments.get("expression", "")) == "408"
+    ]
+    guessed_right = [t for t in turns if not (t.calls or t.errors) and t.content.endswith("=408")]
+    assert 0 < len(calls) < len(turns) // 2, [len(calls), len(turns)]
+    assert len(right) >= len(calls) // 2, [len(right), len(calls)]
+    assert len(guessed_right) <= (len(turns) - len(calls)) // 4
 
 
 def test_two_turn_rollout_on_demo_checkpoint_is_token_exact(demo):
