@@ -72,7 +72,7 @@ def teach(ckpt) -> None:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    path = make_checkpoint(tmp_path_factory.mktemp("session") / "checkpoint")
+    path = make_checkpoint(tmp_path_factory.mktemp("session") / "checkpoint", warm=None)  # trained below instead
     teach(path)
     return path
 

@@ -80,3 +80,27 @@ def test_mtp_acceptance_length_reaches_rollout_metrics():
     finally:
         eng.shutdown()
     assert metrics["rollout/spec_accept_length"] >= 1.7
+
+
+def test_episode_metrics_count_tool_calls_per_episode():
+    from glm_rl.rollout.manager import _episode_metrics
+    from glm_rl.rollout.samples import Sample
+
+    def sample(**episode):
+        s = Sample(index=0, group=0, prompt_ids=[1], response_ids=[2], rollout_logprobs=[0.0])
+        s.metadata = {"episode": {"turns": 1, "tool_calls": 0, "tool_errors": 0, "malformed_calls": 0, **episode}}
+        return s
+
+    samples = [
+        sample(tool_calls=1, turns=2),  # a good call
+        sample(tool_calls=1, tool_errors=1, turns=2),  # a call the tool refused
+        sample(malformed_calls=1),  # a call that did not parse
+        sample(),  # an answer without a call
+    ]
+    assert _episode_metrics(samples) == {
+        "rollout/tool_call_frac": 0.5,
+        "rollout/wellformed_call_frac": 0.25,
+        "rollout/malformed_call_frac": 0.25,
+        "rollout/turns_mean": 1.5,
+    }
+    assert _episode_metrics([Sample(index=0, group=0, prompt_ids=[1], response_ids=[], rollout_logprobs=[])]) == {}

@@ -88,6 +88,28 @@ class PromptStream:
         self._order = self._make_order()
 
 
+def _episode_metrics(samples: list[Sample]) -> dict[str, float]:
+    """Tool-loop episodes (`metadata["episode"]`): how often the model called a tool, well-formed, and how many
+    turns it took (whether a call was *correct* is the task's business: the reward)."""
+    episodes = [s.metadata["episode"] for s in samples if s.metadata and "episode" in s.metadata]
+    if not episodes:
+        return {}
+    called = [e.get("tool_calls", 0) > 0 for e in episodes]
+    return {
+        "rollout/tool_call_frac": float(np.mean(called)),
+        "rollout/wellformed_call_frac": float(
+            np.mean(
+                [
+                    c and e.get("malformed_calls", 0) == 0 and e.get("tool_errors", 0) == 0
+                    for c, e in zip(called, episodes)
+                ]
+            )
+        ),
+        "rollout/malformed_call_frac": float(np.mean([e.get("malformed_calls", 0) > 0 for e in episodes])),
+        "rollout/turns_mean": float(np.mean([e.get("turns", 1) for e in episodes])),
+    }
+
+
 def _routing_layout(hf_checkpoint: str) -> RoutingLayout:
     """The checkpoint's MoE layers and top-k: what decoding SGLang's form of routed experts needs."""
     return RoutingLayout.of(AutoConfig.from_pretrained(hf_checkpoint))
@@ -324,6 +346,7 @@ class RolloutManager:
             }
         if self.asynchrony.partial_rollout:
             metrics["rollout/partial_continued"] = float(counters.continued)
+        metrics |= _episode_metrics(samples)
         if counters.spec_verify:
             metrics["rollout/spec_accept_length"] = counters.spec_tokens / counters.spec_verify
         return metrics
