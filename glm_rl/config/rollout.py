@@ -96,6 +96,11 @@ class RolloutConfig:
         "embedded", "embedded: our torch engine (CPU, tests); sglang: SGLang 0.5.23 servers (GPU)"
     )
     rollout_num_gpus_per_engine: int = opt(1, "GPUs per SGLang engine (its --tp-size)")
+    max_running_requests: int | None = opt(
+        None,
+        "most sequences an engine decodes at once (SGLang's --max-running-requests; None: SGLang sizes it from "
+        "memory, the embedded engine takes 64)",
+    )
     sglang_args: tuple[tuple[str, str | None], ...] = field(
         default=(),
         metadata={"help": "--sglang-<flag> [value]: passed to SGLang's launch_server as --<flag>", "cli": False},

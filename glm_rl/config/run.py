@@ -116,6 +116,7 @@ class RunConfig:
             ("--num-trainer-ranks", t.num_trainer_ranks),
             ("--rollout-max-response-len", r.rollout_max_response_len),
             ("--speculative-num-steps", r.speculative_num_steps),
+            ("--max-running-requests", 1 if r.max_running_requests is None else r.max_running_requests),
         ):
             if value < 1:
                 errors.append(f"{name} must be >= 1 (got {value})")

@@ -108,7 +108,12 @@ def engine_launcher(
                     enable_memory_saver=colocate,
                     speculative_num_steps=steps if rollout.enable_mtp else 0,
                     speculative_num_draft_tokens=steps + 1,
-                    extra_args=rollout.sglang_args,
+                    extra_args=rollout.sglang_args
+                    + (
+                        (("max-running-requests", str(rollout.max_running_requests)),)
+                        if rollout.max_running_requests
+                        else ()
+                    ),
                 )
             )
         case "embedded":
@@ -119,6 +124,7 @@ def engine_launcher(
                     device="cuda" if use_gpu else "cpu",
                     api_key=api_key,
                     seed=seed,
+                    max_batch_size=rollout.max_running_requests or 64,
                     record_routed_experts=routed_experts,
                     return_routed_experts_by_default=routed_experts,
                     enable_mtp=rollout.enable_mtp,
