@@ -170,4 +170,6 @@ def test_the_fully_async_demo_learns_within_ten_minutes(tmp_path):
         f"fully-async demo: {s['steps']} steps, reward {s['reward_first']:.3f} -> {s['reward_last']:.3f}, {wall:.0f} s"
     )
     assert s["steps"] == 60 and s["reward_last"] - s["reward_first"] >= 0.2 and wall < 600
-    assert max(r["rollout/staleness_max"] for r in _rows(out)) <= 1
+    rows = _rows(out)
+    assert max(r["rollout/staleness_max"] for r in rows) <= 1
+    assert all(r["sync/verified"] == 1.0 and r["async/pause_s"] == 0.0 for r in rows)  # pushed mid-generation
