@@ -142,17 +142,19 @@ async def calculator_agent(client: openai.AsyncOpenAI, sample: openai_agent.Samp
     return r2.choices[0].message.content
 
 
+def _agent_generator(tok, generate, cfg: AgenticConfig) -> SampleGenerator:
+    """A SampleGenerator running the OpenAI-agent hook, as the rollout manager builds it."""
+    hook = "glm_rl.rollout.agentic.openai_agent.generate"
+    return SampleGenerator(
+        RolloutConfig(custom_generate_function_path=hook), tok, generate, seed=0, custom_fn=openai_agent.generate,
+        agentic=cfg,
+    )  # fmt: skip
+
+
 def test_agent_session_is_one_token_exact_sample(engine_url, tok):
     generate, log = logged_generate(engine_url)
     cfg = AgenticConfig(custom_agent_function_path=AGENT, max_turns=4)
-    gen = SampleGenerator(
-        RolloutConfig(custom_generate_function_path="glm_rl.rollout.agentic.openai_agent.generate"),
-        tok,
-        generate,
-        seed=0,
-        custom_fn=openai_agent.generate,
-        agentic=cfg,
-    )
+    gen = _agent_generator(tok, generate, cfg)
     spec = SamplingSpec(temperature=0.0, top_p=1.0, top_k=-1, max_new_tokens=40, routed=True, rid_prefix="s")
     [s] = run(gen.sample(template(tok), spec, step=0))
 
@@ -298,15 +300,7 @@ def test_turns_past_max_turns_answer_length_and_end_the_sample(engine_url, tok):
 
 def test_agent_failure_is_a_hook_error(engine_url, tok):
     generate, _ = logged_generate(engine_url)
-    cfg = AgenticConfig(custom_agent_function_path="test_agentic_session.broken_agent")
-    gen = SampleGenerator(
-        RolloutConfig(custom_generate_function_path="glm_rl.rollout.agentic.openai_agent.generate"),
-        tok,
-        generate,
-        seed=0,
-        custom_fn=openai_agent.generate,
-        agentic=cfg,
-    )
+    gen = _agent_generator(tok, generate, AgenticConfig(custom_agent_function_path="test_agentic_session.broken_agent"))
     spec = SamplingSpec(temperature=0.0, top_p=1.0, top_k=-1, max_new_tokens=8, routed=False, rid_prefix="s")
     with pytest.raises(HookError, match="openai_agent.generate raised on sample s0-0: NotFoundError"):
         run(gen.sample(template(tok), spec, step=0))
