@@ -223,31 +223,18 @@ class RolloutManager:
     def _producer(self) -> AsyncProducer:
         c, spec = self.cfg, dataclasses.replace(self.spec, rid_prefix="a")
 
-        def next_prompt() -> tuple[int, tuple[PromptRow, list[int]]]:
-            while True:
-                [(index, row)] = self.stream.take_indexed(1)
-                ids = prompt_ids(
-                    self.tokenizer, row.prompt, tools=row.tools, apply_chat_template=self.cfg.apply_chat_template
-                )
-                if len(ids) <= c.rollout_max_prompt_len:
-                    return index, (row, ids)
-                self.skipped += 1
-
         def run_group(launch: int, prompt: tuple[PromptRow, list[int]]) -> Awaitable[list[Sample]]:
             return generate_group(
                 self.gen, self.rewarder, *prompt, spec=spec, step=launch, group=0, n=c.n_samples_per_prompt
             )
 
-        def keep(group: list[Sample]) -> bool:
-            return filters.keep_group(self.filter, c.dynamic_sampling_filter_path, c, group)
-
         return AsyncProducer(
             batch_groups=c.rollout_batch_size,
             max_staleness=self.asynchrony.max_weight_staleness,
-            next_prompt=next_prompt,
+            next_prompt=lambda: self._next_indexed_prompts(1)[0],
             give_back=self.stream.give_back,
             run_group=run_group,
-            keep=keep if self.filter is not None else None,
+            keep=self._keep if self.filter is not None else None,
         )
 
     async def evaluate(self, step: int) -> dict[str, float]:
@@ -256,9 +243,6 @@ class RolloutManager:
 
     def _collector(self, step: int) -> Collector:
         c = self.cfg
-
-        def keep(group: list[Sample]) -> bool:
-            return filters.keep_group(self.filter, c.dynamic_sampling_filter_path, c, group)
 
         def run_group(launch: int, prompt: tuple[PromptRow, list[int]]) -> Awaitable[list[Sample]]:
             return generate_group(
@@ -270,21 +254,29 @@ class RolloutManager:
             per_round=c.launch_batch_size,
             next_prompts=self._next_prompts,
             run_group=run_group,
-            keep=keep if self.filter is not None else None,
+            keep=self._keep if self.filter is not None else None,
         )
 
+    def _keep(self, group: list[Sample]) -> bool:
+        """The dynamic-sampling filter's verdict on a finished group."""
+        return filters.keep_group(self.filter, self.cfg.dynamic_sampling_filter_path, self.cfg, group)
+
     def _next_prompts(self, k: int) -> list[tuple[PromptRow, list[int]]]:
-        """`k` prompts that fit --rollout-max-prompt-len, with their ids; longer ones are skipped and counted."""
+        return [prompt for _, prompt in self._next_indexed_prompts(k)]
+
+    def _next_indexed_prompts(self, k: int) -> list[tuple[int, tuple[PromptRow, list[int]]]]:
+        """`k` prompts that fit --rollout-max-prompt-len, with their row indices and ids; longer ones are skipped
+        and counted."""
         kept = []
         while len(kept) < k:
-            for row in self.stream.take(k - len(kept)):
+            for index, row in self.stream.take_indexed(k - len(kept)):
                 ids = prompt_ids(
                     self.tokenizer, row.prompt, tools=row.tools, apply_chat_template=self.cfg.apply_chat_template
                 )
                 if len(ids) > self.cfg.rollout_max_prompt_len:
                     self.skipped += 1
                 else:
-                    kept.append((row, ids))
+                    kept.append((index, (row, ids)))
         return kept
 
     async def _abort_surplus(self, tasks: list[asyncio.Task], rounds: int = 20, wait_s: float = 0.5) -> None:
