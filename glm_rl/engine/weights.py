@@ -44,8 +44,7 @@ class EngineWeights:
         self.lock = lock  # the engine's model lock: held by every batch and every load
         self._version = 0  # of the weights in the model
         self._stage_lock = threading.Lock()
-        self._staged: dict[str, torch.Tensor] = {}  # name -> tensor waiting for the next batch
-        self._staged_flat: torch.Tensor | None = None  # a whole flat buffer waiting (the one-copy path)
+        self._staged: dict[str, torch.Tensor] = {}  # name -> tensor waiting for the next batch (later wins)
         self._staged_version: int | None = None
         self.flat = flatten_module_(model)
         self.state = model.state_dict()  # detached views sharing the parameters' storage
@@ -72,12 +71,10 @@ class EngineWeights:
         with self._stage_lock:
             if self._staged_version is None:
                 return
-            if self._staged_flat is not None:
-                self.flat[0].copy_(self._staged_flat)
             for name, tensor in self._staged.items():
                 self.state[name].copy_(tensor)
             self._version, self._staged_version = self._staged_version, None
-            self._staged, self._staged_flat = {}, None
+            self._staged = {}
 
     def _write(self, write, stage, weight_version: int | None) -> tuple[int, bool]:
         """Run `write()` into the model now if no batch holds it, else `stage()` aside; (version, staged?)."""
@@ -118,9 +115,6 @@ class EngineWeights:
                 self.state[name].copy_(tensor)
 
         def stage() -> None:  # copies: the sender's buffers (a P2P region, shared memory) may change after this
-            if self._staged_flat is not None:  # keep one staged form: fold the flat buffer into named tensors
-                self._staged.update({n: t.clone() for n, t in views(self._staged_flat, self.flat[1])})
-                self._staged_flat = None
             self._staged.update({name: tensor.clone() for name, tensor in named})
 
         version, staged = self._write(write, stage, weight_version)
@@ -131,11 +125,9 @@ class EngineWeights:
         """A whole model in one buffer: when its layout is the engine's own, one copy; else view by view."""
         own, own_entries = self.flat
         if entries == own_entries and flat.numel() == own.numel():
-            replaced = {e.name for e in own_entries}
 
-            def stage() -> None:  # a whole model replaces whatever main-model tensors were staged before
-                self._staged = {n: t for n, t in self._staged.items() if n not in replaced}
-                self._staged_flat = flat.clone()
+            def stage() -> None:  # one copy of the buffer, staged as views of it
+                self._staged.update(views(flat.clone(), own_entries))
 
             version, staged = self._write(lambda: own.copy_(flat), stage, weight_version)
             what = "staged (swapped in before the next batch)" if staged else "loaded"
@@ -152,13 +144,9 @@ class EngineWeights:
         if unknown:
             raise WeightError(f"unknown weight name(s) {unknown}")
         with self._stage_lock:  # staged tensors are what the next batch uses
-            if self._staged_flat is not None:
-                staged = dict(views(self._staged_flat, self.flat[1])) | self._staged
-            else:
-                staged = self._staged
             return {
                 "weight_version": self.version,
-                "checksums": {n: tensor_checksum(staged.get(n, self.state[n]), algo) for n in names},
+                "checksums": {n: tensor_checksum(self._staged.get(n, self.state[n]), algo) for n in names},
             }
 
     # -- weights-update groups (update_weights_from_distributed) -----------------------------------------------
