@@ -22,7 +22,6 @@ gets an empty answer with finish_reason "length" (the agent stops; the sample en
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import time
@@ -238,18 +237,8 @@ class Session:
         finish = self.turns[-1].finish_reason if self.stopped is None else "length"
         stopped = self.stopped or ("answer" if finish == "stop" else finish)
         stats = {"turns": len(self.turns), "tool_calls": self.tool_calls, "stopped": stopped, "session": self.id}
-        return dataclasses.replace(  # the fields tool_loop's samples set, from the same Trajectory
-            template,
-            prompt_ids=list(self.traj.prompt_ids),
-            response_ids=self.traj.response_ids,
-            rollout_logprobs=self.traj.logprobs,
-            loss_mask=self.traj.loss_mask,
-            finish_reason=finish,
-            weight_version=min(t.weight_version for t in self.turns),
-            routed_experts=self.traj.routed_experts(),
-            response_text=self.last.content,
-            metadata={**(template.metadata or {}), "episode": stats},
-        )
+        version = min(t.weight_version for t in self.turns)
+        return self.traj.to_sample(template, finish, version, self.last.content, stats)
 
 
 def _strip_stop(tokenizer, ids: list[int], finish: str) -> list[int]:

@@ -76,6 +76,22 @@ class Trajectory:
     def routed_experts(self) -> np.ndarray | None:
         return np.concatenate(self.routing) if self.routing else None
 
+    def to_sample(self, template: Sample, finish: str, version: int, response_text: str, stats: dict) -> Sample:
+        """The multi-turn Sample: prompt = the episode's prompt, response = every turn and observation after it,
+        `stats` in `metadata["episode"]` (the tool loop's and the session server's samples alike)."""
+        return dataclasses.replace(
+            template,
+            prompt_ids=list(self.prompt_ids),
+            response_ids=self.response_ids,
+            rollout_logprobs=self.logprobs,
+            loss_mask=self.loss_mask,
+            finish_reason=finish,
+            weight_version=version,
+            routed_experts=self.routed_experts(),
+            response_text=response_text,
+            metadata={**(template.metadata or {}), "episode": stats},
+        )
+
 
 def tools_for(cfg: AgenticConfig, registry_cache: dict[str, dict[str, Tool]] | None = None) -> dict[str, Tool]:
     """The run's registry (`--tools-path`, default: the built-ins), loaded once per path when given a cache."""
@@ -163,22 +179,7 @@ async def run_episode(
             finish, stats["stopped"] = "length", "context"
             break
         traj.add_observation(obs)
-    return _to_sample(sample, traj, finish, min(versions, default=0), parsed, stats)
-
-
-def _to_sample(sample: Sample, traj: Trajectory, finish: str, version: int, last: ParsedTurn, stats: dict) -> Sample:
-    metadata = {**(sample.metadata or {}), "episode": stats}
-    return dataclasses.replace(
-        sample,
-        response_ids=traj.response_ids,
-        rollout_logprobs=traj.logprobs,
-        loss_mask=traj.loss_mask,
-        finish_reason=finish,
-        weight_version=version,
-        routed_experts=traj.routed_experts(),
-        response_text=last.content,
-        metadata=metadata,
-    )
+    return traj.to_sample(sample, finish, min(versions, default=0), parsed.content, stats)
 
 
 def tool_schemas(cfg: AgenticConfig) -> list[dict]:
