@@ -98,8 +98,8 @@ class RolloutConfig:
     rollout_num_gpus_per_engine: int = opt(1, "GPUs per SGLang engine (its --tp-size)")
     max_running_requests: int | None = opt(
         None,
-        "most sequences an engine decodes at once (SGLang's --max-running-requests; None: SGLang sizes it from "
-        "memory, the embedded engine takes 64)",
+        "most sequences an engine decodes at once (SGLang's --max-running-requests; None: sized from free GPU "
+        "memory (SGLang and the embedded engine), 64 on CPU)",
     )
     sglang_args: tuple[tuple[str, str | None], ...] = field(
         default=(),

@@ -26,7 +26,7 @@ def parse_config(argv: list[str] | None = None) -> EngineConfig:
     p.add_argument("--api-key", default=None)
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-batch-size", type=int, default=None, help="default: 64 on CPU, sized from free GPU memory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--enable-mtp", action="store_true", help="MTP speculative decoding")
     p.add_argument("--speculative-num-steps", type=int, default=1)

@@ -21,7 +21,10 @@ class EngineConfig:
     api_key: str | None = None  # when set, requests (but /health*) need `Authorization: Bearer <key>`
     dtype: str = "float32"
     device: str = "cpu"  # "cuda" / "cuda:N": the model and its KV cache live there
-    max_batch_size: int = 64  # rows per scheduler batch, and the largest batch /generate accepts
+    # rows per scheduler batch, and the largest batch /generate accepts; None: 64 on CPU, on a GPU as many rows as
+    # `kv_memory_fraction` of the free memory holds at start (`engine.batch_rows_for_memory`)
+    max_batch_size: int | None = None
+    kv_memory_fraction: float = 0.3  # colocated engines share the GPU with a trainer: SGLang's 0.88 would not fit
     max_total_len: int | None = None  # prompt + max_new_tokens limit; None: the model's max_position_embeddings
     seed: int = 0
     max_request_bytes: int = 64 << 20  # larger bodies get 413
@@ -48,7 +51,31 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise ValueError(f"EngineConfig.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        if self.max_batch_size < 1:
+        if not 0 < self.kv_memory_fraction <= 1:
+            raise ValueError(f"EngineConfig.kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+        if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError(f"EngineConfig.max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.speculative_num_steps < 1:
             raise ValueError(f"EngineConfig.speculative_num_steps must be >= 1, got {self.speculative_num_steps}")
+
+
+CPU_BATCH_ROWS = 64  # the embedded engine's batch on CPU, where rows cost compute, not memory
+MAX_BATCH_ROWS = 1024  # past this a decode step is compute-bound on an H100 for the models this engine serves
+ROW_SLOTS_ESTIMATE = 4096  # KV slots a row is budgeted (capped by the model's context) when sizing the batch
+
+
+def batch_rows_for_memory(
+    free_bytes: int, model_config, dtype: torch.dtype, fraction: float, *, mtp: bool = False
+) -> int:
+    """Rows of a GPU decode batch: as many as `fraction` of `free_bytes` holds in KV cache (K and V of every layer,
+    with `mtp` the MTP layer's too, `ROW_SLOTS_ESTIMATE` slots each), a multiple of 8 in [8, MAX_BATCH_ROWS].
+
+    Why from memory: RL sends a whole rollout (hundreds of sequences) at once; a fixed small batch decodes it in
+    waves at a fraction of the GPU's throughput (SGLang sizes --max-running-requests the same way)."""
+    c = model_config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    layers = c.num_hidden_layers + (getattr(c, "num_nextn_predict_layers", 0) if mtp else 0)
+    slots = min(ROW_SLOTS_ESTIMATE, c.max_position_embeddings)
+    row_bytes = 2 * layers * c.num_key_value_heads * head_dim * dtype.itemsize * slots
+    rows = int(fraction * free_bytes) // row_bytes
+    return max(8, min(MAX_BATCH_ROWS, rows // 8 * 8))

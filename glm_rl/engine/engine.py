@@ -40,6 +40,7 @@ by `EngineWeights.load`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import deque
@@ -50,7 +51,7 @@ import torch
 
 from glm_rl.engine import routed_experts
 from glm_rl.engine.batch import GenerationRequest, Row, SpecRow, accumulate_stats
-from glm_rl.engine.config import DTYPES, EngineConfig
+from glm_rl.engine.config import CPU_BATCH_ROWS, DTYPES, EngineConfig, batch_rows_for_memory
 from glm_rl.engine.decode import run_batch
 from glm_rl.engine.decode.static import StaticDecoder
 from glm_rl.engine.http_server import HttpServer
@@ -89,6 +90,14 @@ class EmbeddedEngine:
         self.model, self.tokenizer = load_hf_model(self.config.hf_checkpoint, DTYPES[self.config.dtype])
         self.model.to(self.config.device)
         cfg = self.model.config
+        if self.config.max_batch_size is None:
+            rows = CPU_BATCH_ROWS
+            if self.config.device != "cpu":
+                free, _ = torch.cuda.mem_get_info(torch.device(self.config.device))
+                rows = batch_rows_for_memory(
+                    free, cfg, self.model.dtype, self.config.kv_memory_fraction, mtp=self.config.enable_mtp
+                )
+            self.config = dataclasses.replace(self.config, max_batch_size=rows)
         self.vocab_size = cfg.vocab_size
         self.max_total_len = self.config.max_total_len or cfg.max_position_embeddings
         self.gates = [

@@ -124,7 +124,7 @@ def engine_launcher(
                     device="cuda" if use_gpu else "cpu",
                     api_key=api_key,
                     seed=seed,
-                    max_batch_size=rollout.max_running_requests or 64,
+                    max_batch_size=rollout.max_running_requests,
                     record_routed_experts=routed_experts,
                     return_routed_experts_by_default=routed_experts,
                     enable_mtp=rollout.enable_mtp,
