@@ -17,6 +17,7 @@ from pathlib import Path
 
 import ray
 
+from glm_rl.colocation import Colocation
 from glm_rl.config import RunConfig
 from glm_rl.ray.placement import Placement, create_placement, init_ray
 from glm_rl.rollout.debug_data import load_rollout
@@ -47,6 +48,10 @@ class ReplayRuntime:
             )
             undo.pop_all()
         return cls(cfg, placement, trainers)
+
+    @property
+    def colocation(self) -> Colocation:
+        return Colocation.off(self.trainers)  # no engines: nothing takes turns
 
     def ensure_engines(self) -> dict:
         return {}

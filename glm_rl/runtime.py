@@ -27,6 +27,7 @@ from pathlib import Path
 import ray
 
 from glm_rl.checkpoint import CheckpointDir, CheckpointError, find_checkpoint
+from glm_rl.colocation import Colocation
 from glm_rl.config import RunConfig, engines_return_routed_experts
 from glm_rl.ray.addresses import node_ip
 from glm_rl.ray.engines import EngineLauncher, engine_launcher
@@ -56,10 +57,14 @@ class Runtime:
     weight_version: int = 0
     share: float = 1.0  # of a placement bundle, per actor
     recovery: EngineRecovery = field(init=False)
+    colocation: Colocation = field(init=False)  # who holds each shared GPU in a phase (colocation.py)
     _step_faults: tuple[int, int] = (0, 0)  # (restarted, redone) when the step began
 
     def __post_init__(self) -> None:
         self.recovery = EngineRecovery(self)
+        self.colocation = Colocation.of(
+            self.cfg, self.trainers, self.engine_urls, self.api_key, use_gpu=self.placement.use_gpu
+        )
 
     @classmethod
     def start(cls, cfg: RunConfig) -> Runtime:

@@ -63,7 +63,9 @@ def run_step(cfg: RunConfig, rt: Runtime | ReplayRuntime, step: int, rollouts: S
     rollouts = rollouts or SyncRollouts(rt)
     t0 = time.time()
     health = rt.ensure_engines()  # restart dead engines, give them weights
+    memory = rt.colocation.to_rollout()  # --colocate on GPUs: the trainer lets go of the GPU (colocation.py)
     samples, metrics = rollouts.get(step)  # engines, through the router (ahead of the step when async)
+    metrics |= memory | rt.colocation.to_train()  # the engines let go, the trainer comes back
     if cfg.asynchrony.mode != "sync":
         metrics |= staleness_metrics(samples, rt.weight_version)
         if cfg.asynchrony.mask_offpolicy_in_partial_rollout:
@@ -77,6 +79,7 @@ def run_step(cfg: RunConfig, rt: Runtime | ReplayRuntime, step: int, rollouts: S
     t2 = time.time()
     metrics |= steps.train(samples, cfg.train, rt.trainers)  # one optimizer step per global batch
     t3 = time.time()
+    metrics |= rt.colocation.to_sync()  # the engines' weight memory back, for the push to fill
     metrics |= rollouts.sync(version=step + 1)  # trainer → engines, verified (async: pausing / waiting as needed)
     t4 = time.time()
     metrics = (

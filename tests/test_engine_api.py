@@ -44,9 +44,16 @@ def test_info_endpoints(client):
     assert client.get_load() == [{"dp_rank": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0}]
     assert client.flush_cache() == "Cache flushed."
     client.release_memory_occupation()
-    assert client.server_info()["memory_released"] is True
+    assert client.server_info()["memory_released"] == ["kv_cache", "weights"]
+    assert client.get("/health_generate") is not None  # answered, not generated: no weights to generate with
+    client.resume_memory_occupation(["weights"])  # SGLang's tags, one at a time
+    assert client.server_info()["memory_released"] == ["kv_cache"]
     client.resume_memory_occupation()
-    assert client.server_info()["memory_released"] is False
+    assert client.server_info()["memory_released"] == []
+    with pytest.raises(EngineError, match="tags"):
+        client.release_memory_occupation(["optimizer"])
+    with pytest.raises(EngineError, match="tags"):
+        client.post("/release_memory_occupation", {"tags": "weights"})
 
 
 def _generate_in_thread(client, body):

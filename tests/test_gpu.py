@@ -353,3 +353,83 @@ def test_colocated_rl_loop_saves_and_resumes_on_cuda(tmp_path):
     resumed = run("--num-rollout", "12", "--load", str(tmp_path / "ck"))
     assert [r["step"] for r in resumed][-2:] == [11, 12]  # continues the run
     assert all(r["sync/verified"] == 1.0 for r in resumed[-2:])
+    for r in resumed:  # colocation.py: each side lets go of the GPU while the other works
+        assert r["memory/trainer_idle_gib"] < r["memory/trainer_active_gib"], r
+        assert r["memory/engine_idle_gib"] < r["memory/engine_active_gib"], r
+    rewards = [r["rollout/reward_mean"] for r in resumed]
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:3]) / 3, rewards  # the loop learns
+
+
+def test_engine_release_resume_update_answers_like_a_fresh_engine():
+    """Issue 20 item 2, engine side: release (weights + KV cache + graphs) frees what the engine held (<= 10 % of
+    its reserved memory stays: memory_reserved is per process, so one engine, weights kept on the host); after
+    resume + a weight update, greedy outputs equal the fresh engine's token for token (graphs captured again)."""
+    pytest.importorskip("aiohttp")
+    from glm_rl.engine import EmbeddedEngine, EngineConfig
+    from glm_rl.rollout.engine_client import EngineClient
+
+    cfg = EngineConfig(hf_checkpoint=str(TINY_CHECKPOINT), device="cuda", dtype="bfloat16", max_batch_size=64)
+    engine = EmbeddedEngine(cfg)
+    client = EngineClient(engine.start(), timeout=120)
+    _, tok = load_hf_model(TINY_CHECKPOINT, dtype=torch.float32)
+    prompts = [chat_prompt_ids(tok, f"{i}+{2 * i}") for i in range(40)]
+    greedy = {"temperature": 0.0, "max_new_tokens": 16}
+    try:
+        fresh = [o["output_ids"] for o in client.generate(input_ids=prompts, sampling_params=greedy)]
+        weights = [(k, v.detach().cpu().clone()) for k, v in engine.weights.state.items()]
+        active = client.get("/server_info")["memory_reserved_gib"]
+        client.release_memory_occupation()
+        idle = client.get("/server_info")["memory_reserved_gib"]
+        print(f"\nengine memory: active {active:.4f} GiB, released {idle:.4f} GiB")
+        assert idle <= 0.1 * active, (idle, active)
+        assert client.get("/health_generate") is not None  # answered without generating
+        client.resume_memory_occupation(["weights"])
+        engine.weights.load(weights, weight_version=1)
+        client.resume_memory_occupation(["kv_cache"])
+        assert [o["output_ids"] for o in client.generate(input_ids=prompts, sampling_params=greedy)] == fresh
+    finally:
+        engine.shutdown()
+
+
+def test_trainer_offload_frees_memory_and_onload_restores_it_bitwise():
+    """Issue 20 item 2, trainer side: offload moves weights (the flat buffer) and AdamW state to the host and
+    frees the GPU; onload restores them bitwise and the next step equals a twin's that never offloaded."""
+    from test_trainer_backend import global_tokens, make_samples
+
+    from glm_rl.trainer.backends.torch_backend import TorchBackend
+
+    samples = make_samples(8)
+
+    def mk():
+        return TorchBackend(ModelConfig(dtype="bfloat16"), TrainConfig(), AlgoConfig(), temperature=1.0, device="cuda")
+
+    torch.manual_seed(0)
+    a = mk()
+    torch.manual_seed(0)
+    b = mk()
+    for be in (a, b):
+        be.flatten_weights()
+        be.train_step(samples, global_tokens(samples))
+    torch.cuda.synchronize()
+    state = {k: v.clone() for k, v in a.model.state_dict().items()}
+    active = torch.cuda.memory_reserved()
+    moved = a.offload()
+    assert moved > 0 and a.offloaded
+    a.onload()
+    assert all(torch.equal(state[k], v) for k, v in a.model.state_dict().items())
+    ma, mb = a.train_step(samples, global_tokens(samples)), b.train_step(samples, global_tokens(samples))
+    assert ma["train/grad_norm"] == mb["train/grad_norm"]
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    print(f"\ntrainer: moved {moved:.3f} GiB, reserved by both backends {active / 2**30:.3f} GiB")
+
+
+def test_routed_experts_encode_from_cuda_tensors():
+    """Regression (H100, 2026-12-07): the engine's routed experts are CUDA tensors on a GPU; both wire forms
+    encoded them with .numpy() and every R3 request failed with a 500."""
+    from glm_rl.engine import routed_experts as rx
+
+    ids = torch.randint(0, 64, (5, 3, 8), device="cuda")
+    layout = rx.RoutingLayout(num_layers=4, moe_layers=(1, 2, 3), top_k=8)
+    assert (rx.decode(rx.encode(ids)) == ids.cpu().numpy()).all()
+    assert (rx.decode(rx.encode_sglang(ids, layout), layout) == ids.cpu().numpy()).all()

@@ -49,6 +49,12 @@ class RunConfig:
     ref_load: str | None = opt(None, "checkpoint directory of the reference model (default: the HF checkpoint)")
     save_interval: int | None = opt(None, "save every N steps (and at the end); None = only at the end")
     colocate: bool = opt(False, "trainer ranks and engines share placement bundles")
+    offload_train: bool | None = opt(
+        None, "colocated: trainer ranks free their GPU memory during rollout (default: on with --colocate on GPUs)"
+    )
+    offload_rollout: bool | None = opt(
+        None, "colocated: engines free their GPU memory during training (default: on with --colocate on GPUs)"
+    )
     ray_address: str | None = opt(None, "join this Ray cluster instead of starting a local one")
     placement_strategy: Literal["PACK", "SPREAD"] = opt(
         "PACK",
@@ -149,6 +155,8 @@ class RunConfig:
     def _check_rollout(self) -> list[str]:
         """Placement of the weight sync, sample length vs the token budget, SGLang's pass-through flags."""
         r, errors = self.rollout, []
+        if (self.offload_train or self.offload_rollout) and not self.colocate:
+            errors.append("--offload-train / --offload-rollout need --colocate (they free memory for the other side)")
         if self.sync.update_weight_transfer_mode == "tensor" and not self.colocate:
             errors.append("--update-weight-transfer-mode tensor needs --colocate (engines share the trainer's host)")
         if self.train.max_tokens_per_gpu < r.rollout_max_prompt_len + r.rollout_max_response_len:

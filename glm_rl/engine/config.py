@@ -22,7 +22,7 @@ class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"  # "cuda" / "cuda:N": the model and its KV cache live there
     # rows per scheduler batch, and the largest batch /generate accepts; None: 64 on CPU, on a GPU as many rows as
-    # `kv_memory_fraction` of the free memory holds at start (`engine.batch_rows_for_memory`)
+    # `kv_memory_fraction` of the free memory holds at start (`batch_rows_for_memory` below)
     max_batch_size: int | None = None
     kv_memory_fraction: float = 0.3  # colocated engines share the GPU with a trainer: SGLang's 0.88 would not fit
     max_total_len: int | None = None  # prompt + max_new_tokens limit; None: the model's max_position_embeddings

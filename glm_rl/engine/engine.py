@@ -31,8 +31,9 @@ MTP speculative decoding (`EngineConfig.enable_mtp`, `decode/speculative.py`): a
 (target-model logprobs, routed experts of kept positions) and add SGLang's `spec_verify_ct` /
 `spec_accept_length` counters; /server_info reports the running `avg_spec_accept_length`.
 
-Memory occupation (`release_memory_occupation` / `resume_memory_occupation`): on CPU nothing is freed; the state
-is only recorded (`server_info()["memory_released"]`) so colocated drivers can run unchanged.
+Memory occupation (`release_memory_occupation` / `resume_memory_occupation`, tags "weights" / "kv_cache"): on a
+GPU the KV cache, the captured graphs and the weights are freed (`set_memory_released`); on CPU nothing is freed
+and the state is only recorded (`server_info()["memory_released"]`), so colocated drivers run unchanged.
 
 FP8: an FP8 checkpoint is dequantized on load (`models/glm45/checkpoint.py`); FP8 weight updates are dequantized
 by `EngineWeights.load`.
@@ -56,8 +57,11 @@ from glm_rl.engine.decode import run_batch
 from glm_rl.engine.decode.static import StaticDecoder
 from glm_rl.engine.http_server import HttpServer
 from glm_rl.engine.weights import EngineWeights
+from glm_rl.memory import device_memory
 from glm_rl.models.glm45.checkpoint import load_hf_model, load_mtp
 from glm_rl.weights.wire import FORMAT as WIRE_FORMAT
+
+MEMORY_TAGS = ("weights", "kv_cache")  # SGLang's memory-saver tags
 
 
 class EmbeddedEngine:
@@ -71,7 +75,7 @@ class EmbeddedEngine:
         self._running, self._running_tokens = 0, 0
         self._paused = self._abort_running = self._stopping = False
         self._abort_rids: frozenset[str] = frozenset()  # /abort_request of running rows (this batch)
-        self._memory_released = False
+        self._memory_released: set[str] = set()  # MEMORY_TAGS released now
         self._auto_seed = 0
         self.weights: EngineWeights | None = None  # made by start(), with the model
         self.stats = {"requests_total": 0, "batches_total": 0, "max_batch_rows": 0, "tokens_generated": 0}
@@ -200,6 +204,8 @@ class EmbeddedEngine:
             fut.set_exception(RuntimeError("engine shut down"))
 
     def _run_batch(self, requests: list[GenerationRequest]) -> list[Row]:
+        if "weights" in self._memory_released and self.config.device != "cpu":
+            raise RuntimeError("the engine's weights are released: resume_memory_occupation and update them first")
         return run_batch(
             self.model,
             requests,
@@ -284,10 +290,29 @@ class EmbeddedEngine:
                 {"dp_rank": 0, "num_reqs": self._running + waiting, "num_waiting_reqs": waiting, "num_tokens": tokens}
             ]
 
-    def set_memory_released(self, released: bool) -> dict[str, Any]:
-        self._memory_released = released
+    def set_memory_released(self, released: bool, tags: list[str] | None = None) -> dict[str, Any]:
+        """SGLang's release / resume_memory_occupation, by tag (`MEMORY_TAGS`; none: both). On a GPU, releasing
+        "kv_cache" frees the KV cache and the captured graphs (captured again by the next batches); releasing
+        "weights" frees them without a copy, so resumed weights are undefined until the next weight update (SGLang's
+        memory saver without --enable-weights-cpu-backup). On CPU the state is only recorded."""
+        unknown = sorted(set(tags or ()) - set(MEMORY_TAGS))
+        if unknown:
+            raise ValueError(f"tags: unknown {unknown}; valid: {list(MEMORY_TAGS)}")
+        chosen = set(tags or MEMORY_TAGS)
+        with self._model_lock:
+            if self.config.device != "cpu":
+                if released:
+                    if self.decoder is not None:
+                        self.decoder.release()  # the graphs captured the weights' addresses too
+                    if "weights" in chosen:
+                        self.weights.release_memory()
+                    torch.cuda.empty_cache()
+                elif "weights" in chosen:
+                    self.weights.resume_memory()
+            self._memory_released = self._memory_released | chosen if released else self._memory_released - chosen
         state = "released" if released else "resumed"
-        return {"success": True, "message": f"memory occupation {state} (recorded only: CPU engine)"}
+        where = "" if self.config.device != "cpu" else " (recorded only: CPU engine)"
+        return {"success": True, "message": f"memory occupation {state}: {sorted(chosen)}{where}"}
 
     def server_info(self) -> dict[str, Any]:
         with self._cond:
@@ -309,7 +334,8 @@ class EmbeddedEngine:
             "num_moe_layers": len(self.gates),
             "top_k": self.model.config.num_experts_per_tok,
             "paused": paused,
-            "memory_released": self._memory_released,
+            "memory_released": sorted(self._memory_released),
+            "memory_reserved_gib": device_memory()["reserved_gib"] if self.config.device != "cpu" else 0.0,
             "weight_groups": self.weights.group_names(),
             "stats": stats,
             "load": self.load(),

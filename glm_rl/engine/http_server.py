@@ -66,7 +66,15 @@ class ServedEngine(Protocol):
     def pause(self, mode: str = "abort") -> dict[str, Any]: ...
     def abort_request(self, rid: str = "", abort_all: bool = False) -> dict[str, Any]: ...
     def resume(self) -> dict[str, Any]: ...
-    def set_memory_released(self, released: bool) -> dict[str, Any]: ...
+    def set_memory_released(self, released: bool, tags: list[str] | None = None) -> dict[str, Any]: ...
+
+
+def _tags(body: dict) -> list[str] | None:
+    """SGLang's optional memory-occupation `tags`: a list of strings (the engine checks the names)."""
+    tags = body.get("tags")
+    if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+        raise BadRequest(f"tags: expected a list of strings, got {tags!r}")
+    return tags
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -138,8 +146,8 @@ def _post_routes(engine: ServedEngine) -> dict[str, Callable[[dict], Any]]:
         "/pause_generation": lambda b: engine.pause(b.get("mode") or "abort"),
         "/continue_generation": lambda b: engine.resume(),
         "/abort_request": lambda b: engine.abort_request(b.get("rid") or "", bool(b.get("abort_all"))),
-        "/release_memory_occupation": lambda b: engine.set_memory_released(True),
-        "/resume_memory_occupation": lambda b: engine.set_memory_released(False),
+        "/release_memory_occupation": lambda b: engine.set_memory_released(True, _tags(b)),
+        "/resume_memory_occupation": lambda b: engine.set_memory_released(False, _tags(b)),
     }
 
 
@@ -160,8 +168,11 @@ def _generate_handler(engine: ServedEngine):
 
 def _health_generate_handler(engine: ServedEngine):
     async def health_generate(request: web.Request) -> web.Response:
-        if engine.server_info()["paused"]:
+        info = engine.server_info()
+        if info["paused"]:
             return web.Response(text="paused")
+        if "weights" in info["memory_released"]:  # colocated training phase: nothing to generate with
+            return web.Response(text="memory released")
         probe = GenerationRequest(
             rid=f"HEALTH_CHECK_{uuid.uuid4().hex}",
             input_ids=(0,),

@@ -40,7 +40,7 @@ class RoutingLayout:
 def encode(ids: torch.Tensor) -> dict[str, Any]:
     """The embedded engine's form of (positions, MoE layers, top_k) expert ids: the meta_info entries."""
     dtype = torch.uint8 if ids.numel() == 0 or int(ids.max()) < 256 else torch.int16
-    raw = ids.to(dtype).contiguous().numpy().tobytes()
+    raw = ids.to(device="cpu", dtype=dtype).contiguous().numpy().tobytes()
     return {
         "routed_experts": base64.b64encode(raw).decode("ascii"),
         FORMAT_KEY: {"dtype": str(dtype).removeprefix("torch."), "shape": list(ids.shape)},
@@ -51,7 +51,7 @@ def encode_sglang(ids: torch.Tensor, layout: RoutingLayout) -> dict[str, Any]:
     """SGLang's form of the same ids: int32 over every decoder layer (dense layers' slots 0)."""
     rows = torch.zeros(ids.shape[0], layout.num_layers, layout.top_k, dtype=torch.int32)
     if ids.numel():
-        rows[:, list(layout.moe_layers)] = ids.to(torch.int32)
+        rows[:, list(layout.moe_layers)] = ids.to(device="cpu", dtype=torch.int32)
     return {"routed_experts": base64.b64encode(rows.numpy().tobytes()).decode("ascii")}
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from glm_rl.engine.p2p_receiver import P2PReceiver
+from glm_rl.memory import HostOffload
 from glm_rl.models.fp8 import Fp8Error, dequantize_named, gloo_view
 from glm_rl.models.glm45.hf_names import mtp_named_tensors
 from glm_rl.weights.flat import FlatEntry, flatten_module_, views
@@ -53,6 +54,19 @@ class EngineWeights:
         self._joining: set[str] = set()  # group names whose join is in progress
         self._join_lock = threading.Lock()
         self._p2p: P2PReceiver | None = None
+        self._released: HostOffload | None = None  # the weight buffer while its memory is released
+
+    def release_memory(self) -> None:
+        """Free the main model's weight buffer without a copy (colocated training phase): `resume_memory` gives it
+        its size back with undefined contents, which the next weight update overwrites whole."""
+        if self._released is None:
+            self._released = HostOffload([self.flat[0]], keep_contents=False)
+            self._released.release()
+
+    def resume_memory(self) -> None:
+        if self._released is not None:
+            self._released.restore()
+            self._released = None
 
     def add_mtp(self, mtp: torch.nn.Module, num_hidden_layers: int) -> None:
         """Expose the MTP layer's tensors under the checkpoint's names (`model.layers.{num_hidden_layers}.*`)."""

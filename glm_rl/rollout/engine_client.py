@@ -189,11 +189,11 @@ class EngineClient:
     def flush_cache(self) -> Any:
         return self.post("/flush_cache")
 
-    def release_memory_occupation(self) -> Any:
-        return self.post("/release_memory_occupation")
+    def release_memory_occupation(self, tags: list[str] | None = None) -> Any:
+        return self.post("/release_memory_occupation", {} if tags is None else {"tags": tags})
 
-    def resume_memory_occupation(self) -> Any:
-        return self.post("/resume_memory_occupation")
+    def resume_memory_occupation(self, tags: list[str] | None = None) -> Any:
+        return self.post("/resume_memory_occupation", {} if tags is None else {"tags": tags})
 
     def update_weights_from_tensor(
         self,

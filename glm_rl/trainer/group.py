@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from glm_rl.checkpoint import CheckpointError
 from glm_rl.config import AlgoConfig, LoraConfig, MegatronConfig, ModelConfig, RunConfig, SyncConfig, TrainConfig
+from glm_rl.memory import device_memory
 from glm_rl.ray.addresses import bind_gloo_to, free_port, host_for_url, node_ip
 from glm_rl.ray.placement import Placement
 from glm_rl.rollout.samples import Sample
@@ -126,6 +127,15 @@ class TrainerActor:
     def load(self, path: str) -> None:
         self.backend.load(Path(path) / f"rank{self.rank}")
 
+    def offload(self) -> dict[str, float]:
+        """Free this rank's device memory; GiB moved and reserved before / after (colocation metrics)."""
+        before = device_memory()["reserved_gib"]
+        moved = self.backend.offload()
+        return {"moved_gib": moved, "active_reserved_gib": before, "reserved_gib": device_memory()["reserved_gib"]}
+
+    def onload(self) -> None:
+        self.backend.onload()
+
     def rng_state(self) -> bytes:
         return torch.get_rng_state().numpy().tobytes()
 
@@ -142,7 +152,14 @@ class TrainerActor:
         self.sync.prepare()
 
     def push_weights(self, version: int) -> dict:
-        return self.sync.push(self.backend.named_tensors(), version, self.sync_cfg.check_weight_update_equal)
+        offloaded = self.backend.offloaded
+        if offloaded:  # an engine restored mid-rollout needs the weights this rank has offloaded
+            self.backend.onload()
+        try:
+            return self.sync.push(self.backend.named_tensors(), version, self.sync_cfg.check_weight_update_equal)
+        finally:
+            if offloaded:
+                self.backend.offload()
 
     def export_weights(self) -> None:
         """Take part in a collective weight export without sending (megatron: TP/EP gathers need every rank)."""
@@ -228,6 +245,19 @@ class TrainerGroup:
 
     def load(self, path: Path) -> None:
         self._get([a.load.remote(str(path)) for a in self.actors], self.ranks)
+
+    def offload(self) -> dict[str, float]:
+        """Every rank frees its device memory (colocation.py): GiB moved (summed), reserved before / after (the
+        largest rank)."""
+        rows = self._get([a.offload.remote() for a in self.actors], self.ranks)
+        return {
+            "memory/trainer_offloaded_gib": sum(r["moved_gib"] for r in rows),
+            "memory/trainer_active_gib": max(r["active_reserved_gib"] for r in rows),
+            "memory/trainer_idle_gib": max(r["reserved_gib"] for r in rows),
+        }
+
+    def onload(self) -> None:
+        self._get([a.onload.remote() for a in self.actors], self.ranks)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         ray.get([a.shutdown.remote() for a in self.actors], timeout=timeout_s)

@@ -42,6 +42,11 @@ class StepGraphs:
         """Drop every graph (their buffers point into a cache that is being replaced)."""
         self.captured.clear()
 
+    def release_pool(self) -> None:
+        """Drop the graphs' shared memory pool too (colocated engines free it for the trainer)."""
+        self.captured.clear()
+        self._pool = None
+
     def run(
         self, key: tuple, eager: Callable, step: Callable, inputs: dict[str, torch.Tensor], span: int, warm_pos: int
     ):

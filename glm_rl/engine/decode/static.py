@@ -88,6 +88,12 @@ class StaticDecoder:
         """Move cache rows `keep` to rows 0..len(keep)-1 (their first `span` slots: the rest is unread)."""
         self.cached.compact(keep, span)
 
+    def release(self) -> None:
+        """Free the KV cache and every captured graph (and its memory pool); the next batch allocates and
+        captures again, at whatever addresses the weights then have."""
+        self.graphs.release_pool()
+        self.cached.grow(0)
+
     # -- prefill / decode ---------------------------------------------------------------------------------------
     def _prompt_batch(self, prompts: list[tuple[int, ...]], pad_id: int):
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from glm_rl.algo import policy_loss
 from glm_rl.config.algo import AlgoConfig, RoutingReplay
+from glm_rl.memory import HostOffload
 from glm_rl.rollout.samples import Sample
 from glm_rl.trainer.batching import MicroBatch, RoutingSource
 
@@ -64,6 +65,16 @@ class TrainerBackend(Protocol):
     def save(self, path: Path) -> None: ...
 
     def load(self, path: Path) -> None: ...
+
+    def offload(self) -> float:
+        """Colocated on a GPU: free this rank's device memory (weights and optimizer state to pinned host memory,
+        gradients dropped) for the engines; returns the GiB moved. `onload` brings it back, bitwise."""
+        ...
+
+    def onload(self) -> None: ...
+
+    @property
+    def offloaded(self) -> bool: ...
 
 
 class ReplayHooks(Protocol):
@@ -126,6 +137,40 @@ class PolicyBackend:
             self.replay.record(mb.valid)
         else:
             self.replay.off()
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        opt = self.opt
+        return [opt.opt if hasattr(opt, "opt") else opt]  # megatron: the AdamW inside its wrapper
+
+    def _resident_tensors(self) -> list[torch.Tensor]:
+        """Every device tensor this rank keeps between steps: weights (and their flat buffer), the reference
+        model, optimizer state and fp32 master copies."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        if self.ref_model is not None:
+            tensors += [*self.ref_model.parameters(), *self.ref_model.buffers()]
+        if getattr(self, "flat", None) is not None:
+            tensors.append(self.flat[0])
+        tensors += getattr(self.opt, "master", None) or []
+        for opt in self._optimizers():
+            tensors += [t for state in opt.state.values() for t in state.values() if torch.is_tensor(t)]
+        return [t for t in tensors if t.device.type != "cpu"]
+
+    def offload(self) -> float:
+        for opt in self._optimizers():
+            opt.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)  # megatron's master copies keep no grads; the model's go too
+        self._offloaded = HostOffload(self._resident_tensors())
+        self._offloaded.release()
+        return self._offloaded.nbytes / 2**30
+
+    def onload(self) -> None:
+        if self.offloaded:
+            self._offloaded.restore()
+        self._offloaded = None
+
+    @property
+    def offloaded(self) -> bool:
+        return getattr(self, "_offloaded", None) is not None
 
     def dp_coords(self) -> tuple[int, bool]:
         """(data-parallel rank = the sample shard this rank trains on, whether it reports for its DP rank).
