@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from transformers import Glm4MoeConfig
@@ -42,3 +44,26 @@ def test_cpu_engine_takes_64_and_config_checks_the_fraction():
         engine.shutdown()
     with pytest.raises(ValueError, match="kv_memory_fraction"):
         EngineConfig(hf_checkpoint=str(TINY_CHECKPOINT), kv_memory_fraction=0)
+
+
+def test_a_burst_of_requests_arriving_apart_is_one_batch():
+    """Regression (H100, 2026-12-07): a rollout's 512 requests reached the engine over some milliseconds and it
+    decoded the first alone, then the other 511. The scheduler now holds a batch while requests keep arriving."""
+    from glm_rl.engine.batch import GenerationRequest, SamplingParams
+
+    engine = EmbeddedEngine(EngineConfig(hf_checkpoint=str(TINY_CHECKPOINT), max_batch_size=16))
+    engine.start()
+    try:
+        futures = []
+        for i in range(12):  # 12 requests, 2 ms apart: within the 10 ms gap
+            req = GenerationRequest(
+                rid=f"r{i}", input_ids=(1, 2, 4, 23), sampling=SamplingParams(max_new_tokens=4), seed=i
+            )
+            futures += engine.submit([req])
+            time.sleep(0.002)
+        for f in futures:
+            f.result(timeout=60)
+        stats = engine.stats
+        assert stats["batches_total"] == 1 and stats["max_batch_rows"] == 12, stats
+    finally:
+        engine.shutdown()

@@ -25,6 +25,9 @@ class EngineConfig:
     # `kv_memory_fraction` of the free memory holds at start (`batch_rows_for_memory` below)
     max_batch_size: int | None = None
     kv_memory_fraction: float = 0.3  # colocated engines share the GPU with a trainer: SGLang's 0.88 would not fit
+    # a batch waits for requests still arriving: each within batch_gap_ms of the last, batch_window_ms in all
+    batch_gap_ms: float = 10.0
+    batch_window_ms: float = 200.0
     max_total_len: int | None = None  # prompt + max_new_tokens limit; None: the model's max_position_embeddings
     seed: int = 0
     max_request_bytes: int = 64 << 20  # larger bodies get 413
@@ -53,6 +56,11 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if not 0 < self.kv_memory_fraction <= 1:
             raise ValueError(f"EngineConfig.kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+        if self.batch_gap_ms < 0 or self.batch_window_ms < 0:
+            raise ValueError(
+                f"EngineConfig.batch_gap_ms / batch_window_ms must be >= 0, got {self.batch_gap_ms} / "
+                f"{self.batch_window_ms}"
+            )
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError(f"EngineConfig.max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.speculative_num_steps < 1:

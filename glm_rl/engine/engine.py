@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from typing import Any
@@ -165,14 +166,33 @@ class EmbeddedEngine:
 
     def _take_batch(self) -> list[tuple[GenerationRequest, Future]] | None:
         with self._cond:
-            self._cond.wait_for(lambda: self._stopping or (self._waiting and not self._paused))
-            if self._stopping:
-                return None
+            while True:
+                self._cond.wait_for(lambda: self._stopping or (self._waiting and not self._paused))
+                if not self._stopping:
+                    self._gather_burst()
+                if self._stopping:
+                    return None
+                if self._waiting and not self._paused:  # a pause during the gather: wait for resume()
+                    break
             n = min(len(self._waiting), self.config.max_batch_size)
             batch = [self._waiting.popleft() for _ in range(n)]
             self._running, self._abort_running, self._abort_rids = n, False, frozenset()
             self._running_tokens = sum(len(r.input_ids) + r.sampling.max_new_tokens for r, _ in batch)
             return batch
+
+    def _gather_burst(self) -> None:
+        """Hold the batch while requests keep arriving (each within `batch_gap_ms` of the last, at most
+        `batch_window_ms` in all) or until it is full. Why: a rollout sends hundreds of requests at once, which
+        reach the engine over some milliseconds; a batch started on the first would decode it alone and the
+        rest in a second batch (the H100 run's batches of 1 and 511). Called holding `_cond`."""
+        gap, deadline = self.config.batch_gap_ms / 1e3, time.monotonic() + self.config.batch_window_ms / 1e3
+        seen = len(self._waiting)
+        while not (self._stopping or self._paused) and seen < self.config.max_batch_size:
+            wait = min(gap, deadline - time.monotonic())
+            more = lambda: self._stopping or self._paused or len(self._waiting) > seen  # noqa: E731
+            if wait <= 0 or not self._cond.wait_for(more, wait):
+                return
+            seen = len(self._waiting)
 
     def _scheduler_loop(self) -> None:
         while (batch := self._take_batch()) is not None:
