@@ -29,7 +29,6 @@ from glm_rl.ray.addresses import bind_gloo_to, free_port, host_for_url, node_ip
 from glm_rl.ray.placement import Placement
 from glm_rl.rollout.samples import Sample
 from glm_rl.trainer.backends.base import TrainerBackend
-from glm_rl.trainer.backends.torch_backend import TorchBackend
 
 
 class TrainerRankDied(RuntimeError):
@@ -68,7 +67,9 @@ class TrainerSections:
 def make_backend(c: TrainerSections, device: str) -> TrainerBackend:
     """The backend --backend names, with its own section (megatron is imported only when chosen)."""
     match c.train.backend:
-        case "torch":
+        case "torch":  # imported here: the driver imports this module too, and never builds a backend
+            from glm_rl.trainer.backends.torch_backend import TorchBackend
+
             return TorchBackend(c.model, c.train, c.algo, lora_cfg=c.lora, temperature=c.temperature, device=device)
         case "megatron":
             from glm_rl.trainer.backends.megatron.backend import MegatronBackend
