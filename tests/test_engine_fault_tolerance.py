@@ -294,13 +294,14 @@ def test_engine_launchers_follow_the_replay_decision():
 
 
 def test_max_running_requests_reaches_both_engine_kinds():
-    """`--max-running-requests`: the embedded engine's batch (64 when unset); SGLang's own flag, passed only when
-    set (SGLang sizes it from memory otherwise), in a command SGLang's flag list accepts."""
+    """`--max-running-requests`: the embedded engine's batch (unset: the engine sizes it when it starts, 64 on CPU:
+    test_engine_batch_sizing.py); SGLang's own flag, passed only when set (SGLang sizes it from memory otherwise),
+    in a command SGLang's flag list accepts."""
     from glm_rl.ray.engines import engine_launcher
     from glm_rl.rollout.sglang_engine import build_command, check_server_flags
 
     kw = dict(routed_experts=True, seed=0, colocate=False, use_gpu=False, api_key="k")
-    for argv, embedded_batch, sglang_flag in (([], 64, None), (["--max-running-requests", "512"], 512, "512")):
+    for argv, embedded_batch, sglang_flag in (([], None, None), (["--max-running-requests", "512"], 512, "512")):
         cfg = parse_args(argv)
         assert engine_launcher(cfg.rollout, cfg.model, **kw).config.max_batch_size == embedded_batch
         sglang = engine_launcher(replace(cfg.rollout, rollout_engine="sglang"), cfg.model, **kw)

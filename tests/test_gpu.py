@@ -414,7 +414,7 @@ def test_trainer_offload_frees_memory_and_onload_restores_it_bitwise():
     state = {k: v.clone() for k, v in a.model.state_dict().items()}
     active = torch.cuda.memory_reserved()
     moved = a.offload()
-    assert moved > 0 and a.offloaded
+    assert moved > 0 and a.is_offloaded()
     a.onload()
     assert all(torch.equal(state[k], v) for k, v in a.model.state_dict().items())
     ma, mb = a.train_step(samples, global_tokens(samples)), b.train_step(samples, global_tokens(samples))

@@ -153,7 +153,7 @@ class TrainerActor:
         self.sync.prepare()
 
     def push_weights(self, version: int) -> dict:
-        offloaded = self.backend.offloaded
+        offloaded = self.backend.is_offloaded()
         if offloaded:  # an engine restored mid-rollout needs the weights this rank has offloaded
             self.backend.onload()
         try:

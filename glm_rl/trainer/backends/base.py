@@ -73,8 +73,7 @@ class TrainerBackend(Protocol):
 
     def onload(self) -> None: ...
 
-    @property
-    def offloaded(self) -> bool: ...
+    def is_offloaded(self) -> bool: ...
 
 
 class ReplayHooks(Protocol):
@@ -164,12 +163,11 @@ class PolicyBackend:
         return self._offloaded.nbytes / 2**30
 
     def onload(self) -> None:
-        if self.offloaded:
+        if self.is_offloaded():
             self._offloaded.restore()
         self._offloaded = None
 
-    @property
-    def offloaded(self) -> bool:
+    def is_offloaded(self) -> bool:
         return getattr(self, "_offloaded", None) is not None
 
     def dp_coords(self) -> tuple[int, bool]:
