@@ -218,6 +218,7 @@ class EmbeddedEngine:
                     self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(batch))
                     self._running = self._running_tokens = 0
                     self._cond.notify_all()
+                rows = None  # its device tensors (routed experts) go now, not when the next batch starts
         with self._cond:
             leftover, self._waiting = list(self._waiting), deque()
         for _, fut in leftover:
