@@ -51,11 +51,12 @@ def test_a_burst_of_requests_arriving_apart_is_one_batch():
     decoded the first alone, then the other 511. The scheduler now holds a batch while requests keep arriving."""
     from glm_rl.engine.batch import GenerationRequest, SamplingParams
 
-    engine = EmbeddedEngine(EngineConfig(hf_checkpoint=str(TINY_CHECKPOINT), max_batch_size=16))
+    # a 50 ms gap (default 10 ms) so a busy 2-core CI machine's scheduling hiccups do not split the burst
+    engine = EmbeddedEngine(EngineConfig(hf_checkpoint=str(TINY_CHECKPOINT), max_batch_size=16, batch_gap_ms=50))
     engine.start()
     try:
         futures = []
-        for i in range(12):  # 12 requests, 2 ms apart: within the 10 ms gap
+        for i in range(12):  # 12 requests, 2 ms apart: within the gap
             req = GenerationRequest(
                 rid=f"r{i}", input_ids=(1, 2, 4, 23), sampling=SamplingParams(max_new_tokens=4), seed=i
             )
