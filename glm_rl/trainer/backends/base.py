@@ -155,6 +155,8 @@ class PolicyBackend:
         return [t for t in tensors if t.device.type != "cpu"]
 
     def offload(self) -> float:
+        if self.is_offloaded():  # a second offload would record the freed (empty) storages as the ones to restore
+            return 0.0
         for opt in self._optimizers():
             opt.zero_grad(set_to_none=True)
         self.model.zero_grad(set_to_none=True)  # megatron's master copies keep no grads; the model's go too
