@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from glm_rl.config import RunConfig
@@ -48,22 +49,21 @@ class Colocation:
     def off(cls, trainers) -> Colocation:
         return cls(trainers, [], "", train=False, rollout=False)
 
-    def _engines(self, method: str, tags: list[str] | None = None) -> float:
-        """Every engine at once; one that does not answer is left to recovery (the next push or step restores it
-        with the current weights). Returns the most device memory an engine reserves after the call (GiB)."""
+    def _each_engine(self, call: Callable[[EngineClient], object]) -> float:
+        """`call` on every engine at once; one that does not answer is left to recovery (the next push or step
+        restores it with the current weights). Returns the most device memory an engine reserves afterwards (GiB)."""
 
-        def call(url: str) -> float:
+        def one(url: str) -> float:
             client = EngineClient(url, api_key=self.api_key, timeout=120)
             try:
-                if method != "server_info":
-                    getattr(client, method)(tags)
+                call(client)
                 return float(client.get("/server_info").get("memory_reserved_gib", 0.0))
             except (EngineError, OSError) as e:
-                log.warning("%s on %s failed (left to engine recovery): %s", method, url, e)
+                log.warning("memory call on %s failed (left to engine recovery): %s", url, e)
                 return 0.0
 
         with ThreadPoolExecutor(max(1, len(self.engine_urls))) as pool:
-            return max(pool.map(call, list(self.engine_urls)), default=0.0)
+            return max(pool.map(one, list(self.engine_urls)), default=0.0)
 
     def to_rollout(self) -> dict:
         """Trainer ranks offload (memory/trainer_active_gib before, _idle_gib after), engines resume KV."""
@@ -73,7 +73,7 @@ class Colocation:
         if self.offload_train:
             metrics |= self.trainers.offload()
         if self.offload_rollout:
-            self._engines("resume_memory_occupation", ["kv_cache"])
+            self._each_engine(lambda c: c.resume_memory_occupation(["kv_cache"]))
         return metrics | {"perf/offload_s": time.time() - t0}
 
     def to_train(self) -> dict:
@@ -82,11 +82,8 @@ class Colocation:
             return {}
         t0, metrics = time.time(), {}
         if self.offload_rollout:
-            active = self._engines("server_info")
-            metrics |= {
-                "memory/engine_active_gib": active,
-                "memory/engine_idle_gib": self._engines("release_memory_occupation"),
-            }
+            metrics["memory/engine_active_gib"] = self._each_engine(lambda c: None)
+            metrics["memory/engine_idle_gib"] = self._each_engine(lambda c: c.release_memory_occupation())
         if self.offload_train:
             self.trainers.onload()
         return metrics | {"perf/onload_s": time.time() - t0}
@@ -95,5 +92,5 @@ class Colocation:
         if not self.offload_rollout:
             return {}
         t0 = time.time()
-        self._engines("resume_memory_occupation", ["weights"])
+        self._each_engine(lambda c: c.resume_memory_occupation(["weights"]))
         return {"perf/engine_resume_s": time.time() - t0}

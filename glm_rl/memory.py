@@ -33,6 +33,7 @@ class HostOffload:
         self.storages = list(seen.values())
         self.sizes = [s.nbytes() for s in self.storages]
         self.keep_contents = keep_contents
+        self.on_gpu = any(s.device.type == "cuda" for s in self.storages)  # then synchronise and free to the driver
         self.host: list[torch.Tensor] | None = None  # pinned copies while released
         self.released = False
 
@@ -45,7 +46,6 @@ class HostOffload:
         its memory; device memory goes back to the driver."""
         if self.released:
             return
-        on_gpu = any(s.device.type == "cuda" for s in self.storages)
         if self.keep_contents:
             self.host = []
             for s in self.storages:
@@ -53,12 +53,12 @@ class HostOffload:
                 host = torch.empty(s.nbytes(), dtype=torch.uint8, pin_memory=pin)
                 host.copy_(_byte_view(s), non_blocking=pin)
                 self.host.append(host)
-            if on_gpu:
+            if self.on_gpu:
                 torch.cuda.synchronize()  # the copies finish before the memory goes
         for s in self.storages:
             s.resize_(0)
         self.released = True
-        if on_gpu:
+        if self.on_gpu:
             torch.cuda.ipc_collect()  # blocks another process opened by CUDA IPC and has let go of
             torch.cuda.empty_cache()
 
@@ -70,16 +70,11 @@ class HostOffload:
             s.resize_(n)
             if self.host is not None:
                 _byte_view(s).copy_(self.host[i], non_blocking=s.device.type == "cuda")
-        if any(s.device.type == "cuda" for s in self.storages):
+        if self.on_gpu:
             torch.cuda.synchronize()
         self.host, self.released = None, False
 
 
-def device_memory() -> dict[str, float]:
-    """This process's allocated / reserved device memory in GiB (0 on CPU): what a phase still holds."""
-    if not torch.cuda.is_available():
-        return {"allocated_gib": 0.0, "reserved_gib": 0.0}
-    return {
-        "allocated_gib": torch.cuda.memory_allocated() / 2**30,
-        "reserved_gib": torch.cuda.memory_reserved() / 2**30,
-    }
+def reserved_gib() -> float:
+    """This process's reserved device memory in GiB (0 without CUDA): what a phase still holds."""
+    return torch.cuda.memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0

@@ -58,7 +58,7 @@ from glm_rl.engine.decode import run_batch
 from glm_rl.engine.decode.static import StaticDecoder
 from glm_rl.engine.http_server import HttpServer
 from glm_rl.engine.weights import EngineWeights
-from glm_rl.memory import device_memory
+from glm_rl.memory import reserved_gib
 from glm_rl.models.glm45.checkpoint import load_hf_model, load_mtp
 from glm_rl.weights.wire import FORMAT as WIRE_FORMAT
 
@@ -356,7 +356,7 @@ class EmbeddedEngine:
             "top_k": self.model.config.num_experts_per_tok,
             "paused": paused,
             "memory_released": sorted(self._memory_released),
-            "memory_reserved_gib": device_memory()["reserved_gib"] if self.config.device != "cpu" else 0.0,
+            "memory_reserved_gib": reserved_gib() if self.config.device != "cpu" else 0.0,
             "weight_groups": self.weights.group_names(),
             "stats": stats,
             "load": self.load(),

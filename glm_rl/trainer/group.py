@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from glm_rl.checkpoint import CheckpointError
 from glm_rl.config import AlgoConfig, LoraConfig, MegatronConfig, ModelConfig, RunConfig, SyncConfig, TrainConfig
-from glm_rl.memory import device_memory
+from glm_rl.memory import reserved_gib
 from glm_rl.ray.addresses import bind_gloo_to, free_port, host_for_url, node_ip
 from glm_rl.ray.placement import Placement
 from glm_rl.rollout.samples import Sample
@@ -130,9 +130,9 @@ class TrainerActor:
 
     def offload(self) -> dict[str, float]:
         """Free this rank's device memory; GiB moved and reserved before / after (colocation metrics)."""
-        before = device_memory()["reserved_gib"]
+        before = reserved_gib()
         moved = self.backend.offload()
-        return {"moved_gib": moved, "active_reserved_gib": before, "reserved_gib": device_memory()["reserved_gib"]}
+        return {"moved_gib": moved, "active_reserved_gib": before, "reserved_gib": reserved_gib()}
 
     def onload(self) -> None:
         self.backend.onload()
