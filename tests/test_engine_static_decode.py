@@ -155,3 +155,30 @@ def test_mtp_forward_needs_a_decoder_built_with_the_mtp_layer(model):
             torch.zeros(1, 1, dtype=torch.long),
             torch.ones(1, 1, dtype=torch.long),
         )
+
+
+def test_routed_log_gives_each_row_its_positions_in_order_sorted_and_on_the_host():
+    """RoutedLog (the static paths' routed experts): parts of different rows, partial counts (prompt lengths,
+    kept drafts, set later), rows that leave the batch; each row gets its valid positions in the order they were
+    added, ids sorted per position, as one host tensor; a row with none gets []."""
+    from glm_rl.engine.batch import RoutedLog, Row
+
+    def part(n, S, base):  # [n, S, 1 MoE layer, top-2], ids descending so the log must sort them
+        v = torch.arange(n * S, dtype=torch.long).view(n, S, 1, 1) * 10 + base
+        return torch.cat([v + 1, v], dim=-1)
+
+    rows = [Row(GenerationRequest(str(i), (1,), SamplingParams(), 0), frozenset(), torch.Generator()) for i in range(4)]
+    log = RoutedLog()
+    log.add([0, 1, 2], part(3, 3, 0), counts=[3, 1, 2])  # a prefill: row 0 has 3 prompt tokens, row 1 one, row 2 two
+    p = log.add([0, 2], part(2, 2, 1000))  # a verify whose kept counts are known later
+    log.add([2], part(1, 1, 5000))  # a step of row 2 alone
+    log.set_counts(p, [2, 1])
+    log.finish(rows)
+    got = [r.routed[0].tolist() if r.routed else None for r in rows]
+    assert got == [
+        [[[0, 1]], [[10, 11]], [[20, 21]], [[1000, 1001]], [[1010, 1011]]],
+        [[[30, 31]]],
+        [[[60, 61]], [[70, 71]], [[1020, 1021]], [[5000, 5001]]],
+        None,
+    ]
+    assert rows[0].routed[0].dtype == torch.int16 and not rows[0].routed[0].is_cuda

@@ -33,7 +33,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from glm_rl.engine.batch import Row, SamplingParams
+from glm_rl.engine.batch import RoutedLog, Row, SamplingParams
 from glm_rl.engine.decode.cached_model import CachedModel
 from glm_rl.engine.decode.graphs import StepGraphs, span_bucket
 from glm_rl.engine.decode.loop import run_steps
@@ -246,14 +246,14 @@ class StaticSteps:
     def __init__(self, decoder: StaticDecoder, rows: list[Row], pad_id: int) -> None:
         self.decoder, self.rows, self.pad_id = decoder, rows, pad_id
         self.want_routed = any(r.req.return_routed_experts for r in rows)
+        self.routed = RoutedLog()  # the rows get their routed experts when the batch ends (`RoutedLog.finish`)
 
     def first(self) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.rows
         self.decoder.reserve(max(len(r.req.input_ids) + r.req.sampling.max_new_tokens for r in rows))
         logits, routed = self.decoder.prefill([r.req.input_ids for r in rows], self.pad_id)
         if self.want_routed:
-            for b, row in enumerate(rows):
-                row.routed.append(routed[b, : len(row.req.input_ids)])
+            self.routed.add(range(len(rows)), routed, counts=[len(r.req.input_ids) for r in rows])
         return sample_rows(rows, list(range(len(rows))), logits)
 
     def ahead(self, active: list[int], out: tuple[torch.Tensor, torch.Tensor]):
@@ -291,12 +291,13 @@ class StaticSteps:
 
     def _add_routed(self, live_ids: list[int], routed: torch.Tensor | None) -> None:
         if self.want_routed:
-            routed = routed.clone()  # a graph's output buffer is rewritten by its next replay
-            for b, i in enumerate(live_ids):
-                self.rows[i].routed.append(routed[b])
+            self.routed.add(live_ids, routed)
 
 
 @torch.no_grad()
 def run_static(decoder: StaticDecoder, rows: list[Row], *, pad_id: int, should_abort: Callable[[], bool]) -> list[Row]:
     """Decode `rows` to the end over the decoder's preallocated cache."""
-    return run_steps(rows, StaticSteps(decoder, rows, pad_id), should_abort)
+    steps = StaticSteps(decoder, rows, pad_id)
+    run_steps(rows, steps, should_abort)
+    steps.routed.finish(rows)
+    return rows

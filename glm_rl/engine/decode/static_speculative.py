@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from glm_rl.engine.batch import HostCopy, SpecRow, survivors
+from glm_rl.engine.batch import HostCopy, RoutedLog, SpecRow, survivors
 from glm_rl.engine.decode.loop import step_rows
 from glm_rl.engine.decode.spec_rules import accept, draft_all, record
 from glm_rl.engine.decode.static import StaticDecoder
@@ -37,6 +37,7 @@ class StaticSpeculation:
         self.decoder, self.rows, self.k = decoder, rows, num_steps
         self.active = list(range(len(rows)))
         self.want_routed = any(r.req.return_routed_experts for r in rows)
+        self.routed = RoutedLog()  # the rows get their routed experts when the batch ends
         self.drafts: list[list[int]] = []
         self.q: list[list[torch.Tensor | None]] = []
 
@@ -47,8 +48,7 @@ class StaticSpeculation:
         logits, hidden, routed = self.decoder.prefill_states([r.req.input_ids for r in rows], pad_id)
         lengths = [len(r.req.input_ids) for r in rows]
         if self.want_routed:
-            for b, (row, n) in enumerate(zip(rows, lengths)):
-                row.routed.append(routed[b, :n])
+            self.routed.add(range(len(rows)), routed, counts=lengths)
         step_rows(rows, self.active, logits)
         keep = survivors(rows, self.active, should_abort)
         if not keep:
@@ -98,15 +98,15 @@ class StaticSpeculation:
             # this step's results to the host (argmax at both positions, drafts kept, both logprobs; ids < 2^53
             # are exact in float64), copied before the queued step rewrites the graph's buffers
             fetched = HostCopy(best, kept, logp)
-            if self.want_routed:
-                routed = routed.clone()
+            part = self.routed.add(self.active, routed) if self.want_routed else None  # before the buffer is reused
             out = self.decoder.verify_greedy_queued(next_ids, next_pos, max(starts) + 2)  # a start grows <= 2
+            counts = []
             for b, (i, (t0, t1, a, lp0, lp1)) in enumerate(zip(self.active, fetched.rows())):
                 a = int(a)
-                n = record(rows[i], [int(t0), int(t1)][: a + 1], a, [lp0, lp1][: a + 1], 1)
-                if self.want_routed:
-                    rows[i].routed.append(routed[b, :n])
+                counts.append(record(rows[i], [int(t0), int(t1)][: a + 1], a, [lp0, lp1][: a + 1], 1))
                 starts[b] += a + 1
+            if part is not None:
+                self.routed.set_counts(part, counts)
             keep = survivors(rows, self.active, should_abort)
             if not keep:
                 return rows
@@ -146,14 +146,12 @@ class StaticSpeculation:
             [[rows[i].output_ids[-1], *d] for i, d in zip(self.active, self.drafts)], starts
         )
         emitted, accepted, logprobs = accept(logits, rows, self.active, self.drafts, self.q)
-        if self.want_routed:
-            routed = routed.clone()  # a graph buffer: the next verify rewrites it
-        next_ids = [[0] * (k + 1) for _ in self.active]
+        next_ids, kept = [[0] * (k + 1) for _ in self.active], []
         for b, i in enumerate(self.active):
-            kept = record(rows[i], emitted[b], accepted[b], logprobs[b], k)
-            if self.want_routed:
-                rows[i].routed.append(routed[b, :kept])
+            kept.append(record(rows[i], emitted[b], accepted[b], logprobs[b], k))
             next_ids[b][: accepted[b] + 1] = emitted[b]
+        if self.want_routed:
+            self.routed.add(self.active, routed, counts=kept)
         n = len(starts)
         host = np.empty((n, 2 * (k + 1) + 1), dtype=np.int64)  # next ids | positions | accepted: one copy
         host[:, : k + 1] = next_ids
@@ -169,4 +167,7 @@ def run_static_speculative(
 ) -> list[SpecRow]:
     """Decode `rows` to the end with `num_steps` MTP drafts per verify, over the decoder's caches (built with
     the same MTP layer)."""
-    return StaticSpeculation(decoder, rows, num_steps).run(pad_id, should_abort)
+    spec = StaticSpeculation(decoder, rows, num_steps)
+    spec.run(pad_id, should_abort)
+    spec.routed.finish(rows)
+    return rows
