@@ -84,9 +84,10 @@ class Colocation:
         if self.offload_rollout:
             metrics["memory/engine_active_gib"] = self._each_engine(lambda c: None)
             metrics["memory/engine_idle_gib"] = self._each_engine(lambda c: c.release_memory_occupation())
+        t1 = time.time()
         if self.offload_train:
             self.trainers.onload()
-        return metrics | {"perf/onload_s": time.time() - t0}
+        return metrics | {"perf/engine_release_s": t1 - t0, "perf/onload_s": time.time() - t1}
 
     def to_sync(self) -> dict:
         if not self.offload_rollout:

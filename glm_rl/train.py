@@ -63,6 +63,7 @@ def run_step(cfg: RunConfig, rt: Runtime | ReplayRuntime, step: int, rollouts: S
     rollouts = rollouts or SyncRollouts(rt)
     t0 = time.time()
     health = rt.ensure_engines()  # restart dead engines, give them weights
+    health["perf/ensure_engines_s"] = time.time() - t0
     memory = rt.colocation.to_rollout()  # --colocate on GPUs: the trainer lets go of the GPU (colocation.py)
     samples, metrics = rollouts.get(step)  # engines, through the router (ahead of the step when async)
     metrics |= memory | rt.colocation.to_train()  # the engines let go, the trainer comes back

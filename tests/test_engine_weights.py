@@ -160,3 +160,21 @@ def test_update_weights_from_distributed_restores_the_checkpoint(client, hf):
     assert client.destroy_weights_update_group("sync")["success"]
     with pytest.raises(EngineError):
         client.destroy_weights_update_group("sync")
+
+
+def test_weight_group_backends_are_checked_before_any_join(client):
+    """NCCL weight groups (GPU engines on GPUs of their own): a CPU engine refuses them with a 400 that says
+    why, an unknown backend is named, and nothing is left behind (the NCCL path itself needs two GPUs:
+    tests/test_gpu.py)."""
+    with pytest.raises(EngineError) as info:
+        client.init_weights_update_group("127.0.0.1", free_port(), 1, 2, "nccl_group", backend="nccl")
+    assert info.value.status == 400 and "nccl" in info.value.message and "GPU" in info.value.message
+    with pytest.raises(EngineError) as info:
+        client.init_weights_update_group("127.0.0.1", free_port(), 1, 2, "mpi_group", backend="mpi")
+    assert info.value.status == 400 and "'mpi'" in info.value.message and "gloo" in info.value.message
+    assert not {"nccl_group", "mpi_group"} & set(client.server_info()["weight_groups"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="nccl.*CUDA"):
+            create_weight_group("127.0.0.1", free_port(), rank=0, world_size=2, group_name="g", backend="nccl")
+    with pytest.raises(ValueError, match="'mpi' unsupported; valid: gloo, nccl"):
+        create_weight_group("127.0.0.1", free_port(), rank=0, world_size=2, group_name="g", backend="mpi")

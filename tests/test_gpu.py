@@ -433,3 +433,43 @@ def test_routed_experts_encode_from_cuda_tensors():
     layout = rx.RoutingLayout(num_layers=4, moe_layers=(1, 2, 3), top_k=8)
     assert (rx.decode(rx.encode(ids)) == ids.cpu().numpy()).all()
     assert (rx.decode(rx.encode_sglang(ids, layout), layout) == ids.cpu().numpy()).all()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs: NCCL refuses two ranks on one device")
+def test_broadcast_sync_over_nccl_reaches_an_engine_on_another_gpu_bitwise():
+    """Issue 20 item 3: `broadcast` over an NCCL group (the trainer group picks it when engines have GPUs of
+    their own): this process is the trainer's source on cuda:0, an engine process on cuda:1 joins with
+    backend nccl; the bf16 weights (+10 % so they differ from the checkpoint) arrive bitwise and versioned, and
+    the engine still decodes with them."""
+    import subprocess
+    import sys
+
+    from glm_rl.rollout.engine_client import EngineClient
+    from glm_rl.weights.transports import BroadcastTransport
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "glm_rl.engine", "--hf-checkpoint", str(TINY_CHECKPOINT), "--port", "0"]
+        + ["--dtype", "bfloat16", "--device", "cuda:1"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("READY "), line
+        client = EngineClient(line.split()[1], timeout=120)
+        prompt = [1, 2, 4, 23, 13, 10, 17, 11, 5, 23]
+        greedy = {"temperature": 0.0, "max_new_tokens": 8, "ignore_eos": True}
+        before = client.generate(prompt, greedy)["output_ids"]
+        model = load_hf_model(TINY_CHECKPOINT, dtype=torch.bfloat16)[0].to("cuda:0")
+        named = [(n, (t * 1.1).to(t.dtype)) for n, t in model.state_dict().items()]
+        torch.cuda.set_device(0)
+        transport = BroadcastTransport([client.url], None, 1 << 20)
+        transport.backend = "nccl"
+        transport.prepare()
+        result = transport.push(named, version=3, verify=True)
+        assert result["verified"] and client.weights_checksum()["weight_version"] == 3
+        assert len(client.generate(prompt, greedy)["output_ids"]) == len(before)  # it still decodes
+        transport.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -32,7 +32,7 @@ from glm_rl.memory import HostOffload
 from glm_rl.models.fp8 import Fp8Error, dequantize_named, gloo_view
 from glm_rl.models.glm45.hf_names import mtp_named_tensors
 from glm_rl.weights.flat import FlatEntry, flatten_module_, views
-from glm_rl.weights.group import WeightGroup, create_weight_group
+from glm_rl.weights.group import BACKENDS, WeightGroup, create_weight_group
 from glm_rl.weights.wire import WeightError, parse_dtype, tensor_checksum
 
 
@@ -49,6 +49,7 @@ class EngineWeights:
         self._staged_version: int | None = None
         self.flat = flatten_module_(model)
         self.state = model.state_dict()  # detached views sharing the parameters' storage
+        self.device = next(model.parameters()).device  # where weight-group tensors land (NCCL: this GPU)
         self.host, self.group_timeout_s = host, group_timeout_s
         self._groups: dict[str, WeightGroup] = {}
         self._joining: set[str] = set()  # group names whose join is in progress
@@ -179,8 +180,10 @@ class EngineWeights:
     ) -> dict[str, Any]:
         """Join a weights-update group. A join that does not complete within `group_timeout_s` (every rank,
         the trainer's source too) fails with WeightError and frees the server thread that waited."""
-        if backend != "gloo":
-            raise WeightError(f"backend {backend!r} is not supported by the CPU engine (use 'gloo')")
+        if backend not in BACKENDS:
+            raise WeightError(f"backend {backend!r} is not supported; valid: {', '.join(BACKENDS)}")
+        if backend == "nccl" and self.device.type != "cuda":
+            raise WeightError("backend 'nccl' needs the engine on a GPU (this one runs on the CPU: use 'gloo')")
         with self._join_lock:  # claim the name: a second join of it (done or in progress) is refused at once
             if group_name in self._groups or group_name in self._joining:
                 raise WeightError(f"group_name {group_name!r} already exists")
@@ -192,6 +195,8 @@ class EngineWeights:
                 rank=rank_offset,
                 world_size=world_size,
                 group_name=group_name,
+                backend=backend,
+                device=self.device if backend == "nccl" else None,
                 timeout_s=self.group_timeout_s,
             )
         except (RuntimeError, ValueError) as e:  # torch's DistStoreError / DistNetworkError are RuntimeErrors
@@ -226,7 +231,11 @@ class EngineWeights:
             parsed = [parse_dtype(d) for d in dtypes]
         except ValueError as e:
             raise WeightError(f"dtypes: {e}") from e
-        tensors = [group.broadcast(gloo_view(torch.empty(tuple(s), dtype=d))).view(d) for s, d in zip(shapes, parsed)]
+        # fp8 travels as its bytes (gloo_view) over either backend
+        tensors = [
+            group.broadcast(gloo_view(torch.empty(tuple(s), dtype=d, device=group.device))).view(d)
+            for s, d in zip(shapes, parsed)
+        ]
         return self.load(list(zip(names, tensors)), weight_version)
 
     def destroy_group(self, group_name: str) -> dict[str, Any]:

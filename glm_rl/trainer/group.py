@@ -141,13 +141,16 @@ class TrainerActor:
         return torch.get_rng_state().numpy().tobytes()
 
     # weight sync runs on rank 0, which holds a full replica (data parallel); p2p runs on every rank (a source each)
-    def setup_sync(self, sync: SyncConfig, engine_urls: list[str], api_key: str | None) -> None:
+    def setup_sync(
+        self, sync: SyncConfig, engine_urls: list[str], api_key: str | None, group_backend: str = "gloo"
+    ) -> None:
         from glm_rl.weights.modes import make_transport
 
         if self.sync is not None:  # rebuilt after an engine restart
             self.sync.close()
         mode, self.sync_cfg = sync.update_weight_transfer_mode, sync
-        self.sync = make_transport(mode, engine_urls, api_key, sync.update_weight_buffer_size, fp8=sync.rollout_fp8)
+        size, fp8 = sync.update_weight_buffer_size, sync.rollout_fp8
+        self.sync = make_transport(mode, engine_urls, api_key, size, fp8=fp8, group_backend=group_backend)
         if mode == "tensor" and not sync.rollout_fp8:  # colocated: share the whole model as one buffer
             self.sync.flat = self.backend.flatten_weights()
         self.sync.prepare()
@@ -203,6 +206,8 @@ class TrainerGroup:
         self.reporters = [i for i, (_, lead) in enumerate(coords) if lead]  # one per DP rank
         self.dp_size = len(self.reporters)
         self.collective_export = sections.train.backend == "megatron"
+        # the broadcast group: NCCL between GPUs; gloo on CPUs, and colocated (NCCL refuses two ranks on one GPU)
+        self.weight_group_backend = "nccl" if placement.use_gpu and share >= 1.0 else "gloo"
 
     @property
     def rank0(self):
@@ -212,7 +217,11 @@ class TrainerGroup:
         """Weight-sync sources: every rank for p2p (each sends its share of the plan), else rank 0 alone."""
         self._sync_ranks = list(range(len(self.actors))) if sync.update_weight_transfer_mode == "p2p" else [0]
         self._get(
-            [self.actors[r].setup_sync.remote(sync, engine_urls, api_key) for r in self._sync_ranks], self._sync_ranks
+            [
+                self.actors[r].setup_sync.remote(sync, engine_urls, api_key, self.weight_group_backend)
+                for r in self._sync_ranks
+            ],
+            self._sync_ranks,
         )
 
     def push_weights(self, version: int) -> dict:

@@ -11,13 +11,21 @@ from glm_rl.weights.transports import BroadcastTransport, TensorTransport, Weigh
 
 
 def make_transport(
-    mode: str, engine_urls: list[str], api_key: str | None, bucket_bytes: int, fp8: bool = False
+    mode: str,
+    engine_urls: list[str],
+    api_key: str | None,
+    bucket_bytes: int,
+    fp8: bool = False,
+    group_backend: str = "gloo",
 ) -> WeightTransport:
+    """`group_backend`: the broadcast group's (gloo / nccl; see `weights/group.py`)."""
     match mode:
         case "tensor":
             return TensorTransport(engine_urls, api_key, bucket_bytes, fp8=fp8)
         case "broadcast":
-            return BroadcastTransport(engine_urls, api_key, bucket_bytes, fp8=fp8)
+            transport = BroadcastTransport(engine_urls, api_key, bucket_bytes, fp8=fp8)
+            transport.backend = group_backend
+            return transport
         case "p2p":  # every trainer rank is a source: call it on every rank (TrainerGroup does)
             if fp8:
                 raise ValueError("--rollout-fp8 is not supported with --update-weight-transfer-mode p2p yet")

@@ -3,8 +3,10 @@
 - `tensor` (colocated): each bucket is copied once into shared memory (CPU; CUDA IPC handles on GPU) and its
   handles are posted to every engine, which copies straight into its parameters; the shared copy is freed
   after the bucket.
-- `broadcast`: a gloo group of the trainer's source rank (rank 0) and one rank per engine. Per bucket, every
-  engine is told the (names, dtypes, shapes) over HTTP, then the source broadcasts each tensor in order.
+- `broadcast`: a torch.distributed group of the trainer's source rank (rank 0) and one rank per engine — NCCL
+  when they are on GPUs of their own (`backend`, chosen by the trainer group), gloo on CPUs and when engines
+  share the trainer's GPU. Per bucket, every engine is told the (names, dtypes, shapes) over HTTP, then the
+  source broadcasts each tensor in order (over NCCL straight from its GPU copy).
 
 Both end the same way: with `verify`, every engine's sha256 of every tensor is compared with the source's.
 The transport runs inside trainer rank 0 (a full replica under data parallelism).
@@ -173,6 +175,7 @@ class TensorTransport(BaseTransport):
 
 
 class BroadcastTransport(BaseTransport):
+    backend = "gloo"  # or "nccl" (`weights.group.BACKENDS`), set by make_transport
     group_timeout_s = 60.0  # the source's side of the group (join and each operation)
     group_name = ""  # a new name per group built: a join of an abandoned one may still run on an engine
     group = None
@@ -198,7 +201,9 @@ class BroadcastTransport(BaseTransport):
         world = 1 + len(live)
         self.group_name = f"glm_rl_weights_{secrets.token_hex(4)}"
         joins = [
-            in_thread(self.clients[i].init_weights_update_group, host, port, 1 + k, world, self.group_name)
+            in_thread(
+                self.clients[i].init_weights_update_group, host, port, 1 + k, world, self.group_name, self.backend
+            )
             for k, i in enumerate(live)
         ]
         source = in_thread(
@@ -208,6 +213,7 @@ class BroadcastTransport(BaseTransport):
             rank=0,
             world_size=world,
             group_name=self.group_name,
+            backend=self.backend,
             timeout_s=self.group_timeout_s,
         )
         self.group = first_failure([source, *joins])[0]
@@ -248,7 +254,8 @@ class BroadcastTransport(BaseTransport):
                 for k in self.live()
             ]
             for _, t in bucket:  # each broadcast also ends when an engine's receive fails (liveness.wait_work)
-                wait_work(self.group.pg.broadcast([gloo_view(t.detach().to("cpu").contiguous())], opts), pending)
+                wire = gloo_view(t.detach().to(self.group.device).contiguous())
+                wait_work(self.group.pg.broadcast([wire], opts), pending)
             first_failure(pending)
 
     def _abandon_group(self) -> None:
