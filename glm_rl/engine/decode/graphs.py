@@ -37,6 +37,7 @@ class StepGraphs:
         self.enabled = enabled  # False: every step runs eagerly
         self.captured: dict[tuple, tuple[torch.cuda.CUDAGraph, dict]] = {}
         self._pool = None
+        self._seen: set[str] = set()  # step kinds captured before: checked for host syncs and warmed up once
 
     def clear(self) -> None:
         """Drop every graph (their buffers point into a cache that is being replaced)."""
@@ -92,12 +93,14 @@ class StepGraphs:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            if reason := self._host_sync(eager, io, span):
+            if kind not in self._seen and (reason := self._host_sync(eager, io, span)):
                 log.warning("%s step synchronises with the host (%s): CUDA graphs off", kind, reason)
                 self.enabled = False
                 torch.cuda.current_stream().wait_stream(stream)
                 return None
-            for _ in range(2):
+            # the first capture of a kind warms up twice (lazy init, autotuning); later ones (other buckets, and
+            # every re-capture after a colocated engine released its graphs) once
+            for _ in range(1 if kind in self._seen else 2):
                 step(**io, span=span)
         torch.cuda.current_stream().wait_stream(stream)
         if self._pool is None:
@@ -108,4 +111,5 @@ class StepGraphs:
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             io["out"] = step(**io, span=span)
         self.captured[key] = graph, io
+        self._seen.add(kind)
         return graph, io
