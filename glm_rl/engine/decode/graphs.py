@@ -37,7 +37,7 @@ class StepGraphs:
         self.enabled = enabled  # False: every step runs eagerly
         self.captured: dict[tuple, tuple[torch.cuda.CUDAGraph, dict]] = {}
         self._pool = None
-        self._seen: set[str] = set()  # step kinds captured before: checked for host syncs and warmed up once
+        self._seen: set[tuple] = set()  # step variants (kind, *extra key) captured before: checked and warmed up
 
     def clear(self) -> None:
         """Drop every graph (their buffers point into a cache that is being replaced)."""
@@ -84,6 +84,7 @@ class StepGraphs:
         if key in self.captured:
             return self.captured[key]
         kind, bucket, _, span = key[:4]
+        variant = (kind, *key[4:])  # every bucket of one step function
         # warm-up runs for real, at `warm_pos`, so no live key is overwritten
         io = {
             name: torch.zeros((bucket, *value.shape[1:]), dtype=value.dtype, device=self.device)
@@ -93,14 +94,14 @@ class StepGraphs:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            if kind not in self._seen and (reason := self._host_sync(eager, io, span)):
+            if variant not in self._seen and (reason := self._host_sync(eager, io, span)):
                 log.warning("%s step synchronises with the host (%s): CUDA graphs off", kind, reason)
                 self.enabled = False
                 torch.cuda.current_stream().wait_stream(stream)
                 return None
-            # the first capture of a kind warms up twice (lazy init, autotuning); later ones (other buckets, and
+            # the first capture of a variant warms up twice (lazy init, autotuning); later ones (other buckets, and
             # every re-capture after a colocated engine released its graphs) once
-            for _ in range(1 if kind in self._seen else 2):
+            for _ in range(1 if variant in self._seen else 2):
                 step(**io, span=span)
         torch.cuda.current_stream().wait_stream(stream)
         if self._pool is None:
@@ -111,5 +112,5 @@ class StepGraphs:
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             io["out"] = step(**io, span=span)
         self.captured[key] = graph, io
-        self._seen.add(kind)
+        self._seen.add(variant)
         return graph, io
