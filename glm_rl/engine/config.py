@@ -26,8 +26,8 @@ class EngineConfig:
     max_batch_size: int | None = None
     kv_memory_fraction: float = 0.3  # colocated engines share the GPU with a trainer: SGLang's 0.88 would not fit
     # a batch waits for requests still arriving: each within batch_gap_ms of the last, batch_window_ms in all
-    batch_gap_ms: float = 10.0
-    batch_window_ms: float = 200.0
+    batch_gap_ms: float = 20.0
+    batch_window_ms: float = 500.0
     max_total_len: int | None = None  # prompt + max_new_tokens limit; None: the model's max_position_embeddings
     seed: int = 0
     max_request_bytes: int = 64 << 20  # larger bodies get 413
