@@ -112,6 +112,7 @@ class Runtime:
         manager = _start_manager(cfg, router, launcher.returns_routing_by_default, routed, api_key)
         undo.callback(_kill_all, [manager])
         trainers.setup_sync(cfg.sync, urls, api_key)
+        ray.get(manager.data_state.remote())  # its dataset, tokenizer and reward loaded: startup, not step 1's time
         _write_placement(Path(cfg.output_dir), trainers, urls, router.url)
         return cls(cfg, placement, engines, urls, router, manager, trainers, launcher, api_key, share=share)
 

@@ -176,3 +176,23 @@ def test_save_load_round_trip(tmp_path):
     b.train_step(samples, global_tokens(samples))
     for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize(
+    "replay", [{}, {"use_rollout_routing_replay": True}, {"use_routing_replay": True}], ids=["off", "r3", "r2"]
+)
+def test_warm_up_leaves_the_next_step_bitwise_unchanged(replay):
+    """`warm_up` (run on GPUs at startup) trains nothing: after it, weights, optimizer state and the next step's
+    gradients and weights are bitwise those of a backend that was not warmed up, under each routing replay mode
+    (R3 warms up with synthetic engine routing, R2 with the routing its own old-logprob pass recorded)."""
+    samples = make_samples(8)
+    cold, warm = backend(**replay), backend(**replay)
+    warm.warm_up(300)
+    assert not warm.opt.state and all(p.grad is None or not p.grad.any() for p in warm.model.parameters())
+    if warm.algo.routing_replay is RoutingReplay.R2:
+        for s, routing in warm.logprobs(samples)["routing"].items():
+            samples[s].trainer_routing = routing
+    for b in (cold, warm):
+        b.train_step(samples, global_tokens(samples))
+    for (n, p), (_, q) in zip(cold.model.named_parameters(), warm.model.named_parameters()):
+        assert torch.equal(p.grad, q.grad) and torch.equal(p, q), n

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 from glm_rl.engine import routed_experts
-from glm_rl.engine.batch import GenerationRequest, Row, SpecRow, accumulate_stats
+from glm_rl.engine.batch import GenerationRequest, Row, SamplingParams, SpecRow, accumulate_stats
 from glm_rl.engine.config import CPU_BATCH_ROWS, DTYPES, EngineConfig, batch_rows_for_memory
 from glm_rl.engine.decode import run_batch
 from glm_rl.engine.decode.static import StaticDecoder
@@ -127,12 +127,21 @@ class EmbeddedEngine:
                 torch_compile=self.config.enable_torch_compile,
                 mtp=self.mtp,
             )
+        if self.config.device != "cpu":
+            self._warm_up()
         self._thread = threading.Thread(target=self._scheduler_loop, name="engine-scheduler", daemon=True)
         self._thread.start()
         self._server = HttpServer(self, self.config)
         host, port = self._server.start()
         self.url = f"http://{host}:{port}"
         return self.url
+
+    def _warm_up(self) -> None:
+        """A small batch before serving: CUDA / cuBLAS initialisation, and the first capture of the sampled decode
+        step (its host-sync check and double warm-up), happen at startup instead of in the first rollout."""
+        sampling = SamplingParams(temperature=1.0, max_new_tokens=4, ignore_eos=True)
+        ids = tuple(range(1, 9))
+        self._run_batch([GenerationRequest(f"warm-up-{i}", ids, sampling, seed=i) for i in range(8)])
 
     def get_url(self) -> str:
         return self.url

@@ -123,3 +123,22 @@ def collate(samples: list[Sample], pad_id: int, routing: RoutingSource | None = 
     if "token_mask" in extra:
         loss_mask = loss_mask * extra.pop("token_mask")
     return MicroBatch(samples, input_ids, targets, valid, loss_mask, rollout_logp, advantages, routed, extra)
+
+
+def warm_up_samples(
+    tokens: int, vocab: int, moe_layers: int, experts: int, top_k: int, *, with_routing: bool, length: int = 256
+) -> list[Sample]:
+    """Synthetic samples filling `tokens` positions (`length` tokens each, a quarter of them prompt) of random
+    token ids, for a backend's warm-up; `with_routing`: each carries distinct random experts per position and MoE
+    layer (what R3 replays)."""
+    rng = np.random.default_rng(0)
+    length = max(2, min(length, tokens))
+    samples = []
+    for i in range(max(1, tokens // length)):
+        ids = rng.integers(0, vocab, length).tolist()
+        prompt = max(1, length // 4)
+        routed = None
+        if with_routing:
+            routed = np.argsort(rng.random((length - 1, moe_layers, experts)), axis=-1)[..., :top_k].astype(np.int16)
+        samples.append(Sample(i, i, ids[:prompt], ids[prompt:], [0.0] * (length - prompt), routed_experts=routed))
+    return samples

@@ -29,7 +29,7 @@ from glm_rl.algo import policy_loss
 from glm_rl.config.algo import AlgoConfig, RoutingReplay
 from glm_rl.memory import HostOffload
 from glm_rl.rollout.samples import Sample
-from glm_rl.trainer.batching import MicroBatch, RoutingSource
+from glm_rl.trainer.batching import MicroBatch, RoutingSource, warm_up_samples
 
 LossFn = Callable[[torch.Tensor, "torch.Tensor | None", MicroBatch], torch.Tensor]
 Phase = Literal["logprob", "train"]
@@ -74,6 +74,10 @@ class TrainerBackend(Protocol):
     def onload(self) -> None: ...
 
     def is_offloaded(self) -> bool: ...
+
+    def warm_up(self, tokens: int) -> None:
+        """Pay the first step's one-off costs at startup (see `PolicyBackend.warm_up`); weights untouched."""
+        ...
 
 
 class ReplayHooks(Protocol):
@@ -171,6 +175,30 @@ class PolicyBackend:
 
     def is_offloaded(self) -> bool:
         return getattr(self, "_offloaded", None) is not None
+
+    # (vocab size, MoE layers, routed experts, top-k) of the model, for `warm_up`'s synthetic samples; a backend
+    # that leaves it None is not warmed up
+    warm_up_shape: tuple[int, int, int, int] | None = None
+
+    def warm_up(self, tokens: int) -> None:
+        """One micro-batch of `tokens` synthetic positions through the old-logprob pass and a forward + backward
+        of a zero loss, then the gradients are zeroed and the cache allocator's blocks freed: CUDA / cuBLAS
+        initialisation and kernel selection happen at startup instead of in step 1 (issue 25: step 1 took 4x a
+        steady step). Weights and optimizer state are untouched; with routing replay the samples carry random
+        expert choices, as a rollout's would."""
+        if self.warm_up_shape is None:
+            return
+        rollout_routing = self._routing_source("logprob") is not None  # R3: samples carry the engine's choices
+        samples = warm_up_samples(tokens, *self.warm_up_shape, with_routing=rollout_routing)
+        routing = self.logprobs(samples)["routing"]
+        for s in samples:  # R2 replays in training what the old-logprob pass recorded
+            s.trainer_routing = routing.get(s.index)
+        zero_loss = lambda logp, entropy, mb: logp.sum() * 0.0  # noqa: E731 - gradients of zero, kernels all run
+        self._train_pass(self._micro_batches(samples, "train"), zero_loss, with_entropy=False)
+        self.replay.off()
+        self._zero_grads()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # engines size their KV cache from the free memory after this
 
     def dp_coords(self) -> tuple[int, bool]:
         """(data-parallel rank = the sample shard this rank trains on, whether it reports for its DP rank).

@@ -75,6 +75,9 @@ class TorchBackend(PolicyBackend):
         self.temperature = temperature if temperature > 0 else 1.0
         self.loss_cfg = loss_config(algo)
         self.replay = RoutingReplay(self.model)
+        hf = self.model.config
+        n_moe = hf.num_hidden_layers - getattr(hf, "first_k_dense_replace", 0)
+        self.warm_up_shape = (hf.vocab_size, n_moe, hf.n_routed_experts, hf.num_experts_per_tok)
         self.ref_model = None
         if algo.kl_loss_coef > 0:
             self.ref_model, _ = load_hf_model(model_cfg.hf_checkpoint, dtype=dtype)
