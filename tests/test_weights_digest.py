@@ -90,3 +90,33 @@ def test_same_digest_on_gpu_and_cpu():
     a = torch.randn(3, 1 << 20, dtype=torch.bfloat16)
     assert tensor_digest(a.cuda()) == tensor_digest(a)
     assert checksum_algo([a.cuda()]) == "d128"
+
+
+def test_triton_kernel_equals_the_torch_form_under_the_interpreter():
+    """The CUDA path (`digest_triton.py`, one Triton kernel) gives the torch form's digest bit for bit: run here
+    under Triton's CPU interpreter (a subprocess: TRITON_INTERPRET is read at import) over dtypes, odd byte
+    counts, more than one program's words, negative values and views."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from glm_rl.weights.digest import tensor_digest
+g = torch.Generator().manual_seed(0)
+cases = [
+    torch.randn(3000, generator=g).to(torch.bfloat16),
+    torch.randn(4097 * 3 + 1, generator=g),
+    torch.randint(-128, 127, (7,), generator=g, dtype=torch.int8),
+    torch.randn(64, 33, generator=g).t(),
+    torch.tensor([-1.0, float("inf"), float("nan")], dtype=torch.float16),
+    torch.zeros(0),
+]
+for t in cases:
+    assert tensor_digest(t, kernel=True) == tensor_digest(t, kernel=False), (t.dtype, tuple(t.shape))
+print("ok", len(cases))
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "ok 6" in out.stdout, out.stderr[-2000:]

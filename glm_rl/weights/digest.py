@@ -15,6 +15,9 @@ not against an adversary.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 
 _PHI = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64: the index stride
@@ -35,24 +38,42 @@ def _mix(x: torch.Tensor, m1: int, m2: int, s1: int, s2: int, s3: int) -> torch.
 
 
 def _words(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes as uint32 values held in int64 (one word per 4 bytes, the tail zero-padded)."""
+    """The tensor's bytes as int32 words (one per 4 bytes, the tail zero-padded)."""
     raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
     pad = -raw.numel() % 4
     if pad:
         raw = torch.cat([raw, raw.new_zeros(pad)])
-    return raw.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return raw.view(torch.int32)
 
 
-def tensor_digest(t: torch.Tensor) -> str:
-    """32 hex characters identifying the tensor's dtype, shape and bytes (computed on t's device)."""
-    words = _words(t)
+def lane_sums(words: torch.Tensor) -> list[int]:
+    """The two lane sums (mod 2^64) of the words, in torch: chunks of elementwise int64 kernels."""
     sums = [0, 0]
     for start in range(0, words.numel(), _CHUNK):
-        w = words[start : start + _CHUNK]
+        w = words[start : start + _CHUNK].to(torch.int64) & 0xFFFFFFFF  # the uint32 value
         idx = torch.arange(start, start + w.numel(), device=w.device, dtype=torch.int64)
         x = w + idx * _PHI
         for lane, consts in enumerate(_LANES):
             sums[lane] = (sums[lane] + int(_mix(x, *consts).sum())) % (1 << 64)
+    return sums
+
+
+@functools.cache
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def tensor_digest(t: torch.Tensor, kernel: bool | None = None) -> str:
+    """32 hex characters identifying the tensor's dtype, shape and bytes (computed on t's device). `kernel`: use
+    the Triton kernel (`digest_triton.py`; default: for CUDA tensors where Triton is installed), else the torch
+    form — the same digest."""
+    words = _words(t)
+    if kernel if kernel is not None else (t.is_cuda and _have_triton()):
+        from glm_rl.weights import digest_triton
+
+        sums = digest_triton.lane_sums(words, _PHI, _LANES)
+    else:
+        sums = lane_sums(words)
     head = f"{t.dtype}|{tuple(t.shape)}".encode()
     tag = sum(b << (8 * (i % 8)) for i, b in enumerate(head)) % (1 << 64)
     return f"{(sums[0] ^ tag) % (1 << 64):016x}{sums[1]:016x}"
