@@ -75,10 +75,17 @@ def run_step(cfg: RunConfig, rt: Runtime | ReplayRuntime, step: int, rollouts: S
         save_rollout(cfg.debug.path(cfg.debug.save_debug_rollout_data, step), step, samples, metrics)
     steps.assign_advantages(samples, cfg.algo, cfg.rollout.n_samples_per_prompt)  # GRPO / GSPO / Dr.GRPO
     t1 = time.time()
-    metrics |= steps.old_logprobs(samples, cfg.algo, rt.trainers)  # recompute (R2 record / R3 replay)
-    metrics |= steps.corrections(samples, cfg.algo)  # TIS / MIS, mismatch metrics
+    dropout = cfg.lora.lora_dropout if cfg.lora.lora_rank > 0 else 0.0
+    in_training = steps.old_logprobs_in_training(samples, cfg.algo, cfg.train, dropout)  # on-policy, one step
+    if in_training:  # the training forward's logprobs are the old ones; TIS and mismatch metrics in its loss
+        steps.leave_old_logprobs_to_training(samples)
+    else:
+        metrics |= steps.old_logprobs(samples, cfg.algo, rt.trainers)  # recompute (R2 record / R3 replay)
+        metrics |= steps.corrections(samples, cfg.algo)  # TIS / MIS, mismatch metrics
     t2 = time.time()
     metrics |= steps.train(samples, cfg.train, rt.trainers)  # one optimizer step per global batch
+    if in_training and "routing/train_replay_agreement" in metrics:  # R3 replay vs natural routing, same weights
+        metrics["routing/replay_agreement"] = metrics["routing/train_replay_agreement"]
     t3 = time.time()
     metrics |= rt.colocation.to_sync()  # the engines' weight memory back, for the push to fill
     metrics |= rollouts.sync(version=step + 1)  # trainer → engines, verified (async: pausing / waiting as needed)

@@ -120,15 +120,16 @@ def test_engine_killed_during_rollout(runtime, monkeypatch):
     _assert_served_and_current(cfg, rt, metrics, restarted=1)
 
 
-def test_engine_killed_during_old_logprobs(runtime, monkeypatch):
+def test_engine_killed_during_training(runtime, monkeypatch):
+    """Killed while the trainer works (the old logprobs come from the training forward by default: one stage)."""
     cfg, rt = runtime
-    old_logprobs = steps.old_logprobs
+    train = steps.train
 
     def with_kill(*args, **kwargs):
         _kill_engine(rt, 0)
-        return old_logprobs(*args, **kwargs)
+        return train(*args, **kwargs)
 
-    monkeypatch.setattr(steps, "old_logprobs", with_kill)
+    monkeypatch.setattr(steps, "train", with_kill)
     metrics = _step(cfg, rt)
     _assert_served_and_current(cfg, rt, metrics, restarted=1)
 

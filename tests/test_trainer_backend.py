@@ -196,3 +196,60 @@ def test_warm_up_leaves_the_next_step_bitwise_unchanged(replay):
         b.train_step(samples, global_tokens(samples))
     for (n, p), (_, q) in zip(cold.model.named_parameters(), warm.model.named_parameters()):
         assert torch.equal(p.grad, q.grad) and torch.equal(p, q), n
+
+
+class _OneRank:
+    """The two TrainerGroup calls `steps` makes, on one in-process rank (dp_size 1)."""
+
+    dp_size = 1
+
+    def __init__(self, b: TorchBackend) -> None:
+        self.b = b
+
+    def logprobs(self, shards):
+        return [self.b.logprobs(shards[0])]
+
+    def train_step(self, shards, global_tokens):
+        return [self.b.train_step(shards[0], global_tokens)]
+
+
+@pytest.mark.parametrize("algo", [{"use_rollout_routing_replay": True}, {"use_tis": False}], ids=["r3-tis", "plain"])
+def test_old_logprobs_from_the_training_forward_equal_the_separate_pass(algo):
+    """The default on-policy step (`steps.old_logprobs_in_training`): old logprobs, TIS weights and mismatch
+    metrics taken from the training forward give the same update and the same metrics as the separate
+    old-logprob pass + driver corrections (fp32 CPU: gradients bitwise), with R3 + TIS and without either."""
+    from glm_rl.trainer import steps
+
+    samples_a, samples_b = make_samples(12), make_samples(12)
+    a, b = backend(96, **algo), backend(96, **algo)  # several micro-batches
+    assert len(a._micro_batches(samples_a, "train")) > 2
+    cfg = a.algo
+    train_cfg = a.cfg
+    assert steps.old_logprobs_in_training(samples_b, cfg, train_cfg)
+    ma = steps.old_logprobs(samples_a, cfg, _OneRank(a)) | steps.corrections(samples_a, cfg)
+    ma |= steps.train(samples_a, train_cfg, _OneRank(a))
+    steps.leave_old_logprobs_to_training(samples_b)
+    mb = steps.train(samples_b, train_cfg, _OneRank(b))
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.equal(p.grad, q.grad), n
+    for key in ("mismatch/logprob_abs_diff_mean", "mismatch/k3_kl", "train/pg_loss", "train/pg_clipfrac"):
+        assert mb[key] == pytest.approx(ma[key], rel=1e-5, abs=1e-9), key
+    assert mb["mismatch/logprob_abs_diff_max"] == ma["mismatch/logprob_abs_diff_max"]
+    if cfg.use_tis:
+        for key in ("correction/tis_weight_mean", "correction/tis_clipfrac"):
+            assert mb[key] == pytest.approx(ma[key], rel=1e-5), key
+
+
+def test_old_logprob_pass_runs_when_the_training_forward_cannot_stand_in():
+    """The separate pass still runs whenever its result is needed before training or differs from it."""
+    from glm_rl.config import TrainConfig as T
+    from glm_rl.trainer import steps
+
+    samples = make_samples(8)
+    on = lambda train=None, **a: steps.old_logprobs_in_training(samples, AlgoConfig(**a), train or T())  # noqa: E731
+    assert on() and on(T(global_batch_size=8))
+    assert not on(T(global_batch_size=4))  # two optimizer steps: the second's old weights are gone
+    assert not on(enable_mis=True, use_tis=False)  # MIS normalises over the batch before training
+    assert not on(kl_loss_coef=0.1)
+    assert not on(use_routing_replay=True, use_rollout_routing_replay=False)  # R2 replays what the pass records
+    assert not on(use_rollout_logprobs=True) and not on(recompute_old_logprobs=True)

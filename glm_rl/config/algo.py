@@ -64,6 +64,12 @@ class AlgoConfig:
         "gets its sequence's mean weight (slime/miles differentiate the sequence ratio); same loss value",
     )
     use_rollout_logprobs: bool = opt(False, "use the engine's logprobs as old logprobs (skips the recompute)")
+    recompute_old_logprobs: bool = opt(
+        False,
+        "always run the separate old-logprob pass; by default, when a step is one optimizer step over the whole "
+        "batch (and no MIS, KL reference or R2 needs the pass), the training forward's own logprobs, detached, "
+        "are the old ones: the weights have not moved yet",
+    )
     use_routing_replay: bool = opt(False, "R2: record the trainer's routing in the old-logprob pass, replay it")
     use_rollout_routing_replay: bool = opt(True, "R3: replay the experts the engine chose")
     normalize_advantage_std: bool = opt(True, "GRPO/GSPO: divide by the group std")

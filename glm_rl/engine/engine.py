@@ -141,7 +141,8 @@ class EmbeddedEngine:
         step (its host-sync check and double warm-up), happen at startup instead of in the first rollout."""
         sampling = SamplingParams(temperature=1.0, max_new_tokens=4, ignore_eos=True)
         ids = tuple(range(1, 9))
-        self._run_batch([GenerationRequest(f"warm-up-{i}", ids, sampling, seed=i) for i in range(8)])
+        rows = min(8, self.config.max_batch_size)
+        self._run_batch([GenerationRequest(f"warm-up-{i}", ids, sampling, seed=i) for i in range(rows)])
 
     def get_url(self) -> str:
         return self.url

@@ -129,8 +129,9 @@ class EngineWeights:
             for name, tensor in named:
                 self.state[name].copy_(tensor)
 
-        def stage() -> None:  # copies: the sender's buffers (a P2P region, shared memory) may change after this
-            self._staged.update({name: tensor.clone() for name, tensor in named})
+        def stage() -> None:  # copies: the sender's buffers (a P2P region, shared memory) may change after this;
+            # on the host, so an update received on the GPU (NCCL) does not hold a second model there meanwhile
+            self._staged.update({name: tensor.to("cpu", copy=True) for name, tensor in named})
 
         version, staged = self._write(write, stage, weight_version)
         what = "staged (swapped in before the next batch)" if staged else "loaded"
@@ -239,8 +240,10 @@ class EngineWeights:
         return self.load(list(zip(names, tensors)), weight_version)
 
     def destroy_group(self, group_name: str) -> dict[str, Any]:
-        if self._groups.pop(group_name, None) is None:
+        group = self._groups.pop(group_name, None)
+        if group is None:
             raise WeightError(f"group_name {group_name!r}: no such weights update group")
+        group.close()
         return {"success": True, "message": f"destroyed {group_name!r}"}
 
     # -- P2P ---------------------------------------------------------------------------------------------------

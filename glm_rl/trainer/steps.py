@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from glm_rl.algo import compute_advantages, gspo_token_weights, mis_weights, mismatch_metrics, tis_weights
-from glm_rl.config import AlgoConfig, TrainConfig
+from glm_rl.config import AlgoConfig, RoutingReplay, TrainConfig
 from glm_rl.rollout.samples import Sample
 from glm_rl.trainer.batching import response_loss_mask, split_for_dp
 
@@ -25,6 +25,28 @@ def assign_advantages(samples: list[Sample], algo: AlgoConfig, group_size: int) 
     adv = compute_advantages(algo.advantage_estimator, rewards, group_size, **kw)
     for s, a in zip(samples, adv.tolist()):
         s.advantage = a
+
+
+def old_logprobs_in_training(
+    samples: list[Sample], algo: AlgoConfig, train_cfg: TrainConfig, dropout: float = 0.0
+) -> bool:
+    """Whether the training forward can stand in for the old-logprob pass (saving a forward over the batch): one
+    optimizer step covers every sample, so the weights the old logprobs belong to are the ones training starts
+    from, and nothing needs them before training — not MIS (it normalises over the whole batch first), not a
+    KL reference (its own pass runs anyway), not R2 (it replays the routing that pass records). `dropout` (LoRA's):
+    a training forward with dropout is not the eval-mode forward old logprobs come from."""
+    one_step = (train_cfg.global_batch_size or len(samples)) >= len(samples)
+    needs_pass = algo.recompute_old_logprobs or algo.enable_mis or algo.kl_loss_coef > 0 or dropout > 0
+    return one_step and not needs_pass and not algo.use_rollout_logprobs and algo.routing_replay is not RoutingReplay.R2
+
+
+def leave_old_logprobs_to_training(samples: list[Sample]) -> None:
+    """`old_logprobs_in_training`'s form of `old_logprobs` + `corrections`: the loss takes the old logprobs,
+    TIS weights and mismatch metrics from its own forward (`PolicyBackend.micro_batch_loss`); each sample's
+    tokens in the loss are its generated ones."""
+    for s in samples:
+        s.old_logprobs = s.token_weights = None
+        s.token_mask = response_loss_mask(s)
 
 
 def old_logprobs(samples: list[Sample], algo: AlgoConfig, trainers) -> dict[str, float]:
@@ -112,10 +134,12 @@ def train(samples: list[Sample], train_cfg: TrainConfig, trainers) -> dict[str, 
         for res in results:
             n = res["n_tokens"]
             for k, v in res.items():
-                if k not in ("n_tokens", "train/grad_norm"):
+                if k.endswith("_max"):  # a maximum, not a token mean
+                    sums[k] = max(sums.get(k, v), v)
+                elif k not in ("n_tokens", "train/grad_norm"):
                     sums[k] = sums.get(k, 0.0) + v * n
             tokens_total += n
-    metrics = {k: v / max(tokens_total, 1.0) for k, v in sums.items()}
+    metrics = {k: v if k.endswith("_max") else v / max(tokens_total, 1.0) for k, v in sums.items()}
     metrics["train/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
     metrics["train/optimizer_steps"] = float(len(grad_norms))
     metrics.setdefault("train/loss", metrics.get("train/pg_loss", 0.0))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import warnings
 
 import torch
 
@@ -68,11 +69,17 @@ def tensor_digest(t: torch.Tensor, kernel: bool | None = None) -> str:
     the Triton kernel (`digest_triton.py`; default: for CUDA tensors where Triton is installed), else the torch
     form — the same digest."""
     words = _words(t)
+    sums = None
     if kernel if kernel is not None else (t.is_cuda and _have_triton()):
-        from glm_rl.weights import digest_triton
+        try:
+            from glm_rl.weights import digest_triton
 
-        sums = digest_triton.lane_sums(words, _PHI, _LANES)
-    else:
+            sums = digest_triton.lane_sums(words, _PHI, _LANES)
+        except Exception as e:  # noqa: BLE001 - a Triton that cannot compile here: the torch form, same digest
+            if kernel:
+                raise
+            warnings.warn(f"Triton digest kernel unavailable ({e}): using the torch form", stacklevel=2)
+    if sums is None:
         sums = lane_sums(words)
     head = f"{t.dtype}|{tuple(t.shape)}".encode()
     tag = sum(b << (8 * (i % 8)) for i, b in enumerate(head)) % (1 << 64)

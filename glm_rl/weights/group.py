@@ -36,6 +36,12 @@ class WeightGroup:
     backend: str = "gloo"
     device: torch.device = torch.device("cpu")  # where this rank's broadcast tensors live (a GPU for NCCL)
 
+    def close(self) -> None:
+        """NCCL: abort the communicator now (an operation stuck on a dead peer ends, and NCCL's watchdog does not
+        take the process down later); a gloo group is left to its timeout (`liveness.abandon`)."""
+        if self.backend == "nccl":
+            self.pg.abort()
+
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Broadcast `tensor` from `src` in place (contiguous, on `device`); returns it."""
         if not tensor.is_contiguous():
@@ -78,8 +84,10 @@ def create_weight_group(
         gpu = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
         nccl_opts = dist.ProcessGroupNCCL.Options()
         nccl_opts._timeout = timeout
-        with torch.cuda.device(gpu):  # NCCL binds its communicator to the device of its first collective
+        with torch.cuda.device(gpu):
             pg = dist.ProcessGroupNCCL(prefixed, rank, world_size, nccl_opts)
+        # connect now, so the join (not the first broadcast) is what waits for every rank and times out
+        pg.eager_connect_single_device(gpu)
         return WeightGroup(group_name, rank, world_size, store, pg, backend, gpu)
     opts = dist.ProcessGroupGloo._Options()
     opts._timeout = timeout

@@ -266,7 +266,10 @@ class BroadcastTransport(BaseTransport):
                 f.result(timeout=10)
             except Exception:  # noqa: BLE001 - an engine that never joined, or one being replaced
                 pass
-        abandon(self.group, self.group_timeout_s)
+        if self.group is not None and self.group.backend == "nccl":
+            self.group.close()  # NCCL: abort now (a stuck collective never times out on its own terms)
+        else:
+            abandon(self.group, self.group_timeout_s)
         self.group = None
 
     def close(self) -> None:
@@ -276,6 +279,8 @@ class BroadcastTransport(BaseTransport):
                 self.clients[i].destroy_weights_update_group(self.group_name)
             except Exception as e:
                 log.warning("destroying the weight group on %s failed: %s", self.clients[i].url, e)
+        if self.group is not None and self.group.backend == "nccl":
+            self.group.close()
         abandon(None, 0.0)  # drop the groups abandoned long enough ago
         super().close()
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from glm_rl.algo import policy_loss
+from glm_rl.algo import gspo_token_weights, mismatch_metrics, policy_loss, tis_weights
 from glm_rl.config.algo import AlgoConfig, RoutingReplay
 from glm_rl.memory import HostOffload
 from glm_rl.rollout.samples import Sample
@@ -244,20 +244,39 @@ class PolicyBackend:
         n_tokens = float(mb.loss_mask.sum())
         if n_tokens == 0:
             return logp.sum() * 0.0, {}
+        old, weights, corrections = _to(mb.extra.get("old_logprobs"), self.device), None, {}
+        if old is None:  # steps.old_logprobs_in_training: this forward's own logprobs are the old ones
+            old, weights, corrections = self._corrections_from(logp, mb)
         loss, metrics = policy_loss(
             logp,
-            mb.extra["old_logprobs"].to(self.device),
+            old,
             mb.advantages.to(self.device),
             mb.loss_mask.to(self.device),
             self.loss_cfg,
             ref_logp=_to(mb.extra.get("ref_logprobs"), self.device),
-            token_weights=_to(mb.extra.get("token_weights"), self.device),
+            token_weights=weights if weights is not None else _to(mb.extra.get("token_weights"), self.device),
             entropy=entropy,
         )
         metrics["train/loss"] = float(loss.detach())
-        sums = {k: v * n_tokens for k, v in metrics.items()}
+        sums = {k: v * n_tokens for k, v in (metrics | corrections).items() if not k.endswith("_max")}
+        sums |= {k: v for k, v in corrections.items() if k.endswith("_max")}  # maxima, not token means
         sums["n_tokens"] = n_tokens
         return loss * (n_tokens / global_tokens), sums
+
+    def _corrections_from(self, logp: torch.Tensor, mb: MicroBatch):
+        """(old logprobs, TIS weights or None, metrics) when the old logprobs are this forward's, detached: what
+        `steps.old_logprobs` + `steps.corrections` give otherwise (mismatch metrics, TIS weights in the
+        --gspo-token-weights form), per micro-batch (TIS is per token; its metrics are token means)."""
+        old = logp.detach()
+        mask = mb.loss_mask.to(self.device)
+        rollout = mb.rollout_logp.to(self.device)
+        metrics = mismatch_metrics(old, rollout, mask)
+        weights = None
+        if self.algo.use_tis:
+            weights, tis = tis_weights(old, rollout, mask, clip=self.algo.tis_clip, clip_low=self.algo.tis_clip_low)
+            weights = gspo_token_weights(weights, mask, self.algo.gspo_token_weights)
+            metrics |= tis
+        return old, weights, metrics
 
     @torch.no_grad()
     def logprobs(self, samples: list[Sample]) -> dict:
@@ -292,7 +311,7 @@ class PolicyBackend:
         def loss_fn(logp: torch.Tensor, entropy: torch.Tensor | None, mb: MicroBatch) -> torch.Tensor:
             loss, part = self.micro_batch_loss(logp, entropy, mb, global_tokens)
             for k, v in part.items():
-                sums[k] = sums.get(k, 0.0) + v
+                sums[k] = max(sums.get(k, v), v) if k.endswith("_max") else sums.get(k, 0.0) + v
             return loss
 
         self._train_pass(self._micro_batches(samples, "train"), loss_fn, with_entropy=self.algo.entropy_coef > 0)
@@ -300,7 +319,8 @@ class PolicyBackend:
         grad_norm = self._reduce_grads_and_clip()
         self.opt.step()
         n = max(sums.pop("n_tokens", 0.0), 1.0)
-        out = {**{k: v / n for k, v in sums.items()}, "n_tokens": n, "train/grad_norm": grad_norm}
+        out = {**{k: v if k.endswith("_max") else v / n for k, v in sums.items()}, "n_tokens": n}
+        out["train/grad_norm"] = grad_norm
         agree, total = self._count(*self.replay.take_agreement())
         if total:  # replayed routing vs the current weights' own choice (drifts with later optimizer steps)
             out["routing/train_replay_agreement"] = agree / total
