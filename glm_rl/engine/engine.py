@@ -337,6 +337,8 @@ class EmbeddedEngine:
                         self.decoder.release()  # the graphs captured the weights' addresses too
                     if "weights" in chosen:
                         self.weights.release_memory()
+                    if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):  # cuBLAS's cached workspaces too
+                        torch._C._cuda_clearCublasWorkspaces()
                     torch.cuda.empty_cache()
                 elif "weights" in chosen:
                     self.weights.resume_memory()
