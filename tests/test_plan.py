@@ -303,3 +303,28 @@ def test_recompute_rules_by_hand():
         2 * (inp + moe) + dense,
         inp + moe + moe + logits,
     ]
+
+
+def test_colocated_host_memory_holds_what_offload_moves():
+    """Colocated, the trainer's rollout-time offload moves its weights and its GPU optimizer state to pinned host
+    memory (colocation.py): the plan's host share is 2 B/param, plus Adam's 12 B/param unless already on the
+    CPU; disaggregated, nothing is offloaded."""
+    lo = ParallelLayout(tp=8, pp=4, cp=2, ep=16, etp=1, sequence_parallel=True)
+    base = dict(
+        spec=get_preset("glm45-355b-a32b"),
+        hardware=H100,
+        num_nodes=8,
+        gpus_per_node=8,
+        layout=lo,
+        recompute_granularity="full",
+        rollout_num_gpus_per_engine=32,
+    )
+    cpu_adam = make_plan(PlanInput(**base, colocate=True, optimizer_cpu_offload=True), with_sync=False).trainer
+    gpu_adam = make_plan(PlanInput(**base, colocate=True, optimizer_cpu_offload=False), with_sync=False).trainer
+    assert cpu_adam["host_offload"] == pytest.approx(cpu_adam["weights"])
+    assert gpu_adam["host_offload"] == pytest.approx(gpu_adam["weights"] + gpu_adam["optimizer"])
+    apart = make_plan(
+        PlanInput(**base | {"num_nodes": 16}, colocate=False, rollout_num_gpus=64, optimizer_cpu_offload=True),
+        with_sync=False,
+    )
+    assert apart.trainer["host_offload"] == 0.0

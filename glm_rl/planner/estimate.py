@@ -27,9 +27,12 @@ milliseconds. Then a per-GPU memory estimate for the heaviest pipeline stage, fr
 - rollout engine: weights (bf16, all experts and MTP with --enable-mtp) split evenly over the engine's GPUs,
   and a KV-cache pool = --sglang-mem-fraction-static x GPU memory - weights; KV heads are replicated when the
   engine TP exceeds them. The pool must hold --max-tokens-per-gpu tokens (one longest sample).
-- colocated (--colocate): trainer and engine take turns on each GPU: during rollout the trainer has offloaded
-  weights, grads and optimizer to the host; during training the engine has released weights and KV cache. The
-  GPU needs max(training peak, engine pool) plus both processes' runtime reserve.
+- colocated (--colocate): trainer and engine take turns on each GPU (`glm_rl/colocation.py`): during rollout the
+  trainer has moved its weights and GPU optimizer state to pinned host memory and dropped its gradients (host:
+  2 B/param + the 12 B/param of Adam state when it lives on the GPU); during training the engine has released
+  weights, KV cache and graphs. The GPU needs max(training peak, engine pool) plus both processes' runtime
+  reserve, which covers what each keeps while the other works (measured on an H100: trainer 0.06 GiB, engine
+  < 1.2 GiB).
 - reserve: RESERVE_GIB per process (CUDA context, NCCL buffers, CUDA graphs, allocator slack).
 
 Weight sync: `glm_rl/planner/sync.py` (`predict_sync`).
@@ -238,15 +241,17 @@ def trainer_memory(p: PlanInput, lo: ParallelLayout, layers: list[int]) -> dict:
         dense, experts = _stage_params(p.spec, lo, stage, layers, p.enable_mtp_training)
         params = dense + experts
         opt_share = dense / dense_dp + experts / expert_dp
+        row_optimizer = 0.0 if p.optimizer_cpu_offload else 12 * opt_share / GIB
         row = {
             "stage": stage,
             "params_b": params / 1e9,
             "weights": 2 * params / GIB,
             "grads": 4 * params / GIB,
-            "optimizer": 0.0 if p.optimizer_cpu_offload else 12 * opt_share / GIB,
+            "optimizer": row_optimizer,
             "activations": _activations(p, lo, stage, layers) / GIB,
             "host_optimizer": (16 * opt_share / GIB) if p.optimizer_cpu_offload else 0.0,
-            "host_offload": (2 * params / GIB) if p.colocate else 0.0,
+            # colocated: weights and the GPU's optimizer state wait in pinned host memory during rollout
+            "host_offload": (2 * params / GIB + row_optimizer) if p.colocate else 0.0,
         }
         row["peak"] = row["weights"] + row["grads"] + row["optimizer"] + row["activations"]
         rows.append(row)
