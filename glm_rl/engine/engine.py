@@ -141,8 +141,9 @@ class EmbeddedEngine:
         step (its host-sync check and double warm-up), happen at startup instead of in the first rollout."""
         sampling = SamplingParams(temperature=1.0, max_new_tokens=4, ignore_eos=True)
         ids = tuple(range(1, 9))
-        rows = min(8, self.config.max_batch_size)
+        rows, t0 = min(8, self.config.max_batch_size), time.time()
         self._run_batch([GenerationRequest(f"warm-up-{i}", ids, sampling, seed=i) for i in range(rows)])
+        print(f"engine: warmed up (batch of {rows}, decode graphs captured) in {time.time() - t0:.1f} s", flush=True)
 
     def get_url(self) -> str:
         return self.url

@@ -112,7 +112,9 @@ class TrainerActor:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.backend = make_backend(self.sections, device)
         if device == "cuda":  # CUDA's one-off costs at startup, not in step 1 (a CPU has none worth it)
-            self.backend.warm_up(self.sections.train.max_tokens_per_gpu)
+            t0, tokens = time.time(), self.sections.train.max_tokens_per_gpu
+            self.backend.warm_up(tokens)
+            print(f"trainer rank {self.rank}: warmed up on a {tokens}-token micro-batch in {time.time() - t0:.1f} s")
 
     def dp_coords(self) -> tuple[int, bool]:
         """(data-parallel rank, whether this rank reports for it)."""
