@@ -80,18 +80,22 @@ def test_355b_sync_within_2x_of_floor(plan_355b):
     assert s["seconds"]["broadcast"] > 10 * s["seconds"]["p2p"]  # one source NIC vs all 64
 
 
-def test_without_cpu_offload_the_355b_needs_more_gpu_memory():
-    lo = ParallelLayout(tp=8, pp=4, cp=2, ep=16, etp=1, sequence_parallel=True)
-    base = dict(
+def _recipe_355b_input() -> dict:
+    """The 355B recipe's PlanInput fields (64 H100s, TP8 PP4 CP2 EP16, full recompute), without colocation or
+    optimizer placement."""
+    return dict(
         spec=get_preset("glm45-355b-a32b"),
         hardware=H100,
         num_nodes=8,
         gpus_per_node=8,
-        layout=lo,
+        layout=ParallelLayout(tp=8, pp=4, cp=2, ep=16, etp=1, sequence_parallel=True),
         recompute_granularity="full",
-        colocate=True,
         rollout_num_gpus_per_engine=32,
     )
+
+
+def test_without_cpu_offload_the_355b_needs_more_gpu_memory():
+    base = _recipe_355b_input() | {"colocate": True}
     on = make_plan(PlanInput(**base, optimizer_cpu_offload=True), with_sync=False)
     off = make_plan(PlanInput(**base, optimizer_cpu_offload=False), with_sync=False)
     # 12 B/param of Adam state on the GPU: experts unsharded (expert-DP 1), dense params over DP x CP = 2;
@@ -309,16 +313,7 @@ def test_colocated_host_memory_holds_what_offload_moves():
     """Colocated, the trainer's rollout-time offload moves its weights and its GPU optimizer state to pinned host
     memory (colocation.py): the plan's host share is 2 B/param, plus Adam's 12 B/param unless already on the
     CPU; disaggregated, nothing is offloaded."""
-    lo = ParallelLayout(tp=8, pp=4, cp=2, ep=16, etp=1, sequence_parallel=True)
-    base = dict(
-        spec=get_preset("glm45-355b-a32b"),
-        hardware=H100,
-        num_nodes=8,
-        gpus_per_node=8,
-        layout=lo,
-        recompute_granularity="full",
-        rollout_num_gpus_per_engine=32,
-    )
+    base = _recipe_355b_input()
     cpu_adam = make_plan(PlanInput(**base, colocate=True, optimizer_cpu_offload=True), with_sync=False).trainer
     gpu_adam = make_plan(PlanInput(**base, colocate=True, optimizer_cpu_offload=False), with_sync=False).trainer
     assert cpu_adam["host_offload"] == pytest.approx(cpu_adam["weights"])

@@ -92,6 +92,20 @@ def corrections(samples: list[Sample], a: AlgoConfig) -> dict[str, float]:
     mask = torch.zeros_like(old)
     for i, s in enumerate(samples):
         mask[i, : len(s.response_ids)] = torch.from_numpy(response_loss_mask(s))
+    weights, mask, metrics = correction_weights(old, rollout, mask, a)
+    for i, s in enumerate(samples):
+        n = len(s.response_ids)
+        s.token_mask = mask[i, :n].numpy()
+        s.token_weights = None if weights is None else weights[i, :n].numpy()
+    return metrics
+
+
+def correction_weights(
+    old: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor, a: AlgoConfig
+) -> tuple[torch.Tensor | None, torch.Tensor, dict[str, float]]:
+    """(TIS or MIS weights (B, T) in the --gspo-token-weights form, or None; the loss mask (MIS may drop tokens);
+    mismatch + correction metrics) of (B, T) old / rollout logprobs: the whole batch's in `corrections`, one
+    micro-batch's when the training forward gives the old logprobs (`PolicyBackend.micro_batch_loss`)."""
     metrics = mismatch_metrics(old, rollout, mask)
     weights = None
     if a.enable_mis:
@@ -111,11 +125,18 @@ def corrections(samples: list[Sample], a: AlgoConfig) -> dict[str, float]:
         metrics |= m
     if weights is not None:  # "sequence-mean" needs --advantage-estimator gspo (AlgoConfig checks)
         weights = gspo_token_weights(weights, mask, a.gspo_token_weights)
-    for i, s in enumerate(samples):
-        n = len(s.response_ids)
-        s.token_mask = mask[i, :n].numpy()
-        s.token_weights = None if weights is None else weights[i, :n].numpy()
-    return metrics
+    return weights, mask, metrics
+
+
+def add_metric_sums(sums: dict[str, float], part: dict[str, float], weight: float = 1.0) -> None:
+    """Accumulate token-weighted metrics into `sums` (value x `weight`); `*_max` metrics are maxima, kept as the
+    largest seen. `metric_means` turns the sums back into means."""
+    for k, v in part.items():
+        sums[k] = max(sums.get(k, v), v) if k.endswith("_max") else sums.get(k, 0.0) + v * weight
+
+
+def metric_means(sums: dict[str, float], tokens: float) -> dict[str, float]:
+    return {k: v if k.endswith("_max") else v / tokens for k, v in sums.items()}
 
 
 def train(samples: list[Sample], train_cfg: TrainConfig, trainers) -> dict[str, float]:
@@ -133,13 +154,9 @@ def train(samples: list[Sample], train_cfg: TrainConfig, trainers) -> dict[str, 
         grad_norms.append(results[0]["train/grad_norm"])  # identical on every rank after the all-reduce
         for res in results:
             n = res["n_tokens"]
-            for k, v in res.items():
-                if k.endswith("_max"):  # a maximum, not a token mean
-                    sums[k] = max(sums.get(k, v), v)
-                elif k not in ("n_tokens", "train/grad_norm"):
-                    sums[k] = sums.get(k, 0.0) + v * n
+            add_metric_sums(sums, {k: v for k, v in res.items() if k not in ("n_tokens", "train/grad_norm")}, n)
             tokens_total += n
-    metrics = {k: v if k.endswith("_max") else v / max(tokens_total, 1.0) for k, v in sums.items()}
+    metrics = metric_means(sums, max(tokens_total, 1.0))
     metrics["train/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
     metrics["train/optimizer_steps"] = float(len(grad_norms))
     metrics.setdefault("train/loss", metrics.get("train/pg_loss", 0.0))

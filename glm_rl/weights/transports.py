@@ -279,8 +279,8 @@ class BroadcastTransport(BaseTransport):
                 self.clients[i].destroy_weights_update_group(self.group_name)
             except Exception as e:
                 log.warning("destroying the weight group on %s failed: %s", self.clients[i].url, e)
-        if self.group is not None and self.group.backend == "nccl":
-            self.group.close()
+        if self.group is not None:
+            self.group.close()  # NCCL: abort the communicator (a gloo group has nothing to abort)
         abandon(None, 0.0)  # drop the groups abandoned long enough ago
         super().close()
 

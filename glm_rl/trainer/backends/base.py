@@ -25,11 +25,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from glm_rl.algo import gspo_token_weights, mismatch_metrics, policy_loss, tis_weights
+from glm_rl.algo import policy_loss
 from glm_rl.config.algo import AlgoConfig, RoutingReplay
 from glm_rl.memory import HostOffload
 from glm_rl.rollout.samples import Sample
 from glm_rl.trainer.batching import MicroBatch, RoutingSource, warm_up_samples
+from glm_rl.trainer.steps import add_metric_sums, correction_weights, metric_means
 
 LossFn = Callable[[torch.Tensor, "torch.Tensor | None", MicroBatch], torch.Tensor]
 Phase = Literal["logprob", "train"]
@@ -258,8 +259,8 @@ class PolicyBackend:
             entropy=entropy,
         )
         metrics["train/loss"] = float(loss.detach())
-        sums = {k: v * n_tokens for k, v in (metrics | corrections).items() if not k.endswith("_max")}
-        sums |= {k: v for k, v in corrections.items() if k.endswith("_max")}  # maxima, not token means
+        sums: dict[str, float] = {}
+        add_metric_sums(sums, metrics | corrections, n_tokens)
         sums["n_tokens"] = n_tokens
         return loss * (n_tokens / global_tokens), sums
 
@@ -267,15 +268,8 @@ class PolicyBackend:
         """(old logprobs, TIS weights or None, metrics) when the old logprobs are this forward's, detached: what
         `steps.old_logprobs` + `steps.corrections` give otherwise (mismatch metrics, TIS weights in the
         --gspo-token-weights form), per micro-batch (TIS is per token; its metrics are token means)."""
-        old = logp.detach()
-        mask = mb.loss_mask.to(self.device)
-        rollout = mb.rollout_logp.to(self.device)
-        metrics = mismatch_metrics(old, rollout, mask)
-        weights = None
-        if self.algo.use_tis:
-            weights, tis = tis_weights(old, rollout, mask, clip=self.algo.tis_clip, clip_low=self.algo.tis_clip_low)
-            weights = gspo_token_weights(weights, mask, self.algo.gspo_token_weights)
-            metrics |= tis
+        old, rollout, mask = logp.detach(), mb.rollout_logp.to(self.device), mb.loss_mask.to(self.device)
+        weights, _, metrics = correction_weights(old, rollout, mask, self.algo)  # no MIS here: its mask stays
         return old, weights, metrics
 
     @torch.no_grad()
@@ -310,8 +304,7 @@ class PolicyBackend:
 
         def loss_fn(logp: torch.Tensor, entropy: torch.Tensor | None, mb: MicroBatch) -> torch.Tensor:
             loss, part = self.micro_batch_loss(logp, entropy, mb, global_tokens)
-            for k, v in part.items():
-                sums[k] = max(sums.get(k, v), v) if k.endswith("_max") else sums.get(k, 0.0) + v
+            add_metric_sums(sums, part)
             return loss
 
         self._train_pass(self._micro_batches(samples, "train"), loss_fn, with_entropy=self.algo.entropy_coef > 0)
@@ -319,7 +312,7 @@ class PolicyBackend:
         grad_norm = self._reduce_grads_and_clip()
         self.opt.step()
         n = max(sums.pop("n_tokens", 0.0), 1.0)
-        out = {**{k: v if k.endswith("_max") else v / n for k, v in sums.items()}, "n_tokens": n}
+        out = {**metric_means(sums, n), "n_tokens": n}
         out["train/grad_norm"] = grad_norm
         agree, total = self._count(*self.replay.take_agreement())
         if total:  # replayed routing vs the current weights' own choice (drifts with later optimizer steps)
