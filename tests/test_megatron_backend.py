@@ -380,6 +380,19 @@ def _train(out, *extra) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _hf_tensors_without_mtp() -> int:
+    """How many tensors the HF model of the tiny checkpoint holds (experts fused; no MTP layer)."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import glm_rl
+
+    cfg = AutoConfig.from_pretrained(Path(glm_rl.__file__).parent / "assets" / "glm45-tiny")
+    with torch.device("meta"):
+        return len(AutoModelForCausalLM.from_config(cfg).state_dict())
+
+
 def _check_rl_rows(rows: list[dict], steps: list[int]) -> None:
     assert [r["step"] for r in rows] == steps
     assert rows[0]["train/ppo_kl"] == pytest.approx(0.0, abs=1e-6)  # same weights on both sides at step 1
@@ -458,8 +471,8 @@ def test_rl_loop_ep2_with_r3_p2p_sync_and_offloaded_optimizer(tmp_path):
 def test_rl_loop_pp2_cp2_with_r3_gspo_and_resume(tmp_path):
     """PP2 (uneven: the dense layer alone on stage 0, which then has no router) x CP2 on 4 ranks, GSPO: the last
     stage's CP-rank-0 rank reports; its sequence-level ratio is exact (every CP rank computes the loss over
-    the gathered logprobs); each stage replays its routing slice; weight sync gathers both stages; the KL
-    term's reference model is pipelined too. A run resumed from the step-1 checkpoint (one file per rank)
+    the gathered logprobs); each stage replays its routing slice; each stage's lead rank broadcasts its own
+    layers through a group of its own (both verified); the KL term's reference model is pipelined too. A run resumed from the step-1 checkpoint (one file per rank)
     makes the same step 2."""
     layout = [
         "--num-trainer-ranks",
@@ -480,6 +493,8 @@ def test_rl_loop_pp2_cp2_with_r3_gspo_and_resume(tmp_path):
     ck = tmp_path / "ck"
     rows = _train(tmp_path / "full", *layout, "--save-interval", "1", "--save", str(ck))
     _check_rl_rows(rows, [1, 2])
+    assert [r["sync/sources"] for r in rows] == [2.0, 2.0]  # one sender per pipeline stage
+    assert rows[0]["sync/tensors"] == _hf_tensors_without_mtp()  # each once (no MTP layer: no stage shares one)
     # the reference model runs through the same pipeline: equal to the policy at step 1, apart after a step
     assert rows[0]["train/kl_loss"] == pytest.approx(0.0, abs=1e-7) and rows[1]["train/kl_loss"] > 1e-7
     listing = sorted(p.name for p in (ck / "step_000001").iterdir())

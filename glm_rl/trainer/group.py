@@ -159,19 +159,33 @@ class TrainerActor:
             self.sync.flat = self.backend.flatten_weights()
         self.sync.prepare()
 
-    def push_weights(self, version: int) -> dict:
+    def sync_source(self) -> bool:
+        return self.backend.is_sync_source()
+
+    def push_weights(self, version: int, defer_verify: bool = False) -> dict:
+        """Send this rank's share: the whole model's planned pieces (p2p), else its pipeline stage's tensors,
+        streamed bucket by bucket; `defer_verify`: other stages push too, `verify_pushed` follows."""
         offloaded = self.backend.is_offloaded()
         if offloaded:  # an engine restored mid-rollout needs the weights this rank has offloaded
             self.backend.onload()
+        p2p = self.sync_cfg.update_weight_transfer_mode == "p2p"
+        named = iter(self.backend.named_tensors() if p2p else self.backend.sync_tensors())
+        verify = self.sync_cfg.check_weight_update_equal
         try:
-            return self.sync.push(self.backend.named_tensors(), version, self.sync_cfg.check_weight_update_equal)
+            if defer_verify:
+                return self.sync.push(named, version, verify, defer_verify=True)
+            return self.sync.push(named, version, verify)
         finally:
+            _drain(named)  # a push that failed midway: the stage's other ranks still wait in its gathers
             if offloaded:
                 self.backend.offload()
 
+    def verify_pushed(self, version: int) -> bool:
+        return self.sync.verify_pushed(version)
+
     def export_weights(self) -> None:
         """Take part in a collective weight export without sending (megatron: TP/EP gathers need every rank)."""
-        self.backend.named_tensors()
+        _drain(iter(self.backend.sync_tensors()))
 
     def shutdown(self) -> None:
         if self.sync is not None:
@@ -218,8 +232,14 @@ class TrainerGroup:
         return self.actors[0]
 
     def setup_sync(self, sync: SyncConfig, engine_urls: list[str], api_key: str | None) -> None:
-        """Weight-sync sources: every rank for p2p (each sends its share of the plan), else rank 0 alone."""
-        self._sync_ranks = list(range(len(self.actors))) if sync.update_weight_transfer_mode == "p2p" else [0]
+        """Weight-sync sources: every rank for p2p (each sends its share of the plan), else one rank per
+        pipeline stage (rank 0 alone without PP), each with a transport (a broadcast group) of its own."""
+        self._sync_cfg = sync
+        if sync.update_weight_transfer_mode == "p2p":
+            self._sync_ranks = list(range(len(self.actors)))
+        else:
+            sources = ray.get([a.sync_source.remote() for a in self.actors])
+            self._sync_ranks = [r for r, source in enumerate(sources) if source]
         self._get(
             [
                 self.actors[r].setup_sync.remote(sync, engine_urls, api_key, self.weight_group_backend)
@@ -229,15 +249,28 @@ class TrainerGroup:
         )
 
     def push_weights(self, version: int) -> dict:
-        """Push on every source rank at once (verified when --check-weight-update-equal); rank 0's result (it
-        commits and verifies). With a collective export (megatron), the other ranks run the export alongside
-        without sending."""
-        pushes = [self.actors[r].push_weights.remote(version) for r in self._sync_ranks]
+        """Push on every source rank at once (verified when --check-weight-update-equal). With a collective
+        export (megatron), the other ranks run the export alongside without sending. p2p: rank 0's result (it
+        commits and verifies); per-stage sources: each verifies once all have pushed, results summed."""
+        staged = self._sync_cfg.update_weight_transfer_mode != "p2p" and len(self._sync_ranks) > 1
+        pushes = [self.actors[r].push_weights.remote(version, staged) for r in self._sync_ranks]
         helpers = [r for r in range(len(self.actors)) if self.collective_export and r not in self._sync_ranks]
         results = self._get(
             pushes + [self.actors[r].export_weights.remote() for r in helpers], self._sync_ranks + helpers
+        )[: len(pushes)]
+        if not staged:
+            return results[0] | {"sources": 1}
+        verified = self._sync_cfg.check_weight_update_equal and all(
+            self._get([self.actors[r].verify_pushed.remote(version) for r in self._sync_ranks], self._sync_ranks)
         )
-        return results[0]
+        return {
+            "verified": verified,
+            "bytes": sum(r["bytes"] for r in results),
+            "tensors": sum(r["tensors"] for r in results),
+            "seconds": max(r["seconds"] for r in results),
+            "dead": sorted({i for r in results for i in r["dead"]}),
+            "sources": len(results),
+        }
 
     def _per_dp(
         self, call: Callable[[ray.actor.ActorHandle, list[Sample]], ray.ObjectRef], shards: list[list[Sample]]
@@ -317,3 +350,13 @@ def _dead_ranks(refs: list, ranks: list[int], wait_s: float = 10.0) -> list[int]
         except Exception:  # noqa: BLE001 - another failure: not a death
             pass
     return sorted(dead)
+
+
+def _drain(named) -> None:
+    """Iterate a weight export to its end (its remaining collectives), whatever it raises: the caller's own
+    error is what matters."""
+    try:
+        for _ in named:
+            pass
+    except Exception:  # noqa: BLE001, S110 - a rank that died mid-export is reported by the group's calls
+        pass

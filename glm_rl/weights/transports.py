@@ -8,8 +8,12 @@
   share the trainer's GPU. Per bucket, every engine is told the (names, dtypes, shapes) over HTTP, then the
   source broadcasts each tensor in order (over NCCL straight from its GPU copy).
 
-Both end the same way: with `verify`, every engine's sha256 of every tensor is compared with the source's.
-The transport runs inside trainer rank 0 (a full replica under data parallelism).
+Both take a list or a stream of (name, tensor) and send bucket by bucket, so a source holds one bucket beyond its
+model (megatron's export gathers TP / EP shards as it yields). Both end the same way: with `verify`, every
+engine's digest of every tensor is compared with the one the source took before sending. A transport runs in
+each source rank: trainer rank 0 (a full replica under data parallelism), or under pipeline parallelism one rank
+per stage sending that stage's tensors through a group of its own — then each verifies later
+(`defer_verify`, `verify_pushed`), once every stage has pushed.
 
 `fp8` (`--rollout-fp8`: BF16 / FP32 training, FP8 rollout): each bucket's linear weights are sent block-quantized
 (float8_e4m3fn + `<name>_scale_inv`, `models/fp8.py`; raw bytes over gloo) and engines dequantize them on load.
@@ -22,8 +26,9 @@ transport, `p2p`, builds on it in `p2p.py`, and `modes.make_transport` picks one
 An engine that dies during a sync (`liveness.py`): a failed call makes the transport probe every engine's /health;
 the silent ones are marked dead and skipped from then on, and `push` reports them (`"dead"`: their indices) so
 the runtime restarts them and pushes again. `tensor` finishes the sync on the others (each engine loads on its
-own); `broadcast` builds its group again without the dead engine and redoes the sync; verification covers the
-live engines. A failure while every engine still answers is raised as it is.
+own); `broadcast` builds its group again without the dead engine and sends the bucket again (the live engines
+hold the earlier ones); verification covers the live engines. A failure while every engine still answers is
+raised as it is.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -52,8 +59,17 @@ log = logging.getLogger(__name__)
 
 class WeightTransport(Protocol):
     def prepare(self) -> None: ...
-    def push(self, named: Named, version: int, verify: bool) -> dict: ...
+    def push(self, named: Iterable[tuple[str, torch.Tensor]], version: int, verify: bool) -> dict: ...
     def close(self) -> None: ...
+
+
+@dataclass
+class Tally:
+    """What a push has sent so far: tensors, bytes, and the digest each engine must hold per tensor."""
+
+    count: int = 0
+    nbytes: int = 0
+    held: dict[str, str] = field(default_factory=dict)
 
 
 class BaseTransport:
@@ -132,46 +148,79 @@ class BaseTransport:
         held.update((n, tensor_checksum(t, algo)) for n, t in dequantize_named(wire, dtypes.__getitem__))
         return wire
 
-    def _finish(self, named: Named, version: int, verify: bool, t0: float, held: dict[str, str] | None = None) -> dict:
-        nbytes = sum(t.numel() * t.element_size() for _, t in named)
+    def _expect(self, bucket: Named, held: dict[str, str], verify: bool) -> None:
+        """Record in `held` the digest each engine must hold for `bucket`'s tensors, taken before they are sent
+        (a streamed sync keeps these 16–64 bytes per tensor, not the tensors). fp8 buckets were recorded by
+        `_to_wire`."""
+        if verify and not self.fp8:
+            algo = checksum_algo(t for _, t in bucket)
+            held.update((n, tensor_checksum(t, algo)) for n, t in bucket)
+
+    def _finish(self, tally: Tally, version: int, verify: bool, t0: float, defer_verify: bool = False) -> dict:
+        """The push's result, verifying every live engine (now, or with `defer_verify` later by
+        `verify_pushed`: another source's push is still writing the same engines)."""
+        self.expected = tally.held
         verified = False
-        while verify and self.live():  # an engine dying during verification is marked, the others verified
+        while verify and not defer_verify and self.live():  # an engine dying during it is marked, the others verified
             try:
-                verified = self.verify(named, version, held)
+                verified = self.verify([], version, tally.held)
                 break
             except Exception as e:  # noqa: BLE001 - mark_dead raises it again unless an engine died
                 self.mark_dead(e)
         return {
             "verified": verified,
-            "bytes": nbytes,
-            "tensors": len(named),
+            "bytes": tally.nbytes,
+            "tensors": tally.count,
             "seconds": time.time() - t0,
             "dead": sorted(self.dead),
         }
+
+    def verify_pushed(self, version: int) -> bool:
+        """Verify what the last push sent (its digests), once every source has pushed."""
+        while self.live():
+            try:
+                return self.verify([], version, self.expected)
+            except Exception as e:  # noqa: BLE001 - mark_dead raises it again unless an engine died
+                self.mark_dead(e)
+        return False
+
+    def _buckets(self, named: Iterable[tuple[str, torch.Tensor]], tally: Tally) -> Iterator[tuple[Named, bool]]:
+        """(bucket, is it the last) over a list or a stream of tensors (a collective export yields them one by
+        one: at most one bucket is held), counted into `tally`."""
+        pending = None
+        for bucket in iter_buckets(named, self.bucket_bytes):
+            tally.count += len(bucket)
+            tally.nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            if pending is not None:
+                yield pending, False
+            pending = bucket
+        if pending is not None:
+            yield pending, True
 
 
 class TensorTransport(BaseTransport):
     flat = None  # (buffer, layout) when the trainer's weights are flattened: one handle for the whole model
 
-    def push(self, named: Named, version: int, verify: bool) -> dict:
-        t0, held = time.time(), {}
+    def push(self, named: Iterable[tuple[str, torch.Tensor]], version: int, verify: bool, defer_verify=False) -> dict:
+        t0, tally = time.time(), Tally()
         if self.flat is not None and not self.fp8:
             flat, entries = self.flat
             layout = entries_to_json(entries)
             self._each_surviving(lambda c: c.update_weights_from_flat(flat, layout, weight_version=version))
-            return self._finish(named, version, verify, t0, held)
-        buckets = list(iter_buckets(named, self.bucket_bytes))
-        for i, bucket in enumerate(buckets):
-            bucket = self._to_wire(bucket, held)
+            for bucket, _ in self._buckets(named, tally):
+                self._expect(bucket, tally.held, verify)
+            return self._finish(tally, version, verify, t0, defer_verify)
+        for bucket, last in self._buckets(named, tally):
+            self._expect(bucket, tally.held, verify)
+            bucket = self._to_wire(bucket, tally.held)
             shared = [(n, _shareable(t)) for n, t in bucket]  # CPU copies are freed after the bucket
-            last = i == len(buckets) - 1
             self._each_surviving(
-                lambda c, shared=shared: c.update_weights_from_tensor(
+                lambda c, shared=shared, last=last: c.update_weights_from_tensor(
                     shared, weight_version=version if last else None, flush_cache=last
                 )
             )
             del shared
-        return self._finish(named, version, verify, t0, held)
+        return self._finish(tally, version, verify, t0, defer_verify)
 
 
 class BroadcastTransport(BaseTransport):
@@ -218,45 +267,43 @@ class BroadcastTransport(BaseTransport):
         )
         self.group = first_failure([source, *joins])[0]
 
-    def push(self, named: Named, version: int, verify: bool) -> dict:
-        """Send every bucket; when an engine dies on the way, build the group without it and send again."""
-        t0, held = time.time(), {}
-        for _ in range(len(self.clients) + 1):
-            try:
-                self._send(named, version, held)
-                return self._finish(named, version, verify, t0, held)
-            except Exception as e:  # noqa: BLE001 - mark_dead raises it again unless an engine died
-                self.mark_dead(e)
-                self._abandon_group()
-                self.prepare()
-        raise RuntimeError(f"weight sync v{version}: engines kept dying during the broadcast")
-
-    def _send(self, named: Named, version: int, held: dict[str, str]) -> None:
-        buckets = list(iter_buckets(named, self.bucket_bytes))
+    def push(self, named: Iterable[tuple[str, torch.Tensor]], version: int, verify: bool, defer_verify=False) -> dict:
+        """Send bucket by bucket (`named` may be a stream); when an engine dies on the way, build the group
+        without it and send that bucket again: the live engines hold every earlier one."""
+        t0, tally = time.time(), Tally()
         opts = dist.BroadcastOptions()
         opts.rootRank, opts.rootTensor = 0, 0
-        for i, bucket in enumerate(buckets):
-            last = i == len(buckets) - 1
-            bucket = self._to_wire(bucket, held)
-            names = [n for n, _ in bucket]
-            dtypes = [str(t.dtype) for _, t in bucket]
-            shapes = [list(t.shape) for _, t in bucket]
-            pending = [
-                in_thread(
-                    self.clients[k].update_weights_from_distributed,
-                    names,
-                    dtypes,
-                    shapes,
-                    self.group_name,
-                    version if last else None,
-                    last,
-                )
-                for k in self.live()
-            ]
-            for _, t in bucket:  # each broadcast also ends when an engine's receive fails (liveness.wait_work)
-                wire = gloo_view(t.detach().to(self.group.device).contiguous())
-                wait_work(self.group.pg.broadcast([wire], opts), pending)
-            first_failure(pending)
+        for bucket, last in self._buckets(named, tally):
+            self._expect(bucket, tally.held, verify)
+            bucket = self._to_wire(bucket, tally.held)
+            for _ in range(len(self.clients) + 1):
+                try:
+                    self._send(bucket, version if last else None, last, opts)
+                    break
+                except Exception as e:  # noqa: BLE001 - mark_dead raises it again unless an engine died
+                    self.mark_dead(e)
+                    self._abandon_group()
+                    self.prepare()
+            else:
+                raise RuntimeError(f"weight sync v{version}: engines kept dying during the broadcast")
+        return self._finish(tally, version, verify, t0, defer_verify)
+
+    def _send(self, bucket: Named, version: int | None, last: bool, opts) -> None:
+        """One bucket: its (names, dtypes, shapes) to every live engine over HTTP, then each tensor broadcast in
+        order (over NCCL straight from its GPU copy)."""
+        names = [n for n, _ in bucket]
+        dtypes = [str(t.dtype) for _, t in bucket]
+        shapes = [list(t.shape) for _, t in bucket]
+        pending = [
+            in_thread(
+                self.clients[k].update_weights_from_distributed, names, dtypes, shapes, self.group_name, version, last
+            )
+            for k in self.live()
+        ]
+        for _, t in bucket:  # each broadcast also ends when an engine's receive fails (liveness.wait_work)
+            wire = gloo_view(t.detach().to(self.group.device).contiguous())
+            wait_work(self.group.pg.broadcast([wire], opts), pending)
+        first_failure(pending)
 
     def _abandon_group(self) -> None:
         """Leave the current group after a failure: engines destroy their side (best effort), this side is kept

@@ -17,7 +17,7 @@ every pass, R2 the trainer's own choice recorded in the old-logprob pass, replay
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -56,6 +56,16 @@ class TrainerBackend(Protocol):
 
     def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """(HF name, full tensor) for every weight the engines load (a collective for sharded backends)."""
+        ...
+
+    def is_sync_source(self) -> bool:
+        """Whether this rank sends `sync_tensors()` to the engines (`broadcast` / `tensor`: one rank per pipeline
+        stage; `p2p` has every rank send its planned share of `named_tensors()`)."""
+        ...
+
+    def sync_tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor) for what this rank's pipeline stage holds, possibly as a stream (a collective
+        for sharded backends: every rank of the stage iterates it to the end, sender or not)."""
         ...
 
     def flatten_weights(self) -> tuple[torch.Tensor, list]:
@@ -205,6 +215,13 @@ class PolicyBackend:
         """(data-parallel rank = the sample shard this rank trains on, whether it reports for its DP rank).
         Plain data parallelism: every rank is its own DP rank and reports."""
         return (dist.get_rank() if dist.is_initialized() else 0), True
+
+    def is_sync_source(self) -> bool:
+        """Plain data parallelism: rank 0 holds a whole replica and sends it."""
+        return not dist.is_initialized() or dist.get_rank() == 0
+
+    def sync_tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
+        return self.named_tensors()
 
     def _count(self, agree: int, total: int) -> tuple[int, int]:
         return agree, total

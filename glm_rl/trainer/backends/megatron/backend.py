@@ -330,6 +330,19 @@ class MegatronBackend(PolicyBackend):
 
         return [(n, t.to(self.hf_dtypes[n])) for n, t in export_hf_weights(self.model, self.spec)]
 
+    def is_sync_source(self) -> bool:
+        """One rank per pipeline stage sends that stage (TP-, CP- and DP-rank 0; EP ranks are DP ranks), as
+        slime does: no stage's weights travel through another's rank."""
+        from megatron.core import parallel_state as ps
+
+        return self.tp_rank == 0 and ps.get_context_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+
+    def sync_tensors(self):
+        """This stage's (HF name, tensor) in the HF dtype, gathered over TP / EP one tensor at a time."""
+        from glm_rl.trainer.backends.megatron.bridge import export_stage_weights
+
+        return ((n, t.to(self.hf_dtypes[n])) for n, t in export_stage_weights(self.model, self.spec))
+
     def flatten_weights(self):
         """Not supported: the colocated `tensor` sync shares the torch backend's HF weights as one buffer (the
         config refuses --update-weight-transfer-mode tensor with --backend megatron)."""

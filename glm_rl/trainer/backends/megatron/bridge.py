@@ -320,6 +320,14 @@ def _export_stage(
 
 
 @torch.no_grad()
+def export_stage_weights(model: torch.nn.Module, spec: ModelSpec) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, full tensor) for this rank's pipeline stage only, gathered over TP / expert-TP / EP as
+    it goes (a weight sync's per-stage source sends each as it comes; every rank of the stage must iterate it
+    to the end). A tensor two stages hold (MTP's shared embedding and head) comes from both."""
+    yield from _export_stage(_unwrap(model), spec, _layout(), set())
+
+
+@torch.no_grad()
 def export_hf_weights(model: torch.nn.Module, spec: ModelSpec) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, full tensor) for the whole model (MTP layer included when built), gathered over TP
     (experts: over expert-TP, then EP) and over pipeline stages, first to last; every rank yields the same.
