@@ -472,8 +472,8 @@ def test_rl_loop_pp2_cp2_with_r3_gspo_and_resume(tmp_path):
     """PP2 (uneven: the dense layer alone on stage 0, which then has no router) x CP2 on 4 ranks, GSPO: the last
     stage's CP-rank-0 rank reports; its sequence-level ratio is exact (every CP rank computes the loss over
     the gathered logprobs); each stage replays its routing slice; each stage's lead rank broadcasts its own
-    layers through a group of its own (both verified); the KL term's reference model is pipelined too. A run resumed from the step-1 checkpoint (one file per rank)
-    makes the same step 2."""
+    layers through a group of its own (both verified); the KL term's reference model is pipelined too. A run
+    resumed from the step-1 checkpoint (one file per rank) makes the same step 2."""
     layout = [
         "--num-trainer-ranks",
         "4",
