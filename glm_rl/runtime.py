@@ -144,6 +144,7 @@ class Runtime:
             "sync/bytes": float(result["bytes"]),
             "sync/tensors": float(result["tensors"]),
             "sync/sources": float(result.get("sources", 1)),  # trainer ranks that sent (one per pipeline stage)
+            "perf/sync_verify_s": float(result.get("verify_seconds", 0.0)),
             "engines/dead": float(len(result.get("dead", []))),
             "perf/sync_push_s": time.time() - t0,
         } | self.step_faults()  # the last stage: the step's counts

@@ -260,6 +260,7 @@ class TrainerGroup:
         )[: len(pushes)]
         if not staged:
             return results[0] | {"sources": 1}
+        t0 = time.time()
         verified = self._sync_cfg.check_weight_update_equal and all(
             self._get([self.actors[r].verify_pushed.remote(version) for r in self._sync_ranks], self._sync_ranks)
         )
@@ -268,6 +269,7 @@ class TrainerGroup:
             "bytes": sum(r["bytes"] for r in results),
             "tensors": sum(r["tensors"] for r in results),
             "seconds": max(r["seconds"] for r in results),
+            "verify_seconds": time.time() - t0,
             "dead": sorted({i for r in results for i in r["dead"]}),
             "sources": len(results),
         }
