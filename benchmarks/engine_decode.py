@@ -79,6 +79,30 @@ def prompts_for(args, tokenizer, vocab: int, n: int) -> list[list[int]]:
     return torch.randint(1, vocab, (n, args.prompt_len), generator=gen).tolist()
 
 
+def train_drafter(args, model, mtp, tokenizer, eos) -> dict:
+    """Self-distil the MTP layer on greedy continuations of prompts other than the measured ones (random
+    prompts of another seed; the checkpoint's train set), 1/8 of them held out for acceptance before / after."""
+    from glm_rl.models.glm45.mtp_distill import distill, greedy_batches
+
+    n = args.drafter_prompts
+    if tokenizer is not None:
+        from glm_rl.evaluate import chat_prompt_ids
+
+        rows = [json.loads(line) for line in (ASSETS / "arith" / "train.jsonl").read_text().splitlines()]
+        prompts = [chat_prompt_ids(tokenizer, rows[i % len(rows)]["prompt"]) for i in range(n)]
+    else:
+        gen = torch.Generator().manual_seed(2)
+        prompts = torch.randint(1, model.config.vocab_size, (n, args.prompt_len), generator=gen).tolist()
+    t0 = time.time()
+    batches = greedy_batches(
+        model, prompts, new_tokens=args.mtp_new_tokens, eos_ids=list(eos or []), pad_id=0, batch_size=64
+    )
+    generate_s = time.time() - t0
+    held = max(1, len(batches) // 8)
+    result = distill(model, mtp, batches[held:], batches[:held], steps=args.train_drafter_steps)
+    return result | {"prompts": n, "generate_s": generate_s}
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -252,6 +276,14 @@ def main() -> None:
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--disable-cuda-graph", action="store_true", help="static cache without CUDA graphs")
     ap.add_argument("--enable-torch-compile", action="store_true", help="compile the graphed decode step")
+    ap.add_argument(
+        "--train-drafter-steps",
+        type=int,
+        default=0,
+        help="first train the MTP layer on the model's own greedy outputs (models/glm45/mtp_distill.py) for "
+        "this many steps: a random model's drafter then guesses like a trained one",
+    )
+    ap.add_argument("--drafter-prompts", type=int, default=512, help="prompts generated from to train the drafter")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/engine_decode.json"))
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -281,6 +313,7 @@ def main() -> None:
         + ("" if args.disable_cuda_graph else " + CUDA graphs")
         + (" + torch.compile" if args.enable_torch_compile else "")
     )
+    drafter = train_drafter(args, model, mtp, tokenizer, eos) if args.train_drafter_steps else None
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "device": device_name,
@@ -289,6 +322,7 @@ def main() -> None:
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "throughput": [] if args.skip_throughput else throughput(args, model, prompts_of, eos),
+        "drafter_training": drafter,
         "mtp_batch1": mtp_speedup(args, model, mtp, prompts_of(args.mtp_prompts), eos) if args.mtp_prompts else None,
     }
     print(f"device {device_name}, {args.dtype}, model {info}")
@@ -300,6 +334,12 @@ def main() -> None:
         print(
             f"{r['batch']:>6}{r['new_tokens']:>9}{r['engine_tok_s']:>14.1f}{r['engine_dynamic_cache_tok_s']:>21.1f}"
             f"{r['hf_generate_tok_s']:>19.1f}{r['engine_over_hf']:>12.2f}x{r['dynamic_cache_over_hf']:>13.2f}x"
+        )
+    if (d := result["drafter_training"]) is not None:
+        print(
+            f"drafter trained {args.train_drafter_steps} steps on {d['prompts']} prompts' greedy outputs in "
+            f"{d['seconds']:.0f} s (+{d['generate_s']:.0f} s generating): held-out acceptance "
+            f"{d['acceptance_before']:.3f} -> {d['acceptance_after']:.3f}"
         )
     if (m := result["mtp_batch1"]) is not None:
         print(

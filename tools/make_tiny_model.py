@@ -21,21 +21,19 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import GenerationConfig, Glm4MoeForCausalLM, PreTrainedTokenizerFast
 from transformers.modeling_layers import MtpModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from glm_rl.evaluate import chat_prompt_ids, evaluate  # noqa: E402
+from glm_rl.models.glm45.checkpoint import save_hf_checkpoint  # noqa: E402
 from glm_rl.models.glm45.presets import glm45_tiny  # noqa: E402
 from glm_rl.rollout.data import PromptRow  # noqa: E402
 from glm_rl.rollout.rewards import arithmetic_reward  # noqa: E402
@@ -157,44 +155,6 @@ class ExpertBiasUpdater:
         self.loads = {}
 
 
-def save_checkpoint(model, mtp, tokenizer, out_dir: Path) -> None:
-    """Write the HF checkpoint with the MTP layer as `model.layers.{N}.*`, as GLM-4.5 checkpoints do.
-
-    HF's own serialisation writes the per-expert names: the MTP decoder layer is saved as layer N of an
-    (N+1)-layer copy of the model, then the MTP-only tensors (enorm, hnorm, eh_proj, shared_head) are added.
-    """
-    cfg = model.config
-    n = cfg.num_hidden_layers
-    with tempfile.TemporaryDirectory() as tmp:
-        big_cfg = type(cfg).from_dict({**cfg.to_dict(), "num_hidden_layers": n + 1})
-        big = Glm4MoeForCausalLM(big_cfg)
-        state = dict(model.state_dict())
-        for k, v in mtp.layers[0].mtp_block.state_dict().items():
-            state[f"model.layers.{n}.{k}"] = v
-        big.load_state_dict(state, strict=True)
-        big.save_pretrained(tmp)
-        tensors = load_file(str(Path(tmp) / "model.safetensors"))
-    layer = mtp.layers[0]
-    prefix = f"model.layers.{n}."
-    tensors[prefix + "enorm.weight"] = layer.enorm.weight.detach().clone()
-    tensors[prefix + "hnorm.weight"] = layer.hnorm.weight.detach().clone()
-    tensors[prefix + "eh_proj.weight"] = layer.eh_proj.weight.detach().clone()
-    tensors[prefix + "shared_head.norm.weight"] = layer.post_norm.weight.detach().clone()
-    tensors[prefix + "embed_tokens.weight"] = model.model.embed_tokens.weight.detach().clone()
-    tensors[prefix + "shared_head.head.weight"] = model.lm_head.weight.detach().clone()
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    save_file(
-        {k: v.contiguous() for k, v in sorted(tensors.items())},
-        str(out_dir / "model.safetensors"),
-        metadata={"format": "pt"},
-    )
-    cfg.save_pretrained(out_dir)
-    model.generation_config.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "glm_rl" / "assets")
@@ -272,7 +232,7 @@ def main() -> None:
     else:
         raise SystemExit(f"accuracy {acc:.3f} never entered the band {args.band} in {args.max_steps} steps")
     model.eval()
-    save_checkpoint(model, mtp, tokenizer, args.out / "glm45-tiny")
+    save_hf_checkpoint(model, mtp, tokenizer, args.out / "glm45-tiny")
     print(f"saved {args.out / 'glm45-tiny'} at step {step}, accuracy at T=1 {acc:.3f}, greedy {greedy:.3f}")
 
 

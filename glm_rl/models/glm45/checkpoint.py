@@ -100,3 +100,43 @@ def load_mtp(model) -> MtpModel:
     mtp = MtpModel.from_pretrained(model)
     mtp.eval()
     return mtp
+
+
+def save_hf_checkpoint(model, mtp, tokenizer, out_dir: Path) -> None:
+    """Write the HF checkpoint with the MTP layer as `model.layers.{N}.*`, as GLM-4.5 checkpoints do.
+
+    HF's own serialisation writes the per-expert names: the MTP decoder layer is saved as layer N of an
+    (N+1)-layer copy of the model, then the MTP-only tensors (enorm, hnorm, eh_proj, shared_head) are added.
+    """
+    from safetensors.torch import load_file, save_file
+
+    cfg = model.config
+    n = cfg.num_hidden_layers
+    with tempfile.TemporaryDirectory() as tmp:
+        big_cfg = type(cfg).from_dict({**cfg.to_dict(), "num_hidden_layers": n + 1})
+        big = Glm4MoeForCausalLM(big_cfg).to(model.dtype)  # on the host: the model may sit on a GPU
+        state = {k: v.cpu() for k, v in model.state_dict().items()}
+        for k, v in mtp.layers[0].mtp_block.state_dict().items():
+            state[f"model.layers.{n}.{k}"] = v.cpu()
+        big.load_state_dict(state, strict=True)
+        big.save_pretrained(tmp)
+        tensors = {k: v for f in sorted(Path(tmp).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    layer = mtp.layers[0]
+    prefix = f"model.layers.{n}."
+    tensors[prefix + "enorm.weight"] = layer.enorm.weight.detach().cpu().clone()
+    tensors[prefix + "hnorm.weight"] = layer.hnorm.weight.detach().cpu().clone()
+    tensors[prefix + "eh_proj.weight"] = layer.eh_proj.weight.detach().cpu().clone()
+    tensors[prefix + "shared_head.norm.weight"] = layer.post_norm.weight.detach().cpu().clone()
+    tensors[prefix + "embed_tokens.weight"] = model.model.embed_tokens.weight.detach().cpu().clone()
+    tensors[prefix + "shared_head.head.weight"] = model.lm_head.weight.detach().cpu().clone()
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in sorted(tensors.items())},
+        str(out_dir / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    cfg.save_pretrained(out_dir)
+    model.generation_config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
