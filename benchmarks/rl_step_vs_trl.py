@@ -188,6 +188,8 @@ def run_glm_rl(args, ckpt: Path, prompt_len: float) -> dict:
         length = r["rollout/response_len_mean"]
         step = {"step_s": r["perf/step_s"], "stages": stages, "reward": r["rollout/reward_mean"]}
         step["sync_verify_s"] = r.get("perf/sync_verify_s")  # inside "sync": the issue's <= 2 % of the step
+        step["rollout_outside_engines_s"] = r.get("perf/rollout_outside_engines_s")  # inside "rollout"
+        step["engine_decode_tok_s"] = r.get("rollout/engine_decode_tok_s")  # the engine's rate in the loop
         checks = {k: r.get(k) for k in GLM_RL_CHECKS}  # syncs verified, R3 on, one optimizer step
         steps.append(step | {"response_len": length, "tokens": samples * (prompt_len + length), "checks": checks})
     # a nonzero exit after every step was logged (e.g. the final save) is recorded, not fatal
@@ -314,6 +316,9 @@ def summarize(arm: dict, warmup: int) -> dict:
     out["reward_first"], out["reward_last"] = steps[0]["reward"], steps[-1]["reward"]
     if steady[0].get("sync_verify_s") is not None:  # glm_rl: verification's share of the step (issue 25: <= 2 %)
         out["sync_verify_share"] = statistics.median(s["sync_verify_s"] / s["step_s"] for s in steady)
+    for key in ("rollout_outside_engines_s", "engine_decode_tok_s"):
+        if steady[0].get(key) is not None:
+            out[key] = statistics.median(s[key] for s in steady)
     return out | {"response_len_mean": statistics.fmean(s["response_len"] for s in steps)}
 
 
@@ -359,6 +364,11 @@ def print_table(result: dict) -> None:
         stages = " · ".join(f"{k} {v:.3g}" for k, v in s["stages_s"].items())
         if "sync_verify_share" in s:
             stages += f" (verification {100 * s['sync_verify_share']:.1f} % of the step)"
+        if "engine_decode_tok_s" in s:
+            stages += (
+                f"; engine in the loop {s['engine_decode_tok_s']:,.0f} tok/s, rollout outside engines "
+                f"{s['rollout_outside_engines_s']:.3g} s"
+            )
         reward = f"{s['reward_first']:.3f}→{s['reward_last']:.3f}"
         print(
             f"{name:<8}{s['step_s']:>9.3f}{s['tokens_per_step']:>10.0f}{s['tokens_per_s']:>10.0f}"

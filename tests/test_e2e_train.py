@@ -59,6 +59,12 @@ def test_engine_and_trainer_agree_and_sync_verifies(default_run):
             "rollout/response_len_mean",
         ):
             assert key in r, key
+        # the engines' own time (issue 25: in-loop decode rate; what the rollout spends outside the engines)
+        assert 0 < r["rollout/engine_latency_max_s"] < r["perf/rollout_s"]
+        assert r["perf/rollout_outside_engines_s"] == pytest.approx(
+            r["perf/rollout_s"] - r["rollout/engine_latency_max_s"]
+        )
+        assert r["rollout/engine_decode_tok_s"] > 0
 
 
 def test_writes_checkpoint_and_config(default_run):

@@ -56,6 +56,18 @@ def test_info_endpoints(client):
         client.post("/release_memory_occupation", {"tags": "weights"})
 
 
+def test_answers_report_their_time_in_the_engine(client):
+    """meta_info: SGLang's e2e_latency (arrival to answer) and the decoding batch's time and rows: a burst of
+    three requests decodes as one batch, each answer's latency covering that batch."""
+    body = {"input_ids": [[5, 6, 7], [8, 9], [10]], "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+    answers = client.post("/generate", body)
+    for a in answers:
+        meta = a["meta_info"]
+        assert meta["decode_batch_rows"] == 3
+        assert 0 < meta["decode_batch_s"] <= meta["e2e_latency"]
+    assert len({a["meta_info"]["decode_batch_s"] for a in answers}) == 1
+
+
 def _generate_in_thread(client, body):
     out: dict = {}
     thread = threading.Thread(target=lambda: out.setdefault("r", client.post("/generate", body)))

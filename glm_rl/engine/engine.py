@@ -17,6 +17,10 @@ ascending: shape [L - 1][n_moe_layers][top_k], as one base64 buffer (`routed_exp
 Captured by forward hooks on `model.model.layers[i].mlp.gate` (`batch.RouterCapture`), mapping batch rows and
 excluding left-pad positions.
 
+Timing, in every answer's `meta_info`: SGLang's `e2e_latency` (seconds from the request reaching the engine to
+its answer), and this engine's `decode_batch_s` / `decode_batch_rows` (the batch that decoded it): the rollout
+manager turns them into the time a step's rollout spends outside the engines and the engines' in-loop tok/s.
+
 Pause semantics: `pause(mode="abort")` (SGLang's default mode) stops taking batches, aborts the running batch at
 its next decode step (its requests return what they generated so far with finish_reason "abort") and answers
 every queued request with an empty "abort"; `pause(mode="in_place")` stops taking batches and lets the running
@@ -168,6 +172,8 @@ class EmbeddedEngine:
 
     def submit(self, requests: list[GenerationRequest]) -> list[Future]:
         futures = [Future() for _ in requests]
+        for fut in futures:
+            fut.arrived = time.monotonic()  # the answer's e2e_latency counts from here
         with self._cond:
             if self._stopping:
                 raise RuntimeError("engine is shutting down")
@@ -211,9 +217,13 @@ class EmbeddedEngine:
                 with self._model_lock:
                     self.weights.apply_staged()  # an update that came during the last batch
                     version = self.weight_version
+                    t0 = time.monotonic()
                     rows = self._run_batch([r for r, _ in batch])
+                    timing = {"decode_batch_s": time.monotonic() - t0, "decode_batch_rows": len(rows)}
                 for (_, fut), row in zip(batch, rows):
-                    fut.set_result(self._response(row, version))
+                    answer = self._response(row, version)
+                    answer["meta_info"] |= timing | {"e2e_latency": time.monotonic() - fut.arrived}
+                    fut.set_result(answer)
                 with self._cond:
                     self.stats["tokens_generated"] += sum(len(row.output_ids) for row in rows)
                     accumulate_stats(self.stats, rows)

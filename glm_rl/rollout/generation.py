@@ -67,6 +67,9 @@ class Counters:
     spec_tokens: int = 0  # MTP: completion tokens ...
     spec_verify: int = 0  # ... and verify forwards
     continued: int = 0  # partial rollouts continued after a weight update
+    latency_max: float = 0.0  # the longest an answer spent inside an engine (meta_info e2e_latency), s
+    batch_seconds: float = 0.0  # engine-seconds of decoding: each answer adds its batch's time / rows
+    batch_tokens: int = 0  # completion tokens of the answers that reported their batch
 
 
 class SampleGenerator:
@@ -184,6 +187,11 @@ class SampleGenerator:
         if "spec_verify_ct" in meta:  # MTP speculative decoding: tokens per verify forward
             self.counters.spec_tokens += int(meta["completion_tokens"])
             self.counters.spec_verify += int(meta["spec_verify_ct"])
+        if "e2e_latency" in meta:  # SGLang reports it too
+            self.counters.latency_max = max(self.counters.latency_max, float(meta["e2e_latency"]))
+        if meta.get("decode_batch_rows"):  # the embedded engine: the batch that decoded this answer
+            self.counters.batch_seconds += float(meta["decode_batch_s"]) / int(meta["decode_batch_rows"])
+            self.counters.batch_tokens += int(meta["completion_tokens"])
         experts = np.asarray(meta["routed_experts"], dtype=np.int16) if routed else None
         return dataclasses.replace(
             template,

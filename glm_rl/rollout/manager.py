@@ -191,6 +191,10 @@ class RolloutManager:
             "rollout/rm_retries": float(getattr(self.rewarder, "retried", 0) - rm_retries),
             "perf/rollout_s": time.time() - t0,
         }
+        if "rollout/engine_latency_max_s" in metrics:  # requests, router, HTTP, rewards: what engines do not take
+            metrics["perf/rollout_outside_engines_s"] = (
+                metrics["perf/rollout_s"] - metrics["rollout/engine_latency_max_s"]
+            )
         return samples, metrics
 
     async def take_batch(self, trainer_version: int, timeout_s: float = 5.0) -> tuple[list[Sample], dict] | None:
@@ -338,6 +342,10 @@ class RolloutManager:
             }
         if self.asynchrony.partial_rollout:
             metrics["rollout/partial_continued"] = float(counters.continued)
+        if counters.latency_max:
+            metrics["rollout/engine_latency_max_s"] = counters.latency_max
+        if counters.batch_seconds:  # an engine's decode rate inside the loop (engine-seconds: engines add up)
+            metrics["rollout/engine_decode_tok_s"] = counters.batch_tokens / counters.batch_seconds
         metrics |= _episode_metrics(samples)
         if counters.spec_verify:
             metrics["rollout/spec_accept_length"] = counters.spec_tokens / counters.spec_verify
