@@ -70,8 +70,8 @@ def torch_arm(spec: ModelSpec, dtype, device):
 
 
 def megatron_arm(spec: ModelSpec, dtype, device, fast: bool, fused_logprobs: bool):
-    from glm_rl.trainer.backends.megatron.logprobs import vocab_parallel_logprobs
     from glm_rl.trainer.backends.megatron.model import build_gpt_model
+    from glm_rl.trainer.logprobs import vocab_parallel_logprobs
 
     on_gpu = device.startswith("cuda")
     model = build_gpt_model(spec, params_dtype=dtype, fast=fast, use_cpu_initialization=not on_gpu)

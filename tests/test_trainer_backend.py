@@ -253,3 +253,21 @@ def test_old_logprob_pass_runs_when_the_training_forward_cannot_stand_in():
     assert not on(kl_loss_coef=0.1)
     assert not on(use_routing_replay=True, use_rollout_routing_replay=False)  # R2 replays what the pass records
     assert not on(use_rollout_logprobs=True) and not on(recompute_old_logprobs=True)
+
+
+def test_torch_backend_logprobs_equal_a_full_fp32_log_softmax():
+    """The backend's logprobs and entropy (read from the logits in row chunks, trainer/logprobs.py, since the
+    fp32 copy of the whole (B, T, V) went) equal log_softmax / entropy of (logits / T) in fp32, at T = 0.7, up to
+    fp32 rounding."""
+    import torch.nn.functional as F
+
+    from glm_rl.algo import entropy_from_logits
+
+    b = TorchBackend(ModelConfig(), TrainConfig(), AlgoConfig(), temperature=0.7)
+    mb = b._micro_batches(make_samples(6), "logprob")[0]
+    logp, entropy = b._forward(b.model, mb, with_entropy=True)
+    with torch.no_grad():
+        z = b.model(input_ids=mb.input_ids, use_cache=False).logits.float() / 0.7
+    ref = torch.gather(F.log_softmax(z, -1), -1, mb.targets[..., None]).squeeze(-1)
+    torch.testing.assert_close(logp.detach(), ref, rtol=1e-6, atol=2e-6)  # fp32 rounding of |logp| ~ 20
+    torch.testing.assert_close(entropy.detach(), entropy_from_logits(z), rtol=0, atol=1e-5)  # log Z - E[z]: cancels

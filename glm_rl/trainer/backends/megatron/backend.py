@@ -18,7 +18,7 @@ algorithms and metrics are shared (base.py, including the per-micro-batch loss).
 - On CUDA the model is built with `fast=True` (fast_modules.py: grouped-GEMM experts, SDPA attention; same
   parameters, 4.2× the local spec's training throughput on an H100). CPU runs keep megatron's reference modules,
   whose summation order the TP/EP parity tests pin to 1e-5 (fast_modules has its own parity test).
-- Logprobs and entropy come straight from the vocab-parallel logits (B, T, V/TP) through logprobs.py (row
+- Logprobs and entropy come straight from the vocab-parallel logits (B, T, V/TP) through trainer/logprobs.py (row
   chunks, max / sums all-reduced over TP, no fp32 copy of the logits); the full vocab is never gathered.
 - With SP the sequence is cut over TP inside the model: micro-batches are right-padded to a multiple of TP
   (times 2 x CP with CP).
@@ -59,11 +59,11 @@ from glm_rl.trainer.backends.megatron.build import (
     pad_batch,
     pad_to,
 )
-from glm_rl.trainer.backends.megatron.logprobs import vocab_parallel_logprobs
 from glm_rl.trainer.backends.megatron.optim import Optimizer, reduce_grads_and_clip
 from glm_rl.trainer.backends.megatron.replay import MegatronRoutingReplay
 from glm_rl.trainer.backends.torch_backend import loss_config
 from glm_rl.trainer.batching import MicroBatch, collate, pack_micro_batches
+from glm_rl.trainer.logprobs import vocab_parallel_logprobs
 
 
 def init_parallel(megatron_cfg: MegatronConfig, world_size: int, seed: int) -> None:
@@ -184,7 +184,7 @@ class MegatronBackend(PolicyBackend):
 
     def _logprobs(self, logits: torch.Tensor, mb: MicroBatch, with_entropy: bool):
         """(logp (B, T), entropy (B, T) | None) of the targets under temperature, from this CP rank's
-        vocab-parallel logits (logprobs.py: chunked, no fp32 copy, the full vocab never gathered), gathered over
+        vocab-parallel logits (trainer/logprobs.py: chunked, no fp32 copy, the full vocab never gathered), gathered over
         CP with a gradient that returns to this rank's chunks only (module docstring)."""
         from glm_rl.trainer.backends.megatron.cp_attention import gather_from_cp_with_grad, split_for_cp
 

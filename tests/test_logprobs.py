@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from glm_rl.trainer.backends.megatron import logprobs as lp
+from glm_rl.trainer import logprobs as lp
 
 
 def _reference(logits, targets, temperature, g, h):
