@@ -259,7 +259,7 @@ class TrainerGroup:
             pushes + [self.actors[r].export_weights.remote() for r in helpers], self._sync_ranks + helpers
         )[: len(pushes)]
         if not staged:
-            return results[0] | {"sources": 1}
+            return results[0] | {"sources": len(self._sync_ranks)}  # p2p: every rank writes its share
         t0 = time.time()
         verified = self._sync_cfg.check_weight_update_equal and all(
             self._get([self.actors[r].verify_pushed.remote(version) for r in self._sync_ranks], self._sync_ranks)
