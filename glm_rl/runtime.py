@@ -143,7 +143,7 @@ class Runtime:
             "sync/verified": float(result["verified"]),
             "sync/bytes": float(result["bytes"]),
             "sync/tensors": float(result["tensors"]),
-            "sync/sources": float(result.get("sources", 1)),  # trainer ranks that sent (one per pipeline stage)
+            "sync/sources": float(result.get("sources", 1)),  # ranks that sent: one per PP stage, all for p2p
             "perf/sync_verify_s": float(result.get("verify_seconds", 0.0)),
             "engines/dead": float(len(result.get("dead", []))),
             "perf/sync_push_s": time.time() - t0,
