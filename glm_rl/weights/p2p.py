@@ -254,7 +254,7 @@ class P2PTransport(BaseTransport):
             return {"verified": False, "bytes": sent, "tensors": 0, "seconds": time.time() - t0}
         tally = Tally()  # what the engines now hold: the whole model, in their dtype
         for bucket, _ in self._buckets(((n, t.detach().to(self.engine_dtype)) for n, t in named), tally):
-            self._expect(bucket, tally.held, verify)
+            self._expect(bucket, tally, verify)
         result = self._finish(tally, version, verify, t0)
         return {**result, "bytes_sent_by_rank0": sent}
 

@@ -53,7 +53,8 @@ from glm_rl.weights.group import create_weight_group
 from glm_rl.weights.liveness import abandon, first_failure, in_thread, probe_dead, wait_work
 from glm_rl.weights.wire import checksum_algo, shared_copy, tensor_checksum
 
-Named = list[tuple[str, torch.Tensor]]
+NamedTensor = tuple[str, torch.Tensor]
+Named = list[NamedTensor]
 log = logging.getLogger(__name__)
 
 
@@ -70,6 +71,7 @@ class Tally:
     count: int = 0
     nbytes: int = 0
     held: dict[str, str] = field(default_factory=dict)
+    digest_s: float = 0.0  # the source's side of verification: its digests
 
 
 class BaseTransport:
@@ -148,13 +150,14 @@ class BaseTransport:
         held.update((n, tensor_checksum(t, algo)) for n, t in dequantize_named(wire, dtypes.__getitem__))
         return wire
 
-    def _expect(self, bucket: Named, held: dict[str, str], verify: bool) -> None:
-        """Record in `held` the digest each engine must hold for `bucket`'s tensors, taken before they are sent
-        (a streamed sync keeps these 16–64 bytes per tensor, not the tensors). fp8 buckets were recorded by
+    def _expect(self, bucket: Named, tally: Tally, verify: bool) -> None:
+        """Record in `tally.held` the digest each engine must hold for `bucket`'s tensors, taken before they are
+        sent (a streamed sync keeps these 16–64 bytes per tensor, not the tensors). fp8 buckets are recorded by
         `_to_wire`."""
         if verify and not self.fp8:
-            algo = checksum_algo(t for _, t in bucket)
-            held.update((n, tensor_checksum(t, algo)) for n, t in bucket)
+            t0, algo = time.time(), checksum_algo(t for _, t in bucket)
+            tally.held.update((n, tensor_checksum(t, algo)) for n, t in bucket)
+            tally.digest_s += time.time() - t0
 
     def _finish(self, tally: Tally, version: int, verify: bool, t0: float, defer_verify: bool = False) -> dict:
         """The push's result, verifying every live engine (now, or with `defer_verify` later by
@@ -168,7 +171,7 @@ class BaseTransport:
             "bytes": tally.nbytes,
             "tensors": tally.count,
             "seconds": time.time() - t0,
-            "verify_seconds": time.time() - t_verify,  # the engines' digests and the comparison
+            "verify_seconds": tally.digest_s + time.time() - t_verify,  # both sides' digests, the comparison
             "dead": sorted(self.dead),
         }
 
@@ -199,17 +202,17 @@ class BaseTransport:
 class TensorTransport(BaseTransport):
     flat = None  # (buffer, layout) when the trainer's weights are flattened: one handle for the whole model
 
-    def push(self, named: Iterable[tuple[str, torch.Tensor]], version: int, verify: bool, defer_verify=False) -> dict:
+    def push(self, named: Iterable[NamedTensor], version: int, verify: bool, defer_verify: bool = False) -> dict:
         t0, tally = time.time(), Tally()
         if self.flat is not None and not self.fp8:
             flat, entries = self.flat
             layout = entries_to_json(entries)
             self._each_surviving(lambda c: c.update_weights_from_flat(flat, layout, weight_version=version))
             for bucket, _ in self._buckets(named, tally):
-                self._expect(bucket, tally.held, verify)
+                self._expect(bucket, tally, verify)
             return self._finish(tally, version, verify, t0, defer_verify)
         for bucket, last in self._buckets(named, tally):
-            self._expect(bucket, tally.held, verify)
+            self._expect(bucket, tally, verify)
             bucket = self._to_wire(bucket, tally.held)
             shared = [(n, _shareable(t)) for n, t in bucket]  # CPU copies are freed after the bucket
             self._each_surviving(
@@ -265,14 +268,14 @@ class BroadcastTransport(BaseTransport):
         )
         self.group = first_failure([source, *joins])[0]
 
-    def push(self, named: Iterable[tuple[str, torch.Tensor]], version: int, verify: bool, defer_verify=False) -> dict:
+    def push(self, named: Iterable[NamedTensor], version: int, verify: bool, defer_verify: bool = False) -> dict:
         """Send bucket by bucket (`named` may be a stream); when an engine dies on the way, build the group
         without it and send that bucket again: the live engines hold every earlier one."""
         t0, tally = time.time(), Tally()
         opts = dist.BroadcastOptions()
         opts.rootRank, opts.rootTensor = 0, 0
         for bucket, last in self._buckets(named, tally):
-            self._expect(bucket, tally.held, verify)
+            self._expect(bucket, tally, verify)
             bucket = self._to_wire(bucket, tally.held)
             for _ in range(len(self.clients) + 1):
                 try:
