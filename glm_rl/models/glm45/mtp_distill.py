@@ -90,9 +90,11 @@ def distill(
     log: Callable[[str], None] = print,
     log_every: int = 50,
 ) -> dict:
-    """AdamW on the drafter's parameters over `train` (cycled) for `steps`; the main model is not changed.
-    Returns held-out acceptance before and after, the last loss and the time taken."""
-    for p in model.parameters():
+    """AdamW on the drafter's parameters over `train` (cycled) for `steps`; the main model is not changed (and
+    every parameter's requires_grad is as it was). Returns held-out acceptance before and after, the last loss
+    and the time taken."""
+    flags = {p: p.requires_grad for p in [*model.parameters(), *mtp.parameters()]}  # restored at the end
+    for p in flags:
         p.requires_grad_(False)
     params = drafter_parameters(mtp)
     for p in params:
@@ -112,8 +114,8 @@ def distill(
         if step % log_every == 0 or step == steps:
             log(f"drafter step {step}/{steps}: KL {loss:.4f}, train acceptance {agree:.3f}, {time.time() - t0:.0f} s")
     mtp.eval()
-    for p in params:
-        p.requires_grad_(False)
+    for p, flag in flags.items():
+        p.requires_grad_(flag)
     after = acceptance(model, mtp, held_out)
     return {"acceptance_before": before, "acceptance_after": after, "loss": loss, "seconds": time.time() - t0}
 
