@@ -75,8 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     texts = read_prompts(args.prompt_data, args.input_key, args.prompts)
-    if len(texts) <= args.held_out:
-        sys.exit(f"--prompt-data {args.prompt_data}: {len(texts)} prompts, need more than --held-out {args.held_out}")
+    n_held = -(-args.held_out // args.batch_size)  # whole batches: the first prompts
+    if len(texts) <= n_held * args.batch_size:
+        sys.exit(
+            f"--prompt-data {args.prompt_data}: {len(texts)} prompts; training needs more than the held-out "
+            f"{n_held * args.batch_size} (--held-out {args.held_out} in whole --batch-size {args.batch_size} batches)"
+        )
     torch.manual_seed(args.seed)
     model, tokenizer = load_hf_model(args.hf_checkpoint, DTYPES[args.dtype])
     model.to(args.device)
@@ -92,7 +96,6 @@ def main(argv=None) -> None:
     batches = greedy_batches(
         model, prompts, new_tokens=args.new_tokens, eos_ids=eos, pad_id=pad, batch_size=args.batch_size
     )
-    n_held = -(-args.held_out // args.batch_size)  # whole batches: the first prompts
     result = distill(model, mtp, batches[n_held:], batches[:n_held], steps=args.steps, lr=args.lr)
     print(f"acceptance on held-out prompts: {result['acceptance_before']:.3f} -> {result['acceptance_after']:.3f}")
     save_hf_checkpoint(model, mtp, tokenizer, args.out)
