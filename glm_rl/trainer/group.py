@@ -172,9 +172,7 @@ class TrainerActor:
         named = iter(self.backend.named_tensors() if p2p else self.backend.sync_tensors())
         verify = self.sync_cfg.check_weight_update_equal
         try:
-            if defer_verify:
-                return self.sync.push(named, version, verify, defer_verify=True)
-            return self.sync.push(named, version, verify)
+            return self.sync.push(named, version, verify, defer_verify=defer_verify)
         finally:
             _drain(named)  # a push that failed midway: the stage's other ranks still wait in its gathers
             if offloaded:

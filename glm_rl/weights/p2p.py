@@ -64,7 +64,7 @@ from glm_rl.weights.transfer_plan import (
     local_slices,
     replicated_sources,
 )
-from glm_rl.weights.transports import BaseTransport, BroadcastTransport, Named, Tally
+from glm_rl.weights.transports import BaseTransport, BroadcastTransport, Named
 from glm_rl.weights.wire import parse_dtype
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,10 @@ class P2PTransport(BaseTransport):
         return [f.result() for f in [self.pool.submit(one, i) for i in range(len(self.clients))]]
 
     # -- one sync ----------------------------------------------------------------------------------------
-    def push(self, named: Named, version: int, verify: bool) -> dict:
+    def push(self, named: Named, version: int, verify: bool, defer_verify: bool = False) -> dict:
+        """Every rank writes its share; rank 0 commits and verifies (so there is no later verification)."""
+        if defer_verify:
+            raise ValueError("p2p verifies at its commit, on rank 0: defer_verify does not apply")
         named = list(named)  # the plan covers the whole model
         if self.fallback_mode:
             return self.fallback.push(named, version, verify) if self.fallback else {"verified": False}
@@ -252,10 +255,9 @@ class P2PTransport(BaseTransport):
         sent = self._sent
         if self.rank != 0:
             return {"verified": False, "bytes": sent, "tensors": 0, "seconds": time.time() - t0}
-        tally = Tally()  # what the engines now hold: the whole model, in their dtype
-        for bucket, _ in self._buckets(((n, t.detach().to(self.engine_dtype)) for n, t in named), tally):
-            self._expect(bucket, tally, verify)
-        result = self._finish(tally, version, verify, t0)
+        if verify:  # what the engines now hold: the whole model, in their dtype
+            named = [(n, t.detach().to(self.engine_dtype)) for n, t in named]
+        result = self._finish(self._tally(named, verify), version, verify, t0)
         return {**result, "bytes_sent_by_rank0": sent}
 
     def _write_and_commit(self, tensors: dict[str, torch.Tensor], version: int, t0: float) -> tuple[str | None, bool]:

@@ -60,7 +60,10 @@ log = logging.getLogger(__name__)
 
 class WeightTransport(Protocol):
     def prepare(self) -> None: ...
-    def push(self, named: Iterable[tuple[str, torch.Tensor]], version: int, verify: bool) -> dict: ...
+    def push(
+        self, named: Iterable[tuple[str, torch.Tensor]], version: int, verify: bool, defer_verify: bool = False
+    ) -> dict: ...
+    def verify_pushed(self, version: int) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -198,19 +201,26 @@ class BaseTransport:
         if pending is not None:
             yield pending, True
 
+    def _tally(self, named: Iterable[NamedTensor], verify: bool) -> Tally:
+        """Counted (and with `verify` digested) tensors that reached the engines otherwise than bucket by bucket
+        through this transport (one flat buffer, P2P writes)."""
+        tally = Tally()
+        for bucket, _ in self._buckets(named, tally):
+            self._expect(bucket, tally, verify)
+        return tally
+
 
 class TensorTransport(BaseTransport):
     flat = None  # (buffer, layout) when the trainer's weights are flattened: one handle for the whole model
 
     def push(self, named: Iterable[NamedTensor], version: int, verify: bool, defer_verify: bool = False) -> dict:
-        t0, tally = time.time(), Tally()
+        t0 = time.time()
         if self.flat is not None and not self.fp8:
             flat, entries = self.flat
             layout = entries_to_json(entries)
             self._each_surviving(lambda c: c.update_weights_from_flat(flat, layout, weight_version=version))
-            for bucket, _ in self._buckets(named, tally):
-                self._expect(bucket, tally, verify)
-            return self._finish(tally, version, verify, t0, defer_verify)
+            return self._finish(self._tally(named, verify), version, verify, t0, defer_verify)
+        tally = Tally()
         for bucket, last in self._buckets(named, tally):
             self._expect(bucket, tally, verify)
             bucket = self._to_wire(bucket, tally.held)
