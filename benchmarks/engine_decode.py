@@ -69,33 +69,36 @@ def tiny_model(path: str, dtype: torch.dtype, device: str):
     return model.to(device), mtp.to(device), tokenizer
 
 
-def prompts_for(args, tokenizer, vocab: int, n: int) -> list[list[int]]:
+def prompts_for(args, tokenizer, vocab: int, n: int, split: str = "eval", seed: int = 1) -> list[list[int]]:
+    """`n` prompts: the tiny task's `split` rows (checkpoint), or random tokens drawn with `seed` (random model).
+    The drafter trains on the other split / seed than the measured prompts."""
     if tokenizer is not None:
         from glm_rl.evaluate import chat_prompt_ids
 
-        rows = [json.loads(line) for line in (ASSETS / "arith" / "eval.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (ASSETS / "arith" / f"{split}.jsonl").read_text().splitlines()]
         return [chat_prompt_ids(tokenizer, rows[i % len(rows)]["prompt"]) for i in range(n)]
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     return torch.randint(1, vocab, (n, args.prompt_len), generator=gen).tolist()
 
 
 def train_drafter(args, model, mtp, tokenizer, eos) -> dict:
     """Self-distil the MTP layer on greedy continuations of prompts other than the measured ones (random
-    prompts of another seed; the checkpoint's train set), 1/8 of them held out for acceptance before / after."""
+    prompts of another seed; the checkpoint's train set), 1/8 of the batches (at least one) held out for
+    acceptance before / after."""
     from glm_rl.models.glm45.mtp_distill import distill, greedy_batches
 
     n = args.drafter_prompts
-    if tokenizer is not None:
-        from glm_rl.evaluate import chat_prompt_ids
-
-        rows = [json.loads(line) for line in (ASSETS / "arith" / "train.jsonl").read_text().splitlines()]
-        prompts = [chat_prompt_ids(tokenizer, rows[i % len(rows)]["prompt"]) for i in range(n)]
-    else:
-        gen = torch.Generator().manual_seed(2)
-        prompts = torch.randint(1, model.config.vocab_size, (n, args.prompt_len), generator=gen).tolist()
+    if n < 2:
+        sys.exit(f"--drafter-prompts {n}: need at least 2 (one held out, one to train on)")
+    prompts = prompts_for(args, tokenizer, model.config.vocab_size, n, split="train", seed=2)
     t0 = time.time()
     batches = greedy_batches(
-        model, prompts, new_tokens=args.mtp_new_tokens, eos_ids=list(eos or []), pad_id=0, batch_size=64
+        model,
+        prompts,
+        new_tokens=args.mtp_new_tokens,
+        eos_ids=list(eos or []),
+        pad_id=0,
+        batch_size=min(64, max(1, n // 2)),
     )
     generate_s = time.time() - t0
     held = max(1, len(batches) // 8)

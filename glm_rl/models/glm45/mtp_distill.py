@@ -93,6 +93,8 @@ def distill(
     """AdamW on the drafter's parameters over `train` (cycled) for `steps`; the main model is not changed (and
     every parameter's requires_grad is as it was). Returns held-out acceptance before and after, the last loss
     and the time taken."""
+    if not train or not held_out:
+        raise ValueError(f"distill: {len(train)} training and {len(held_out)} held-out batches; need at least one each")
     flags = {p: p.requires_grad for p in [*model.parameters(), *mtp.parameters()]}  # restored at the end
     for p in flags:
         p.requires_grad_(False)
