@@ -83,5 +83,5 @@ def test_bad_prompt_rows_are_named_before_any_model_loads(tmp_path):
     bad.write_text('{"prompt": "1+1"}\n{"question": "2+2"}\n')
     cmd = [sys.executable, str(TOOL), "--hf-checkpoint", str(TINY_CHECKPOINT), "--prompt-data", str(bad)]
     proc = subprocess.run([*cmd, "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and f"{bad}:2: expected an object with 'prompt'" in proc.stderr
+    assert proc.returncode != 0 and f"{bad}:2: missing field 'prompt'" in proc.stderr  # the RL loop's loader
     assert not (tmp_path / "o").exists()

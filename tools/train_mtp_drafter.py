@@ -6,7 +6,8 @@
 Use it when the MTP layer drafts badly — a random one, or one left behind after RL moved the main model — so
 that `--enable-mtp` speculative decoding accepts more (`glm_rl/models/glm45/mtp_distill.py` says how it
 trains). The main model's tensors are written back unchanged; only `model.layers.{num_hidden_layers}.*` is
-new. Prompts: `--input-key` of each JSONL row (text or chat messages), through the checkpoint's chat template.
+new. Prompts: `--input-key` of each row (text or chat messages) of the same files `glm-rl train --prompt-data`
+reads (JSONL, Parquet, a `datasets` directory), through the checkpoint's chat template.
 The first `--held-out` prompts are kept out of training and give the acceptance reported before and after
 (the share of positions where the drafter's argmax is the main model's), also written to `<out>/drafter.json`.
 """
@@ -24,34 +25,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from glm_rl.evaluate import chat_prompt_ids  # noqa: E402
 from glm_rl.models.glm45.checkpoint import load_hf_model, load_mtp, save_hf_checkpoint  # noqa: E402
 from glm_rl.models.glm45.mtp_distill import distill, greedy_batches  # noqa: E402
+from glm_rl.rollout.data import DataError, load_prompts  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def read_prompts(path: Path, key: str, limit: int) -> list:
-    """The first `limit` rows' `key` (checked before any model is loaded)."""
-    if not path.is_file():
-        sys.exit(f"--prompt-data {path}: no such file")
-    prompts = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            sys.exit(f"{path}:{n}: not JSON ({e.msg})")
-        if not isinstance(row, dict) or not isinstance(row.get(key), str | list):
-            sys.exit(f"{path}:{n}: expected an object with {key!r} (text or chat messages)")
-        prompts.append(row[key])
-        if len(prompts) == limit:
-            break
-    return prompts
+    """The first `limit` rows' prompts (text or chat messages), read and checked by the RL loop's own loader
+    (JSONL, Parquet or a `datasets` directory; bad rows named file:line) before any model is loaded. The drafter
+    needs no label: the prompt field stands in for it."""
+    try:
+        return [row.prompt for row in load_prompts(path, prompt_key=key, label_key=key)[:limit]]
+    except DataError as e:
+        sys.exit(str(e))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf-checkpoint", type=Path, required=True)
-    ap.add_argument("--prompt-data", type=Path, required=True, help="JSONL prompts")
+    ap.add_argument("--prompt-data", type=Path, required=True, help="prompts, as glm-rl train reads them")
     ap.add_argument("--input-key", default="prompt")
     ap.add_argument("--out", type=Path, required=True, help="where the checkpoint with the new drafter goes")
     ap.add_argument("--prompts", type=int, default=512, help="prompts to generate from (held-out ones included)")
