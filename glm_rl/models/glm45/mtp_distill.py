@@ -53,13 +53,17 @@ def _logits(model, mtp, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return teacher, mtp._project_to_logits(drafted[:, :-1]).float()
 
 
+def _agreeing(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) -> float:
+    """How many counted positions have the drafter's argmax equal to the main model's."""
+    return ((teacher.argmax(-1) == student.argmax(-1)).float() * mask).sum().item()
+
+
 def distill_loss(model, mtp, batch: DistillBatch) -> tuple[torch.Tensor, float]:
     """(forward KL(main ‖ drafter) averaged over the batch's positions, acceptance: argmax agreement there)."""
     teacher, student = _logits(model, mtp, batch.ids)
     kl = (F.softmax(teacher, -1) * (F.log_softmax(teacher, -1) - F.log_softmax(student, -1))).sum(-1)
     n = batch.mask.sum().clamp(min=1)
-    agree = ((teacher.argmax(-1) == student.argmax(-1)).float() * batch.mask).sum() / n
-    return (kl * batch.mask).sum() / n, agree.item()
+    return (kl * batch.mask).sum() / n, _agreeing(teacher, student, batch.mask) / n.item()
 
 
 @torch.no_grad()
@@ -67,8 +71,7 @@ def acceptance(model, mtp, batches: list[DistillBatch]) -> float:
     """The share of counted positions where the drafter's argmax is the main model's (all batches)."""
     agree = total = 0.0
     for b in batches:
-        teacher, student = _logits(model, mtp, b.ids)
-        agree += ((teacher.argmax(-1) == student.argmax(-1)).float() * b.mask).sum().item()
+        agree += _agreeing(*_logits(model, mtp, b.ids), b.mask)
         total += b.mask.sum().item()
     return agree / max(total, 1.0)
 
